@@ -1,0 +1,268 @@
+"""The whole run's settings: one typed schema, loaded from YAML with `key=value` dot-overrides.
+
+Every field carries a one-line description; `loraft config` prints them as the config reference.
+Defaults reproduce the reference recipe (Langboat/bloom-1b4-zh, alpaca_data_zh, human_assistant
+template, max_length 256, LoRA on `.*\\.1.*query_key_value` with `word_embeddings` saved, 1 epoch,
+batch 1, grad-accum 8, logging every 10 steps).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from loraft.errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    name_or_path: str = Field(
+        "Langboat/bloom-1b4-zh", description="Base model: a hub id or a local directory with config and weights."
+    )
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="Dtype the frozen base weights are loaded in; auto follows train.precision."
+    )
+    device: str = Field("auto", description="Device for training/inference: auto, cpu, cuda, cuda:N or mps.")
+    trust_remote_code: bool = Field(False, description="Allow custom modelling code from the model repository.")
+    revision: Optional[str] = Field(None, description="Hub revision (branch, tag or commit) of the base model.")
+    attn_implementation: Optional[str] = Field(
+        None, description="transformers attention implementation (eager, sdpa, flash_attention_2); None = model default."
+    )
+
+
+class DataConfig(_Section):
+    path: str = Field(
+        "alpaca_data_zh",
+        description="Training data: a save_to_disk directory, a .json/.jsonl/.csv/.parquet file, or a hub dataset id.",
+    )
+    format: Literal["auto", "alpaca", "messages", "sharegpt"] = Field(
+        "auto", description="Record format; auto detects alpaca (instruction/input/output), messages or sharegpt."
+    )
+    template: str = Field("human_assistant", description="Prompt template name (see `loraft templates`).")
+    max_length: int = Field(256, description="Truncate each tokenized sample to this many tokens (as the reference).")
+    split: Optional[str] = Field(None, description="Split to use when the source holds several (e.g. train).")
+    instruction_field: str = Field("instruction", description="Alpaca column holding the instruction.")
+    input_field: str = Field("input", description="Alpaca column holding the optional input (may be absent).")
+    output_field: str = Field("output", description="Alpaca column holding the response.")
+    system_field: str = Field("system", description="Optional column holding a per-record system prompt.")
+    history_field: str = Field("history", description="Optional alpaca column with earlier [user, assistant] turns.")
+    messages_field: str = Field("messages", description="Column holding a list of {role, content} messages.")
+    system_prompt: Optional[str] = Field(None, description="System prompt added to records that have none.")
+    eval_path: Optional[str] = Field(None, description="Held-out data for evaluation during training (same formats).")
+    eval_fraction: float = Field(0.0, description="Fraction of the training records held out for evaluation (0 = none).")
+    limit: Optional[int] = Field(None, description="Use only the first N records (quick runs).")
+    num_proc: Optional[int] = Field(None, description="Tokenization worker processes; None = up to the CPU count.")
+    cache_dir: Optional[str] = Field(
+        None, description="Where tokenized datasets are cached; None = ~/.cache/loraft/tokenized."
+    )
+
+    @field_validator("max_length")
+    @classmethod
+    def _positive_length(cls, value: int) -> int:
+        if value < 2:
+            raise ValueError(f"must be >= 2 (got {value})")
+        return value
+
+    @field_validator("eval_fraction")
+    @classmethod
+    def _fraction(cls, value: float) -> float:
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"must be in [0, 1) (got {value})")
+        return value
+
+
+class AdapterConfig(_Section):
+    method: Literal["lora", "prompt_tuning", "prefix_tuning", "ia3"] = Field(
+        "lora", description="peft method: lora, prompt_tuning, prefix_tuning or ia3."
+    )
+    r: int = Field(8, description="LoRA rank.")
+    alpha: float = Field(8, description="LoRA alpha (scaling = alpha / r, or alpha / sqrt(r) with rslora).")
+    dropout: float = Field(0.0, description="LoRA dropout probability.")
+    target_modules: Optional[Union[str, list[str]]] = Field(
+        r".*\.1.*query_key_value",
+        description="Modules to adapt: a regex matched against full module names, or a list of name suffixes.",
+    )
+    modules_to_save: Optional[list[str]] = Field(
+        ["word_embeddings"], description="Modules trained in full and saved with the adapter."
+    )
+    use_rslora: bool = Field(False, description="Rank-stabilised LoRA scaling.")
+    use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
+    num_virtual_tokens: int = Field(20, description="Virtual tokens for prompt/prefix tuning.")
+    prompt_tuning_init: Literal["random", "text"] = Field("random", description="Prompt tuning initialisation.")
+    prompt_tuning_init_text: Optional[str] = Field(None, description="Text used to initialise prompt tuning (init=text).")
+    prefix_projection: bool = Field(False, description="Prefix tuning: reparametrise the prefix through an MLP.")
+    feedforward_modules: Optional[Union[str, list[str]]] = Field(
+        None, description="IA3: which target_modules are feed-forward (scaled on their input)."
+    )
+
+    @field_validator("r", "num_virtual_tokens")
+    @classmethod
+    def _positive(cls, value: int) -> int:
+        if value <= 0:
+            raise ValueError(f"must be > 0 (got {value})")
+        return value
+
+    @field_validator("dropout")
+    @classmethod
+    def _probability(cls, value: float) -> float:
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"must be in [0, 1) (got {value})")
+        return value
+
+
+class TrainConfig(_Section):
+    num_train_epochs: float = Field(1.0, description="Epochs over the training data.")
+    max_steps: int = Field(-1, description="Stop after this many optimizer steps (-1 = run the epochs).")
+    per_device_train_batch_size: int = Field(1, description="Samples per micro-batch on each device.")
+    gradient_accumulation_steps: int = Field(8, description="Micro-batches accumulated per optimizer step.")
+    learning_rate: float = Field(5e-5, description="Peak learning rate (transformers' default, as the reference).")
+    weight_decay: float = Field(0.0, description="AdamW weight decay.")
+    warmup_ratio: float = Field(0.0, description="Fraction of steps spent warming the learning rate up.")
+    lr_scheduler_type: str = Field("linear", description="transformers learning-rate schedule name.")
+    optim: str = Field("adamw_torch", description="transformers optimizer name.")
+    max_grad_norm: float = Field(1.0, description="Gradient clipping norm.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "fp32", description="Compute precision: fp32 (the reference), bf16, fp16, or auto (bf16 where supported)."
+    )
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    group_by_length: bool = Field(False, description="Batch samples of similar length together (less padding).")
+    logging_steps: int = Field(10, description="Log loss every N optimizer steps (as the reference).")
+    save_steps: int = Field(
+        500, description="Checkpoint every N optimizer steps (the reference's save_steps=1 writes 380 MB a step)."
+    )
+    save_total_limit: Optional[int] = Field(3, description="Keep at most this many checkpoints.")
+    eval_steps: Optional[int] = Field(None, description="Evaluate every N steps when eval data exists (None = per epoch).")
+    seed: int = Field(42, description="Random seed for data order and adapter initialisation.")
+    dataloader_num_workers: int = Field(0, description="DataLoader worker processes.")
+    report_to: list[str] = Field([], description="transformers integrations to report to (e.g. tensorboard, wandb).")
+
+    @field_validator("per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps", "save_steps")
+    @classmethod
+    def _positive(cls, value: int) -> int:
+        if value <= 0:
+            raise ValueError(f"must be > 0 (got {value})")
+        return value
+
+    @field_validator("learning_rate")
+    @classmethod
+    def _positive_lr(cls, value: float) -> float:
+        if value <= 0:
+            raise ValueError(f"must be > 0 (got {value})")
+        return value
+
+
+class GenerationConfig(_Section):
+    max_new_tokens: int = Field(256, description="Most tokens generated per answer.")
+    temperature: float = Field(0.7, description="Sampling temperature (0 = greedy).")
+    top_p: float = Field(0.9, description="Nucleus sampling probability mass.")
+    top_k: int = Field(0, description="Sample from the k most likely tokens (0 = off).")
+    repetition_penalty: float = Field(1.0, description="Penalty for repeated tokens (1 = off).")
+
+
+class RunConfig(_Section):
+    output_dir: str = Field("runs/lora", description="Run directory: adapter, tokenizer, config, metrics, plots.")
+    overwrite: bool = Field(False, description="Allow replacing a finished run in output_dir.")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="Base model.")
+    data: DataConfig = Field(default_factory=DataConfig, description="Training data and template.")
+    adapter: AdapterConfig = Field(default_factory=AdapterConfig, description="peft adapter.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Trainer settings.")
+    generation: GenerationConfig = Field(default_factory=GenerationConfig, description="Default sampling settings.")
+
+
+def _parse_value(text: str) -> Any:
+    """Parse a command-line override value as YAML (numbers, booleans, lists, null), else keep the string."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _set_dotted(tree: dict, dotted_key: str, value: Any) -> None:
+    parts = dotted_key.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted_key}: {part} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _describe_validation_error(error: ValidationError, source: str) -> str:
+    first = error.errors()[0]
+    key = ".".join(str(part) for part in first["loc"])
+    kind = first["type"]
+    if kind == "extra_forbidden":
+        return f"{source}: unknown config key {key}"
+    message = first["msg"]
+    if message.startswith("Value error, "):
+        message = message[len("Value error, ") :]
+    return f"{source}: {key} {message[0].lower() + message[1:]}" if message else f"{source}: invalid {key}"
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> RunConfig:
+    """Load a run config from YAML (or the defaults) and apply `key=value` dot-overrides.
+
+    Args:
+        path: YAML file; None starts from the defaults (the reference recipe).
+        overrides: strings like `train.max_steps=3`; values are parsed as YAML scalars.
+    Raises:
+        ConfigError: naming the file and the key that is unknown or invalid.
+    """
+    tree: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path}: config file is not UTF-8 text") from None
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            line = getattr(getattr(exc, "problem_mark", None), "line", None)
+            where = f" line {line + 1}" if line is not None else ""
+            raise ConfigError(f"{path}:{where} is not valid YAML") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of config keys")
+        tree = loaded
+    for override in overrides or []:
+        if "=" not in override:
+            raise ConfigError(f"override {override!r} must look like key=value (e.g. train.max_steps=3)")
+        key, _, raw = override.partition("=")
+        _set_dotted(tree, key.strip(), _parse_value(raw))
+    if overrides:
+        source = f"{source} with overrides"
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_describe_validation_error(exc, source)) from None
+
+
+def save_config(config: RunConfig, path: str | Path) -> None:
+    """Write the resolved config as YAML (the run directory's `config.yaml`)."""
+    Path(path).write_text(yaml.safe_dump(config.model_dump(), sort_keys=False, allow_unicode=True), encoding="utf-8")
+
+
+def describe_fields(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[tuple[str, str, Any, str]]:
+    """Flatten the schema into (key, type, default, description) rows for docs and `loraft config`."""
+    rows: list[tuple[str, str, Any, str]] = []
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            rows.extend(describe_fields(annotation, f"{prefix}{name}."))
+            continue
+        type_name = getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+        default = field.default_factory() if field.default_factory is not None else field.default
+        rows.append((f"{prefix}{name}", type_name, default, field.description or ""))
+    return rows

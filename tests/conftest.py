@@ -1,0 +1,127 @@
+"""Shared fixtures: tiny random models (BLOOM and Llama-style) with a tokenizer that covers Chinese.
+
+Everything is built offline once per test session and saved to disk, so every test loads it through
+the same `from_pretrained(dir)` path as a hub model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+CORPUS = [
+    "人工智能是什么", "人工智能是计算机科学的一个分支。", "请把下面的句子翻译成英文", "今天天气很好",
+    "写一首关于春天的诗", "春眠不觉晓，处处闻啼鸟。", "Human: 你好\n\nAssistant: 你好！有什么可以帮你？",
+    "The quick brown fox jumps over the lazy dog.", "1 2 3 4 5 6 7 8 9 0", "北京是中国的首都。",
+    "请计算 12 加 30 等于多少", "答案是 42。", "把字母变成大写：abc", "ABC", "你是一个有帮助的助手。",
+]
+
+
+def _train_tokenizer(add_bos: bool):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE(unk_token=None))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(CORPUS * 3, trainer=trainer)
+    if add_bos:
+        bos_id = tokenizer.token_to_id("<s>")
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos_id)]
+        )
+    else:
+        tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        model_max_length=2048,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_bloom_dir(tmp_path_factory) -> Path:
+    """A 12-layer, 32-wide random BLOOM (tied embeddings) saved with its tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM, BloomConfig
+
+    path = tmp_path_factory.mktemp("tiny-bloom")
+    tokenizer = _train_tokenizer(add_bos=False)
+    config = BloomConfig(
+        vocab_size=len(tokenizer), hidden_size=32, n_layer=12, n_head=4,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    """A 2-layer random Llama-style model (untied, BOS-adding tokenizer) saved with its tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = _train_tokenizer(add_bos=True)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+ALPACA_RECORDS = [
+    {"instruction": "人工智能是什么", "input": "", "output": "人工智能是计算机科学的一个分支。"},
+    {"instruction": "请把下面的句子翻译成英文", "input": "今天天气很好", "output": "The weather is nice today."},
+    {"instruction": "写一首关于春天的诗", "input": "", "output": "春眠不觉晓，处处闻啼鸟。"},
+    {"instruction": "请计算 12 加 30 等于多少", "input": "", "output": "答案是 42。"},
+    {"instruction": "把字母变成大写：abc", "input": "", "output": "ABC"},
+    {"instruction": "北京是哪个国家的首都？", "input": " ", "output": "北京是中国的首都。"},
+    {"instruction": "  介绍你自己 ", "input": "简短一点\n", "output": "你好！我是一个有帮助的助手。"},
+    {"instruction": "重复：1 2 3", "input": "", "output": "1 2 3"},
+]
+
+
+@pytest.fixture()
+def alpaca_jsonl(tmp_path) -> Path:
+    """A small alpaca-format JSONL file (Chinese)."""
+    path = tmp_path / "alpaca.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ALPACA_RECORDS), encoding="utf-8")
+    return path
+
+
+@pytest.fixture()
+def alpaca_disk_dir(tmp_path) -> Path:
+    """The same records as a `Dataset.save_to_disk` directory, like the reference's alpaca_data_zh."""
+    from datasets import Dataset
+
+    path = tmp_path / "alpaca_data_zh"
+    Dataset.from_list(ALPACA_RECORDS * 4).save_to_disk(str(path))
+    return path
