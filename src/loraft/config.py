@@ -131,7 +131,9 @@ class TrainConfig(_Section):
         "fp32", description="Compute precision: fp32 (the reference), bf16, fp16, or auto (bf16 where supported)."
     )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
-    group_by_length: bool = Field(False, description="Batch samples of similar length together (less padding).")
+    sampling: Literal["random", "sequential", "group_by_length"] = Field(
+        "random", description="Training sample order: random (the reference), sequential, or group_by_length."
+    )
     logging_steps: int = Field(10, description="Log loss every N optimizer steps (as the reference).")
     save_steps: int = Field(
         500, description="Checkpoint every N optimizer steps (the reference's save_steps=1 writes 380 MB a step)."

@@ -1,0 +1,225 @@
+"""Command line: one table of commands mapped to the entry functions of each stage; nothing else."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import Callable, Optional
+
+from loraft.errors import LoraftError
+
+
+def _data_config(args):
+    from loraft.config import DataConfig
+
+    fields = {"path": args.path, "template": args.template, "max_length": args.max_length, "format": args.format}
+    if getattr(args, "limit", None):
+        fields["limit"] = args.limit
+    return DataConfig(**fields)
+
+
+def cmd_train(args) -> int:
+    from loraft.config import load_config
+    from loraft.train import train
+
+    config = load_config(args.config, args.overrides)
+    run_dir = train(config, resume=args.resume)
+    print(f"run directory: {run_dir}")
+    return 0
+
+
+def cmd_data_check(args) -> int:
+    from loraft.data import check_data, format_report
+
+    tokenizer = _tokenizer(args.model) if args.model else None
+    report = check_data(args.path, _data_config(args), tokenizer)
+    print(json.dumps(report, ensure_ascii=False) if args.json else format_report(report))
+    return 0
+
+
+def cmd_data_preview(args) -> int:
+    from loraft.data import preview_samples
+
+    samples = preview_samples(args.path, _data_config(args), _tokenizer(args.model), args.limit)
+    for sample in samples:
+        if args.json:
+            print(json.dumps(sample, ensure_ascii=False))
+        else:
+            print(f"--- {sample['source']} ({len(sample['input_ids'])} tokens, "
+                  f"{sum(1 for label in sample['labels'] if label != -100)} supervised)")
+            print(sample["text"])
+    return 0
+
+
+def _tokenizer(name: str):
+    from loraft.model import load_tokenizer
+
+    return load_tokenizer(name)
+
+
+def cmd_inspect(args) -> int:
+    from loraft.model import format_inspection, inspect_model
+
+    report = inspect_model(args.model, args.target, args.modules_to_save)
+    if args.json:
+        print(json.dumps({"matched": report["matched"], "trainable_params": report["trainable_params"],
+                          "total_params": report["total_params"]}))
+    else:
+        print(format_inspection(report))
+    return 0
+
+
+def _generation_settings(args):
+    from loraft.config import GenerationConfig
+
+    fields = {k: getattr(args, k) for k in ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty")
+              if getattr(args, k, None) is not None}
+    return GenerationConfig(**fields)
+
+
+def cmd_chat(args) -> int:
+    from loraft.generate import chat
+
+    chat(args.run_dir, _generation_settings(args), system=args.system)
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from loraft.generate import generate_one, generate_to_file
+
+    settings = _generation_settings(args)
+    if args.prompt is not None:
+        for piece in generate_one(args.run_dir, args.prompt, settings):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        return 0
+    if not (args.input and args.output):
+        raise LoraftError("generate needs --prompt TEXT, or --input FILE with --output FILE")
+    count = generate_to_file(args.run_dir, args.input, args.output, settings, args.batch_size)
+    print(f"wrote {count} answers to {args.output}", file=sys.stderr)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from loraft.demo import run_demo
+
+    run_demo(workdir=args.workdir, overwrite=args.overwrite)
+    return 0
+
+
+def cmd_config(args) -> int:
+    from loraft.config import describe_fields
+
+    for key, type_name, default, description in describe_fields():
+        print(f"{key:38} {type_name:24} {json.dumps(default, ensure_ascii=False):28} {description}")
+    return 0
+
+
+def cmd_templates(args) -> int:
+    from loraft.templates import TEMPLATES
+
+    for template in TEMPLATES.values():
+        print(f"{template.name:18} {template.description}")
+    return 0
+
+
+def _add_data_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("path", help="data: save_to_disk dir, .json, .jsonl, .csv, .parquet, or hub dataset id")
+    parser.add_argument("--template", default="human_assistant", help="prompt template (default: human_assistant)")
+    parser.add_argument("--max-length", type=int, default=256, help="truncation length (default: 256)")
+    parser.add_argument("--format", default="auto", choices=["auto", "alpaca", "messages", "sharegpt"])
+    parser.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+
+def _add_sampling_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-new-tokens", type=int)
+    parser.add_argument("--temperature", type=float, help="0 = greedy")
+    parser.add_argument("--top-p", type=float)
+    parser.add_argument("--top-k", type=int)
+    parser.add_argument("--repetition-penalty", type=float)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="loraft", description="LoRA fine-tuning: data -> adapter -> eval -> chat/serve.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = sub.add_parser("train", help="fine-tune a model from a YAML config")
+    train.add_argument("config", help="YAML config (see configs/)")
+    train.add_argument("overrides", nargs="*", help="dot-overrides, e.g. train.max_steps=3 output_dir=out")
+    train.add_argument("--resume", action="store_true", help="continue from the run's latest complete checkpoint")
+    train.set_defaults(handler=cmd_train)
+
+    data = sub.add_parser("data", help="check or preview training data")
+    data_sub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    check = data_sub.add_parser("check", help="validate data and print a report")
+    _add_data_options(check)
+    check.add_argument("--model", help="tokenizer to measure token lengths with")
+    check.set_defaults(handler=cmd_data_check)
+    preview = data_sub.add_parser("preview", help="show samples as training sees them, prompt part marked")
+    _add_data_options(preview)
+    preview.add_argument("--model", required=True, help="model/tokenizer name or directory")
+    preview.add_argument("--limit", type=int, default=5, help="samples to show (default: 5)")
+    preview.set_defaults(handler=cmd_data_preview)
+
+    inspect = sub.add_parser("inspect", help="show which modules an adapter pattern matches (no weights read)")
+    inspect.add_argument("model", help="model name or directory (only its config is read)")
+    inspect.add_argument("--target", default=None, help=r"target_modules regex (default: .*\.1.*query_key_value)")
+    inspect.add_argument("--modules-to-save", nargs="*", default=None, help="modules trained in full")
+    inspect.add_argument("--json", action="store_true")
+    inspect.set_defaults(handler=cmd_inspect)
+
+    chat = sub.add_parser("chat", help="chat with a trained run in the terminal")
+    chat.add_argument("run_dir")
+    chat.add_argument("--system", help="system prompt")
+    _add_sampling_options(chat)
+    chat.set_defaults(handler=cmd_chat)
+
+    generate = sub.add_parser("generate", help="answer a prompt, or a file of prompts in batches")
+    generate.add_argument("run_dir")
+    generate.add_argument("--prompt")
+    generate.add_argument("--input", help=".jsonl/.json with messages, instruction(+input) or prompt per record")
+    generate.add_argument("--output", help="JSONL file to write (must not exist)")
+    generate.add_argument("--batch-size", type=int, default=8)
+    _add_sampling_options(generate)
+    generate.set_defaults(handler=cmd_generate)
+
+    demo = sub.add_parser("demo", help="offline demo: build a tiny Chinese base, fine-tune it, show before/after")
+    demo.add_argument("--workdir", default="loraft-demo", help="where the demo writes data and its run")
+    demo.add_argument("--overwrite", action="store_true", help="replace a previous demo run in workdir")
+    demo.set_defaults(handler=cmd_demo)
+
+    config = sub.add_parser("config", help="print every config key with its type, default and description")
+    config.set_defaults(handler=cmd_config)
+    templates = sub.add_parser("templates", help="list prompt templates")
+    templates.set_defaults(handler=cmd_templates)
+
+    return parser
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("loraft").setLevel(logging.INFO)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    _quiet_libraries()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except LoraftError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,229 @@
+"""Chat and batch generation with a run's saved template.
+
+Prompts are encoded segment by segment exactly as in training (templates.encode_segments), so the model
+sees at inference the same token boundaries it was trained on. Generation stops at the template's end
+token (EOS for human_assistant).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+from pathlib import Path
+from typing import Iterable, Iterator, Optional, Sequence
+
+import torch
+
+from loraft.config import GenerationConfig
+from loraft.errors import DataError, LoraftError
+from loraft.templates import Template, encode_segments, get_template
+
+
+def encode_prompt(tokenizer, template: Template, messages: Sequence[dict]) -> list[int]:
+    """Token ids of a conversation ending in a user turn, followed by the assistant header."""
+    segments = template.render(messages, tokenizer.eos_token, add_generation_prompt=True)
+    input_ids, _ = encode_segments(tokenizer, segments)
+    return input_ids
+
+
+def stop_token_ids(tokenizer, template: Template) -> list[int]:
+    """Token ids that end an answer: the template's end token and the tokenizer's EOS."""
+    ids = {tokenizer.eos_token_id}
+    stop = tokenizer(template.stop_text(tokenizer.eos_token), add_special_tokens=False)["input_ids"]
+    if len(stop) == 1:
+        ids.add(stop[0])
+    return sorted(i for i in ids if i is not None)
+
+
+def generation_kwargs(tokenizer, template: Template, settings: GenerationConfig) -> dict:
+    """Arguments for `model.generate`: greedy when temperature is 0, sampling otherwise."""
+    kwargs = {
+        "max_new_tokens": settings.max_new_tokens,
+        "eos_token_id": stop_token_ids(tokenizer, template),
+        "pad_token_id": tokenizer.pad_token_id,
+        "repetition_penalty": settings.repetition_penalty,
+    }
+    if settings.temperature <= 0:
+        kwargs["do_sample"] = False
+    else:
+        kwargs.update(do_sample=True, temperature=settings.temperature, top_p=settings.top_p)
+        if settings.top_k > 0:
+            kwargs["top_k"] = settings.top_k
+    return kwargs
+
+
+@torch.inference_mode()
+def generate_batch(
+    model,
+    tokenizer,
+    template: Template,
+    conversations: Sequence[Sequence[dict]],
+    settings: GenerationConfig,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> list[str]:
+    """Answer each conversation; batches are left-padded so every prompt ends where generation starts."""
+    from tqdm.auto import tqdm
+
+    encoded = [encode_prompt(tokenizer, template, messages) for messages in conversations]
+    # Longest prompts first keeps padding low; answers are put back in input order.
+    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
+    answers: list[Optional[str]] = [None] * len(encoded)
+    kwargs = generation_kwargs(tokenizer, template, settings)
+    device = next(model.parameters()).device
+    batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+    for batch in tqdm(batches, desc="generate", unit="batch", disable=not progress):
+        width = max(len(encoded[i]) for i in batch)
+        input_ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, index in enumerate(batch):
+            ids = encoded[index]
+            input_ids[row, width - len(ids) :] = torch.tensor(ids)
+            attention_mask[row, width - len(ids) :] = 1
+        output = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), **kwargs)
+        for row, index in enumerate(batch):
+            answers[index] = tokenizer.decode(output[row, width:], skip_special_tokens=True)
+    return [a or "" for a in answers]
+
+
+def stream_answer(model, tokenizer, template: Template, messages: Sequence[dict], settings: GenerationConfig) -> Iterator[str]:
+    """Yield the answer to a conversation piece by piece as it is generated."""
+    from transformers import TextIteratorStreamer
+
+    input_ids = torch.tensor([encode_prompt(tokenizer, template, messages)], device=next(model.parameters()).device)
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    kwargs = generation_kwargs(tokenizer, template, settings)
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            with torch.inference_mode():
+                model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), streamer=streamer, **kwargs)
+        except BaseException as exc:  # surfaced in the caller's thread below
+            errors.append(exc)
+            streamer.end()
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    yield from streamer
+    worker.join()
+    if errors:
+        raise errors[0]
+
+
+def load_run(run_dir: str | Path, device: Optional[str] = None):
+    """(model, tokenizer, template, run_info) for a finished run directory."""
+    from loraft.model import load_run_model
+
+    model, tokenizer, info = load_run_model(run_dir, device=device)
+    template = get_template(info.get("template") or info["config"].data.template)
+    return model, tokenizer, template, info
+
+
+def chat(run_dir: str | Path, settings: GenerationConfig, system: Optional[str] = None, stdin=None, stdout=None) -> None:
+    """Multi-turn chat in the terminal: streams answers, keeps history; /reset clears it, /exit quits."""
+    stdin = stdin or sys.stdin
+    stdout = stdout or sys.stdout
+    model, tokenizer, template, _ = load_run(run_dir)
+    history: list[dict] = [{"role": "system", "content": system}] if system else []
+    stdout.write(f"loraft chat: {run_dir} ({template.name} template). /reset clears the history, /exit quits.\n")
+    while True:
+        stdout.write("\nyou> ")
+        stdout.flush()
+        line = stdin.readline()
+        if not line:
+            stdout.write("\n")
+            return
+        text = line.rstrip("\n")
+        if text.strip() == "/exit":
+            return
+        if text.strip() == "/reset":
+            history = history[:1] if system else []
+            stdout.write("(history cleared)\n")
+            continue
+        if not text.strip():
+            continue
+        history.append({"role": "user", "content": text})
+        stdout.write("assistant> ")
+        pieces = []
+        for piece in stream_answer(model, tokenizer, template, history, settings):
+            pieces.append(piece)
+            stdout.write(piece)
+            stdout.flush()
+        stdout.write("\n")
+        history.append({"role": "assistant", "content": "".join(pieces)})
+
+
+def read_prompts(path: str | Path) -> list[tuple[dict, list[dict]]]:
+    """Read a .jsonl/.json file of prompts: each record has `messages`, `instruction` (+`input`) or `prompt`.
+
+    Returns:
+        (record, conversation-to-answer) pairs; a trailing assistant message is dropped.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DataError(str(path), "file not found") from None
+    except UnicodeDecodeError:
+        raise DataError(str(path), "file is not UTF-8 text") from None
+    if path.suffix == ".json":
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DataError(str(path), f"invalid JSON ({exc.msg})", where=f"line {exc.lineno}") from None
+        if not isinstance(records, list):
+            raise DataError(str(path), "a .json prompt file must hold a JSON array of objects")
+        numbered = [(f"record {i + 1}", r) for i, r in enumerate(records)]
+    else:
+        numbered = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                numbered.append((f"line {number}", json.loads(line)))
+            except json.JSONDecodeError as exc:
+                raise DataError(str(path), f"invalid JSON ({exc.msg})", where=f"line {number}") from None
+    if not numbered:
+        raise DataError(str(path), "file holds no prompts")
+    prompts = []
+    for where, record in numbered:
+        if not isinstance(record, dict):
+            raise DataError(str(path), "each prompt must be a JSON object", where=where)
+        if "messages" in record:
+            messages = [dict(m) for m in record["messages"]]
+            if messages and messages[-1].get("role") == "assistant":
+                messages = messages[:-1]
+        elif "instruction" in record:
+            messages = [{"role": "user", "content": "\n".join([str(record["instruction"]), str(record.get("input") or "")])}]
+        elif "prompt" in record:
+            messages = [{"role": "user", "content": str(record["prompt"])}]
+        else:
+            raise DataError(str(path), "needs one of messages, instruction or prompt", where=where, field="prompt")
+        prompts.append((record, messages))
+    return prompts
+
+
+def generate_to_file(
+    run_dir: str | Path, input_path: str | Path, output_path: str | Path, settings: GenerationConfig, batch_size: int = 8
+) -> int:
+    """Answer every prompt in `input_path`; write each record plus `response` to `output_path` (JSONL)."""
+    output_path = Path(output_path)
+    if output_path.exists():
+        raise LoraftError(f"{output_path}: exists already; choose another --output")
+    prompts = read_prompts(input_path)
+    model, tokenizer, template, _ = load_run(run_dir)
+    answers = generate_batch(model, tokenizer, template, [m for _, m in prompts], settings, batch_size, progress=True)
+    tmp = output_path.with_suffix(output_path.suffix + ".tmp")
+    with tmp.open("w", encoding="utf-8") as handle:
+        for (record, _), answer in zip(prompts, answers):
+            handle.write(json.dumps({**record, "response": answer}, ensure_ascii=False) + "\n")
+    tmp.replace(output_path)
+    return len(answers)
+
+
+def generate_one(run_dir: str | Path, prompt: str, settings: GenerationConfig) -> Iterable[str]:
+    """Stream the answer to a single user prompt."""
+    model, tokenizer, template, _ = load_run(run_dir)
+    return stream_answer(model, tokenizer, template, [{"role": "user", "content": prompt}], settings)

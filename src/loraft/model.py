@@ -1,0 +1,337 @@
+"""Load the base model and tokenizer, attach the peft adapter, and inspect what a target pattern matches.
+
+peft owns the adapter layers and their format; this module only builds the right `PeftConfig`, checks
+that the target pattern matches something before training starts, and deals with tied embeddings.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections import defaultdict
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+
+from loraft.config import AdapterConfig, ModelConfig, RunConfig
+from loraft.errors import ModelError
+
+logger = logging.getLogger("loraft")
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_precision(precision: str) -> str:
+    """Map `train.precision=auto` to bf16 where the hardware runs it natively, else fp32."""
+    if precision != "auto":
+        return precision
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "fp32"
+
+
+def resolve_dtype(model: ModelConfig, precision: str = "fp32") -> torch.dtype:
+    """The dtype to load the base weights in: `model.dtype`, or fp32 master weights under `auto`."""
+    if model.dtype != "auto":
+        return DTYPES[model.dtype]
+    return torch.float32
+
+
+def load_tokenizer(name_or_path: str, revision: Optional[str] = None, trust_remote_code: bool = False):
+    """Load a tokenizer; give it a pad token (EOS) when the model has none, so batches can be padded."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
+    except OSError as exc:
+        raise ModelError(f"{name_or_path}: cannot load a tokenizer ({_first_line(exc)})") from None
+    if tokenizer.eos_token is None:
+        raise ModelError(f"{name_or_path}: the tokenizer has no EOS token, which every template needs")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_base_model(model: ModelConfig, dtype: torch.dtype = torch.float32):
+    """Load the causal LM with `from_pretrained` (hub id or local dir), frozen weights in `dtype`."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"dtype": dtype, "revision": model.revision, "trust_remote_code": model.trust_remote_code}
+    if model.attn_implementation:
+        kwargs["attn_implementation"] = model.attn_implementation
+    try:
+        return AutoModelForCausalLM.from_pretrained(model.name_or_path, **kwargs)
+    except OSError as exc:
+        raise ModelError(f"{model.name_or_path}: cannot load the base model ({_first_line(exc)})") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def build_peft_config(adapter: AdapterConfig, tokenizer=None, model_name: Optional[str] = None):
+    """Translate `adapter.*` into the peft config for the chosen method."""
+    from peft import (
+        IA3Config,
+        LoraConfig,
+        PrefixTuningConfig,
+        PromptTuningConfig,
+        PromptTuningInit,
+        TaskType,
+    )
+
+    if adapter.method == "lora":
+        return LoraConfig(
+            task_type=TaskType.CAUSAL_LM,
+            r=adapter.r,
+            lora_alpha=adapter.alpha,
+            lora_dropout=adapter.dropout,
+            target_modules=adapter.target_modules,
+            modules_to_save=adapter.modules_to_save,
+            use_rslora=adapter.use_rslora,
+            use_dora=adapter.use_dora,
+        )
+    if adapter.method == "ia3":
+        return IA3Config(
+            task_type=TaskType.CAUSAL_LM,
+            target_modules=adapter.target_modules,
+            feedforward_modules=adapter.feedforward_modules or [],
+            modules_to_save=adapter.modules_to_save,
+        )
+    if adapter.method == "prompt_tuning":
+        if adapter.prompt_tuning_init == "text":
+            if not adapter.prompt_tuning_init_text:
+                raise ModelError("adapter.prompt_tuning_init_text is required when adapter.prompt_tuning_init is text")
+            return PromptTuningConfig(
+                task_type=TaskType.CAUSAL_LM,
+                num_virtual_tokens=adapter.num_virtual_tokens,
+                prompt_tuning_init=PromptTuningInit.TEXT,
+                prompt_tuning_init_text=adapter.prompt_tuning_init_text,
+                tokenizer_name_or_path=model_name,
+            )
+        return PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=adapter.num_virtual_tokens)
+    if adapter.method == "prefix_tuning":
+        return PrefixTuningConfig(
+            task_type=TaskType.CAUSAL_LM,
+            num_virtual_tokens=adapter.num_virtual_tokens,
+            prefix_projection=adapter.prefix_projection,
+        )
+    raise ModelError(f"adapter.method: unknown method {adapter.method!r}")
+
+
+def target_matches(model: torch.nn.Module, adapter: AdapterConfig) -> list[str]:
+    """Names of the modules the adapter's `target_modules` selects, with peft's own matching rules."""
+    if adapter.method not in ("lora", "ia3") or adapter.target_modules is None:
+        return []
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    peft_config = build_peft_config(adapter)
+    matched = []
+    for name, _module in model.named_modules():
+        if not name:
+            continue
+        found = check_target_module_exists(peft_config, name)
+        if found and type(found).__name__ != "_ExcludedModule":
+            matched.append(name)
+    return matched
+
+
+def _example_module_names(model: torch.nn.Module, limit: int = 6) -> list[str]:
+    """A few adaptable module names (linear layers of the first block) to show when a pattern misses."""
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D"]
+    first_block = [n for n in names if re.search(r"\.0\.", n)]
+    return (first_block or names)[:limit]
+
+
+def check_targets(model: torch.nn.Module, adapter: AdapterConfig) -> list[str]:
+    """Fail early, in one sentence, when the target pattern or modules_to_save match nothing."""
+    matched = target_matches(model, adapter)
+    if adapter.method in ("lora", "ia3") and not matched:
+        examples = ", ".join(_example_module_names(model))
+        raise ModelError(
+            f"adapter.target_modules {adapter.target_modules!r} matches no module of the model; "
+            f"module names look like: {examples}"
+        )
+    module_names = [n for n, _ in model.named_modules()]
+    for wanted in adapter.modules_to_save or []:
+        if not any(n == wanted or n.endswith("." + wanted) for n in module_names):
+            top = sorted({n.split(".")[-1] for n in module_names if n and not n.split(".")[-1].isdigit()})[:10]
+            raise ModelError(
+                f"adapter.modules_to_save: {wanted!r} matches no module of the model; names look like: {', '.join(top)}"
+            )
+    return matched
+
+
+def tied_embedding_note(model: torch.nn.Module, adapter: AdapterConfig) -> Optional[dict]:
+    """Describe how a trained copy of a tied embedding behaves, or None when nothing is tied/saved.
+
+    BLOOM ties lm_head to word_embeddings, and peft's tying support only knows embed_tokens/lm_head.
+    With modules_to_save=["word_embeddings"] peft trains a copy of the input embedding while lm_head keeps
+    pointing at the frozen original: the tie is broken during training (as in the reference recipe).
+    loraft keeps exactly that function everywhere: the adapter stores only the input-embedding copy,
+    plain `PeftModel.from_pretrained` rebuilds the same split, and `loraft merge` writes untied weights
+    so a reload cannot silently re-tie lm_head to the trained embedding (peft issue #2777).
+    """
+    input_embeddings = model.get_input_embeddings()
+    output_embeddings = model.get_output_embeddings()
+    if input_embeddings is None or output_embeddings is None:
+        return None
+    if output_embeddings.weight is not input_embeddings.weight:
+        return None
+    names = {module: name for name, module in model.named_modules()}
+    input_name, output_name = names[input_embeddings], names[output_embeddings]
+    saved = adapter.modules_to_save or []
+    trains_input = any(input_name == s or input_name.endswith("." + s) for s in saved)
+    trains_output = any(output_name == s or output_name.endswith("." + s) for s in saved)
+    if not (trains_input or trains_output):
+        return None
+    trained, frozen = (input_name, output_name) if trains_input else (output_name, input_name)
+    if trains_input and trains_output:
+        message = (
+            f"{output_name} is tied to {input_name}; both are in modules_to_save, so peft trains two separate "
+            "copies: the tie is broken for training, the adapter and merge (loraft merge writes untied weights)."
+        )
+    else:
+        message = (
+            f"{output_name} is tied to {input_name}; modules_to_save trains a copy of {trained} only, so {frozen} "
+            "keeps the base weights (the tie is broken, as in the reference recipe). The adapter, a plain peft "
+            "reload and loraft merge (which writes untied weights) all compute this same function."
+        )
+    return {"input": input_name, "output": output_name, "trained": trained, "frozen": frozen, "message": message}
+
+
+def attach_adapter(model: torch.nn.Module, adapter: AdapterConfig, tokenizer=None, model_name: Optional[str] = None):
+    """Wrap the base model with a fresh peft adapter after checking what it targets.
+
+    Returns:
+        (peft_model, info) where info has `target_matches` and `tied_embeddings` (or None).
+    """
+    from peft import get_peft_model
+
+    matched = check_targets(model, adapter)
+    tied = tied_embedding_note(model, adapter)
+    if tied:
+        logger.info("tied embeddings: %s", tied["message"])
+    peft_config = build_peft_config(adapter, tokenizer, model_name)
+    peft_model = get_peft_model(model, peft_config)
+    return peft_model, {"target_matches": matched, "tied_embeddings": tied}
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; tied parameters count once."""
+    seen: set[int] = set()
+    trainable = total = 0
+    for parameter in model.parameters():
+        if id(parameter) in seen:
+            continue
+        seen.add(id(parameter))
+        total += parameter.numel()
+        if parameter.requires_grad:
+            trainable += parameter.numel()
+    return trainable, total
+
+
+def inspect_model(
+    name_or_path: str,
+    target_modules: Optional[Union[str, list[str]]] = None,
+    modules_to_save: Optional[list[str]] = None,
+    adapter: Optional[AdapterConfig] = None,
+    trust_remote_code: bool = False,
+) -> dict:
+    """Build the model from its config on the meta device (no weights read) and report adapter targets.
+
+    Returns:
+        {"matched": [module names], "by_layer": {layer: [names]}, "trainable_params": N, "total_params": N,
+         "tied_embeddings": note or None}
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    adapter = (adapter or AdapterConfig()).model_copy()
+    if target_modules is not None:
+        adapter.target_modules = target_modules
+    if modules_to_save is not None:
+        adapter.modules_to_save = modules_to_save or None
+    try:
+        model_config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except OSError as exc:
+        raise ModelError(f"{name_or_path}: cannot read a model config ({_first_line(exc)})") from None
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(model_config, trust_remote_code=trust_remote_code)
+    _, total = count_parameters(model)
+    peft_model, info = attach_adapter(model, adapter)
+    trainable, _ = count_parameters(peft_model)
+    by_layer: dict[str, list[str]] = defaultdict(list)
+    for name in info["target_matches"]:
+        layer = re.search(r"\.(\d+)\.", name)
+        by_layer[layer.group(1) if layer else "-"].append(name)
+    return {
+        "model": str(name_or_path),
+        "matched": info["target_matches"],
+        "by_layer": dict(by_layer),
+        "trainable_params": trainable,
+        "total_params": total,
+        "tied_embeddings": info["tied_embeddings"],
+    }
+
+
+def format_inspection(report: dict) -> str:
+    """Human-readable `loraft inspect` output: matches grouped by layer, then parameter counts."""
+    lines = [f"model: {report['model']}", f"matched {len(report['matched'])} modules:"]
+    for layer, names in sorted(report["by_layer"].items(), key=lambda kv: (not kv[0].isdigit(), int(kv[0]) if kv[0].isdigit() else 0)):
+        lines.append(f"  layer {layer}: " + ", ".join(names))
+    share = 100.0 * report["trainable_params"] / max(report["total_params"], 1)
+    lines.append(
+        f"trainable params: {report['trainable_params']:,} || total params: {report['total_params']:,} "
+        f"|| trainable: {share:.4f}%"
+    )
+    if report.get("tied_embeddings"):
+        lines.append("note: " + report["tied_embeddings"]["message"])
+    return "\n".join(lines)
+
+
+def load_model_for_training(config: RunConfig, tokenizer=None):
+    """Base model + fresh adapter for `config`; returns (peft_model, info)."""
+    dtype = resolve_dtype(config.model, config.train.precision)
+    base = load_base_model(config.model, dtype)
+    return attach_adapter(base, config.adapter, tokenizer, config.model.name_or_path)
+
+
+def load_run_model(run_dir: Union[str, Path], dtype: Optional[torch.dtype] = None, device: Optional[str] = None):
+    """Load base + adapter from a run directory (what chat/generate/eval/serve use).
+
+    Returns:
+        (peft_model in eval mode, tokenizer carrying the run's chat_template, run metadata dict)
+    """
+    import json
+
+    from peft import PeftModel
+
+    from loraft.config import load_config
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "adapter_config.json").is_file():
+        raise ModelError(f"{run_dir}: not a finished loraft run (no adapter_config.json)")
+    config = load_config(run_dir / "config.yaml")
+    metadata = {}
+    if (run_dir / "loraft_run.json").is_file():
+        metadata = json.loads((run_dir / "loraft_run.json").read_text(encoding="utf-8"))
+    tokenizer = load_tokenizer(str(run_dir))
+    base = load_base_model(config.model, dtype or torch.float32)
+    model = PeftModel.from_pretrained(base, str(run_dir))
+    model.eval()
+    target = resolve_device(device or config.model.device)
+    model.to(target)
+    return model, tokenizer, {"config": config, **metadata}
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` picks cuda, then mps, then cpu."""
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")

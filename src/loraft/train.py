@@ -1,0 +1,377 @@
+"""Build the Trainer and run it; write a self-describing run directory.
+
+A finished run directory holds:
+    adapter_config.json, adapter_model.safetensors   the adapter, standard peft format
+    tokenizer files + chat_template                  the training template, for apply_chat_template
+    config.yaml                                      the resolved config
+    data_report.json                                 what the data stage read, kept, dropped and truncated
+    metrics.jsonl, loss.png                          every logged step, and the loss curve
+    train.log                                        what loraft decided (e.g. tied embeddings)
+    loraft_run.json                                  status, versions, base model, template, timings
+    checkpoints/checkpoint-N                         Trainer checkpoints, for --resume
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Optional
+
+from loraft.config import RunConfig, save_config
+from loraft.errors import RunError
+
+logger = logging.getLogger("loraft")
+
+RUN_FILE = "loraft_run.json"
+CHECKPOINTS = "checkpoints"
+
+
+def read_run_status(run_dir: Path) -> Optional[str]:
+    """The `status` recorded in a run directory, or None when it holds no loraft run."""
+    path = Path(run_dir) / RUN_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("status")
+    except (json.JSONDecodeError, OSError):
+        return "unreadable"
+
+
+def last_complete_checkpoint(checkpoint_dir: Path) -> Optional[Path]:
+    """The newest checkpoint-N that was fully written (staging dirs never carry that name)."""
+    if not checkpoint_dir.is_dir():
+        return None
+    steps = []
+    for child in checkpoint_dir.iterdir():
+        if child.is_dir() and child.name.startswith("checkpoint-") and child.name[11:].isdigit():
+            if (child / "trainer_state.json").is_file():
+                steps.append((int(child.name[11:]), child))
+    return max(steps)[1] if steps else None
+
+
+def check_run_dir(config: RunConfig, resume: bool) -> Optional[Path]:
+    """Refuse to overwrite a finished run; find the checkpoint to resume from.
+
+    Returns:
+        the checkpoint to resume from, or None for a fresh start.
+    """
+    run_dir = Path(config.output_dir)
+    status = read_run_status(run_dir)
+    if resume:
+        checkpoint = last_complete_checkpoint(run_dir / CHECKPOINTS)
+        if checkpoint is None:
+            raise RunError(f"{run_dir}: --resume found no complete checkpoint under {run_dir / CHECKPOINTS}")
+        if status == "finished" and not config.overwrite:
+            raise RunError(f"{run_dir}: the run already finished; pass overwrite=true to train it again")
+        return checkpoint
+    if status == "finished" and not config.overwrite:
+        raise RunError(
+            f"{run_dir}: holds a finished run; choose another output_dir or pass overwrite=true to replace it"
+        )
+    if run_dir.is_dir() and any(run_dir.iterdir()) and status is None and not config.overwrite:
+        raise RunError(f"{run_dir}: exists and is not empty; choose another output_dir or pass overwrite=true")
+    if status is not None and status != "finished" and not config.overwrite:
+        if last_complete_checkpoint(run_dir / CHECKPOINTS) is not None:
+            raise RunError(
+                f"{run_dir}: holds an unfinished run with checkpoints; pass --resume to continue it "
+                "or overwrite=true to start again"
+            )
+    return None
+
+
+def _make_trainer_class():
+    from transformers import Trainer
+    from transformers.trainer_utils import rotate_checkpoints
+
+    class LoraftTrainer(Trainer):
+        """Trainer whose checkpoints appear atomically: written to a staging dir, then renamed.
+
+        Trainer writes checkpoint-N in place, so a crash mid-save leaves a half-written checkpoint that
+        `resume_from_checkpoint` would pick. Writing under `.staging/` and renaming avoids that.
+        """
+
+        def _save_checkpoint(self, model, trial):
+            final_root = self.args.output_dir
+            staging_root = os.path.join(final_root, ".staging")
+            name = f"checkpoint-{self.state.global_step}"
+            self.args.output_dir = staging_root
+            try:
+                super()._save_checkpoint(model, trial)
+            finally:
+                self.args.output_dir = final_root
+            self.accelerator.wait_for_everyone()
+            if self.args.should_save:
+                target = os.path.join(final_root, name)
+                if os.path.exists(target):
+                    shutil.rmtree(target)
+                os.replace(os.path.join(staging_root, name), target)
+                shutil.rmtree(staging_root, ignore_errors=True)
+                if self.state.best_model_checkpoint and self.state.best_model_checkpoint.startswith(staging_root):
+                    self.state.best_model_checkpoint = self.state.best_model_checkpoint.replace(
+                        staging_root, final_root, 1
+                    )
+                rotate_checkpoints(
+                    output_dir=final_root,
+                    save_total_limit=self.args.save_total_limit,
+                    best_model_checkpoint=self.state.best_model_checkpoint,
+                    use_mtime=False,
+                )
+            self.accelerator.wait_for_everyone()
+
+    return LoraftTrainer
+
+
+def _make_metrics_callback(run_dir: Path):
+    from transformers import TrainerCallback
+
+    class MetricsCallback(TrainerCallback):
+        """Append every logged step to metrics.jsonl (rank 0 only)."""
+
+        def __init__(self):
+            self.path = run_dir / "metrics.jsonl"
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not state.is_world_process_zero or not logs:
+                return
+            record = {"step": state.global_step, "epoch": state.epoch, **logs, "time": time.time()}
+            with self.path.open("a", encoding="utf-8") as handle:
+                handle.write(json.dumps(record) + "\n")
+
+    return MetricsCallback()
+
+
+def build_training_arguments(config: RunConfig, run_dir: Path, has_eval: bool):
+    """Translate `train.*` into transformers TrainingArguments (checkpoints under run_dir/checkpoints)."""
+    import torch
+    from transformers import TrainingArguments
+
+    from loraft.model import resolve_precision
+
+    train = config.train
+    precision = resolve_precision(train.precision)
+    use_cpu = config.model.device == "cpu" or not (torch.cuda.is_available() or config.model.device.startswith("cuda"))
+    if precision == "fp16" and use_cpu:
+        raise RunError("train.precision=fp16 needs a CUDA GPU; use bf16 or fp32 on this machine")
+    eval_strategy = "no"
+    if has_eval:
+        eval_strategy = "steps" if train.eval_steps else "epoch"
+    return TrainingArguments(
+        output_dir=str(run_dir / CHECKPOINTS),
+        num_train_epochs=train.num_train_epochs,
+        max_steps=train.max_steps,
+        per_device_train_batch_size=train.per_device_train_batch_size,
+        per_device_eval_batch_size=train.per_device_train_batch_size,
+        gradient_accumulation_steps=train.gradient_accumulation_steps,
+        learning_rate=train.learning_rate,
+        weight_decay=train.weight_decay,
+        warmup_ratio=train.warmup_ratio,
+        lr_scheduler_type=train.lr_scheduler_type,
+        optim=train.optim,
+        max_grad_norm=train.max_grad_norm,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        use_cpu=use_cpu,
+        gradient_checkpointing=train.gradient_checkpointing,
+        train_sampling_strategy=train.sampling,
+        logging_steps=train.logging_steps,
+        save_strategy="steps",
+        save_steps=train.save_steps,
+        save_total_limit=train.save_total_limit,
+        eval_strategy=eval_strategy,
+        eval_steps=train.eval_steps,
+        seed=train.seed,
+        data_seed=train.seed,
+        dataloader_num_workers=train.dataloader_num_workers,
+        report_to=train.report_to or "none",
+        remove_unused_columns=True,
+        include_num_input_tokens_seen="non_padding",
+    )
+
+
+def plot_loss(metrics_path: Path, png_path: Path) -> bool:
+    """Draw training (and eval) loss against optimizer step; returns False when nothing was logged."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train_points, eval_points = [], []
+    if metrics_path.is_file():
+        for line in metrics_path.read_text(encoding="utf-8").splitlines():
+            record = json.loads(line)
+            if "loss" in record:
+                train_points.append((record["step"], record["loss"]))
+            if "eval_loss" in record:
+                eval_points.append((record["step"], record["eval_loss"]))
+    if not train_points and not eval_points:
+        return False
+    figure, axis = plt.subplots(figsize=(7, 4), dpi=100)
+    if train_points:
+        axis.plot(*zip(*train_points), marker="o", markersize=3, label="train loss")
+    if eval_points:
+        axis.plot(*zip(*eval_points), marker="s", markersize=4, label="eval loss")
+    axis.set_xlabel("optimizer step")
+    axis.set_ylabel("loss")
+    axis.set_title(f"loraft: {png_path.parent.name}")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    tmp = png_path.with_suffix(".tmp.png")
+    figure.savefig(tmp)
+    plt.close(figure)
+    os.replace(tmp, png_path)
+    return True
+
+
+def save_adapter_atomically(model, run_dir: Path) -> None:
+    """Write the peft adapter to a staging dir, then move each file into the run dir."""
+    staging = run_dir / ".adapter-staging"
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(str(staging))
+    for item in staging.iterdir():
+        os.replace(item, run_dir / item.name)
+    staging.rmdir()
+
+
+def save_tokenizer_with_template(tokenizer, template, run_dir: Path) -> None:
+    """Save the tokenizer with the training template as its chat_template."""
+    tokenizer.chat_template = template.jinja
+    staging = run_dir / ".tokenizer-staging"
+    shutil.rmtree(staging, ignore_errors=True)
+    tokenizer.save_pretrained(str(staging))
+    for item in staging.iterdir():
+        os.replace(item, run_dir / item.name)
+    staging.rmdir()
+
+
+def write_json_atomically(path: Path, payload: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _versions() -> dict:
+    import datasets
+    import peft
+    import torch
+    import transformers
+
+    import loraft
+
+    return {
+        "loraft": loraft.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "datasets": datasets.__version__,
+    }
+
+
+def _attach_file_log(run_dir: Path) -> logging.Handler:
+    handler = logging.FileHandler(run_dir / "train.log", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    return handler
+
+
+def train(config: RunConfig, resume: bool = False) -> Path:
+    """Fine-tune `config.model` on `config.data` with the configured adapter; returns the run directory.
+
+    Runs unchanged under torchrun / accelerate launch: data is tokenized once (main process first, then
+    read from the cache by the others) and only rank 0 writes the run directory.
+    """
+    from transformers import DataCollatorForSeq2Seq, set_seed
+
+    from loraft.data import prepare_datasets
+    from loraft.model import count_parameters, load_model_for_training, load_tokenizer
+    from loraft.templates import get_template
+
+    run_dir = Path(config.output_dir)
+    resume_from = check_run_dir(config, resume)
+    template = get_template(config.data.template)
+    tokenizer = load_tokenizer(config.model.name_or_path, config.model.revision, config.model.trust_remote_code)
+    # The arguments also set up the distributed state, so build them before touching the data.
+    has_eval = bool(config.data.eval_path) or config.data.eval_fraction > 0
+    args = build_training_arguments(config, run_dir, has_eval=has_eval)
+    is_main = args.process_index == 0
+    handler = None
+    if is_main:
+        if config.overwrite and not resume and run_dir.exists():
+            for name in ("metrics.jsonl", "loss.png", "train.log", RUN_FILE):
+                (run_dir / name).unlink(missing_ok=True)
+            shutil.rmtree(run_dir / CHECKPOINTS, ignore_errors=True)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        handler = _attach_file_log(run_dir)
+    started = time.time()
+    try:
+        with args.main_process_first(desc="tokenize the training data"):
+            prepared = prepare_datasets(config, tokenizer)
+        if is_main:
+            save_config(config, run_dir / "config.yaml")
+            write_json_atomically(run_dir / "data_report.json", prepared.report)
+            write_json_atomically(
+                run_dir / RUN_FILE,
+                {"status": "running", "base_model": config.model.name_or_path, "template": template.name,
+                 "started": started, "versions": _versions()},
+            )
+            logger.info(
+                "data: %s samples kept of %s records (%s dropped, %s truncated)",
+                prepared.report.get("samples_kept"), prepared.report.get("records_read"),
+                sum(prepared.report.get("dropped", {}).values()), prepared.report.get("truncated_samples"),
+            )
+        set_seed(config.train.seed)
+        model, info = load_model_for_training(config, tokenizer)
+        if info["tied_embeddings"]:
+            logger.info("tied embeddings: %s", info["tied_embeddings"]["message"])
+        if info["target_matches"]:
+            logger.info("adapter targets %d modules: %s", len(info["target_matches"]), ", ".join(info["target_matches"]))
+        trainable, total = count_parameters(model)
+        logger.info("trainable params: %d of %d (%.4f%%)", trainable, total, 100.0 * trainable / max(total, 1))
+        trainer_class = _make_trainer_class()
+        trainer = trainer_class(
+            model=model,
+            args=args,
+            train_dataset=prepared.train,
+            eval_dataset=prepared.eval,
+            processing_class=tokenizer,
+            data_collator=DataCollatorForSeq2Seq(tokenizer=tokenizer, padding=True),
+            callbacks=[_make_metrics_callback(run_dir)] if is_main else [],
+        )
+        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        if trainer.is_world_process_zero():
+            save_adapter_atomically(model, run_dir)
+            save_tokenizer_with_template(tokenizer, template, run_dir)
+            plot_loss(run_dir / "metrics.jsonl", run_dir / "loss.png")
+            write_json_atomically(
+                run_dir / RUN_FILE,
+                {
+                    "status": "finished",
+                    "base_model": config.model.name_or_path,
+                    "template": template.name,
+                    "adapter_method": config.adapter.method,
+                    "tied_embeddings": info["tied_embeddings"],
+                    "target_matches": info["target_matches"],
+                    "trainable_params": trainable,
+                    "total_params": total,
+                    "global_step": result.global_step,
+                    "train_loss": result.training_loss,
+                    "train_metrics": result.metrics,
+                    "resumed_from": str(resume_from) if resume_from else None,
+                    "started": started,
+                    "finished": time.time(),
+                    "versions": _versions(),
+                },
+            )
+            logger.info("finished: %d steps, train loss %.4f, run dir %s", result.global_step, result.training_loss, run_dir)
+        trainer.accelerator.wait_for_everyone()
+    finally:
+        if handler is not None:
+            logger.removeHandler(handler)
+            handler.close()
+    return run_dir
+

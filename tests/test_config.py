@@ -1,0 +1,83 @@
+from pathlib import Path
+
+import pytest
+
+from loraft.config import RunConfig, describe_fields, load_config
+from loraft.errors import ConfigError
+
+CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_parses_and_names_its_command(path):
+    config = load_config(path)
+    assert isinstance(config, RunConfig)
+    first_line = path.read_text(encoding="utf-8").splitlines()[0]
+    assert first_line.startswith("# loraft "), first_line
+
+
+def test_reference_config_is_the_recipe_value_for_value():
+    config = load_config(Path(__file__).parents[1] / "configs" / "bloom-1b4-zh-lora.yaml")
+    assert config.model.name_or_path == "Langboat/bloom-1b4-zh"
+    assert config.data.template == "human_assistant"
+    assert config.data.max_length == 256
+    assert config.adapter.method == "lora"
+    assert config.adapter.target_modules == r".*\.1.*query_key_value"
+    assert config.adapter.modules_to_save == ["word_embeddings"]
+    assert (config.adapter.r, config.adapter.alpha, config.adapter.dropout) == (8, 8, 0.0)
+    assert config.train.num_train_epochs == 1
+    assert config.train.per_device_train_batch_size == 1
+    assert config.train.gradient_accumulation_steps == 8
+    assert config.train.logging_steps == 10
+    assert config.train.learning_rate == 5e-5
+    assert config.train.precision == "fp32"
+
+
+def test_dot_overrides_are_typed(tmp_path):
+    config = load_config(None, ["train.max_steps=3", "output_dir=out", "adapter.target_modules=[a, b]",
+                                "adapter.modules_to_save=null"])
+    assert config.train.max_steps == 3
+    assert config.output_dir == "out"
+    assert config.adapter.target_modules == ["a", "b"]
+    assert config.adapter.modules_to_save is None
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["train.max_stepz=3"], "defaults with overrides: unknown config key train.max_stepz"),
+        (["adapter.r=0"], "defaults with overrides: adapter.r must be > 0 (got 0)"),
+        (["data.max_length=1"], "defaults with overrides: data.max_length must be >= 2 (got 1)"),
+        (["adapter.method=lorra"], "defaults with overrides: adapter.method input should be 'lora', 'prompt_tuning', "
+                                   "'prefix_tuning' or 'ia3'"),
+        (["train.max_steps"], "override 'train.max_steps' must look like key=value (e.g. train.max_steps=3)"),
+        (["train.max_steps.x=1"], "override train.max_steps.x: max_steps is not a section"),
+    ],
+)
+def test_bad_overrides_name_the_key(overrides, message):
+    if overrides == ["train.max_steps.x=1"]:
+        with pytest.raises(ConfigError) as error:
+            load_config(None, ["train.max_steps=1", *overrides])
+    else:
+        with pytest.raises(ConfigError) as error:
+            load_config(None, overrides)
+    assert str(error.value) == message
+
+
+def test_bad_files(tmp_path):
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("model:\n  name: x\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"unknown\.yaml: unknown config key model\.name$"):
+        load_config(unknown)
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("model: [\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"broken\.yaml: line 2 is not valid YAML$"):
+        load_config(broken)
+    with pytest.raises(ConfigError, match="missing.yaml: config file not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_every_field_has_a_description():
+    rows = describe_fields()
+    assert len(rows) > 40
+    assert all(description for _, _, _, description in rows)
