@@ -114,8 +114,15 @@ def cmd_demo(args) -> int:
 def cmd_config(args) -> int:
     from loraft.config import describe_fields
 
+    if args.markdown:
+        print("| key | type | default | description |\n|---|---|---|---|")
     for key, type_name, default, description in describe_fields():
-        print(f"{key:38} {type_name:24} {json.dumps(default, ensure_ascii=False):28} {description}")
+        default_text = json.dumps(default, ensure_ascii=False)
+        if args.markdown:
+            cell = default_text.replace("|", "\\|")
+            print(f"| `{key}` | {type_name.replace('|', ' or ')} | `{cell}` | {description} |")
+        else:
+            print(f"{key:38} {type_name:24} {default_text:28} {description}")
     return 0
 
 
@@ -193,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(handler=cmd_demo)
 
     config = sub.add_parser("config", help="print every config key with its type, default and description")
+    config.add_argument("--markdown", action="store_true", help="print the table as Markdown (README reference)")
     config.set_defaults(handler=cmd_config)
     templates = sub.add_parser("templates", help="list prompt templates")
     templates.set_defaults(handler=cmd_templates)
@@ -219,6 +227,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into head & co.
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

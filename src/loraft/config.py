@@ -9,7 +9,8 @@ batch 1, grad-accum 8, logging every 10 steps).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from types import UnionType
+from typing import Any, Literal, Optional, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -256,6 +257,20 @@ def save_config(config: RunConfig, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(config.model_dump(), sort_keys=False, allow_unicode=True), encoding="utf-8")
 
 
+def _type_name(annotation: Any) -> str:
+    """Readable type for docs: `fp32/bf16`, `int?`, `str or list[str]`."""
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin is Literal:
+        return "/".join(str(a) for a in args)
+    if origin is Union or origin is UnionType:
+        options = [a for a in args if a is not type(None)]
+        name = " or ".join(_type_name(a) for a in options)
+        return name + "?" if len(options) < len(args) else name
+    if origin is list:
+        return f"list[{_type_name(args[0])}]" if args else "list"
+    return getattr(annotation, "__name__", str(annotation))
+
+
 def describe_fields(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[tuple[str, str, Any, str]]:
     """Flatten the schema into (key, type, default, description) rows for docs and `loraft config`."""
     rows: list[tuple[str, str, Any, str]] = []
@@ -264,7 +279,7 @@ def describe_fields(model: type[BaseModel] = RunConfig, prefix: str = "") -> lis
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             rows.extend(describe_fields(annotation, f"{prefix}{name}."))
             continue
-        type_name = getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+        type_name = _type_name(annotation)
         default = field.default_factory() if field.default_factory is not None else field.default
         rows.append((f"{prefix}{name}", type_name, default, field.description or ""))
     return rows

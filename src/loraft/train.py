@@ -279,11 +279,16 @@ def _attach_file_log(run_dir: Path) -> logging.Handler:
     return handler
 
 
-def train(config: RunConfig, resume: bool = False) -> Path:
+def train(config: RunConfig, resume: bool = False, callbacks: Optional[list] = None) -> Path:
     """Fine-tune `config.model` on `config.data` with the configured adapter; returns the run directory.
 
     Runs unchanged under torchrun / accelerate launch: data is tokenized once (main process first, then
     read from the cache by the others) and only rank 0 writes the run directory.
+
+    Args:
+        config: the resolved run config.
+        resume: continue from the newest complete checkpoint in `output_dir/checkpoints`.
+        callbacks: extra transformers TrainerCallbacks (tests use them to look at the live model).
     """
     from transformers import DataCollatorForSeq2Seq, set_seed
 
@@ -340,7 +345,7 @@ def train(config: RunConfig, resume: bool = False) -> Path:
             eval_dataset=prepared.eval,
             processing_class=tokenizer,
             data_collator=DataCollatorForSeq2Seq(tokenizer=tokenizer, padding=True),
-            callbacks=[_make_metrics_callback(run_dir)] if is_main else [],
+            callbacks=([_make_metrics_callback(run_dir)] if is_main else []) + list(callbacks or []),
         )
         result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         if trainer.is_world_process_zero():
