@@ -124,7 +124,9 @@ class TrainConfig(_Section):
     gradient_accumulation_steps: int = Field(8, description="Micro-batches accumulated per optimizer step.")
     learning_rate: float = Field(5e-5, description="Peak learning rate (transformers' default, as the reference).")
     weight_decay: float = Field(0.0, description="AdamW weight decay.")
-    warmup_ratio: float = Field(0.0, description="Fraction of steps spent warming the learning rate up.")
+    warmup_steps: float = Field(
+        0, description="Learning-rate warmup: a number of steps, or a fraction (< 1) of all steps."
+    )
     lr_scheduler_type: str = Field("linear", description="transformers learning-rate schedule name.")
     optim: str = Field("adamw_torch", description="transformers optimizer name.")
     max_grad_norm: float = Field(1.0, description="Gradient clipping norm.")

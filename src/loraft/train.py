@@ -168,14 +168,14 @@ def build_training_arguments(config: RunConfig, run_dir: Path, has_eval: bool):
         gradient_accumulation_steps=train.gradient_accumulation_steps,
         learning_rate=train.learning_rate,
         weight_decay=train.weight_decay,
-        warmup_ratio=train.warmup_ratio,
+        warmup_steps=train.warmup_steps,
         lr_scheduler_type=train.lr_scheduler_type,
         optim=train.optim,
         max_grad_norm=train.max_grad_norm,
         bf16=precision == "bf16",
         fp16=precision == "fp16",
         use_cpu=use_cpu,
-        gradient_checkpointing=train.gradient_checkpointing,
+        activation_checkpointing=train.gradient_checkpointing,
         train_sampling_strategy=train.sampling,
         logging_steps=train.logging_steps,
         save_strategy="steps",
@@ -331,8 +331,6 @@ def train(config: RunConfig, resume: bool = False, callbacks: Optional[list] = N
             )
         set_seed(config.train.seed)
         model, info = load_model_for_training(config, tokenizer)
-        if info["tied_embeddings"]:
-            logger.info("tied embeddings: %s", info["tied_embeddings"]["message"])
         if info["target_matches"]:
             logger.info("adapter targets %d modules: %s", len(info["target_matches"]), ", ".join(info["target_matches"]))
         trainable, total = count_parameters(model)

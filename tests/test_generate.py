@@ -1,0 +1,104 @@
+"""Generation with a run's template: batched == one by one, CLI generate and chat."""
+
+import io
+import json
+
+import pytest
+import torch
+
+from loraft.cli import main
+from loraft.config import GenerationConfig, load_config
+from loraft.generate import chat, encode_prompt, generate_batch, load_run, stop_token_ids
+from loraft.train import train
+
+GREEDY = GenerationConfig(max_new_tokens=12, temperature=0)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_bloom_dir, tmp_path_factory):
+    from conftest import ALPACA_RECORDS
+
+    data = tmp_path_factory.mktemp("gen-data") / "train.jsonl"
+    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ALPACA_RECORDS), encoding="utf-8")
+    out = tmp_path_factory.mktemp("gen-runs") / "run"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LORAFT_CACHE_DIR", str(tmp_path_factory.mktemp("gen-cache")))
+        train(load_config(None, [f"model.name_or_path={tiny_bloom_dir}", f"data.path={data}", f"output_dir={out}",
+                                 "train.max_steps=4", "train.learning_rate=0.01"]))
+    return out
+
+
+def test_prompt_encoding_matches_training(run_dir):
+    _, tokenizer, template, _ = load_run(run_dir)
+    ids = encode_prompt(tokenizer, template, [{"role": "user", "content": "人工智能是什么\n"}])
+    assert ids == tokenizer("Human: 人工智能是什么\n\nAssistant: ")["input_ids"]
+    assert stop_token_ids(tokenizer, template) == [tokenizer.eos_token_id]
+
+
+def test_batched_generation_equals_one_by_one(run_dir):
+    model, tokenizer, template, _ = load_run(run_dir)
+    prompts = [[{"role": "user", "content": text}] for text in ("你好", "请把下面的句子翻译成英文\n今天天气很好", "1 2 3")]
+    together = generate_batch(model, tokenizer, template, prompts, GREEDY, batch_size=3)
+    alone = [generate_batch(model, tokenizer, template, [p], GREEDY, batch_size=1)[0] for p in prompts]
+    assert together == alone
+    # and the same as transformers' own generate on the unpadded prompt
+    ids = torch.tensor([encode_prompt(tokenizer, template, prompts[0])])
+    reference = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12,
+                               do_sample=False, eos_token_id=tokenizer.eos_token_id,
+                               pad_token_id=tokenizer.pad_token_id)
+    assert tokenizer.decode(reference[0, ids.shape[1]:], skip_special_tokens=True) == together[0]
+
+
+def test_generate_cli_prompt_and_file(run_dir, tmp_path, capsys):
+    assert main(["generate", str(run_dir), "--prompt", "你好", "--temperature", "0", "--max-new-tokens", "5"]) == 0
+    assert capsys.readouterr().out.endswith("\n")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "你好"}\n{"instruction": "翻译", "input": "今天"}\n'
+                       '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x"}]}\n',
+                       encoding="utf-8")
+    output = tmp_path / "answers.jsonl"
+    assert main(["generate", str(run_dir), "--input", str(prompts), "--output", str(output),
+                 "--temperature", "0", "--max-new-tokens", "5"]) == 0
+    rows = [json.loads(line) for line in output.read_text(encoding="utf-8").splitlines()]
+    assert [r.get("prompt") or r.get("instruction") or "messages" for r in rows] == ["你好", "翻译", "messages"]
+    assert all(isinstance(r["response"], str) for r in rows)
+    # never overwrite the user's file
+    capsys.readouterr()
+    assert main(["generate", str(run_dir), "--input", str(prompts), "--output", str(output)]) == 2
+    assert capsys.readouterr().err == f"error: {output}: exists already; choose another --output\n"
+
+
+def test_generate_file_errors(run_dir, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "ok"}\n{"prompt": \n', encoding="utf-8")
+    assert main(["generate", str(run_dir), "--input", str(bad), "--output", str(tmp_path / "o.jsonl")]) == 2
+    assert capsys.readouterr().err == f"error: {bad}, line 2: invalid JSON (Expecting value)\n"
+    missing = tmp_path / "missing.jsonl"
+    missing.write_text('{"question": "?"}\n', encoding="utf-8")
+    assert main(["generate", str(run_dir), "--input", str(missing), "--output", str(tmp_path / "o.jsonl")]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {missing}, line 1, field 'prompt': needs one of messages, instruction or prompt\n"
+    )
+
+
+def test_chat_keeps_history_and_resets(run_dir, monkeypatch):
+    seen = []
+    import loraft.generate as generate_module
+
+    original = generate_module.stream_answer
+
+    def recording(model, tokenizer, template, messages, settings):
+        seen.append([dict(m) for m in messages])
+        return original(model, tokenizer, template, messages, settings)
+
+    monkeypatch.setattr(generate_module, "stream_answer", recording)
+    stdout = io.StringIO()
+    chat(run_dir, GREEDY, stdin=io.StringIO("你好\n再说一次\n/reset\n第三句\n/exit\n"), stdout=stdout)
+    assert [len(m) for m in seen] == [1, 3, 1]
+    assert seen[1][0]["content"] == "你好" and seen[1][1]["role"] == "assistant"
+    assert "(history cleared)" in stdout.getvalue()
+
+
+def test_not_a_run_dir(tmp_path, capsys):
+    assert main(["generate", str(tmp_path), "--prompt", "hi"]) == 2
+    assert capsys.readouterr().err == f"error: {tmp_path}: not a finished loraft run (no adapter_config.json)\n"
