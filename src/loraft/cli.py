@@ -104,6 +104,33 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from loraft.evaluate import evaluate, format_table
+
+    metrics = evaluate(args.run_dir, args.data, limit=args.limit, base=args.base, batch_size=args.batch_size,
+                       max_new_tokens=args.max_new_tokens)
+    print(format_table(metrics))
+    print(f"wrote {args.run_dir}/eval/metrics.json and predictions.jsonl", file=sys.stderr)
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from loraft.export import merge_run
+
+    out_dir = merge_run(args.run_dir, args.out, dtype=args.dtype, overwrite=args.overwrite,
+                        max_shard_size=args.max_shard_size)
+    print(f"merged model: {out_dir}")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from loraft.serve import serve
+
+    serve(args.run_dir, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("LORAFT_API_KEY"),
+          max_tokens_cap=args.max_tokens_cap)
+    return 0
+
+
 def cmd_demo(args) -> int:
     from loraft.demo import run_demo
 
@@ -193,6 +220,31 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--batch-size", type=int, default=8)
     _add_sampling_options(generate)
     generate.set_defaults(handler=cmd_generate)
+
+    evaluate = sub.add_parser("eval", help="score a run on held-out data: loss, perplexity, exact match, ROUGE, BLEU")
+    evaluate.add_argument("run_dir")
+    evaluate.add_argument("--data", required=True, help="held-out records (any format `loraft data check` reads)")
+    evaluate.add_argument("--limit", type=int, help="evaluate only the first N records")
+    evaluate.add_argument("--base", action="store_true", help="also score the base model with the same template")
+    evaluate.add_argument("--batch-size", type=int, default=8)
+    evaluate.add_argument("--max-new-tokens", type=int, help="most tokens per answer (default: the run's setting)")
+    evaluate.set_defaults(handler=cmd_eval)
+
+    merge = sub.add_parser("merge", help="merge the adapter into the base and write a standalone model")
+    merge.add_argument("run_dir")
+    merge.add_argument("--out", required=True, help="directory to write (must be empty or absent)")
+    merge.add_argument("--dtype", default="fp32", choices=["bf16", "fp16", "fp32"], help="weights dtype (default: fp32)")
+    merge.add_argument("--max-shard-size", default="2GB", help="safetensors shard size (default: 2GB)")
+    merge.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
+    merge.set_defaults(handler=cmd_merge)
+
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server and chat page for a run")
+    serve.add_argument("run_dir")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $LORAFT_API_KEY, else none)")
+    serve.add_argument("--max-tokens-cap", type=int, default=1024, help="largest max_tokens a request may ask for")
+    serve.set_defaults(handler=cmd_serve)
 
     demo = sub.add_parser("demo", help="offline demo: build a tiny Chinese base, fine-tune it, show before/after")
     demo.add_argument("--workdir", default="loraft-demo", help="where the demo writes data and its run")
