@@ -221,6 +221,9 @@ def test_reference_command_on_a_tiny_bloom(tiny_bloom_dir, disk_data, tmp_path):
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_bloom_dir), out)
     assert model.peft_config["default"].target_modules == r".*\.1.*query_key_value"
     assert json.loads((out / "loraft_run.json").read_text())["global_step"] == 3
+    # shorter than logging_steps=10, yet the first step is logged and the curve drawn
+    assert (out / "loss.png").stat().st_size > 0
+    assert json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["step"] == 1
 
 
 @pytest.mark.parametrize(

@@ -27,7 +27,8 @@ def cmd_train(args) -> int:
 
     config = load_config(args.config, args.overrides)
     run_dir = train(config, resume=args.resume)
-    print(f"run directory: {run_dir}")
+    if _rank() == 0:
+        print(f"run directory: {run_dir}")
     return 0
 
 
@@ -264,7 +265,12 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    logging.getLogger("loraft").setLevel(logging.INFO)
+    # Under torchrun / accelerate launch only rank 0 speaks.
+    logging.getLogger("loraft").setLevel(logging.INFO if _rank() == 0 else logging.WARNING)
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
 
 
 def main(argv: Optional[list[str]] = None) -> int:

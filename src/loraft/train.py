@@ -178,6 +178,7 @@ def build_training_arguments(config: RunConfig, run_dir: Path, has_eval: bool):
         activation_checkpointing=train.gradient_checkpointing,
         train_sampling_strategy=train.sampling,
         logging_steps=train.logging_steps,
+        logging_first_step=True,
         save_strategy="steps",
         save_steps=train.save_steps,
         save_total_limit=train.save_total_limit,
@@ -205,6 +206,9 @@ def plot_loss(metrics_path: Path, png_path: Path) -> bool:
             record = json.loads(line)
             if "loss" in record:
                 train_points.append((record["step"], record["loss"]))
+            elif "train_loss" in record and not train_points:
+                # a run shorter than logging_steps: plot its mean loss at the last step
+                train_points.append((record["step"], record["train_loss"]))
             if "eval_loss" in record:
                 eval_points.append((record["step"], record["eval_loss"]))
     if not train_points and not eval_points:
