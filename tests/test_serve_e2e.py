@@ -1,0 +1,314 @@
+"""End to end: the real `loraft serve` process on 127.0.0.1, the official openai client, the chat page in
+headless Chromium, and a graceful SIGTERM. All traffic stays on the loopback interface.
+
+The browser test needs Debian's `chromium`. Without it the test is skipped on a developer machine and
+fails under CI (CI=true), where .ci/run installs it.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from run_helpers import trained_run
+
+KEY = "e2e-secret"
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--no-first-run"]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class Server:
+    def __init__(self, run_dir: Path, log_path: Path):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log_path.open("wb")
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "loraft.cli", "serve", str(run_dir), "--host", "127.0.0.1", "--port",
+             str(self.port), "--api-key", KEY, "--max-tokens-cap", "64"],
+            stdout=self.log, stderr=subprocess.STDOUT, env=env,
+        )
+        self.log_path = log_path
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError("loraft serve exited early:\n" + log_path.read_text(errors="replace"))
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.25)
+        raise RuntimeError("loraft serve did not come up:\n" + log_path.read_text(errors="replace"))
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, tiny_bloom_dir):
+    return trained_run(tmp_path_factory, "bloom-default", tiny_bloom_dir)
+
+
+@pytest.fixture(scope="module")
+def server(run_dir, tmp_path_factory):
+    running = Server(run_dir, tmp_path_factory.mktemp("serve") / "serve.log")
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+def test_openai_client_lists_the_run_and_chats(server, client, run_dir):
+    assert [m.id for m in client.models.list().data] == [run_dir.name]
+    messages = [{"role": "system", "content": "你是一个有帮助的助手。"}, {"role": "user", "content": "人工智能是什么"}]
+    reply = client.chat.completions.create(model=run_dir.name, messages=messages, temperature=0, max_tokens=12)
+    answer = reply.choices[0].message.content
+    assert reply.object == "chat.completion" and reply.choices[0].finish_reason in ("stop", "length")
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+
+    stream = client.chat.completions.create(model=run_dir.name, messages=messages, temperature=0, max_tokens=12,
+                                            stream=True)
+    chunks = list(stream)
+    assert len(chunks) > 2
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == answer
+    assert chunks[-1].choices[0].finish_reason == reply.choices[0].finish_reason
+
+    completion = client.completions.create(model=run_dir.name, prompt="北京是中国的", temperature=0, max_tokens=6)
+    streamed = client.completions.create(model=run_dir.name, prompt="北京是中国的", temperature=0, max_tokens=6,
+                                         stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == completion.choices[0].text
+
+
+def test_openai_client_sees_api_errors(server, client, run_dir):
+    with pytest.raises(openai.AuthenticationError) as info:
+        openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0).models.list()
+    assert info.value.status_code == 401 and info.value.body["code"] == "invalid_api_key"
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=run_dir.name, messages=[{"role": "user", "content": "hi"}], max_tokens=65)
+    assert info.value.body["message"] == "max_tokens is 65, above this server's limit of 64."
+    with pytest.raises(openai.NotFoundError) as info:
+        client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
+    assert info.value.body["code"] == "model_not_found"
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=run_dir.name, messages=[])
+
+
+# --- the chat page in headless Chromium, driven over the DevTools protocol (stdlib only) --------------
+
+
+def find_chromium() -> str:
+    for name in ("chromium", "chromium-browser"):
+        path = shutil.which(name)
+        if path:
+            return path
+    if os.environ.get("CI"):
+        pytest.fail("chromium is not installed; CI must run `apt-get install -y chromium` (see .ci/run)")
+    pytest.skip("chromium is not installed (apt-get install -y chromium)")
+
+
+class Chromium:
+    """Headless Chromium with --remote-debugging-pipe: DevTools commands as NUL-separated JSON on fds 3/4."""
+
+    def __init__(self, binary: str, profile_dir: Path):
+        commands_read, self._commands = os.pipe()
+        self._replies, replies_write = os.pipe()
+
+        def attach_pipes() -> None:  # in the child: fd 3 = commands in, fd 4 = replies out
+            commands, replies = os.dup(commands_read), os.dup(replies_write)
+            os.dup2(commands, 3)
+            os.dup2(replies, 4)
+
+        self.process = subprocess.Popen(
+            [binary, *CHROMIUM_FLAGS, "--remote-debugging-pipe", f"--user-data-dir={profile_dir}",
+             "--window-size=1000,720", "--hide-scrollbars", "about:blank"],
+            preexec_fn=attach_pipes, close_fds=False, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        os.close(commands_read)
+        os.close(replies_write)
+        self._buffer = b""
+        self._next_id = 0
+        target = self.call("Target.createTarget", {"url": "about:blank"})["targetId"]
+        self.session = self.call("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
+
+    def call(self, method: str, params: dict | None = None, session: str | None = None, timeout: float = 30) -> dict:
+        self._next_id += 1
+        message = {"id": self._next_id, "method": method, "params": params or {}}
+        if session:
+            message["sessionId"] = session
+        data = json.dumps(message).encode() + b"\0"
+        while data:
+            data = data[os.write(self._commands, data):]
+        deadline = time.monotonic() + timeout
+        while True:
+            while b"\0" in self._buffer:
+                raw, self._buffer = self._buffer.split(b"\0", 1)
+                reply = json.loads(raw)
+                if reply.get("id") == self._next_id:
+                    if "error" in reply:
+                        raise RuntimeError(f"{method}: {reply['error']}")
+                    return reply["result"]
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"chromium did not answer {method}")
+            if select.select([self._replies], [], [], remaining)[0]:
+                chunk = os.read(self._replies, 1 << 16)
+                if not chunk:
+                    raise RuntimeError("chromium closed the DevTools pipe")
+                self._buffer += chunk
+
+    def page(self, method: str, params: dict | None = None) -> dict:
+        return self.call(method, params, session=self.session)
+
+    def js(self, expression: str):
+        result = self.page("Runtime.evaluate", {"expression": expression, "returnByValue": True, "awaitPromise": True})
+        if "exceptionDetails" in result:
+            raise RuntimeError(f"page script failed: {result['exceptionDetails']}")
+        return result["result"].get("value")
+
+    def wait_for(self, expression: str, timeout: float = 60):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            value = self.js(expression)
+            if value:
+                return value
+            time.sleep(0.1)
+        raise TimeoutError(f"page never satisfied: {expression}")
+
+    def screenshot(self, path: Path) -> None:
+        path.write_bytes(base64.b64decode(self.page("Page.captureScreenshot", {"format": "png"})["data"]))
+
+    def close(self) -> None:
+        try:
+            self.call("Browser.close", timeout=5)
+        except (RuntimeError, TimeoutError, OSError):
+            pass
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        os.close(self._commands)
+        os.close(self._replies)
+
+
+def send_in_page(browser: Chromium, text: str, count_before: int) -> str:
+    """Type a message into the page, press Send, wait for the streamed answer to finish; return its text."""
+    browser.js(f"document.getElementById('prompt').value = {json.dumps(text)}")
+    browser.js("document.getElementById('send').click()")
+    done = (f"(() => {{ const m = document.querySelectorAll('.message.assistant'); "
+            f"return m.length > {count_before} && m[m.length - 1].dataset.done === 'true'; }})()")
+    browser.wait_for(done)
+    return browser.js("[...document.querySelectorAll('.message.assistant')].pop().textContent")
+
+
+def test_chat_page_streams_answers_and_keeps_the_conversation(server, client, run_dir, tmp_path):
+    browser = Chromium(find_chromium(), tmp_path / "profile")
+    try:
+        browser.page("Page.enable")
+        browser.page("Page.navigate", {"url": server.url + "/"})
+        browser.wait_for("document.readyState === 'complete'")
+        # The server wants a key: the page asks for it after the first 401.
+        browser.wait_for("getComputedStyle(document.getElementById('api-key-box')).display !== 'none'")
+        browser.js(f"const k = document.getElementById('api-key'); k.value = {json.dumps(KEY)}; "
+                   "k.dispatchEvent(new Event('change'))")
+        assert browser.wait_for("document.getElementById('model-name').textContent === "
+                                f"{json.dumps(run_dir.name)} && document.getElementById('model-name').textContent")
+        assert browser.js("document.getElementById('template-name').textContent") == "template human_assistant"
+        browser.js("document.getElementById('temperature').value = '0'; "
+                   "document.getElementById('max-tokens').value = '12'; window.textUpdates = 0; "
+                   "new MutationObserver(() => window.textUpdates++).observe(document.getElementById('messages'), "
+                   "{subtree: true, childList: true, characterData: true})")
+
+        first = send_in_page(browser, "人工智能是什么", 0)
+        history = [{"role": "user", "content": "人工智能是什么"}]
+        expected = client.chat.completions.create(model=run_dir.name, messages=history, temperature=0, max_tokens=12)
+        assert first == expected.choices[0].message.content
+        assert browser.js("window.textUpdates") > 3  # the answer arrived piece by piece
+
+        second = send_in_page(browser, "请再说一遍", 1)
+        history += [{"role": "assistant", "content": first}, {"role": "user", "content": "请再说一遍"}]
+        expected = client.chat.completions.create(model=run_dir.name, messages=history, temperature=0, max_tokens=12)
+        assert second == expected.choices[0].message.content
+        assert browser.js("document.querySelectorAll('.message.user').length") == 2
+
+        shot = tmp_path / "chat-page.png"
+        browser.screenshot(shot)
+        assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        if os.environ.get("LORAFT_SCREENSHOT"):
+            shutil.copy(shot, os.environ["LORAFT_SCREENSHOT"])
+    finally:
+        browser.close()
+
+
+# --- graceful shutdown: runs last in this module, it stops the shared server ---------------------------
+
+
+def test_sigterm_finishes_in_flight_and_queued_requests(server, run_dir):
+    headers = {"Authorization": f"Bearer {KEY}"}
+    body = {"model": run_dir.name, "messages": [{"role": "user", "content": "写一首关于春天的诗"}],
+            "temperature": 0, "max_tokens": 64}
+    queued: dict = {}
+
+    def queued_request() -> None:
+        response = httpx.post(server.url + "/v1/chat/completions", json=body, headers=headers, timeout=120)
+        queued["status"], queued["body"] = response.status_code, response.json()
+        queued["finished"] = time.monotonic()
+
+    events = []
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json={**body, "stream": True}, headers=headers,
+                      timeout=120) as response:
+        assert response.status_code == 200
+        lines = response.iter_lines()
+        for line in lines:  # the opening role chunk: the request is in flight
+            if line.startswith("data: "):
+                events.append(line[6:])
+                break
+        worker = threading.Thread(target=queued_request)
+        worker.start()
+        time.sleep(0.5)  # let the queued request reach the server and wait for the model
+        server.process.send_signal(signal.SIGTERM)
+        stopping_since = time.monotonic()
+        for line in lines:
+            if line.startswith("data: "):
+                events.append(line[6:])
+    worker.join(timeout=120)
+    assert events[-1] == "[DONE]"
+    assert json.loads(events[-2])["choices"][0]["finish_reason"] in ("stop", "length")
+    assert queued["status"] == 200 and queued["body"]["choices"][0]["message"]["content"] is not None
+    # the queued request was answered after the signal: shutdown waited for it
+    assert queued["finished"] > stopping_since
+    assert server.process.wait(timeout=30) in (0, -signal.SIGTERM)
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(server.url + "/health", timeout=2)
