@@ -152,6 +152,14 @@ def test_eval_missing_run_dir(tmp_path, capsys):
     assert capsys.readouterr().err == f"error: {tmp_path / 'nope'}: run directory not found\n"
 
 
+def test_eval_bad_numbers(bloom_run, tmp_path, capsys):
+    data = tmp_path / "d.jsonl"
+    assert main(["eval", str(bloom_run), "--data", str(data), "--limit", "0"]) == 2
+    assert capsys.readouterr().err == "error: --limit must be > 0 (got 0)\n"
+    assert main(["eval", str(bloom_run), "--data", str(data), "--batch-size", "-1"]) == 2
+    assert capsys.readouterr().err == "error: --batch-size must be > 0 (got -1)\n"
+
+
 def test_eval_dir_without_adapter(tmp_path, capsys):
     assert main(["eval", str(tmp_path), "--data", str(tmp_path / "d.jsonl")]) == 2
     assert capsys.readouterr().err == f"error: {tmp_path}: not a finished loraft run (no adapter_config.json)\n"

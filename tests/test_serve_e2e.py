@@ -198,13 +198,18 @@ class Chromium:
         return result["result"].get("value")
 
     def wait_for(self, expression: str, timeout: float = 60):
+        """Poll until `expression` is truthy; a script error (page not there yet) counts as not yet."""
         deadline = time.monotonic() + timeout
+        last_error = None
         while time.monotonic() < deadline:
-            value = self.js(expression)
+            try:
+                value = self.js(expression)
+            except RuntimeError as exc:
+                value, last_error = None, exc
             if value:
                 return value
             time.sleep(0.1)
-        raise TimeoutError(f"page never satisfied: {expression}")
+        raise TimeoutError(f"page never satisfied: {expression} (last error: {last_error})")
 
     def screenshot(self, path: Path) -> None:
         path.write_bytes(base64.b64decode(self.page("Page.captureScreenshot", {"format": "png"})["data"]))
@@ -238,7 +243,7 @@ def test_chat_page_streams_answers_and_keeps_the_conversation(server, client, ru
     try:
         browser.page("Page.enable")
         browser.page("Page.navigate", {"url": server.url + "/"})
-        browser.wait_for("document.readyState === 'complete'")
+        browser.wait_for(f"location.href === {json.dumps(server.url + '/')} && document.readyState === 'complete'")
         # The server wants a key: the page asks for it after the first 401.
         browser.wait_for("getComputedStyle(document.getElementById('api-key-box')).display !== 'none'")
         browser.js(f"const k = document.getElementById('api-key'); k.value = {json.dumps(KEY)}; "

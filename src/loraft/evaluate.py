@@ -256,6 +256,10 @@ def evaluate(
         raise RunError(f"{run_dir}: run directory not found")
     if batch_size <= 0:
         raise RunError(f"--batch-size must be > 0 (got {batch_size})")
+    if limit is not None and limit <= 0:
+        raise RunError(f"--limit must be > 0 (got {limit})")
+    if max_new_tokens is not None and max_new_tokens <= 0:
+        raise RunError(f"--max-new-tokens must be > 0 (got {max_new_tokens})")
     from loraft.config import load_config
     if not (run_dir / "adapter_config.json").is_file():
         raise RunError(f"{run_dir}: not a finished loraft run (no adapter_config.json)")
