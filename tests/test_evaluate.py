@@ -92,8 +92,8 @@ def bloom_run(tmp_path_factory, tiny_bloom_dir):
 @pytest.fixture(scope="module")
 def evaluated(bloom_run, tmp_path_factory):
     data = alpaca_file(tmp_path_factory.getbasetemp() / "loraft-runs")
-    code = main(["eval", str(bloom_run), "--data", str(data), "--limit", "5", "--base", "--batch-size", "4",
-                 "--max-new-tokens", "6"])
+    code = main(["eval", str(bloom_run), "--data", str(data), "--limit", "4", "--base", "--batch-size", "4",
+                 "--max-new-tokens", "5"])
     assert code == 0
     return bloom_run, data
 
@@ -101,8 +101,8 @@ def evaluated(bloom_run, tmp_path_factory):
 def test_eval_writes_predictions_metrics_and_prints_before_after(evaluated, capsys):
     run_dir, data = evaluated
     metrics = json.loads((run_dir / "eval" / "metrics.json").read_text(encoding="utf-8"))
-    assert metrics["records"] == 5 and metrics["template"] == "human_assistant"
-    assert metrics["generation"] == {"decoding": "greedy", "max_new_tokens": 6}
+    assert metrics["records"] == 4 and metrics["template"] == "human_assistant"
+    assert metrics["generation"] == {"decoding": "greedy", "max_new_tokens": 5}
     for side in ("base", "adapter"):
         scores = metrics[side]
         assert scores["perplexity"] == pytest.approx(math.exp(scores["loss"]))
@@ -110,7 +110,7 @@ def test_eval_writes_predictions_metrics_and_prints_before_after(evaluated, caps
     # 4 steps at lr 1e-2 on these very records: the adapter fits them better than the base
     assert metrics["adapter"]["loss"] < metrics["base"]["loss"]
     rows = [json.loads(line) for line in (run_dir / "eval" / "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
-    assert len(rows) == 5
+    assert len(rows) == 4
     assert rows[0]["reference"] == "人工智能是计算机科学的一个分支。"
     assert rows[0]["prompt"] == [{"role": "user", "content": "人工智能是什么\n"}]
     assert {"prediction", "base_prediction", "source"} <= set(rows[0])
@@ -125,8 +125,8 @@ def test_eval_predictions_are_the_runs_greedy_answers(evaluated):
     run_dir, _ = evaluated
     rows = [json.loads(line) for line in (run_dir / "eval" / "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
     model, tokenizer, template, info = load_run(run_dir)
-    settings = info["config"].generation.model_copy(update={"temperature": 0.0, "max_new_tokens": 6})
-    answers = generate_batch(model, tokenizer, template, [r["prompt"] for r in rows], settings, batch_size=1)
+    settings = info["config"].generation.model_copy(update={"temperature": 0.0, "max_new_tokens": 5})
+    answers = generate_batch(model, tokenizer, template, [r["prompt"] for r in rows], settings, batch_size=2)
     assert answers == [r["prediction"] for r in rows]
 
 
