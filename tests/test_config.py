@@ -30,7 +30,9 @@ def test_reference_config_is_the_recipe_value_for_value():
     assert config.train.gradient_accumulation_steps == 8
     assert config.train.logging_steps == 10
     assert config.train.learning_rate == 5e-5
-    assert config.train.precision == "fp32"
+    # the recipe's values; how they are computed is loraft's fast default (fp32 is the parity mode)
+    assert config.train.precision == "auto"
+    assert config.train.sampling == "length_grouped"
 
 
 def test_dot_overrides_are_typed(tmp_path):

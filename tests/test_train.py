@@ -67,9 +67,10 @@ def reference_run(tiny_bloom_dir, disk_data, tmp_path_factory):
     cache = tmp_path_factory.mktemp("cache")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("LORAFT_CACHE_DIR", str(cache))
+        # fp32: these invariants compare the live model's logits with an fp32 reload to 1e-6
         config = _config(tiny_bloom_dir, disk_data, out, "train.max_steps=30", "train.learning_rate=0.05",
                          "train.lr_scheduler_type=constant",
-                         "train.save_steps=15")
+                         "train.save_steps=15", "train.precision=fp32")
         train(config, callbacks=[snapshot])
     return out, snapshot
 
@@ -237,7 +238,8 @@ def test_reference_command_on_a_tiny_bloom(tiny_bloom_dir, disk_data, tmp_path):
 def test_llama_style_model_trains_and_reloads(tiny_llama_dir, disk_data, tmp_path, adapter):
     out = tmp_path / "llama"
     snapshot = Snapshot()
-    train(_config(tiny_llama_dir, disk_data, out, "train.max_steps=3", "train.learning_rate=0.01", *adapter),
+    train(_config(tiny_llama_dir, disk_data, out, "train.max_steps=3", "train.learning_rate=0.01",
+                  "train.precision=fp32", *adapter),
           callbacks=[snapshot])
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), out).eval()
     with torch.no_grad():

@@ -3,7 +3,9 @@
 Every field carries a one-line description; `loraft config` prints them as the config reference.
 Defaults reproduce the reference recipe (Langboat/bloom-1b4-zh, alpaca_data_zh, human_assistant
 template, max_length 256, LoRA on `.*\\.1.*query_key_value` with `word_embeddings` saved, 1 epoch,
-batch 1, grad-accum 8, logging every 10 steps).
+batch 1, grad-accum 8, logging every 10 steps). How it is computed defaults to the fast path (bf16 where the
+hardware has it, length-grouped micro-batches, supervised-only loss); `train.precision=fp32
+train.sampling=random` computes the reference's function step for step (see docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -33,7 +35,9 @@ class ModelConfig(_Section):
     trust_remote_code: bool = Field(False, description="Allow custom modelling code from the model repository.")
     revision: Optional[str] = Field(None, description="Hub revision (branch, tag or commit) of the base model.")
     attn_implementation: Optional[str] = Field(
-        None, description="transformers attention implementation (eager, sdpa, flash_attention_2); None = model default."
+        None,
+        description="Attention implementation (eager, sdpa, flash_attention_2); None = sdpa where available "
+        "(BLOOM: loraft's SDPA with alibi), eager = the library's eager path.",
     )
 
 
@@ -131,11 +135,23 @@ class TrainConfig(_Section):
     optim: str = Field("adamw_torch", description="transformers optimizer name.")
     max_grad_norm: float = Field(1.0, description="Gradient clipping norm.")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "fp32", description="Compute precision: fp32 (the reference), bf16, fp16, or auto (bf16 where supported)."
+        "auto",
+        description="Compute precision: auto (bf16 autocast on bf16 GPUs and AVX512-BF16/AMX CPUs, else fp32), "
+        "bf16, fp16, or fp32 (the reference's numerics: the parity mode).",
     )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
-    sampling: Literal["random", "sequential", "group_by_length"] = Field(
-        "random", description="Training sample order: random (the reference), sequential, or group_by_length."
+    sampling: Literal["length_grouped", "random", "sequential", "group_by_length"] = Field(
+        "length_grouped",
+        description="Sample order: length_grouped (shuffled micro-batches of similar-length samples), random (the "
+        "reference's order: same samples in each optimizer step), sequential, or group_by_length (Trainer's).",
+    )
+    micro_batch_tokens: int = Field(
+        2048,
+        description="Run each optimizer step's batch x grad-accum samples as the fewest micro-batches of at most "
+        "this many padded tokens (same optimizer step and loss; 0 = keep the configured split).",
+    )
+    supervised_loss: bool = Field(
+        True, description="Run lm_head and the loss only where labels are supervised, in chunks (same loss)."
     )
     logging_steps: int = Field(10, description="Log loss every N optimizer steps (as the reference).")
     save_steps: int = Field(
@@ -152,6 +168,13 @@ class TrainConfig(_Section):
     def _positive(cls, value: int) -> int:
         if value <= 0:
             raise ValueError(f"must be > 0 (got {value})")
+        return value
+
+    @field_validator("micro_batch_tokens")
+    @classmethod
+    def _not_negative(cls, value: int) -> int:
+        if value < 0:
+            raise ValueError(f"must be >= 0 (got {value})")
         return value
 
     @field_validator("learning_rate")

@@ -22,13 +22,25 @@ logger = logging.getLogger("loraft")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def resolve_precision(precision: str) -> str:
-    """Map `train.precision=auto` to bf16 where the hardware runs it natively, else fp32."""
+def resolve_precision(precision: str, device: str = "auto") -> str:
+    """Map `train.precision=auto` to bf16 where the hardware runs it natively, else fp32.
+
+    Native bf16: a CUDA GPU that supports it, or a CPU with AVX512-BF16 or AMX (elsewhere CPU bf16 is
+    emulated and slower than fp32).
+    """
     if precision != "auto":
         return precision
-    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+    if device != "cpu" and torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    if device in ("auto", "cpu") and cpu_has_native_bf16():
         return "bf16"
     return "fp32"
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX tiles)."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
 
 def resolve_dtype(model: ModelConfig, precision: str = "fp32") -> torch.dtype:
@@ -61,9 +73,20 @@ def load_base_model(model: ModelConfig, dtype: torch.dtype = torch.float32):
     if model.attn_implementation:
         kwargs["attn_implementation"] = model.attn_implementation
     try:
-        return AutoModelForCausalLM.from_pretrained(model.name_or_path, **kwargs)
+        loaded = AutoModelForCausalLM.from_pretrained(model.name_or_path, **kwargs)
     except OSError as exc:
         raise ModelError(f"{model.name_or_path}: cannot load the base model ({_first_line(exc)})") from None
+    except ValueError as exc:
+        # BLOOM has no SDPA in transformers; loraft provides it below, so load it with the library default
+        if model.attn_implementation != "sdpa" or "sdpa" not in str(exc).lower():
+            raise
+        kwargs.pop("attn_implementation")
+        loaded = AutoModelForCausalLM.from_pretrained(model.name_or_path, **kwargs)
+    if model.attn_implementation in (None, "sdpa") and getattr(loaded.config, "model_type", None) == "bloom":
+        from loraft.attention import use_sdpa_attention
+
+        use_sdpa_attention(loaded)
+    return loaded
 
 
 def _first_line(exc: BaseException) -> str:
@@ -291,11 +314,40 @@ def format_inspection(report: dict) -> str:
     return "\n".join(lines)
 
 
+def cast_frozen_weights(model: torch.nn.Module, dtype: torch.dtype) -> int:
+    """Store the frozen weights of every linear layer in `dtype`; returns how many parameters were cast.
+
+    Under bf16 autocast each linear layer casts its fp32 weight to bf16 on every call; storing the frozen ones
+    in bf16 computes the same values without that copy and halves their memory. Trainable parameters (LoRA,
+    modules_to_save), norms and an input embedding that is still looked up (tied to lm_head) stay fp32.
+    """
+    embeddings = model.get_input_embeddings()
+    input_weight = getattr(embeddings, "weight", None)
+    cast = 0
+    for module in model.modules():
+        if not isinstance(module, torch.nn.Linear):
+            continue
+        for parameter in (module.weight, module.bias):
+            if parameter is None or parameter.requires_grad or parameter is input_weight or parameter.dtype == dtype:
+                continue
+            parameter.data = parameter.data.to(dtype)
+            cast += 1
+    return cast
+
+
 def load_model_for_training(config: RunConfig, tokenizer=None):
-    """Base model + fresh adapter for `config`; returns (peft_model, info)."""
+    """Base model + fresh adapter for `config`; returns (peft_model, info).
+
+    Under bf16/fp16 precision the base loads in fp32 (trainable copies such as modules_to_save start from
+    the exact weights), then the frozen linear weights are stored in the compute dtype (cast_frozen_weights).
+    """
     dtype = resolve_dtype(config.model, config.train.precision)
     base = load_base_model(config.model, dtype)
-    return attach_adapter(base, config.adapter, tokenizer, config.model.name_or_path)
+    peft_model, info = attach_adapter(base, config.adapter, tokenizer, config.model.name_or_path)
+    precision = resolve_precision(config.train.precision, config.model.device)
+    if precision in ("bf16", "fp16") and config.model.dtype == "auto":
+        info["cast_frozen_weights"] = cast_frozen_weights(peft_model, DTYPES[precision])
+    return peft_model, info
 
 
 def load_run_model(run_dir: Union[str, Path], dtype: Optional[torch.dtype] = None, device: Optional[str] = None):

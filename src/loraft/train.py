@@ -88,11 +88,65 @@ def _make_trainer_class():
     from transformers.trainer_utils import rotate_checkpoints
 
     class LoraftTrainer(Trainer):
-        """Trainer whose checkpoints appear atomically: written to a staging dir, then renamed.
+        """Trainer with atomic checkpoints, length-grouped sampling and the supervised-only loss.
 
         Trainer writes checkpoint-N in place, so a crash mid-save leaves a half-written checkpoint that
         `resume_from_checkpoint` would pick. Writing under `.staging/` and renaming avoids that.
+        The sampler and the loss are loraft's faster equivalents (loraft.batching, loraft.loss), measured in
+        docs/benchmarks.md; each falls back to Trainer's own where it does not apply.
         """
+
+        def __init__(self, *args, length_grouped: bool = False, supervised_loss: bool = False, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.length_grouped = length_grouped
+            self.supervised_loss = supervised_loss
+            self._loss_parts = None
+
+        def _get_train_sampler(self, train_dataset=None):
+            dataset = train_dataset if train_dataset is not None else self.train_dataset
+            if not self.length_grouped or dataset is None or not hasattr(dataset, "__len__"):
+                return super()._get_train_sampler(train_dataset)
+            from loraft.batching import LengthGroupedSampler, sample_lengths
+
+            # the columns Trainer removed may include `length`; the original dataset still has it
+            source = self.train_dataset if len(self.train_dataset) == len(dataset) else dataset
+            seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+            return LengthGroupedSampler(sample_lengths(source), self.args.per_device_train_batch_size, seed=seed)
+
+        def _supervised_loss_parts(self, model):
+            """(model body, lm_head) when the fused loss can replace the model's own, else None."""
+            if self._loss_parts is None:
+                from loraft.loss import supports_supervised_loss
+
+                parts = False
+                base = model.get_base_model() if hasattr(model, "get_base_model") else model
+                peft_config = getattr(model, "active_peft_config", None)
+                prompt_learning = getattr(peft_config, "is_prompt_learning", False)
+                # a wrapped model (DDP, FSDP, DeepSpeed) must be called as a whole for its gradient hooks
+                unwrapped = self.accelerator.unwrap_model(model) is model
+                if unwrapped and not prompt_learning and supports_supervised_loss(base):
+                    parts = (base.base_model, base.get_output_embeddings())
+                self._loss_parts = parts
+            return self._loss_parts or None
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            parts = None
+            if (self.supervised_loss and model.training and not return_outputs and "labels" in inputs
+                    and self.label_smoother is None and self.compute_loss_func is None):
+                parts = self._supervised_loss_parts(model)
+            if parts is None:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            from loraft.loss import supervised_cross_entropy
+
+            body, head = parts
+            inputs = dict(inputs)
+            labels = inputs.pop("labels")
+            # accelerate applies autocast by wrapping the model's forward, which calling the body skips
+            with self.accelerator.autocast():
+                hidden = body(**inputs, use_cache=False).last_hidden_state
+                # the same normalisation as the model's own loss: over the optimizer step when Trainer counted it
+                count = num_items_in_batch if self.model_accepts_loss_kwargs else None
+                return supervised_cross_entropy(hidden, labels, head.weight, count)
 
         def _save_checkpoint(self, model, trial):
             final_root = self.args.output_dir
@@ -149,10 +203,15 @@ def build_training_arguments(config: RunConfig, run_dir: Path, has_eval: bool):
     import torch
     from transformers import TrainingArguments
 
+    from loraft.batching import plan_micro_batches
     from loraft.model import resolve_precision
 
     train = config.train
-    precision = resolve_precision(train.precision)
+    precision = resolve_precision(train.precision, config.model.device)
+    micro_batch, accumulation = plan_micro_batches(
+        train.per_device_train_batch_size, train.gradient_accumulation_steps, config.data.max_length,
+        train.micro_batch_tokens,
+    )
     use_cpu = config.model.device == "cpu" or not (torch.cuda.is_available() or config.model.device.startswith("cuda"))
     if precision == "fp16" and use_cpu:
         raise RunError("train.precision=fp16 needs a CUDA GPU; use bf16 or fp32 on this machine")
@@ -163,9 +222,9 @@ def build_training_arguments(config: RunConfig, run_dir: Path, has_eval: bool):
         output_dir=str(run_dir / CHECKPOINTS),
         num_train_epochs=train.num_train_epochs,
         max_steps=train.max_steps,
-        per_device_train_batch_size=train.per_device_train_batch_size,
+        per_device_train_batch_size=micro_batch,
         per_device_eval_batch_size=train.per_device_train_batch_size,
-        gradient_accumulation_steps=train.gradient_accumulation_steps,
+        gradient_accumulation_steps=accumulation,
         learning_rate=train.learning_rate,
         weight_decay=train.weight_decay,
         warmup_steps=train.warmup_steps,
@@ -176,7 +235,8 @@ def build_training_arguments(config: RunConfig, run_dir: Path, has_eval: bool):
         fp16=precision == "fp16",
         use_cpu=use_cpu,
         activation_checkpointing=train.gradient_checkpointing,
-        train_sampling_strategy=train.sampling,
+        # length_grouped is LoraftTrainer's own sampler
+        train_sampling_strategy="random" if train.sampling == "length_grouped" else train.sampling,
         logging_steps=train.logging_steps,
         logging_first_step=True,
         save_strategy="steps",
@@ -283,7 +343,7 @@ def _attach_file_log(run_dir: Path) -> logging.Handler:
     return handler
 
 
-def train(config: RunConfig, resume: bool = False, callbacks: Optional[list] = None) -> Path:
+def train(config: RunConfig, resume: bool = False, callbacks: Optional[list] = None, prepared=None) -> Path:
     """Fine-tune `config.model` on `config.data` with the configured adapter; returns the run directory.
 
     Runs unchanged under torchrun / accelerate launch: data is tokenized once (main process first, then
@@ -293,9 +353,12 @@ def train(config: RunConfig, resume: bool = False, callbacks: Optional[list] = N
         config: the resolved run config.
         resume: continue from the newest complete checkpoint in `output_dir/checkpoints`.
         callbacks: extra transformers TrainerCallbacks (tests use them to look at the live model).
+        prepared: already tokenized data (`train`, `eval`, `report`) instead of running the data stage
+            (benchmarks/train_speed.py feeds every trainer the same token ids this way).
     """
     from transformers import DataCollatorForSeq2Seq, set_seed
 
+    from loraft.attention import uses_sdpa_attention
     from loraft.data import prepare_datasets
     from loraft.model import count_parameters, load_model_for_training, load_tokenizer
     from loraft.templates import get_template
@@ -318,8 +381,9 @@ def train(config: RunConfig, resume: bool = False, callbacks: Optional[list] = N
         handler = _attach_file_log(run_dir)
     started = time.time()
     try:
-        with args.main_process_first(desc="tokenize the training data"):
-            prepared = prepare_datasets(config, tokenizer)
+        if prepared is None:
+            with args.main_process_first(desc="tokenize the training data"):
+                prepared = prepare_datasets(config, tokenizer)
         if is_main:
             save_config(config, run_dir / "config.yaml")
             write_json_atomically(run_dir / "data_report.json", prepared.report)
@@ -339,6 +403,13 @@ def train(config: RunConfig, resume: bool = False, callbacks: Optional[list] = N
             logger.info("adapter targets %d modules: %s", len(info["target_matches"]), ", ".join(info["target_matches"]))
         trainable, total = count_parameters(model)
         logger.info("trainable params: %d of %d (%.4f%%)", trainable, total, 100.0 * trainable / max(total, 1))
+        logger.info(
+            "compute: %s precision, %d sample(s) per micro-batch x %d accumulated, %s order, %s loss%s",
+            "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32", args.per_device_train_batch_size,
+            args.gradient_accumulation_steps, config.train.sampling,
+            "supervised-only" if config.train.supervised_loss else "full-logits",
+            ", BLOOM SDPA-alibi attention" if uses_sdpa_attention(model) else "",
+        )
         trainer_class = _make_trainer_class()
         trainer = trainer_class(
             model=model,
@@ -348,6 +419,8 @@ def train(config: RunConfig, resume: bool = False, callbacks: Optional[list] = N
             processing_class=tokenizer,
             data_collator=DataCollatorForSeq2Seq(tokenizer=tokenizer, padding=True),
             callbacks=([_make_metrics_callback(run_dir)] if is_main else []) + list(callbacks or []),
+            length_grouped=config.train.sampling == "length_grouped",
+            supervised_loss=config.train.supervised_loss,
         )
         result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         if trainer.is_world_process_zero():

@@ -1,0 +1,213 @@
+"""Shared pieces of the benchmarks: model shapes with random weights, token-id samples, GEMM peak, memory.
+
+No tokenizer of the real models is available offline, so the benchmarks work on token ids: every variant
+gets exactly the same ids, masks and labels, built by the reference recipe's own preprocessing rule
+(prompt labels -100, response + EOS supervised, truncated to 256 tokens).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+CACHE = Path(os.environ.get("LORAFT_BENCH_CACHE", Path.home() / ".cache" / "loraft-bench"))
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A model shape: the architecture's config with random weights, and the reference adapter for it."""
+
+    name: str
+    family: str  # bloom or llama
+    hidden: int
+    layers: int
+    heads: int
+    vocab: int
+    kv_heads: Optional[int] = None
+    intermediate: Optional[int] = None
+    target_modules: str = r".*\.1.*query_key_value"
+    modules_to_save: tuple = ("word_embeddings",)
+    note: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+SHAPES = {
+    "bloom-1b4-zh": Shape(
+        "bloom-1b4-zh", "bloom", hidden=2048, layers=24, heads=16, vocab=46145,
+        note="Langboat/bloom-1b4-zh's shape: 1,303,111,680 parameters, random weights",
+    ),
+    "bloom-small": Shape(
+        "bloom-small", "bloom", hidden=512, layers=8, heads=8, vocab=46145,
+        note="a small BLOOM for quick runs (the real vocabulary, 8 layers of width 512)",
+    ),
+    "llama-large-vocab": Shape(
+        "llama-large-vocab", "llama", hidden=896, layers=24, heads=14, kv_heads=2, intermediate=4864, vocab=151936,
+        target_modules=r".*\.1.*\.(q_proj|k_proj|v_proj)", modules_to_save=("embed_tokens",),
+        note="Qwen2-0.5B-like Llama shape (untied, vocab 151936); LoRA on q/k/v of layers 1 and 10-19",
+    ),
+}
+
+PAD_ID, EOS_ID = 3, 2  # the benchmark tokenizer's ids (see build_tokenizer)
+
+
+def build_tokenizer():
+    """A tiny tokenizer with the special tokens the trainers need (pad, eos); samples are token ids anyway."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3}
+    vocab.update({f"t{i}": i for i in range(4, 64)})
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+        model_max_length=4096,
+    )
+
+
+def model_config(shape: Shape):
+    from transformers import BloomConfig, LlamaConfig
+
+    common = dict(vocab_size=shape.vocab, bos_token_id=1, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
+    if shape.family == "bloom":
+        return BloomConfig(hidden_size=shape.hidden, n_layer=shape.layers, n_head=shape.heads, **common)
+    return LlamaConfig(
+        hidden_size=shape.hidden, num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
+        num_key_value_heads=shape.kv_heads, intermediate_size=shape.intermediate, max_position_embeddings=4096,
+        tie_word_embeddings=False, **common,
+    )
+
+
+def ensure_model_dir(shape: Shape) -> Path:
+    """Random-weight model of `shape` saved (fp32 safetensors) with the benchmark tokenizer; built once."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    path = CACHE / "models" / shape.name
+    if (path / "config.json").is_file() and any(path.glob("*.safetensors")):
+        return path
+    path.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(model_config(shape), dtype=torch.float32)
+    model.save_pretrained(path)
+    build_tokenizer().save_pretrained(path)
+    return path
+
+
+def parameter_counts(shape: Shape) -> dict:
+    """Matmul parameters per token of the body and the output head (what model FLOPs are counted from)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(model_config(shape))
+    total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    body = sum(m.weight.numel() for n, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head"))
+    head = model.get_output_embeddings().weight.numel()
+    return {"total": total, "body_matmul": body, "head_matmul": head}
+
+
+def make_samples(count: int, shape: Shape, seed: int = 0, max_length: int = 256) -> list[dict]:
+    """alpaca-zh-like token-id samples, processed exactly like the reference's `preprocess_function`.
+
+    Prompt ("Human: instruction\\ninput\\n\\nAssistant: ") 10-150 tokens, response 5-250 tokens ending in EOS
+    (log-normal, medians 30 and 60); prompt labels -100; truncated to max_length, so some lose their end.
+    """
+    rng = np.random.default_rng(seed)
+    samples = []
+    for _ in range(count):
+        prompt_length = int(np.clip(round(rng.lognormal(math.log(30), 0.7)), 10, 150))
+        response_length = int(np.clip(round(rng.lognormal(math.log(60), 0.9)), 5, 250))
+        prompt = rng.integers(10, shape.vocab, prompt_length).tolist()
+        response = rng.integers(10, shape.vocab, response_length - 1).tolist() + [EOS_ID]
+        input_ids = (prompt + response)[:max_length]
+        labels = ([-100] * len(prompt) + response)[:max_length]
+        samples.append({"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels})
+    return samples
+
+
+def describe_samples(samples: list[dict]) -> dict:
+    lengths = np.array([len(s["input_ids"]) for s in samples])
+    supervised = np.array([sum(1 for label in s["labels"] if label != -100) for s in samples])
+    return {
+        "samples": len(samples),
+        "tokens_mean": float(lengths.mean()), "tokens_max": int(lengths.max()),
+        "supervised_mean": float(supervised.mean()),
+        "truncated": int((lengths == 256).sum()),
+    }
+
+
+def gemm_peak(dtype_name: str, size: int = 2048, repeats: int = 5) -> float:
+    """Best-of-N GFLOPS of a size^3 matmul in fp32 or bf16 on this machine, right now."""
+    import torch
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(size, size, generator=generator).to(dtype)
+    b = torch.randn(size, size, generator=generator).to(dtype)
+    for _ in range(2):
+        a @ b
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best / 1e9
+
+
+def model_flops(counts: dict, tokens: int, supervised: int, attention_flops: float) -> float:
+    """Useful FLOPs of LoRA training on frozen weights: forward + input-gradient backward (2 x 2 x params)
+    per token through the body, the head only where a label is supervised, plus attention scores."""
+    return 4 * counts["body_matmul"] * tokens + 4 * counts["head_matmul"] * supervised + attention_flops
+
+
+def attention_flops(shape: Shape, lengths: list[int]) -> float:
+    """Causal attention (QK^T and PV, forward + backward) for samples of these lengths."""
+    return sum(2 * 2 * 3 * shape.layers * shape.hidden * n * (n + 1) / 2 for n in lengths)
+
+
+def peak_rss_gib() -> float:
+    """Peak resident memory of this process (Linux ru_maxrss is in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def machine() -> dict:
+    import torch
+
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+        isa = [f for f in ("avx512_bf16", "amx_bf16", "amx_tile") if f in flags.split()]
+    except (OSError, StopIteration):
+        isa = []
+    return {
+        "cpu": cpu, "cores": os.cpu_count(), "isa": isa, "threads": torch.get_num_threads(),
+        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "torch": torch.__version__, "python": platform.python_version(),
+    }
+
+
+def load_average() -> float:
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return float("nan")
+
+
+def write_json(path: Path, payload: dict) -> None:
+    path.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
