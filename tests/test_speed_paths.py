@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, BloomConfig
 
 from loraft.attention import BLOOM_ATTENTION_PARAMETERS, use_sdpa_attention, uses_sdpa_attention
-from loraft.batching import LengthGroupedSampler, plan_micro_batches, sample_lengths
+from loraft.batching import LengthGroupedSampler, plan_micro_batches, sample_lengths, split_by_tokens
 from loraft.loss import supervised_cross_entropy, supports_supervised_loss
 
 
@@ -144,14 +144,24 @@ def test_supervised_loss_supports_known_heads(tiny_bloom_dir, tiny_llama_dir):
 
 
 @pytest.mark.parametrize(
-    "batch, accumulation, max_length, budget, expected",
-    [(1, 8, 256, 2048, (8, 1)), (1, 8, 256, 1024, (4, 2)), (4, 16, 256, 2048, (8, 8)), (1, 8, 256, 0, (1, 8)),
-     (2, 3, 512, 2048, (3, 2)), (8, 1, 1024, 2048, (8, 1))],
+    "batch, accumulation, budget, expected",
+    [(1, 8, 1024, (8, 1)), (4, 16, 2048, (64, 1)), (1, 8, 0, (1, 8)), (8, 1, 512, (8, 1))],
 )
-def test_plan_micro_batches_keeps_the_optimizer_step(batch, accumulation, max_length, budget, expected):
-    micro, steps = plan_micro_batches(batch, accumulation, max_length, budget)
+def test_plan_micro_batches_keeps_the_optimizer_step(batch, accumulation, budget, expected):
+    micro, steps = plan_micro_batches(batch, accumulation, budget)
     assert (micro, steps) == expected
     assert micro * steps == batch * accumulation
+
+
+@pytest.mark.parametrize("budget", [1, 100, 256, 1024, 4096])
+def test_split_by_tokens_covers_every_row_once_within_the_budget(budget):
+    lengths = torch.randint(1, 300, (37,), generator=torch.Generator().manual_seed(budget)).tolist()
+    groups = split_by_tokens(lengths, budget)
+    assert sorted(row for group in groups for row in group) == list(range(37))
+    for group in groups:
+        longest = max(lengths[row] for row in group)
+        assert len(group) == 1 or len(group) * longest <= budget
+        assert longest == lengths[group[0]]
 
 
 def test_length_grouped_sampler_is_a_permutation_of_similar_length_batches():
@@ -203,12 +213,14 @@ REFERENCE_PATH = ["train.precision=fp32", "train.sampling=random", "train.micro_
                   "train.supervised_loss=false", "model.attn_implementation=eager"]
 
 
-def test_fast_path_in_fp32_gives_the_reference_losses(tiny_bloom_dir, alpaca_disk_dir, tmp_path, monkeypatch):
-    """Parity mode: one micro-batch of 8, SDPA-alibi, supervised-only loss == batch 1 x accumulation 8, eager,
-    full logits, step for step."""
+@pytest.mark.parametrize("budget", [2048, 40])
+def test_fast_path_in_fp32_gives_the_reference_losses(tiny_bloom_dir, alpaca_disk_dir, tmp_path, monkeypatch, budget):
+    """Parity mode: the step's 8 samples as one batch (or split into sub-batches of <= 40 tokens), SDPA-alibi,
+    supervised-only loss == batch 1 x accumulation 8, eager, full logits, step for step."""
     monkeypatch.setenv("LORAFT_CACHE_DIR", str(tmp_path / "cache"))
     reference = _run(tiny_bloom_dir, alpaca_disk_dir, tmp_path / "reference", *REFERENCE_PATH)
-    fast = _run(tiny_bloom_dir, alpaca_disk_dir, tmp_path / "fast", "train.precision=fp32", "train.sampling=random")
+    fast = _run(tiny_bloom_dir, alpaca_disk_dir, tmp_path / "fast", "train.precision=fp32", "train.sampling=random",
+                f"train.micro_batch_tokens={budget}")
     assert len(reference) == len(fast) == 4
     torch.testing.assert_close(fast, reference, rtol=1e-5, atol=0)
 
@@ -221,3 +233,27 @@ def test_default_fast_path_trains_close_to_the_reference(tiny_bloom_dir, alpaca_
     grouped = _run(tiny_bloom_dir, alpaca_disk_dir, tmp_path / "grouped")
     torch.testing.assert_close(fast, reference, rtol=0.02, atol=0)
     assert all(torch.isfinite(torch.tensor(grouped))) and grouped[-1] < grouped[0]
+
+
+# ---------------------------------------------------------------------------------------------- bf16 weights
+
+
+def test_cast_frozen_weights_keeps_trainable_and_norms_in_fp32(tiny_bloom_dir):
+    from loraft.config import AdapterConfig
+    from loraft.model import attach_adapter, cast_frozen_weights
+
+    model, _ = attach_adapter(AutoModelForCausalLM.from_pretrained(tiny_bloom_dir), AdapterConfig())
+    expected = AutoModelForCausalLM.from_pretrained(tiny_bloom_dir, dtype=torch.bfloat16)
+    assert cast_frozen_weights(model, torch.bfloat16) > 0
+    base = model.get_base_model()
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad or "layernorm" in name or "ln_f" in name:
+            assert parameter.dtype == torch.float32, name
+    dense = base.transformer.h[3].mlp.dense_h_to_4h
+    assert dense.weight.dtype == torch.bfloat16 and not dense.weight.requires_grad
+    # the released file pages did not change a value: the same numbers as loading in bf16
+    assert torch.equal(dense.weight, expected.transformer.h[3].mlp.dense_h_to_4h.weight)
+    # lm_head (tied to the frozen original embedding) is cast; the trained embedding copy is not
+    assert base.lm_head.weight.dtype == torch.bfloat16
+    assert torch.equal(base.lm_head.weight, expected.lm_head.weight)
+    assert base.transformer.word_embeddings.modules_to_save["default"].weight.dtype == torch.float32

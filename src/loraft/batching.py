@@ -1,13 +1,15 @@
-"""How samples become micro-batches: fewer, larger micro-batches and length-grouped sample order.
+"""How samples become micro-batches: one batch per optimizer step, split by a token budget, length-grouped order.
 
-Two decisions, both measured in docs/benchmarks.md:
+Three decisions, all measured in docs/benchmarks.md:
 
 - `plan_micro_batches`: the reference accumulates 8 micro-batches of 1 sample. The loss is normalised by the
-  supervised tokens of the whole optimizer step (Trainer's num_items_in_batch), so the same samples can run
-  as one micro-batch of 8: the same optimizer step, with matmuls large enough for bf16 to pay.
-- `LengthGroupedSampler`: samples of similar length share a micro-batch, so padding stays small; the order
-  of micro-batches is random. Unlike Trainer's group_by_length (which sorts within mega-batches of 50
-  micro-batches and so does nothing on short runs), grouping covers windows of 64 micro-batches.
+  supervised tokens of the whole optimizer step (Trainer's num_items_in_batch), so the step's samples are
+  collated as one batch: the same optimizer step, with matmuls large enough for bf16 to pay.
+- `split_by_tokens`: that batch runs forward/backward in sub-batches of at most `micro_batch_tokens` padded
+  tokens, longest samples together, so activation memory is bounded and little of it is padding.
+- `LengthGroupedSampler`: samples of similar length share an optimizer step, so padding stays small; the
+  order of steps is random. Unlike Trainer's group_by_length (which sorts within mega-batches of 50
+  micro-batches and so does nothing on short runs), grouping covers windows of 64 steps.
 """
 
 from __future__ import annotations
@@ -19,19 +21,27 @@ import torch
 GROUP_WINDOW = 64  # micro-batches per sorting window
 
 
-def plan_micro_batches(batch_size: int, accumulation: int, max_length: int, micro_batch_tokens: int) -> tuple[int, int]:
-    """Split the optimizer step's `batch_size * accumulation` samples into the fewest micro-batches whose
-    padded size (samples x max_length) fits `micro_batch_tokens`; returns (micro_batch_size, accumulation).
-
-    A budget of 0 keeps the configured split. The micro-batch never gets smaller than `batch_size`.
-    """
-    step_samples = batch_size * accumulation
+def plan_micro_batches(batch_size: int, accumulation: int, micro_batch_tokens: int) -> tuple[int, int]:
+    """(samples per collated batch, accumulation steps): the whole optimizer step as one batch when a token
+    budget splits it (`split_by_tokens`), else the configured split (a budget of 0)."""
     if micro_batch_tokens <= 0:
         return batch_size, accumulation
-    for steps in range(1, accumulation + 1):
-        if step_samples % steps == 0 and (step_samples // steps) * max_length <= micro_batch_tokens:
-            return step_samples // steps, steps
-    return batch_size, accumulation
+    return batch_size * accumulation, 1
+
+
+def split_by_tokens(lengths: Sequence[int], budget: int) -> list[list[int]]:
+    """Group row indices, longest first, into sub-batches whose padded size (rows x longest) fits `budget`.
+
+    A row longer than the budget gets a sub-batch of its own. Every row appears exactly once.
+    """
+    order = sorted(range(len(lengths)), key=lambda row: -lengths[row])
+    groups: list[list[int]] = []
+    for row in order:
+        if groups and (len(groups[-1]) + 1) * lengths[groups[-1][0]] <= budget:
+            groups[-1].append(row)
+        else:
+            groups.append([row])
+    return groups
 
 
 class LengthGroupedSampler(torch.utils.data.Sampler):

@@ -191,6 +191,11 @@ class GenerationConfig(_Section):
     top_p: float = Field(0.9, description="Nucleus sampling probability mass.")
     top_k: int = Field(0, description="Sample from the k most likely tokens (0 = off).")
     repetition_penalty: float = Field(1.0, description="Penalty for repeated tokens (1 = off).")
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto",
+        description="Weights dtype for chat/generate: auto = bf16 where the hardware runs it natively (decoding "
+        "reads every weight per token: half the bytes), else fp32; fp32 = the trained function exactly.",
+    )
 
 
 class RunConfig(_Section):

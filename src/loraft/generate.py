@@ -112,11 +112,15 @@ def stream_answer(model, tokenizer, template: Template, messages: Sequence[dict]
         raise errors[0]
 
 
-def load_run(run_dir: str | Path, device: Optional[str] = None):
-    """(model, tokenizer, template, run_info) for a finished run directory."""
-    from loraft.model import load_run_model
+def load_run(run_dir: str | Path, device: Optional[str] = None, dtype: Optional[str] = None):
+    """(model, tokenizer, template, run_info) for a finished run directory.
 
-    model, tokenizer, info = load_run_model(run_dir, device=device)
+    Args:
+        dtype: weights dtype (`generation.dtype`: auto, fp32, bf16, fp16); None = fp32, as evaluation wants.
+    """
+    from loraft.model import inference_dtype, load_run_model
+
+    model, tokenizer, info = load_run_model(run_dir, dtype=inference_dtype(dtype, device or "auto"), device=device)
     template = get_template(info.get("template") or info["config"].data.template)
     return model, tokenizer, template, info
 
@@ -125,7 +129,7 @@ def chat(run_dir: str | Path, settings: GenerationConfig, system: Optional[str] 
     """Multi-turn chat in the terminal: streams answers, keeps history; /reset clears it, /exit quits."""
     stdin = stdin or sys.stdin
     stdout = stdout or sys.stdout
-    model, tokenizer, template, _ = load_run(run_dir)
+    model, tokenizer, template, _ = load_run(run_dir, dtype=settings.dtype)
     history: list[dict] = [{"role": "system", "content": system}] if system else []
     stdout.write(f"loraft chat: {run_dir} ({template.name} template). /reset clears the history, /exit quits.\n")
     while True:
@@ -213,7 +217,7 @@ def generate_to_file(
     if output_path.exists():
         raise LoraftError(f"{output_path}: exists already; choose another --output")
     prompts = read_prompts(input_path)
-    model, tokenizer, template, _ = load_run(run_dir)
+    model, tokenizer, template, _ = load_run(run_dir, dtype=settings.dtype)
     answers = generate_batch(model, tokenizer, template, [m for _, m in prompts], settings, batch_size, progress=True)
     tmp = output_path.with_suffix(output_path.suffix + ".tmp")
     with tmp.open("w", encoding="utf-8") as handle:
@@ -225,5 +229,5 @@ def generate_to_file(
 
 def generate_one(run_dir: str | Path, prompt: str, settings: GenerationConfig) -> Iterable[str]:
     """Stream the answer to a single user prompt."""
-    model, tokenizer, template, _ = load_run(run_dir)
+    model, tokenizer, template, _ = load_run(run_dir, dtype=settings.dtype)
     return stream_answer(model, tokenizer, template, [{"role": "user", "content": prompt}], settings)

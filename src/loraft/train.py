@@ -84,6 +84,7 @@ def check_run_dir(config: RunConfig, resume: bool) -> Optional[Path]:
 
 
 def _make_trainer_class():
+    import torch
     from transformers import Trainer
     from transformers.trainer_utils import rotate_checkpoints
 
@@ -96,11 +97,43 @@ def _make_trainer_class():
         docs/benchmarks.md; each falls back to Trainer's own where it does not apply.
         """
 
-        def __init__(self, *args, length_grouped: bool = False, supervised_loss: bool = False, **kwargs):
+        def __init__(self, *args, length_grouped: bool = False, supervised_loss: bool = False,
+                     micro_batch_tokens: int = 0, **kwargs):
             super().__init__(*args, **kwargs)
             self.length_grouped = length_grouped
             self.supervised_loss = supervised_loss
+            self.micro_batch_tokens = micro_batch_tokens
             self._loss_parts = None
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            """Forward/backward the step's batch in sub-batches of at most micro_batch_tokens padded tokens.
+
+            Each sub-batch's loss is its supervised-token sum over the whole step's count, so the gradients add
+            up to the unsplit batch's. Without that count (a model that takes no loss kwargs) it runs unsplit.
+            """
+            mask = inputs.get("attention_mask")
+            if (not self.micro_batch_tokens or num_items_in_batch is None or mask is None or mask.dim() != 2
+                    or mask.shape[0] * mask.shape[1] <= self.micro_batch_tokens):
+                return super().training_step(model, inputs, num_items_in_batch)
+            from loraft.batching import split_by_tokens
+
+            rows, width = mask.shape
+            total = None
+            for group in split_by_tokens(mask.sum(dim=1).tolist(), self.micro_batch_tokens):
+                index = torch.tensor(group)
+                columns = mask[index].any(dim=0).nonzero().flatten()  # right or left padding alike
+                start, end = int(columns[0]), int(columns[-1]) + 1
+
+                def rows_of(value):
+                    if not torch.is_tensor(value) or value.shape[:1] != (rows,):
+                        return value
+                    value = value[index]
+                    return value[:, start:end] if value.dim() >= 2 and value.shape[1] == width else value
+
+                sub_batch = {key: rows_of(value) for key, value in inputs.items()}
+                loss = super().training_step(model, sub_batch, num_items_in_batch)
+                total = loss if total is None else total + loss
+            return total
 
         def _get_train_sampler(self, train_dataset=None):
             dataset = train_dataset if train_dataset is not None else self.train_dataset
@@ -209,8 +242,7 @@ def build_training_arguments(config: RunConfig, run_dir: Path, has_eval: bool):
     train = config.train
     precision = resolve_precision(train.precision, config.model.device)
     micro_batch, accumulation = plan_micro_batches(
-        train.per_device_train_batch_size, train.gradient_accumulation_steps, config.data.max_length,
-        train.micro_batch_tokens,
+        train.per_device_train_batch_size, train.gradient_accumulation_steps, train.micro_batch_tokens
     )
     use_cpu = config.model.device == "cpu" or not (torch.cuda.is_available() or config.model.device.startswith("cuda"))
     if precision == "fp16" and use_cpu:
@@ -404,9 +436,11 @@ def train(config: RunConfig, resume: bool = False, callbacks: Optional[list] = N
         trainable, total = count_parameters(model)
         logger.info("trainable params: %d of %d (%.4f%%)", trainable, total, 100.0 * trainable / max(total, 1))
         logger.info(
-            "compute: %s precision, %d sample(s) per micro-batch x %d accumulated, %s order, %s loss%s",
+            "compute: %s precision, %d sample(s) per batch x %d accumulated, %s, %s order, %s loss%s",
             "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32", args.per_device_train_batch_size,
-            args.gradient_accumulation_steps, config.train.sampling,
+            args.gradient_accumulation_steps,
+            f"forward/backward in sub-batches of <= {config.train.micro_batch_tokens} padded tokens"
+            if config.train.micro_batch_tokens else "no sub-batches", config.train.sampling,
             "supervised-only" if config.train.supervised_loss else "full-logits",
             ", BLOOM SDPA-alibi attention" if uses_sdpa_attention(model) else "",
         )
@@ -421,6 +455,7 @@ def train(config: RunConfig, resume: bool = False, callbacks: Optional[list] = N
             callbacks=([_make_metrics_callback(run_dir)] if is_main else []) + list(callbacks or []),
             length_grouped=config.train.sampling == "length_grouped",
             supervised_loss=config.train.supervised_loss,
+            micro_batch_tokens=config.train.micro_batch_tokens,
         )
         result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         if trainer.is_world_process_zero():
