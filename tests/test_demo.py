@@ -1,0 +1,173 @@
+"""The offline demo's pieces: generated data, held-out split, checkable answers, tokenizer, config, base cache.
+
+The full pretraining and fine-tune are too slow for tests; the base build is exercised with a 2-step recipe.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from loraft import demo
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_generator_is_deterministic_for_a_seed(tmp_path):
+    first = demo.write_demo_data(tmp_path / "a", seed=0)
+    second = demo.write_demo_data(tmp_path / "b", seed=0)
+    other = demo.write_demo_data(tmp_path / "c", seed=1)
+    for path_a, path_b, path_c in zip(first, second, other):
+        assert path_a.read_bytes() == path_b.read_bytes()
+        assert path_a.read_bytes() != path_c.read_bytes()
+    documents_a, documents_b = demo.pretraining_documents(3), demo.pretraining_documents(3)
+    assert [next(documents_a) for _ in range(50)] == [next(documents_b) for _ in range(50)]
+
+
+def test_every_family_is_in_both_splits_as_alpaca_records(tmp_path):
+    train_path, heldout_path = demo.write_demo_data(tmp_path, seed=0)
+    train, heldout = demo.read_jsonl(train_path), demo.read_jsonl(heldout_path)
+    for records in (train, heldout):
+        assert {r["task"] for r in records} == set(demo.TASKS)
+        assert all(set(r) == {"instruction", "input", "output", "task"} for r in records)
+        assert all(r["instruction"] in demo.TASKS[r["task"]].instructions for r in records)
+
+
+def test_heldout_inputs_never_appear_in_training_or_pretraining():
+    train, heldout = demo.make_records(seed=0)
+    heldout_inputs = {r["input"] for r in heldout}
+    assert heldout_inputs.isdisjoint(r["input"] for r in train)
+    assert all(demo.is_heldout_input(text) for text in heldout_inputs)
+    assert not any(demo.is_heldout_input(r["input"]) for r in train)
+    examples = demo.pretraining_examples(0)
+    pretraining_inputs = {next(examples)[1] for _ in range(5000)}
+    assert pretraining_inputs.isdisjoint(heldout_inputs)
+    assert not any(demo.is_heldout_input(text) for text in pretraining_inputs)
+    # Held-out items are distinct within a task, so the score is not one answer counted many times.
+    assert len({(r["task"], r["input"]) for r in heldout}) == len(heldout)
+
+
+def _rederive(task: str, text: str) -> str:
+    """Each family's answer, computed independently of demo.py's answer functions."""
+    if task == "upper":
+        return "".join(chr(ord(c) - 32) for c in text)
+    if task == "numerals":
+        return "".join("零一二三四五六七八九"[ord(c) - ord("0")] for c in text)
+    if task == "antonym":
+        pairs = dict(demo.ANTONYM_PAIRS)
+        return "".join(pairs.get(c) or next(a for a, b in pairs.items() if b == c) for c in text)
+    if task == "spell":
+        words = "zero one two three four five six seven eight nine".split()
+        return " ".join(words[int(c)] for c in text)
+    if task == "translate":
+        return " ".join(demo.ENGLISH_WORDS[c] for c in text)
+    raise AssertionError(task)
+
+
+def test_answers_are_checkable_from_the_input():
+    train, heldout = demo.make_records(seed=0)
+    for record in train + heldout:
+        assert record["output"] == _rederive(record["task"], record["input"]), record
+    assert demo.TASKS["upper"].answer("abc") == "ABC"
+    assert demo.TASKS["numerals"].answer("305") == "三零五"
+    assert demo.TASKS["antonym"].answer("大高") == "小低"
+    assert demo.TASKS["spell"].answer("305") == "three zero five"
+    assert demo.TASKS["translate"].answer("猫红") == "cat red"
+    # Antonyms are a one-to-one mapping: applying it twice gives the input back.
+    assert all(demo.ANTONYMS[demo.ANTONYMS[c]] == c for c in demo.ANTONYMS)
+
+
+def test_pretraining_corpus_never_shows_the_chat_format_or_the_instructions():
+    documents = demo.pretraining_documents(0)
+    corpus = "\n".join(next(documents) for _ in range(300))
+    assert "Human" not in corpus and "Assistant" not in corpus
+    for family in demo.TASK_FAMILIES:
+        assert all(instruction not in corpus for instruction in family.instructions)
+
+
+@pytest.fixture(scope="module")
+def demo_tokenizer():
+    documents = demo.pretraining_documents(0)
+    return demo.build_tokenizer([next(documents) for _ in range(300)] + [demo.common_chinese_characters()], 1024)
+
+
+def test_tokenizer_round_trips_chinese_and_splits_characters(demo_tokenizer, tmp_path):
+    from transformers import AutoTokenizer
+
+    text = "Human: 把下面的阿拉伯数字逐位写成中文数字。\n305\n\nAssistant: 三零五，😀 𠀋 ok"
+    ids = demo_tokenizer(text)["input_ids"]
+    assert demo_tokenizer.decode(ids) == text
+    assert demo_tokenizer.convert_ids_to_tokens(demo_tokenizer("abc305")["input_ids"]) == ["a", "b", "c", "3", "0", "5"]
+    assert len(demo_tokenizer("三零五")["input_ids"]) == 3
+    assert len(demo.common_chinese_characters()) == 3755
+    demo_tokenizer.save_pretrained(tmp_path)
+    reloaded = AutoTokenizer.from_pretrained(tmp_path)
+    assert reloaded(text)["input_ids"] == ids
+    # Like BLOOM: no BOS is added; EOS and pad are their own tokens.
+    assert ids[0] != reloaded.bos_token_id
+    assert (reloaded.eos_token, reloaded.pad_token, reloaded.bos_token, reloaded.unk_token) == ("</s>", "<pad>", "<s>", "<unk>")
+    assert reloaded.eos_token_id != reloaded.pad_token_id
+
+
+def test_demo_config_parses_and_targets_bloom_modules(tiny_bloom_dir):
+    from transformers import AutoModelForCausalLM
+
+    from loraft.config import load_config
+    from loraft.model import target_matches
+
+    path = REPO / "configs" / "demo.yaml"
+    assert path.read_text(encoding="utf-8").splitlines()[0] == "# loraft demo"
+    config = load_config(path)
+    assert config.data.template == "human_assistant"
+    assert config.adapter.method == "lora"
+    model = AutoModelForCausalLM.from_pretrained(tiny_bloom_dir)
+    matched = target_matches(model, config.adapter)
+    layers = model.config.n_layer
+    assert len(matched) == 4 * layers  # query_key_value, dense, dense_h_to_4h, dense_4h_to_h in every block
+
+
+def test_exact_match_counts_per_task(tiny_bloom_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_bloom_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bloom_dir)
+    _, heldout = demo.make_records(seed=0, train_per_task=1, heldout_per_task=2)
+    result = demo.exact_match(model, tokenizer, heldout, max_new_tokens=3)
+    assert set(result["per_task"]) == set(demo.TASKS)
+    assert sum(c["total"] for c in result["per_task"].values()) == len(heldout) == len(result["predictions"])
+    assert 0.0 <= result["overall"] <= 1.0
+
+
+def test_base_build_is_cached_and_loadable(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    recipe = demo.BaseRecipe(vocab_size=600, hidden_size=32, n_layer=1, n_head=2, seq_len=32, batch_size=2,
+                             steps=2, warmup_steps=1)
+    lines: list[str] = []
+    base = demo.build_demo_base(tmp_path, recipe=recipe, log=lines.append)
+    assert base == tmp_path / "demo" / "base"
+    assert sorted(p.name for p in (tmp_path / "demo").iterdir()) == ["base"]  # no staging dir left behind
+    stamp = json.loads((base / demo.STAMP_FILE).read_text())
+    assert stamp["version"] == demo.DEMO_BASE_VERSION and stamp["recipe"]["steps"] == 2
+    model = AutoModelForCausalLM.from_pretrained(base)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    assert type(model).__name__ == "BloomForCausalLM" and model.config.vocab_size == len(tokenizer)
+
+    lines.clear()
+    assert demo.build_demo_base(tmp_path, recipe=recipe, log=lines.append) == base
+    assert lines == [f"demo base: reusing {base}"]
+
+    class BuildStarted(Exception):
+        pass
+
+    def stop_at_build(line: str) -> None:
+        if "building" in line:
+            raise BuildStarted(line)
+
+    # A different recipe (or force) does not reuse the cached base.
+    with pytest.raises(BuildStarted):
+        demo.build_demo_base(tmp_path, recipe=demo.BaseRecipe(**{**stamp["recipe"], "seed": 1}), log=stop_at_build)
+    with pytest.raises(BuildStarted):
+        demo.build_demo_base(tmp_path, force=True, recipe=recipe, log=stop_at_build)
