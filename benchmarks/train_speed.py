@@ -51,7 +51,8 @@ class _Clock:
         from transformers import TrainerCallback
 
         clock = self
-        self.pending = {"samples": 0, "tokens": 0, "supervised": 0, "padded": 0}
+        # collated batches not yet attributed to a step: accelerate's loader collates one batch ahead
+        self.queue: list[dict] = []
         self.steps: list[dict] = []
         self.losses: list[dict] = []
         self.start = None
@@ -64,9 +65,12 @@ class _Clock:
                 loader.collate_fn = clock.wrap(loader.collate_fn)
 
             def on_step_end(self, args, state, control, **kwargs):
+                last = state.global_step >= state.max_steps
+                taken = clock.queue if last else clock.queue[: args.gradient_accumulation_steps]
+                clock.queue = [] if last else clock.queue[args.gradient_accumulation_steps :]
+                counts = {key: sum(batch[key] for batch in taken) for key in ("samples", "tokens", "supervised", "padded")}
                 clock.steps.append({"step": state.global_step, "time": time.perf_counter() - clock.start,
-                                    "cpu_time": time.process_time(), **clock.pending})
-                clock.pending = {key: 0 for key in clock.pending}
+                                    "cpu_time": time.process_time(), **counts})
 
             def on_log(self, args, state, control, logs=None, **kwargs):
                 if logs and "loss" in logs:
@@ -78,12 +82,13 @@ class _Clock:
         def counted(features):
             batch = collate(features)
             labels = batch["labels"]
-            self.pending["samples"] += labels.shape[0]
-            self.pending["padded"] += labels.numel()
             mask = batch.get("attention_mask")
-            self.pending["tokens"] += int(mask.sum()) if mask is not None else labels.numel()
-            # a causal LM predicts label t from position t-1: the first label of a row is never a target
-            self.pending["supervised"] += int((labels[:, 1:] != -100).sum())
+            self.queue.append({
+                "samples": labels.shape[0], "padded": labels.numel(),
+                "tokens": int(mask.sum()) if mask is not None else labels.numel(),
+                # a causal LM predicts label t from position t-1: the first label of a row is never a target
+                "supervised": int((labels[:, 1:] != -100).sum()),
+            })
             return batch
 
         return counted
@@ -166,9 +171,11 @@ def worker(args) -> None:
     clock = _Clock()
     out_dir = Path(args.out).with_suffix("")
     runner = {
-        "reference": run_reference, "trl": run_trl, "loraft": run_loraft,
-        "loraft-ordered": lambda *a: run_loraft(*a, overrides=["train.sampling=random"]),
-        "loraft-fp32": lambda *a: run_loraft(*a, overrides=["train.sampling=random", "train.precision=fp32"]),
+        "reference": run_reference, "trl": run_trl,
+        "loraft": lambda *a: run_loraft(*a, overrides=args.loraft_override),
+        "loraft-ordered": lambda *a: run_loraft(*a, overrides=["train.sampling=random", *args.loraft_override]),
+        "loraft-fp32": lambda *a: run_loraft(*a, overrides=["train.sampling=random", "train.precision=fp32",
+                                                            *args.loraft_override]),
     }[args.worker]
     load_before = common.load_average()
     gemm_before = common.gemm_peak("bf16", repeats=3)  # how much of the machine this run got, before and after
@@ -233,6 +240,8 @@ def main(argv=None) -> int:
     parser.add_argument("--samples", type=int, default=160, help="training samples (8 per optimizer step)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, from: " + ", ".join(VARIANTS))
     parser.add_argument("--threads", type=int, default=None, help="torch threads per run (default: all cores)")
+    parser.add_argument("--loraft-override", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra loraft config override for the loraft variants (repeatable)")
     parser.add_argument("--json", help="also write the summary here")
     parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
@@ -277,6 +286,7 @@ def main(argv=None) -> int:
         print(f"[bench] {variant} ...", flush=True)
         command = [sys.executable, __file__, "--worker", variant, "--shape", shape.name,
                    "--model-dir", str(model_dir), "--data", str(data_dir), "--out", str(out)]
+        command += [f"--loraft-override={override}" for override in args.loraft_override]
         log = run_root / f"{variant}.log"
         with log.open("w") as handle:
             code = subprocess.call(command, env=env, stdout=handle, stderr=subprocess.STDOUT)

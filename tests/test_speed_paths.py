@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, BloomConfig
 
-from loraft.attention import BLOOM_ATTENTION_PARAMETERS, use_sdpa_attention, uses_sdpa_attention
+from loraft.bloom import BLOOM_ATTENTION_PARAMETERS, use_fast_bloom, uses_fast_bloom
 from loraft.batching import LengthGroupedSampler, plan_micro_batches, sample_lengths, split_by_tokens
 from loraft.loss import supervised_cross_entropy, supports_supervised_loss
 
@@ -40,11 +40,36 @@ def test_bloom_attention_signature_is_the_one_replaced():
     assert tuple(inspect.signature(BloomAttention.forward).parameters) == BLOOM_ATTENTION_PARAMETERS
 
 
+def test_bloom_gelu_is_the_tanh_approximation():
+    """BloomGelu (forward and its hand-written backward) equals F.gelu(approximate="tanh") that replaces it."""
+    from transformers.models.bloom.modeling_bloom import BloomGelu
+
+    assert tuple(inspect.signature(BloomGelu.forward).parameters) == ("self", "x")
+    x = torch.linspace(-6, 6, 1001, dtype=torch.float64, requires_grad=True)
+    expected = BloomGelu()(x)
+    (expected_grad,) = torch.autograd.grad(expected.sum(), x)
+    actual = torch.nn.functional.gelu(x, approximate="tanh")
+    (actual_grad,) = torch.autograd.grad(actual.sum(), x)
+    torch.testing.assert_close(actual, expected, rtol=1e-7, atol=1e-8)
+    torch.testing.assert_close(actual_grad, expected_grad, rtol=1e-7, atol=1e-8)
+
+
+def test_loading_bloom_applies_the_fast_paths_unless_eager(tiny_bloom_dir):
+    from loraft.config import ModelConfig
+    from loraft.model import load_base_model
+
+    for attention in (None, "sdpa"):
+        assert uses_fast_bloom(load_base_model(ModelConfig(name_or_path=str(tiny_bloom_dir),
+                                                           attn_implementation=attention)))
+    assert not uses_fast_bloom(load_base_model(ModelConfig(name_or_path=str(tiny_bloom_dir),
+                                                           attn_implementation="eager")))
+
+
 @pytest.mark.parametrize("padding_side", ["right", "left"])
 def test_sdpa_alibi_equals_eager(padding_side):
     eager = _bloom()
     sdpa = copy.deepcopy(eager)
-    assert use_sdpa_attention(sdpa) == 2 and uses_sdpa_attention(sdpa) and not uses_sdpa_attention(eager)
+    assert use_fast_bloom(sdpa) == 2 and uses_fast_bloom(sdpa) and not uses_fast_bloom(eager)
     input_ids, mask, _ = _batch()
     if padding_side == "left":
         mask = mask.flip(-1)
@@ -59,7 +84,7 @@ def test_sdpa_alibi_equals_eager(padding_side):
 def test_sdpa_alibi_gradients_equal_eager():
     eager = _bloom().train()
     sdpa = copy.deepcopy(eager)
-    use_sdpa_attention(sdpa)
+    use_fast_bloom(sdpa)
     input_ids, mask, labels = _batch()
     eager(input_ids=input_ids, attention_mask=mask, labels=labels).loss.backward()
     sdpa(input_ids=input_ids, attention_mask=mask, labels=labels).loss.backward()
@@ -70,7 +95,7 @@ def test_sdpa_alibi_gradients_equal_eager():
 def test_sdpa_alibi_generation_with_cache_equals_eager():
     eager = _bloom()
     sdpa = copy.deepcopy(eager)
-    use_sdpa_attention(sdpa)
+    use_fast_bloom(sdpa)
     input_ids, mask, _ = _batch()
     mask = mask.flip(-1)  # generation pads on the left
     kwargs = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
@@ -81,7 +106,7 @@ def test_sdpa_alibi_in_bf16_is_closer_to_fp32_than_eager():
     """Relative alibi keeps the bias exact near the diagonal; eager rounds slope * position in bf16."""
     model = _bloom(hidden=128, heads=8)
     sdpa = copy.deepcopy(model)
-    use_sdpa_attention(sdpa)
+    use_fast_bloom(sdpa)
     input_ids = torch.randint(4, 120, (2, 200), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         reference = model(input_ids=input_ids).logits
@@ -210,7 +235,7 @@ def _run(model_dir, data_dir, out_dir, *overrides):
 
 
 REFERENCE_PATH = ["train.precision=fp32", "train.sampling=random", "train.micro_batch_tokens=0",
-                  "train.supervised_loss=false", "model.attn_implementation=eager"]
+                  "train.supervised_loss=false", "model.attn_implementation=eager", "train.optim=adamw_torch"]
 
 
 @pytest.mark.parametrize("budget", [2048, 40])

@@ -1,17 +1,23 @@
-"""BLOOM attention through `scaled_dot_product_attention`, with its alibi bias (the one library patch loraft makes).
+"""BLOOM's fast paths: attention through `scaled_dot_product_attention` with alibi, and a one-kernel GELU.
 
-transformers 5 runs BLOOM with eager attention only: it materialises the scores, a float32 softmax and its
-bfloat16 copy per layer and keeps them for backward. SDPA computes the same softmax(q k^T / sqrt(d) + alibi +
-mask) v with a fused kernel that keeps none of them (measured in docs/benchmarks.md). Two details:
+These are the only library patches loraft makes; `use_fast_bloom` applies both to one model instance (each
+module's `forward` is replaced, nothing global), `model.attn_implementation=eager` keeps the library's code.
+tests/test_speed_paths.py checks that outputs and gradients equal the library's and that the replaced
+forwards still have the signatures implemented here. Measured gains: docs/benchmarks.md.
+
+Attention: transformers 5 runs BLOOM with eager attention only: it materialises the scores, a float32
+softmax and its bfloat16 copy per layer and keeps them for backward. SDPA computes the same
+softmax(q k^T / sqrt(d) + alibi + mask) v with a fused kernel that keeps none of them. Two details:
 
 - alibi is applied relative to each query (slope * (key - query) instead of slope * key). Softmax is invariant
   to a per-row shift, so this is the same function; in bfloat16 it keeps the bias exact near the diagonal,
   where the eager path rounds slope * position (up to ~180) to a step of 1.
 - the bias is built once per forward and shared by all layers (every layer gets the same alibi and mask).
 
-`use_sdpa_attention` replaces `forward` on each BloomAttention instance of one model, nothing global.
-tests/test_speed_paths.py checks that the result equals the eager path (with padding, with a cache) and that
-BloomAttention.forward still has the signature this replacement implements.
+GELU: BloomGelu is a Python autograd Function of ~7 elementwise ops forward and ~12 backward, each a full pass
+over the [tokens, 4 x hidden] activation. Its formula is the tanh approximation,
+x * 0.5 * (1 + tanh(0.79788456 * x * (1 + 0.044715 * x^2))), which `F.gelu(approximate="tanh")` computes in
+one kernel each way (the constant is sqrt(2/pi) to 8 digits).
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import types
 import torch
 import torch.nn.functional as F
 
-# The eager BloomAttention.forward parameters this replacement implements (checked by a test).
+# The BloomAttention.forward parameters the SDPA replacement implements (checked by a test).
 BLOOM_ATTENTION_PARAMETERS = (
     "self", "hidden_states", "residual", "alibi", "attention_mask", "layer_past", "use_cache",
     "output_attentions", "kwargs",
@@ -95,9 +101,14 @@ def _bloom_sdpa_forward(
     return output, None
 
 
-def use_sdpa_attention(model: torch.nn.Module) -> int:
-    """Route every BloomAttention of `model` through SDPA; returns how many modules now use it."""
-    from transformers.models.bloom.modeling_bloom import BloomAttention
+def _tanh_gelu(self, x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+def use_fast_bloom(model: torch.nn.Module) -> int:
+    """Route every BloomAttention of `model` through SDPA and every BloomGelu through F.gelu; returns how many
+    attention modules now use SDPA (0 for a model that is not BLOOM)."""
+    from transformers.models.bloom.modeling_bloom import BloomAttention, BloomGelu
 
     shared = _SharedBias()
     count = 0
@@ -106,8 +117,10 @@ def use_sdpa_attention(model: torch.nn.Module) -> int:
             module._loraft_bias = shared
             module.forward = types.MethodType(_bloom_sdpa_forward, module)
             count += 1
+        elif isinstance(module, BloomGelu):
+            module.forward = types.MethodType(_tanh_gelu, module)
     return count
 
 
-def uses_sdpa_attention(model: torch.nn.Module) -> bool:
+def uses_fast_bloom(model: torch.nn.Module) -> bool:
     return any(hasattr(module, "_loraft_bias") for module in model.modules())

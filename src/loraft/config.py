@@ -37,7 +37,7 @@ class ModelConfig(_Section):
     attn_implementation: Optional[str] = Field(
         None,
         description="Attention implementation (eager, sdpa, flash_attention_2); None = sdpa where available "
-        "(BLOOM: loraft's SDPA with alibi), eager = the library's eager path.",
+        "(BLOOM: loraft's SDPA with alibi and one-kernel GELU), eager = the library's code.",
     )
 
 
@@ -132,7 +132,10 @@ class TrainConfig(_Section):
         0, description="Learning-rate warmup: a number of steps, or a fraction (< 1) of all steps."
     )
     lr_scheduler_type: str = Field("linear", description="transformers learning-rate schedule name.")
-    optim: str = Field("adamw_torch", description="transformers optimizer name.")
+    optim: str = Field(
+        "adamw_torch_fused",
+        description="transformers optimizer name (adamw_torch_fused: Trainer's own default, one fused kernel per step).",
+    )
     max_grad_norm: float = Field(1.0, description="Gradient clipping norm.")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto",
@@ -146,9 +149,10 @@ class TrainConfig(_Section):
         "reference's order: same samples in each optimizer step), sequential, or group_by_length (Trainer's).",
     )
     micro_batch_tokens: int = Field(
-        2048,
-        description="Run each optimizer step's batch x grad-accum samples as the fewest micro-batches of at most "
-        "this many padded tokens (same optimizer step and loss; 0 = keep the configured split).",
+        1024,
+        description="Collate each optimizer step's batch x grad-accum samples as one batch and run forward/backward "
+        "in sub-batches of at most this many padded tokens, longest together (same step and loss; bounds memory); "
+        "0 = the configured batch and accumulation.",
     )
     supervised_loss: bool = Field(
         True, description="Run lm_head and the loss only where labels are supervised, in chunks (same loss)."

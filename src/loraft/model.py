@@ -78,25 +78,23 @@ def load_tokenizer(name_or_path: str, revision: Optional[str] = None, trust_remo
 
 def load_base_model(model: ModelConfig, dtype: torch.dtype = torch.float32):
     """Load the causal LM with `from_pretrained` (hub id or local dir), frozen weights in `dtype`."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     kwargs = {"dtype": dtype, "revision": model.revision, "trust_remote_code": model.trust_remote_code}
-    if model.attn_implementation:
-        kwargs["attn_implementation"] = model.attn_implementation
     try:
-        loaded = AutoModelForCausalLM.from_pretrained(model.name_or_path, **kwargs)
+        config = AutoConfig.from_pretrained(model.name_or_path, revision=model.revision,
+                                            trust_remote_code=model.trust_remote_code)
+        # BLOOM has no SDPA in transformers: loraft provides it (loraft.bloom) on the default implementation
+        fast_bloom = config.model_type == "bloom" and model.attn_implementation in (None, "sdpa")
+        if model.attn_implementation and not fast_bloom:
+            kwargs["attn_implementation"] = model.attn_implementation
+        loaded = AutoModelForCausalLM.from_pretrained(model.name_or_path, config=config, **kwargs)
     except OSError as exc:
         raise ModelError(f"{model.name_or_path}: cannot load the base model ({_first_line(exc)})") from None
-    except ValueError as exc:
-        # BLOOM has no SDPA in transformers; loraft provides it below, so load it with the library default
-        if model.attn_implementation != "sdpa" or "sdpa" not in str(exc).lower():
-            raise
-        kwargs.pop("attn_implementation")
-        loaded = AutoModelForCausalLM.from_pretrained(model.name_or_path, **kwargs)
-    if model.attn_implementation in (None, "sdpa") and getattr(loaded.config, "model_type", None) == "bloom":
-        from loraft.attention import use_sdpa_attention
+    if fast_bloom:
+        from loraft.bloom import use_fast_bloom
 
-        use_sdpa_attention(loaded)
+        use_fast_bloom(loaded)
     return loaded
 
 

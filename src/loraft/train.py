@@ -390,7 +390,7 @@ def train(config: RunConfig, resume: bool = False, callbacks: Optional[list] = N
     """
     from transformers import DataCollatorForSeq2Seq, set_seed
 
-    from loraft.attention import uses_sdpa_attention
+    from loraft.bloom import uses_fast_bloom
     from loraft.data import prepare_datasets
     from loraft.model import count_parameters, load_model_for_training, load_tokenizer
     from loraft.templates import get_template
@@ -442,7 +442,7 @@ def train(config: RunConfig, resume: bool = False, callbacks: Optional[list] = N
             f"forward/backward in sub-batches of <= {config.train.micro_batch_tokens} padded tokens"
             if config.train.micro_batch_tokens else "no sub-batches", config.train.sampling,
             "supervised-only" if config.train.supervised_loss else "full-logits",
-            ", BLOOM SDPA-alibi attention" if uses_sdpa_attention(model) else "",
+            ", BLOOM SDPA-alibi attention and one-kernel GELU" if uses_fast_bloom(model) else "",
         )
         trainer_class = _make_trainer_class()
         trainer = trainer_class(
