@@ -238,14 +238,16 @@ REFERENCE_PATH = ["train.precision=fp32", "train.sampling=random", "train.micro_
                   "train.supervised_loss=false", "model.attn_implementation=eager", "train.optim=adamw_torch"]
 
 
-@pytest.mark.parametrize("budget", [2048, 40])
-def test_fast_path_in_fp32_gives_the_reference_losses(tiny_bloom_dir, alpaca_disk_dir, tmp_path, monkeypatch, budget):
-    """Parity mode: the step's 8 samples as one batch (or split into sub-batches of <= 40 tokens), SDPA-alibi,
-    supervised-only loss == batch 1 x accumulation 8, eager, full logits, step for step."""
+@pytest.mark.parametrize("options", [["train.micro_batch_tokens=2048"], ["train.micro_batch_tokens=40"],
+                                     ["train.gradient_checkpointing=true"]], ids=["one-batch", "split", "checkpointing"])
+def test_fast_path_in_fp32_gives_the_reference_losses(tiny_bloom_dir, alpaca_disk_dir, tmp_path, monkeypatch, options):
+    """Parity mode: the step's 8 samples as one batch (or split into sub-batches of <= 40 tokens, or with
+    activations recomputed), SDPA-alibi, supervised-only loss == batch 1 x accumulation 8, eager, full logits,
+    step for step."""
     monkeypatch.setenv("LORAFT_CACHE_DIR", str(tmp_path / "cache"))
     reference = _run(tiny_bloom_dir, alpaca_disk_dir, tmp_path / "reference", *REFERENCE_PATH)
     fast = _run(tiny_bloom_dir, alpaca_disk_dir, tmp_path / "fast", "train.precision=fp32", "train.sampling=random",
-                f"train.micro_batch_tokens={budget}")
+                *options)
     assert len(reference) == len(fast) == 4
     torch.testing.assert_close(fast, reference, rtol=1e-5, atol=0)
 
