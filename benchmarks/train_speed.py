@@ -178,16 +178,19 @@ def worker(args) -> None:
                                                             *args.loraft_override]),
     }[args.worker]
     load_before = common.load_average()
-    gemm_before = common.gemm_peak("bf16", repeats=3)  # how much of the machine this run got, before and after
+    # how much of the (shared) machine this run got: GEMM peaks right before and right after it
+    peaks_before = {dtype: common.gemm_peak(dtype, repeats=3) for dtype in ("fp32", "bf16")}
     started = time.perf_counter()
     runner(Path(args.model_dir), data, out_dir, shape, [clock.callback])
     wall = time.perf_counter() - started
-    gemm_after = common.gemm_peak("bf16", repeats=3)
+    peaks_after = {dtype: common.gemm_peak(dtype, repeats=3) for dtype in ("fp32", "bf16")}
     peak_gpu = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
     common.write_json(Path(args.out), {
         "variant": args.worker, "steps": clock.steps, "losses": clock.losses, "wall_s": wall,
         "peak_rss_gib": common.peak_rss_gib(), "peak_gpu_gib": peak_gpu,
-        "load_average": [load_before, common.load_average()], "gemm_bf16_gflops": [gemm_before, gemm_after],
+        "load_average": [load_before, common.load_average()],
+        "gemm_bf16_gflops": [peaks_before["bf16"], peaks_after["bf16"]],
+        "gemm_peaks": {dtype: (peaks_before[dtype] + peaks_after[dtype]) / 2 for dtype in ("fp32", "bf16")},
     })
 
 
@@ -207,6 +210,8 @@ def summarize(result: dict, shape: common.Shape, counts: dict, peaks: dict, leng
     cpu_elapsed = timed[-1].get("cpu_time", float("nan")) - (steps[0].get("cpu_time", 0.0) if len(steps) > 1 else 0.0)
     flops = common.model_flops(counts, tokens, supervised, result.get("attention_flops", 0.0))
     achieved = flops / elapsed / 1e9
+    # MFU against the peaks this run itself measured before and after (the machine may be shared)
+    peaks = result.get("gemm_peaks", peaks)
     return {
         "variant": result["variant"],
         "supervised_tok_s": supervised / elapsed,
@@ -221,6 +226,7 @@ def summarize(result: dict, shape: common.Shape, counts: dict, peaks: dict, leng
         "achieved_gflops": achieved,
         "mfu_fp32": achieved / peaks["fp32"],
         "mfu_bf16": achieved / peaks["bf16"],
+        "run_gemm_peaks": peaks,
         "losses": [x["loss"] for x in result["losses"]],
         "load_average": result["load_average"],
         "gemm_bf16_gflops": result["gemm_bf16_gflops"],
