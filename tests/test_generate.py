@@ -8,7 +8,7 @@ import torch
 
 from loraft.cli import main
 from loraft.config import GenerationConfig, load_config
-from loraft.generate import chat, encode_prompt, generate_batch, load_run, stop_token_ids
+from loraft.generate import chat, encode_prompt, generate_batch, generation_kwargs, load_run, stop_token_ids
 from loraft.train import train
 
 GREEDY = GenerationConfig(max_new_tokens=12, temperature=0)
@@ -102,3 +102,20 @@ def test_chat_keeps_history_and_resets(run_dir, monkeypatch):
 def test_not_a_run_dir(tmp_path, capsys):
     assert main(["generate", str(tmp_path), "--prompt", "hi"]) == 2
     assert capsys.readouterr().err == f"error: {tmp_path}: not a finished loraft run (no adapter_config.json)\n"
+
+
+def test_min_new_tokens_holds_off_the_end_token(run_dir):
+    model, tokenizer, template, _ = load_run(run_dir)
+    ids = torch.tensor([encode_prompt(tokenizer, template, [{"role": "user", "content": "你好"}])])
+    # make the end token the model's first choice, so that only min_new_tokens keeps it from stopping
+    bias = torch.zeros(model.config.vocab_size)
+    bias[tokenizer.eos_token_id] = 1e4
+    hook = model.base_model.model.lm_head.register_forward_hook(lambda _m, _i, out: out + bias)
+    try:
+        for floor, expected in ((0, 1), (10, 10)):
+            kwargs = generation_kwargs(tokenizer, template, GREEDY.model_copy(update={"min_new_tokens": floor,
+                                                                                    "max_new_tokens": 10}))
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
+            assert out.shape[1] - ids.shape[1] == expected
+    finally:
+        hook.remove()

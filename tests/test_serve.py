@@ -68,7 +68,7 @@ def assert_error(response, status: int, param=None, code=None, message=None):
 
 
 def test_health_models_and_page(app, engine):
-    assert request(app, "GET", "/health").json() == {"status": "ok"}
+    assert request(app, "GET", "/health").json() == {"status": "ok", "generating": 0, "waiting": 0}
     models = request(app, "GET", "/v1/models").json()
     assert models["object"] == "list" and [m["id"] for m in models["data"]] == ["bloom-default"]
     assert models["data"][0]["loraft"]["template"] == "human_assistant"
@@ -204,6 +204,9 @@ def test_concurrent_requests_are_all_answered_one_generation_at_a_time(engine):
         ({"max_tokens": 0}, 400, "max_tokens", None, "max_tokens must be a positive integer."),
         ({"max_tokens": "8"}, 400, "max_tokens", None, None),
         ({"max_tokens": True}, 400, "max_tokens", None, None),
+        ({"max_tokens": 8, "min_tokens": 9}, 400, "min_tokens", None,
+         "min_tokens must be an integer between 0 and max_tokens (8)."),
+        ({"min_tokens": -1}, 400, "min_tokens", None, None),
         ({"temperature": 3}, 400, "temperature", None, "temperature must be a number between 0 and 2."),
         ({"top_p": 0}, 400, "top_p", None, None),
         ({"n": 2}, 400, "n", None, "Only n=1 is supported."),

@@ -282,38 +282,41 @@ def test_chat_page_streams_answers_and_keeps_the_conversation(server, client, ru
 
 def test_sigterm_finishes_in_flight_and_queued_requests(server, run_dir):
     headers = {"Authorization": f"Bearer {KEY}"}
+    # min_tokens = max_tokens: every answer is as long as the cap allows, however fast the machine
     body = {"model": run_dir.name, "messages": [{"role": "user", "content": "写一首关于春天的诗"}],
-            "temperature": 0, "max_tokens": 64}
+            "temperature": 0, "max_tokens": 64, "min_tokens": 64}
     queued: dict = {}
 
     def queued_request() -> None:
         response = httpx.post(server.url + "/v1/chat/completions", json=body, headers=headers, timeout=120)
         queued["status"], queued["body"] = response.status_code, response.json()
-        queued["finished"] = time.monotonic()
 
     events = []
     with httpx.stream("POST", server.url + "/v1/chat/completions", json={**body, "stream": True}, headers=headers,
                       timeout=120) as response:
         assert response.status_code == 200
         lines = response.iter_lines()
-        for line in lines:  # the opening role chunk: the request is in flight
+        for line in lines:  # the opening role chunk: the request holds the model
             if line.startswith("data: "):
                 events.append(line[6:])
                 break
         worker = threading.Thread(target=queued_request)
         worker.start()
-        time.sleep(0.5)  # let the queued request reach the server and wait for the model
+        # the signal goes out while the server itself reports the second request queued behind the first
+        deadline = time.monotonic() + 60
+        while httpx.get(server.url + "/health", timeout=5).json()["waiting"] != 1:
+            assert time.monotonic() < deadline, "the second request never queued"
+            assert worker.is_alive(), "the second request finished before it was seen queued"
+            time.sleep(0.002)
         server.process.send_signal(signal.SIGTERM)
-        stopping_since = time.monotonic()
         for line in lines:
             if line.startswith("data: "):
                 events.append(line[6:])
     worker.join(timeout=120)
     assert events[-1] == "[DONE]"
     assert json.loads(events[-2])["choices"][0]["finish_reason"] in ("stop", "length")
-    assert queued["status"] == 200 and queued["body"]["choices"][0]["message"]["content"] is not None
-    # the queued request was answered after the signal: shutdown waited for it
-    assert queued["finished"] > stopping_since
+    # the queued request, still waiting when the signal came, was answered in full: shutdown waited for it
+    assert queued["status"] == 200 and queued["body"]["choices"][0]["message"]["content"]
     assert server.process.wait(timeout=30) in (0, -signal.SIGTERM)
     with pytest.raises(httpx.ConnectError):
         httpx.get(server.url + "/health", timeout=2)

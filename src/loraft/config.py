@@ -191,6 +191,8 @@ class TrainConfig(_Section):
 
 class GenerationConfig(_Section):
     max_new_tokens: int = Field(256, description="Most tokens generated per answer.")
+    min_new_tokens: int = Field(0, ge=0, description="Fewest tokens generated before an end token may stop the "
+                                "answer (0 = off).")
     temperature: float = Field(0.7, description="Sampling temperature (0 = greedy).")
     top_p: float = Field(0.9, description="Nucleus sampling probability mass.")
     top_k: int = Field(0, description="Sample from the k most likely tokens (0 = off).")

@@ -44,6 +44,8 @@ def generation_kwargs(tokenizer, template: Template, settings: GenerationConfig)
         "pad_token_id": tokenizer.pad_token_id,
         "repetition_penalty": settings.repetition_penalty,
     }
+    if settings.min_new_tokens > 0:
+        kwargs["min_new_tokens"] = min(settings.min_new_tokens, settings.max_new_tokens)
     if settings.temperature <= 0:
         kwargs["do_sample"] = False
     else:

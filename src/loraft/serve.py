@@ -1,7 +1,9 @@
 """OpenAI-compatible HTTP server for a run directory (FastAPI + uvicorn), with a small chat page at `/`.
 
 Endpoints: POST /v1/chat/completions (applies the run's template; `stream: true` answers as server-sent
-events), POST /v1/completions (raw text continuation), GET /v1/models, GET /health, GET / (the page).
+events), POST /v1/completions (raw text continuation), GET /v1/models, GET /health (with how many
+requests are generating and waiting), GET / (the page). Besides OpenAI's sampling fields, requests accept
+vLLM's `min_tokens`.
 
 One model serves every request: generations run one at a time in a worker thread, queued first come
 first served on an asyncio lock, so the event loop keeps accepting (and queueing) requests meanwhile and
@@ -85,6 +87,7 @@ class Engine:
         self._counter_lock = threading.Lock()
         self.active_generations = 0
         self.most_concurrent_generations = 0
+        self.waiting = 0  # requests queued on the lock
 
     def prompt_tokens(self, messages: Sequence[dict], template: Template) -> int:
         from loraft.generate import encode_prompt
@@ -133,14 +136,25 @@ class Engine:
         """The whole answer; waits its turn in the queue."""
         import anyio
 
-        async with self.lock:
+        self.waiting += 1
+        try:
+            await self.lock.acquire()
+        finally:
+            self.waiting -= 1
+        try:
             # Shielded: a client that goes away must not release the lock while its generation still runs.
             with anyio.CancelScope(shield=True):
                 return await anyio.to_thread.run_sync(self._complete_blocking, messages, template, settings, seed)
+        finally:
+            self.lock.release()
 
     async def stream(self, messages, template, settings: GenerationConfig, seed: Optional[int] = None) -> AsyncIterator[str]:
         """The answer piece by piece; the lock is held until generation ends, even if the client leaves."""
-        await self.lock.acquire()
+        self.waiting += 1
+        try:
+            await self.lock.acquire()
+        finally:
+            self.waiting -= 1
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
 
@@ -290,6 +304,12 @@ def check_sampling(payload: dict, engine: Engine, cap: int) -> tuple[GenerationC
     elif max_tokens > cap:
         raise APIError(400, f"{param} is {max_tokens}, above this server's limit of {cap}.", param=param)
     update: dict[str, Any] = {"max_new_tokens": max_tokens}
+    min_tokens = payload.get("min_tokens")  # vLLM's extension: no end token before this many
+    if min_tokens is not None:
+        if not _is_int(min_tokens) or not 0 <= min_tokens <= max_tokens:
+            raise APIError(400, f"min_tokens must be an integer between 0 and {param} ({max_tokens}).",
+                           param="min_tokens")
+        update["min_new_tokens"] = min_tokens
     temperature = payload.get("temperature")
     if temperature is not None:
         if not _is_number(temperature) or not 0 <= temperature <= 2:
@@ -399,7 +419,7 @@ def create_app(engine: Engine, settings: ServeSettings = ServeSettings()):
 
     @app.get("/health")
     async def health():
-        return {"status": "ok"}
+        return {"status": "ok", "generating": engine.active_generations, "waiting": engine.waiting}
 
     @app.get("/", response_class=HTMLResponse)
     async def page():
