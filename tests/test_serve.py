@@ -144,6 +144,35 @@ def test_stop_sequences_cut_the_answer_streamed_or_not(app, engine):
     assert events[-1]["choices"][0]["finish_reason"] == "stop"
 
 
+def test_usage_counts_generated_tokens_and_finish_reason_says_why_it_ended(app, engine):
+    # min_tokens = max_tokens: the answer runs to the cap, streamed or not
+    for path, extra in (("/v1/chat/completions", {}), ("/v1/completions", {"prompt": "北京"})):
+        body = chat_body(engine, max_tokens=12, min_tokens=12, **extra)
+        if "prompt" in extra:
+            body.pop("messages")
+        plain = request(app, "POST", path, json=body).json()
+        assert plain["usage"]["completion_tokens"] == 12 and plain["choices"][0]["finish_reason"] == "length"
+        events = sse_events(request(app, "POST", path,
+                                    json={**body, "stream": True, "stream_options": {"include_usage": True}}).text)
+        assert events[-1]["usage"] == plain["usage"] and events[-2]["choices"][0]["finish_reason"] == "length"
+    # an end token as the model's first choice: nothing generated, finish_reason stop
+    bias = torch.zeros(engine.model.config.vocab_size)
+    bias[engine.tokenizer.eos_token_id] = 1e4
+    hook = engine.model.base_model.model.lm_head.register_forward_hook(lambda _m, _i, out: out + bias)
+    try:
+        for stream in (False, True):
+            response = request(app, "POST", "/v1/chat/completions",
+                               json=chat_body(engine, stream=stream, stream_options={"include_usage": True}))
+            if stream:
+                events = sse_events(response.text)
+                usage, finish = events[-1]["usage"], events[-2]["choices"][0]["finish_reason"]
+            else:
+                usage, finish = response.json()["usage"], response.json()["choices"][0]["finish_reason"]
+            assert usage["completion_tokens"] == 0 and finish == "stop"
+    finally:
+        hook.remove()
+
+
 def test_stop_scanner_holds_back_a_possible_stop_start():
     scanner = StopScanner(["END"])
     assert scanner.feed("abcE") == "ab"  # "cE" could start "END"

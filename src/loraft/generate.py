@@ -11,7 +11,7 @@ import json
 import sys
 import threading
 from pathlib import Path
-from typing import Iterable, Iterator, Optional, Sequence
+from typing import Iterable, Iterator, NamedTuple, Optional, Sequence
 
 import torch
 
@@ -55,8 +55,25 @@ def generation_kwargs(tokenizer, template: Template, settings: GenerationConfig)
     return kwargs
 
 
+class Answer(NamedTuple):
+    """One generated answer: its text, how many tokens were generated for it (the end token not counted),
+    and whether it ended on an end token (else it ran into max_new_tokens)."""
+
+    text: str
+    tokens: int
+    ended: bool
+
+
+def _count(generated: Sequence[int], stop_ids: Sequence[int]) -> tuple[int, bool]:
+    """(tokens before the first end token, whether there was one) for one row of generated ids."""
+    for position, token in enumerate(generated):
+        if token in stop_ids:
+            return position, True
+    return len(generated), False
+
+
 @torch.inference_mode()
-def generate_batch(
+def generate_answers(
     model,
     tokenizer,
     template: Template,
@@ -64,15 +81,16 @@ def generate_batch(
     settings: GenerationConfig,
     batch_size: int = 8,
     progress: bool = False,
-) -> list[str]:
+) -> list[Answer]:
     """Answer each conversation; batches are left-padded so every prompt ends where generation starts."""
     from tqdm.auto import tqdm
 
     encoded = [encode_prompt(tokenizer, template, messages) for messages in conversations]
     # Longest prompts first keeps padding low; answers are put back in input order.
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
-    answers: list[Optional[str]] = [None] * len(encoded)
+    answers: list[Optional[Answer]] = [None] * len(encoded)
     kwargs = generation_kwargs(tokenizer, template, settings)
+    stop_ids = set(kwargs["eos_token_id"])
     device = next(model.parameters()).device
     batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
     for batch in tqdm(batches, desc="generate", unit="batch", disable=not progress):
@@ -85,33 +103,77 @@ def generate_batch(
             attention_mask[row, width - len(ids) :] = 1
         output = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), **kwargs)
         for row, index in enumerate(batch):
-            answers[index] = tokenizer.decode(output[row, width:], skip_special_tokens=True)
-    return [a or "" for a in answers]
+            generated = output[row, width:].tolist()
+            tokens, ended = _count(generated, stop_ids)
+            answers[index] = Answer(tokenizer.decode(generated[:tokens], skip_special_tokens=True), tokens, ended)
+    return [a for a in answers if a is not None]
 
 
-def stream_answer(model, tokenizer, template: Template, messages: Sequence[dict], settings: GenerationConfig) -> Iterator[str]:
-    """Yield the answer to a conversation piece by piece as it is generated."""
-    from transformers import TextIteratorStreamer
+def generate_batch(
+    model,
+    tokenizer,
+    template: Template,
+    conversations: Sequence[Sequence[dict]],
+    settings: GenerationConfig,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> list[str]:
+    """The answers' texts (see generate_answers)."""
+    return [a.text for a in generate_answers(model, tokenizer, template, conversations, settings, batch_size, progress)]
 
-    input_ids = torch.tensor([encode_prompt(tokenizer, template, messages)], device=next(model.parameters()).device)
-    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    kwargs = generation_kwargs(tokenizer, template, settings)
-    errors: list[BaseException] = []
 
-    def run() -> None:
-        try:
-            with torch.inference_mode():
-                model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), streamer=streamer, **kwargs)
-        except BaseException as exc:  # surfaced in the caller's thread below
-            errors.append(exc)
-            streamer.end()
+class AnswerStream:
+    """The answer to one conversation, iterated piece by piece as it is generated; once iteration ends,
+    `tokens` and `ended` say what `Answer` says."""
 
-    worker = threading.Thread(target=run, daemon=True)
-    worker.start()
-    yield from streamer
-    worker.join()
-    if errors:
-        raise errors[0]
+    def __init__(self, model, tokenizer, template: Template, messages: Sequence[dict], settings: GenerationConfig):
+        self.model, self.tokenizer = model, tokenizer
+        self.input_ids = torch.tensor([encode_prompt(tokenizer, template, messages)],
+                                      device=next(model.parameters()).device)
+        self.kwargs = generation_kwargs(tokenizer, template, settings)
+        self.tokens, self.ended = 0, False
+
+    def __iter__(self) -> Iterator[str]:
+        from transformers import TextIteratorStreamer
+
+        stop_ids = set(self.kwargs["eos_token_id"])
+        answer = self
+
+        class CountingStreamer(TextIteratorStreamer):
+            def put(self, value):
+                if not (self.skip_prompt and self.next_tokens_are_prompt):
+                    for token in value.reshape(-1).tolist():
+                        if answer.ended:
+                            break
+                        if token in stop_ids:
+                            answer.ended = True
+                        else:
+                            answer.tokens += 1
+                super().put(value)
+
+        streamer = CountingStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        errors: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                with torch.inference_mode():
+                    self.model.generate(input_ids=self.input_ids, attention_mask=torch.ones_like(self.input_ids),
+                                        streamer=streamer, **self.kwargs)
+            except BaseException as exc:  # surfaced in the caller's thread below
+                errors.append(exc)
+                streamer.end()
+
+        worker = threading.Thread(target=run, daemon=True)
+        worker.start()
+        yield from streamer
+        worker.join()
+        if errors:
+            raise errors[0]
+
+
+def stream_answer(model, tokenizer, template: Template, messages: Sequence[dict], settings: GenerationConfig) -> AnswerStream:
+    """The answer to a conversation, piece by piece as it is generated (an iterable AnswerStream)."""
+    return AnswerStream(model, tokenizer, template, messages, settings)
 
 
 def load_run(run_dir: str | Path, device: Optional[str] = None, dtype: Optional[str] = None):

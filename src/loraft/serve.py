@@ -24,7 +24,7 @@ import uuid
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, AsyncIterator, Iterator, Optional, Sequence
+from typing import Any, AsyncIterator, Iterator, Optional, Sequence, Union
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -33,6 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from loraft.config import GenerationConfig
 from loraft.errors import RunError
+from loraft.generate import Answer
 from loraft.templates import ROLES, Template
 
 logger = logging.getLogger("loraft")
@@ -106,20 +107,22 @@ class Engine:
         with self._counter_lock:
             self.active_generations -= 1
 
-    def _complete_blocking(self, messages, template, settings: GenerationConfig, seed: Optional[int]) -> str:
+    def _complete_blocking(self, messages, template, settings: GenerationConfig, seed: Optional[int]) -> Answer:
         import torch
 
-        from loraft.generate import generate_batch
+        from loraft.generate import generate_answers
 
         self._enter()
         try:
             if seed is not None:
                 torch.manual_seed(seed)
-            return generate_batch(self.model, self.tokenizer, template, [messages], settings, batch_size=1)[0]
+            return generate_answers(self.model, self.tokenizer, template, [messages], settings, batch_size=1)[0]
         finally:
             self._leave()
 
-    def _stream_blocking(self, messages, template, settings: GenerationConfig, seed: Optional[int]) -> Iterator[str]:
+    def _stream_blocking(self, messages, template, settings: GenerationConfig,
+                         seed: Optional[int]) -> Iterator[Union[str, Answer]]:
+        """The answer's pieces, then the whole Answer (its text empty) for the token count."""
         import torch
 
         from loraft.generate import stream_answer
@@ -128,11 +131,13 @@ class Engine:
         try:
             if seed is not None:
                 torch.manual_seed(seed)
-            yield from stream_answer(self.model, self.tokenizer, template, messages, settings)
+            answer = stream_answer(self.model, self.tokenizer, template, messages, settings)
+            yield from answer
+            yield Answer("", answer.tokens, answer.ended)
         finally:
             self._leave()
 
-    async def complete(self, messages, template, settings: GenerationConfig, seed: Optional[int] = None) -> str:
+    async def complete(self, messages, template, settings: GenerationConfig, seed: Optional[int] = None) -> Answer:
         """The whole answer; waits its turn in the queue."""
         import anyio
 
@@ -148,8 +153,10 @@ class Engine:
         finally:
             self.lock.release()
 
-    async def stream(self, messages, template, settings: GenerationConfig, seed: Optional[int] = None) -> AsyncIterator[str]:
-        """The answer piece by piece; the lock is held until generation ends, even if the client leaves."""
+    async def stream(self, messages, template, settings: GenerationConfig,
+                     seed: Optional[int] = None) -> AsyncIterator[Union[str, Answer]]:
+        """The answer piece by piece, then its Answer (token count); the lock is held until generation ends,
+        even if the client leaves."""
         self.waiting += 1
         try:
             await self.lock.acquire()
@@ -465,10 +472,9 @@ def create_app(engine: Engine, settings: ServeSettings = ServeSettings()):
                 _chat_stream(engine, messages, template, sampling, seed, stops, chunk, prompt_tokens, include_usage),
                 media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
-        answer = await engine.complete(messages, template, sampling, seed)
-        answer, stopped = _cut_at_stop(answer, stops)
-        completion_tokens = engine.count_tokens(answer)
-        finish = "stop" if stopped or completion_tokens < sampling.max_new_tokens else "length"
+        result = await engine.complete(messages, template, sampling, seed)
+        answer, stopped = _cut_at_stop(result.text, stops)
+        completion_tokens, finish = _usage(engine, result, answer, stopped)
         return {
             "id": completion_id, "object": "chat.completion", "created": created, "model": engine.model_id,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": answer}, "finish_reason": finish}],
@@ -500,10 +506,9 @@ def create_app(engine: Engine, settings: ServeSettings = ServeSettings()):
                              opening=False),
                 media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
-        text = await engine.complete(messages, RAW_TEXT, sampling, seed)
-        text, stopped = _cut_at_stop(text, stops)
-        completion_tokens = engine.count_tokens(text)
-        finish = "stop" if stopped or completion_tokens < sampling.max_new_tokens else "length"
+        result = await engine.complete(messages, RAW_TEXT, sampling, seed)
+        text, stopped = _cut_at_stop(result.text, stops)
+        completion_tokens, finish = _usage(engine, result, text, stopped)
         return {
             "id": completion_id, "object": "text_completion", "created": created, "model": engine.model_id,
             "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
@@ -514,6 +519,14 @@ def create_app(engine: Engine, settings: ServeSettings = ServeSettings()):
     return app
 
 
+def _usage(engine: Engine, result: Answer, text: str, cut_at_stop: bool) -> tuple[int, str]:
+    """(completion_tokens, finish_reason): the generated token count, or, when a stop string cut the text,
+    the count of the text kept."""
+    if cut_at_stop:
+        return engine.count_tokens(text), "stop"
+    return result.tokens, "stop" if result.ended else "length"
+
+
 async def _chat_stream(engine: Engine, messages, template, sampling, seed, stops, chunk, prompt_tokens: int,
                        include_usage: bool, opening: bool = True) -> AsyncIterator[str]:
     """Server-sent events: an opening role chunk (chat), content chunks, a finish chunk, usage, [DONE]."""
@@ -521,8 +534,12 @@ async def _chat_stream(engine: Engine, messages, template, sampling, seed, stops
         yield _sse(chunk({"role": "assistant", "content": ""}, None))
     scanner = StopScanner(stops)
     pieces: list[str] = []
+    result = Answer("", 0, False)
     try:
         async for piece in engine.stream(messages, template, sampling, seed):
+            if isinstance(piece, Answer):
+                result = piece
+                continue
             text = scanner.feed(piece)
             if text:
                 pieces.append(text)
@@ -537,8 +554,7 @@ async def _chat_stream(engine: Engine, messages, template, sampling, seed, stops
         logger.exception("generation failed while streaming")
         yield _sse(APIError(500, "The server hit an internal error while generating.", error_type="server_error").body())
         return
-    completion_tokens = engine.count_tokens("".join(pieces))
-    finish = "stop" if scanner.stopped or completion_tokens < sampling.max_new_tokens else "length"
+    completion_tokens, finish = _usage(engine, result, "".join(pieces), scanner.stopped)
     yield _sse(chunk({}, finish))
     if include_usage:
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
