@@ -195,7 +195,7 @@ def reference_loss(model, tokenizer, samples: Sequence[dict], batch_size: int = 
 
 def load_eval_records(data_path: str | Path, data_config, limit: Optional[int] = None) -> list[dict]:
     """Held-out conversations split into the prompt (all but the last turn) and the reference answer."""
-    from loraft.data import load_conversations
+    from loraft.records import load_conversations
 
     settings = data_config.model_copy(
         update={"path": str(data_path), "limit": limit, "eval_path": None, "eval_fraction": 0.0}

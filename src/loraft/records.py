@@ -1,0 +1,301 @@
+"""Reading training data: sources and record formats, validated into conversations.
+
+Sources: a `datasets.save_to_disk` directory (what the reference recipe loads), a .json (array), .jsonl,
+.csv or .parquet file, or a hub dataset id. Record formats (auto-detected from the first record):
+alpaca (instruction / input / output, optional system and history), messages ({role, content} list) and
+sharegpt ({from, value} list under `conversations`). Every record becomes a Conversation:
+`{"messages": [{"role", "content"}, ...], "source": "<file>, line 3"}` ("record 3" where there are no lines).
+Every error names the file, the line or record, and the field.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+from loraft.config import DataConfig
+from loraft.errors import DataError
+
+CHAT_ROLES = {"system": "system", "user": "user", "assistant": "assistant"}
+SHAREGPT_FIELD = "conversations"
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
+FILE_KINDS = {".json": "json", ".jsonl": "jsonl", ".csv": "csv", ".parquet": "parquet"}
+
+Conversation = dict  # {"messages": [{"role": str, "content": str}, ...], "source": "<file>, line 3"}
+Records = list  # [(where, record)] with where "line N" or "record N", 1-based
+
+
+# ----------------------------------------------------------------------------------------- reading
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return f"a number ({value})"
+    names = {type(None): "null", bool: "a boolean", str: "a string", list: "a list", dict: "an object"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _fields(record: dict) -> str:
+    return ", ".join(map(str, record)) or "none"
+
+
+def _decode_utf8(path: str, raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        where = "line " + str(raw[: exc.start].count(b"\n") + 1)
+        message = f"not UTF-8 text (byte 0x{raw[exc.start]:02x}); save the file as UTF-8"
+        raise DataError(path, message, where) from None
+
+
+def _json_error(path: str, exc: json.JSONDecodeError, line: int) -> DataError:
+    return DataError(path, f"not valid JSON: {exc.msg} (column {exc.colno})", where=f"line {line}")
+
+
+def _read_jsonl(path: str, text: str, limit: Optional[int]) -> Records:
+    records = []
+    # Split on "\n" only: str.splitlines would also break at a U+2028 inside an unescaped JSON string.
+    for line_number, line in enumerate(text.split("\n"), 1):
+        if limit is not None and len(records) >= limit:
+            break
+        if line.strip():
+            try:
+                records.append((f"line {line_number}", json.loads(line)))
+            except json.JSONDecodeError as exc:
+                raise _json_error(path, exc, line_number) from None
+    return records
+
+
+def _read_json(path: str, text: str, limit: Optional[int]) -> Records:
+    if not text.strip():
+        return []
+    try:
+        loaded = json.loads(text)
+    except json.JSONDecodeError as exc:
+        if exc.msg == "Extra data":  # JSON Lines saved as .json is common: read it as such when that works
+            try:
+                return _read_jsonl(path, text, limit)
+            except DataError:
+                pass
+        raise _json_error(path, exc, exc.lineno) from None
+    if not isinstance(loaded, list):
+        raise DataError(path, f"a .json file must hold a JSON array of records, got {_describe(loaded)}")
+    return _numbered(loaded[:limit])
+
+
+def _read_csv(path: str, text: str, limit: Optional[int]) -> tuple[list[str], Records]:
+    # Python's csv keeps every cell a string; pandas would turn an output column of numbers into ints.
+    reader = csv.reader(io.StringIO(text, newline=""))
+    records: Records = []
+    try:
+        header = next(reader, [])
+        row_start = reader.line_num + 1
+        for row in reader:
+            if limit is not None and len(records) >= limit:
+                break
+            if row and len(row) != len(header):
+                message = f"has {len(row)} cells but the header has {len(header)} columns"
+                raise DataError(path, message, where=f"line {row_start}")
+            if row:
+                records.append((f"line {row_start}", dict(zip(header, row))))
+            row_start = reader.line_num + 1
+    except csv.Error as exc:
+        raise DataError(path, f"not valid CSV: {exc}", where=f"line {reader.line_num}") from None
+    return header, records
+
+
+def _numbered(records: list) -> Records:
+    return [(f"record {index}", record) for index, record in enumerate(records, 1)]
+
+
+def _rows_of(dataset, limit: Optional[int]) -> Records:
+    if limit is not None:
+        dataset = dataset.select(range(min(limit, len(dataset))))
+    return _numbered(dataset.to_list())
+
+
+def _load_saved_dataset(path: str, data: DataConfig):
+    from datasets import DatasetDict, load_from_disk
+
+    try:
+        dataset = load_from_disk(path)
+    except FileNotFoundError:
+        raise DataError(path, "a directory, but not one written by datasets' save_to_disk") from None
+    if isinstance(dataset, DatasetDict):
+        split = data.split or "train"
+        if split not in dataset:
+            splits = ", ".join(dataset)
+            raise DataError(path, f"has no split {split!r} (splits: {splits}); set data.split to one of them")
+        dataset = dataset[split]
+    return dataset
+
+
+def load_hub_dataset(path: str, data: DataConfig):
+    # Hub ids are `name` or `owner/name`; anything else that does not exist is a missing local file.
+    if Path(path).suffix.lower() in FILE_KINDS or path.startswith(("/", ".", "~")) or path.count("/") > 1:
+        raise DataError(path, "no such file or directory")
+    from datasets import load_dataset
+
+    try:
+        return load_dataset(path, split=data.split or "train")
+    except Exception as exc:  # datasets raises many kinds: connection, not found, gated, bad split
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise DataError(path, f"not a file, directory or reachable hub dataset ({reason})") from None
+
+
+def _read_records(path: str, data: DataConfig) -> tuple[str, Optional[list[str]], Records]:
+    """Raw records in source order, at most data.limit of them: (source kind, CSV header or None, records)."""
+    local = Path(path).expanduser()
+    if local.is_dir():
+        return "save_to_disk", None, _rows_of(_load_saved_dataset(str(local), data), data.limit)
+    if not local.is_file():
+        return "hub", None, _rows_of(load_hub_dataset(path, data), data.limit)
+    kind = FILE_KINDS.get(local.suffix.lower())
+    if kind is None:
+        known = ", ".join(FILE_KINDS)
+        raise DataError(path, f"unsupported file type {local.suffix!r} (use {known} or a save_to_disk directory)")
+    if kind == "parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(local)
+        except Exception as exc:  # pyarrow raises ArrowInvalid / OSError subclasses
+            raise DataError(path, f"not a readable Parquet file ({exc})") from None
+        table = table if data.limit is None else table.slice(0, data.limit)
+        return kind, None, _numbered(table.to_pylist())
+    text = _decode_utf8(path, local.read_bytes())
+    if kind == "csv":
+        return (kind, *_read_csv(path, text, data.limit))
+    return kind, None, (_read_jsonl if kind == "jsonl" else _read_json)(path, text, data.limit)
+
+
+# ------------------------------------------------------------------------------- records -> messages
+
+
+def _detect_format(path: str, data: DataConfig, where: str, record: Any) -> str:
+    if data.format != "auto":
+        return data.format
+    if not isinstance(record, dict):
+        raise DataError(path, f"expected an object with fields, got {_describe(record)}", where=where)
+    for fmt, field in (("alpaca", data.instruction_field), ("messages", data.messages_field),
+                       ("sharegpt", SHAREGPT_FIELD)):
+        if field in record:
+            return fmt
+    raise DataError(
+        path,
+        f"cannot tell the record format from its fields ({_fields(record)}); expected alpaca "
+        f"({data.instruction_field}/{data.output_field}), messages ({data.messages_field}) or sharegpt "
+        f"({SHAREGPT_FIELD}); set data.format and the data.*_field names",
+        where=where,
+    )
+
+
+def _string(path: str, where: str, record: dict, field: str, required: bool = True) -> str:
+    """A text field. Optional ones read absent or null as "" (Arrow fills missing cells with null)."""
+    value = record.get(field)
+    if isinstance(value, str):
+        return value
+    if value is None and not required:
+        return ""
+    if field not in record:
+        raise DataError(path, f"missing (the record has {_fields(record)})", where=where, field=field)
+    raise DataError(path, f"expected a string, got {_describe(value)}", where=where, field=field)
+
+
+def _alpaca_messages(path: str, where: str, record: dict, data: DataConfig) -> list[dict]:
+    instruction = _string(path, where, record, data.instruction_field)
+    output = _string(path, where, record, data.output_field)
+    prompt_input = _string(path, where, record, data.input_field, required=False)
+    system = _string(path, where, record, data.system_field, required=False)
+    messages = [{"role": "system", "content": system}] if system else []
+    history = record.get(data.history_field)
+    if history is not None and not isinstance(history, (list, tuple)):
+        message = f"expected a list of [user, assistant] pairs, got {_describe(history)}"
+        raise DataError(path, message, where=where, field=data.history_field)
+    for index, pair in enumerate(history or [], 1):
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(t, str) for t in pair)):
+            message = f"item {index}: expected a [user, assistant] pair of strings"
+            raise DataError(path, message, where=where, field=data.history_field)
+        messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
+    # Exactly the reference's "\n".join([instruction, input]); the template strips a trailing "\n".
+    messages.append({"role": "user", "content": "\n".join([instruction, prompt_input])})
+    messages.append({"role": "assistant", "content": output})
+    return messages
+
+
+def _chat_messages(path: str, where: str, record: dict, field: str, sharegpt: bool) -> list[dict]:
+    role_key, content_key = ("from", "value") if sharegpt else ("role", "content")
+    roles = SHAREGPT_ROLES if sharegpt else CHAT_ROLES
+    if field not in record:
+        raise DataError(path, f"missing (the record has {_fields(record)})", where=where, field=field)
+    turns = record[field]
+    if not isinstance(turns, (list, tuple)):
+        raise DataError(path, f"expected a list of messages, got {_describe(turns)}", where=where, field=field)
+    messages = []
+    for index, turn in enumerate(turns, 1):
+        if not isinstance(turn, dict):
+            problem = f": expected an object, got {_describe(turn)}"
+        elif turn.get(role_key) not in roles:
+            known = ", ".join(list(roles)[:-1]) + f" or {list(roles)[-1]}"
+            problem = f" has unknown {role_key!r} {turn.get(role_key)!r} (expected {known})"
+        elif not isinstance(turn.get(content_key), str):
+            problem = f" {content_key!r}: expected a string, got {_describe(turn.get(content_key))}"
+        else:
+            messages.append({"role": roles[turn[role_key]], "content": turn[content_key]})
+            continue
+        raise DataError(path, f"message {index}{problem}", where=where, field=field)
+    if not any(message["role"] == "assistant" for message in messages):
+        raise DataError(path, "no assistant message, so nothing to train on", where=where, field=field)
+    return messages
+
+
+def load_conversations(path: str, data: DataConfig) -> list[Conversation]:
+    """Read and validate a data source into conversations, in source order (the first data.limit records).
+
+    Raises:
+        DataError: naming the file, the line or record, and the field of the first bad record.
+    """
+    return _read_conversations(str(path), data)[0]
+
+
+def _read_conversations(path: str, data: DataConfig) -> tuple[list[Conversation], str, str]:
+    """Conversations plus the source kind and the record format used."""
+    kind, header, records = _read_records(path, data)
+    if not records:
+        raise DataError(path, "holds no records")
+    fmt = _detect_format(path, data, *records[0])
+    needed = {"alpaca": [data.instruction_field, data.output_field], "messages": [data.messages_field],
+              "sharegpt": [SHAREGPT_FIELD]}[fmt]
+    for column in needed if header is not None else []:  # CSV: name a missing column once, not on every row
+        if column not in header:
+            message = f"no such column in the CSV header (columns: {', '.join(header)})"
+            raise DataError(path, message, where="line 1", field=column)
+    conversations = []
+    for where, record in records:
+        if not isinstance(record, dict):
+            raise DataError(path, f"expected an object with fields, got {_describe(record)}", where=where)
+        if fmt == "alpaca":
+            messages = _alpaca_messages(path, where, record, data)
+        else:
+            field = data.messages_field if fmt == "messages" else SHAREGPT_FIELD
+            messages = _chat_messages(path, where, record, field, sharegpt=fmt == "sharegpt")
+        if data.system_prompt and not any(message["role"] == "system" for message in messages):
+            messages.insert(0, {"role": "system", "content": data.system_prompt})
+        conversations.append({"messages": messages, "source": f"{path}, {where}"})
+    return conversations, kind, fmt
+
+
+def read_with_report(path: str, data: DataConfig) -> tuple[list[Conversation], dict]:
+    """Conversations and the record-level report (what `loraft data check` shows without a tokenizer)."""
+    conversations, kind, fmt = _read_conversations(path, data)
+    turns = [message for conversation in conversations for message in conversation["messages"]]
+    answers = [sum(m["role"] == "assistant" for m in conversation["messages"]) for conversation in conversations]
+    return conversations, {
+        "path": path, "source_kind": kind, "format": fmt, "records_read": len(conversations),
+        "roles": {role: sum(m["role"] == role for m in turns) for role in CHAT_ROLES},
+        "empty_outputs": sum(m["role"] == "assistant" and m["content"] == "" for m in turns),
+        "multi_turn_records": sum(count > 1 for count in answers),
+    }
