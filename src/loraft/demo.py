@@ -230,23 +230,24 @@ def common_chinese_characters() -> str:
     return "".join(characters)
 
 
-def build_tokenizer(texts: Sequence[str], vocab_size: int = 4096):
+def build_tokenizer(texts: Sequence[str], vocab_size: int = 4096, split_characters: bool = True,
+                    add_bos: bool = False):
     """Train a byte-level BPE (deterministic) and wrap it as a transformers fast tokenizer.
 
-    Letters, digits and CJK characters are split into single characters before BPE, so "abc" -> "ABC" and
-    "123" -> "一二三" are one-token-to-one-token mappings the tiny model can learn; byte-level BPE still
-    covers any text. Like BLOOM: no BOS is added, EOS `</s>`, pad `<pad>`.
+    With split_characters (the demo's), letters, digits and CJK characters are split into single characters
+    before BPE, so "abc" -> "ABC" and "123" -> "一二三" are one-token-to-one-token mappings the tiny model can
+    learn; byte-level BPE still covers any text. Special tokens: `<unk>` `<s>` `</s>` `<pad>`. Like BLOOM, no
+    BOS is added unless add_bos (Llama-style).
     """
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tokenizer = Tokenizer(models.BPE(unk_token=None))
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(r"[A-Za-z0-9\u3400-\u4dbf\u4e00-\u9fff]"), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-    ])
+        pre_tokenizers.Split(Regex(r"[A-Za-z0-9\u3400-\u4dbf\u4e00-\u9fff]"), behavior="isolated"), byte_level,
+    ]) if split_characters else byte_level
     tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
@@ -254,6 +255,13 @@ def build_tokenizer(texts: Sequence[str], vocab_size: int = 4096):
         show_progress=False,
     )
     tokenizer.train_from_iterator(texts, trainer=trainer)
+    if add_bos:
+        bos_id = tokenizer.token_to_id("<s>")
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos_id)]
+        )
+    else:
+        tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         bos_token="<s>",

@@ -109,17 +109,9 @@ def generate_answers(
     return [a for a in answers if a is not None]
 
 
-def generate_batch(
-    model,
-    tokenizer,
-    template: Template,
-    conversations: Sequence[Sequence[dict]],
-    settings: GenerationConfig,
-    batch_size: int = 8,
-    progress: bool = False,
-) -> list[str]:
-    """The answers' texts (see generate_answers)."""
-    return [a.text for a in generate_answers(model, tokenizer, template, conversations, settings, batch_size, progress)]
+def generate_batch(*args, **kwargs) -> list[str]:
+    """The answers' texts; the arguments are generate_answers'."""
+    return [answer.text for answer in generate_answers(*args, **kwargs)]
 
 
 class AnswerStream:
