@@ -29,6 +29,7 @@ import argparse
 import datetime
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -170,7 +171,10 @@ def worker(args) -> None:
     data = _dataset(Path(args.data), args.worker)
     clock = _Clock()
     out_dir = Path(args.out).with_suffix("")
-    runner = {
+    if args.worker.startswith("loraft:"):  # an ablation: loraft with these overrides
+        extra = [item for item in args.worker.split(":", 1)[1].split(";") if item]
+        args.worker_runner = lambda *a: run_loraft(*a, overrides=[*extra, *args.loraft_override])
+    runner = args.__dict__.get("worker_runner") or {
         "reference": run_reference, "trl": run_trl,
         "loraft": lambda *a: run_loraft(*a, overrides=args.loraft_override),
         "loraft-ordered": lambda *a: run_loraft(*a, overrides=["train.sampling=random", *args.loraft_override]),
@@ -244,12 +248,14 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="bloom-small, 64 samples (< 2 minutes)")
     parser.add_argument("--shape", choices=sorted(common.SHAPES), default="bloom-1b4-zh")
     parser.add_argument("--samples", type=int, default=160, help="training samples (8 per optimizer step)")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, from: " + ", ".join(VARIANTS))
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help="comma-separated, from: " + ", ".join(VARIANTS) + "; or loraft:KEY=VALUE[;KEY=VALUE] "
+                        "(loraft with those overrides, to measure what one setting gives)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per run (default: all cores)")
     parser.add_argument("--loraft-override", action="append", default=[], metavar="KEY=VALUE",
                         help="extra loraft config override for the loraft variants (repeatable)")
     parser.add_argument("--json", help="also write the summary here")
-    parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -264,7 +270,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     shape = common.SHAPES[args.shape]
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = set(variants) - set(VARIANTS)
+    unknown = {v for v in variants if v not in VARIANTS and not v.startswith("loraft:")}
     if unknown:
         parser.error(f"unknown variants: {', '.join(sorted(unknown))}")
     run_root = common.CACHE / "runs" / f"train-{shape.name}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
@@ -288,12 +294,13 @@ def main(argv=None) -> int:
         env["OMP_NUM_THREADS"] = str(args.threads)
     summaries = {}
     for variant in variants:
-        out = run_root / f"{variant}.json"
+        stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", variant)
+        out = run_root / f"{stem}.json"
         print(f"[bench] {variant} ...", flush=True)
         command = [sys.executable, __file__, "--worker", variant, "--shape", shape.name,
                    "--model-dir", str(model_dir), "--data", str(data_dir), "--out", str(out)]
         command += [f"--loraft-override={override}" for override in args.loraft_override]
-        log = run_root / f"{variant}.log"
+        log = run_root / f"{stem}.log"
         with log.open("w") as handle:
             code = subprocess.call(command, env=env, stdout=handle, stderr=subprocess.STDOUT)
         if code != 0:
