@@ -96,3 +96,22 @@ def test_every_method_attaches_and_trains_only_adapter_weights(tiny_bloom_dir, a
     output = peft_model(input_ids=ids, labels=ids)
     output.loss.backward()
     assert all(p.grad is not None for _, p in peft_model.named_parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_bloom_dir", "tiny_llama_dir"])
+def test_half_precision_load_equals_from_pretrained_dtype(fixture, request):
+    from loraft.config import ModelConfig
+    from loraft.model import load_base_model
+
+    path = request.getfixturevalue(fixture)
+    ours = load_base_model(ModelConfig(name_or_path=str(path)), torch.bfloat16)
+    theirs = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+    ours_state, theirs_state = ours.state_dict(), theirs.state_dict()
+    assert ours_state.keys() == theirs_state.keys()
+    for name, tensor in theirs_state.items():
+        assert ours_state[name].dtype == tensor.dtype, name
+        assert torch.equal(ours_state[name], tensor), name
+    assert any(t.dtype == torch.bfloat16 for t in ours_state.values())
+    # tied weights stay one tensor
+    assert (ours.get_input_embeddings().weight is ours.get_output_embeddings().weight) == (
+        theirs.get_input_embeddings().weight is theirs.get_output_embeddings().weight)
