@@ -558,7 +558,7 @@ def run_demo(
 
     from loraft.config import load_config
     from loraft.errors import RunError
-    from loraft.train import train
+    from loraft.train import train, write_json_atomically
 
     workdir = Path(workdir)
     run_dir = workdir / "run"
@@ -613,11 +613,5 @@ def run_demo(
     for line in lines:
         log(line)
     results = {"before": before, "after": after, "run_dir": str(run_dir), "timings": timings, "base_dir": str(base_dir)}
-    _write_json(workdir / "demo_results.json", results)
+    write_json_atomically(workdir / "demo_results.json", results)
     return {**results, "run_dir": run_dir}
-
-
-def _write_json(path: Path, payload: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)

@@ -81,7 +81,7 @@ def load_base_model(model: ModelConfig, dtype: torch.dtype = torch.float32):
 
     A half-precision `dtype` loads the checkpoint in its own dtype (memory-mapped, nothing copied) and casts
     the parameters one by one, releasing each one's mapped pages: the same weights as
-    `from_pretrained(dtype=...)`, whose load of the fp32 1.3B BLOOM as bf16 peaked at 8.0 GiB RSS (2.8 here).
+    `from_pretrained(dtype=...)` without its peak (generation's peak RSS in docs/benchmarks.md).
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -116,9 +116,7 @@ def _cast_parameters(model: torch.nn.Module, dtype: torch.dtype) -> None:
             continue
         if any(part in keep for part in name.split(".")):
             continue
-        original = parameter.data.untyped_storage()
-        parameter.data = parameter.data.to(dtype)
-        _release_file_pages(model, original)
+        _cast_releasing_pages(model, parameter, dtype)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -362,11 +360,16 @@ def cast_frozen_weights(model: torch.nn.Module, dtype: torch.dtype) -> int:
         for parameter in (module.weight, module.bias):
             if parameter is None or parameter.requires_grad or parameter is input_weight or parameter.dtype == dtype:
                 continue
-            original = parameter.data.untyped_storage()
-            parameter.data = parameter.data.to(dtype)
-            _release_file_pages(model, original)
+            _cast_releasing_pages(model, parameter, dtype)
             cast += 1
     return cast
+
+
+def _cast_releasing_pages(model: torch.nn.Module, parameter: torch.nn.Parameter, dtype: torch.dtype) -> None:
+    """Store `parameter` in `dtype` in place and release the mapped checkpoint pages it was read from."""
+    original = parameter.data.untyped_storage()
+    parameter.data = parameter.data.to(dtype)
+    _release_file_pages(model, original)
 
 
 def _release_file_pages(model: torch.nn.Module, storage) -> None:

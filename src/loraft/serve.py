@@ -33,7 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from loraft.config import GenerationConfig
 from loraft.errors import RunError
-from loraft.generate import Answer
+from loraft.generate import Answer, encode_prompt, generate_answers, stream_answer
 from loraft.templates import ROLES, Template
 
 logger = logging.getLogger("loraft")
@@ -91,8 +91,6 @@ class Engine:
         self.waiting = 0  # requests queued on the lock
 
     def prompt_tokens(self, messages: Sequence[dict], template: Template) -> int:
-        from loraft.generate import encode_prompt
-
         return len(encode_prompt(self.tokenizer, template, messages))
 
     def count_tokens(self, text: str) -> int:
@@ -110,8 +108,6 @@ class Engine:
     def _complete_blocking(self, messages, template, settings: GenerationConfig, seed: Optional[int]) -> Answer:
         import torch
 
-        from loraft.generate import generate_answers
-
         self._enter()
         try:
             if seed is not None:
@@ -125,8 +121,6 @@ class Engine:
         """The answer's pieces, then the whole Answer (its text empty) for the token count."""
         import torch
 
-        from loraft.generate import stream_answer
-
         self._enter()
         try:
             if seed is not None:
@@ -137,15 +131,19 @@ class Engine:
         finally:
             self._leave()
 
-    async def complete(self, messages, template, settings: GenerationConfig, seed: Optional[int] = None) -> Answer:
-        """The whole answer; waits its turn in the queue."""
-        import anyio
-
+    async def _wait_turn(self) -> None:
+        """Acquire the model lock, counted in `waiting` until then."""
         self.waiting += 1
         try:
             await self.lock.acquire()
         finally:
             self.waiting -= 1
+
+    async def complete(self, messages, template, settings: GenerationConfig, seed: Optional[int] = None) -> Answer:
+        """The whole answer; waits its turn in the queue."""
+        import anyio
+
+        await self._wait_turn()
         try:
             # Shielded: a client that goes away must not release the lock while its generation still runs.
             with anyio.CancelScope(shield=True):
@@ -157,11 +155,7 @@ class Engine:
                      seed: Optional[int] = None) -> AsyncIterator[Union[str, Answer]]:
         """The answer piece by piece, then its Answer (token count); the lock is held until generation ends,
         even if the client leaves."""
-        self.waiting += 1
-        try:
-            await self.lock.acquire()
-        finally:
-            self.waiting -= 1
+        await self._wait_turn()
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
 
