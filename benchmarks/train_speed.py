@@ -344,8 +344,12 @@ def main(argv=None) -> int:
 
 
 def format_table(report: dict) -> str:
+    machine = report["machine"]
     lines = [
-        f"\n{report['shape']}: {report['data']['samples']} samples, mean {report['data']['tokens_mean']:.0f} tokens "
+        f"\nhardware class {machine.get('hardware_class')} (loraft auto precision: {machine.get('auto_precision')}; "
+        f"probe bf16/fp32 matmul {machine.get('probe_bf16_speedup') or float('nan'):.2f}x; "
+        f"kernel caps {machine.get('kernel_env') or 'none'}); {machine.get('cpu')}, {machine.get('threads')} threads",
+        f"{report['shape']}: {report['data']['samples']} samples, mean {report['data']['tokens_mean']:.0f} tokens "
         f"({report['data']['supervised_mean']:.0f} supervised); GEMM peak fp32 {report['gemm_peak_gflops']['fp32']:.0f} "
         f"/ bf16 {report['gemm_peak_gflops']['bf16']:.0f} GFLOPS",
         "| variant | supervised tok/s | samples/s | vs reference | vs trl | per CPU-s vs reference | peak RSS GiB "

@@ -148,11 +148,12 @@ class TrainConfig(_Section):
         description="Sample order: length_grouped (shuffled micro-batches of similar-length samples), random (the "
         "reference's order: same samples in each optimizer step), sequential, or group_by_length (Trainer's).",
     )
-    micro_batch_tokens: int = Field(
-        1024,
+    micro_batch_tokens: Union[int, Literal["auto"]] = Field(
+        "auto",
         description="Collate each optimizer step's batch x grad-accum samples as one batch and run forward/backward "
-        "in sub-batches of at most this many padded tokens, longest together (same step and loss; bounds memory); "
-        "0 = the configured batch and accumulation.",
+        "in sub-batches of at most this many padded tokens, longest together (same step and loss); auto = sized "
+        "from the precision so activation memory stays within the reference's (fp32: data.max_length; bf16/fp16: "
+        "4 x data.max_length, at most 1024 unless max_length is larger); 0 = the configured batch and accumulation.",
     )
     supervised_loss: bool = Field(
         True, description="Run lm_head and the loss only where labels are supervised, in chunks (same loss)."
@@ -176,8 +177,8 @@ class TrainConfig(_Section):
 
     @field_validator("micro_batch_tokens")
     @classmethod
-    def _not_negative(cls, value: int) -> int:
-        if value < 0:
+    def _not_negative(cls, value):
+        if value != "auto" and value < 0:
             raise ValueError(f"must be >= 0 (got {value})")
         return value
 

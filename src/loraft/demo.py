@@ -288,19 +288,47 @@ class BaseRecipe:
     warmup_steps: int = 50
     weight_decay: float = 0.01
     seed: int = 0
-    bf16: bool = True
+    precision: str = "auto"  # resolved by loraft.precision: bf16 only where this machine runs it fast
 
 
 def default_home() -> Path:
     """loraft's cache root: $LORAFT_HOME, else ~/.cache/loraft."""
-    return Path(os.environ.get("LORAFT_HOME") or Path.home() / ".cache" / "loraft")
+    from loraft.precision import cache_home
+
+    return cache_home()
+
+
+class Progress:
+    """Progress lines for long work: `label N/TOTAL detail, Ns elapsed, ~Ns left`.
+
+    A line is printed after `first` seconds, then at least every `interval` seconds, and at the end, so a
+    slow machine shows it is working (and for how much longer) whatever its speed.
+    """
+
+    def __init__(self, label: str, total: int, log: Callable[[str], None], interval: float = 20.0,
+                 first: float = 5.0):
+        self.label, self.total, self.log = label, total, log
+        self.interval, self.first = interval, first
+        self.started = self.last = time.time()
+        self.printed = 0
+
+    def update(self, done: int, detail: str = "") -> None:
+        now = time.time()
+        wait = self.first if not self.printed else self.interval
+        if done < self.total and now - self.last < wait:
+            return
+        elapsed = now - self.started
+        remaining = elapsed / max(done, 1) * (self.total - done)
+        detail = f"  {detail}" if detail else ""
+        self.log(f"  {self.label} {done}/{self.total}{detail}  {elapsed:.0f}s elapsed, ~{remaining:.0f}s left")
+        self.last, self.printed = now, self.printed + 1
 
 
 def _stamp(recipe: BaseRecipe) -> dict:
     return {"version": DEMO_BASE_VERSION, "recipe": asdict(recipe)}
 
 
-def _packed_batches(tokenizer, recipe: BaseRecipe) -> Iterator:
+def _packed_batches(tokenizer, recipe: BaseRecipe, device=None) -> Iterator:
     """Batches of `seq_len` tokens cut from the document stream, documents separated by EOS."""
     import torch
 
@@ -311,16 +339,25 @@ def _packed_batches(tokenizer, recipe: BaseRecipe) -> Iterator:
         while len(buffer) < needed:
             buffer.extend(tokenizer(next(documents))["input_ids"] + [tokenizer.eos_token_id])
         chunk, buffer = buffer[:needed], buffer[needed:]
-        yield torch.tensor(chunk).view(recipe.batch_size, recipe.seq_len)
+        yield torch.tensor(chunk, device=device).view(recipe.batch_size, recipe.seq_len)
 
 
-def _pretrain(model, tokenizer, recipe: BaseRecipe, log: Callable[[str], None]) -> list[float]:
-    """Full training of the base on the raw-text corpus: AdamW, warmup + cosine decay, bf16 autocast.
+def _pretrain(model, tokenizer, recipe: BaseRecipe, log: Callable[[str], None], device=None) -> list[float]:
+    """Full training of the base on the raw-text corpus: AdamW, warmup + cosine decay, and bf16 autocast
+    where loraft.precision finds bf16 fast on this machine (fp32 elsewhere).
 
     A plain loop rather than Trainer: an endless packed stream and nothing to checkpoint.
     Returns the loss at every step.
     """
     import torch
+
+    from loraft.precision import resolve_device, resolve_precision
+
+    device = device or resolve_device("auto")
+    # fp16 would need loss scaling; the tiny base trains in fp32 wherever bf16 is not the fast choice
+    bf16 = resolve_precision(recipe.precision, str(device)) == "bf16"
+    log(f"  pretraining on {device.type}, {'bf16 autocast' if bf16 else 'fp32'}")
+    model.to(device)
 
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
@@ -337,24 +374,21 @@ def _pretrain(model, tokenizer, recipe: BaseRecipe, log: Callable[[str], None]) 
 
     model.train()
     losses: list[float] = []
-    started = time.time()
-    batches = _packed_batches(tokenizer, recipe)
+    progress = Progress("pretrain step", recipe.steps, log)
+    batches = _packed_batches(tokenizer, recipe, device)
     for step in range(recipe.steps):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)
         input_ids = next(batches)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=recipe.bf16):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             loss = model(input_ids=input_ids, labels=input_ids).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
-        if (step + 1) % 50 == 0 or step + 1 == recipe.steps:
-            elapsed = time.time() - started
-            remaining = elapsed / (step + 1) * (recipe.steps - step - 1)
-            recent = sum(losses[-50:]) / len(losses[-50:])
-            log(f"  pretrain step {step + 1}/{recipe.steps}  loss {recent:.3f}  {elapsed:.0f}s elapsed, ~{remaining:.0f}s left")
+        recent = losses[-50:]
+        progress.update(step + 1, f"loss {sum(recent) / len(recent):.3f}")
     model.eval()
     return losses
 
@@ -376,7 +410,7 @@ def raw_form_accuracy(model, tokenizer, records: Sequence[dict], max_new_tokens:
         if not chosen:
             continue
         prompts = [family.raw_forms[0].split("{y}")[0].format(x=r["input"]) for r in chosen]
-        encoded = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
+        encoded = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left").to(model.device)
         with torch.inference_mode():
             output = model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=False,
                                     eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
@@ -444,6 +478,7 @@ def build_demo_base(
         parameters = sum(p.numel() for p in model.parameters())
         log(f"  model: BLOOM {recipe.n_layer} layers x {recipe.hidden_size} wide, {parameters / 1e6:.1f}M parameters")
         losses = _pretrain(model, tokenizer, recipe, log)
+        log("  checking the base's skills in their pretraining form")
         _, heldout = make_records(seed=0)
         skills = raw_form_accuracy(model, tokenizer, heldout)
 
@@ -531,6 +566,25 @@ def _sample_chat(heldout: Sequence[dict], before: dict, after: dict, count: int 
     return lines
 
 
+def _progress_callback(total_steps: int, log: Callable[[str], None]):
+    """A TrainerCallback that prints the fine-tune's Progress lines (step, latest logged loss, ETA)."""
+    from transformers import TrainerCallback
+
+    class FineTuneProgress(TrainerCallback):
+        def __init__(self):
+            self.progress = Progress("fine-tune step", total_steps, log)
+            self.loss = None
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                self.loss = logs["loss"]
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.progress.update(state.global_step, f"loss {self.loss:.3f}" if self.loss is not None else "")
+
+    return FineTuneProgress()
+
+
 def run_demo(
     workdir: str | Path = "loraft-demo",
     overwrite: bool = False,
@@ -558,6 +612,7 @@ def run_demo(
 
     from loraft.config import load_config
     from loraft.errors import RunError
+    from loraft.precision import resolve_device, resolve_precision
     from loraft.train import train, write_json_atomically
 
     workdir = Path(workdir)
@@ -584,17 +639,21 @@ def run_demo(
 
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     max_new_tokens = _answer_tokens(tokenizer, heldout) + 4
-    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+    device = resolve_device(config.model.device)
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).to(device).eval()
     step_started = time.time()
     before = exact_match(base, tokenizer, heldout, max_new_tokens)
     timings["eval_before"] = time.time() - step_started
     log(f"[3/5] before: the base model, same prompts: exact match {before['overall']:.1%} "
         f"({timings['eval_before']:.0f}s)")
 
+    precision = resolve_precision(config.train.precision, config.model.device)
     log(f"[4/5] LoRA fine-tune: r={config.adapter.r} on {config.adapter.target_modules}, "
-        f"{config.train.max_steps} steps x {config.train.per_device_train_batch_size} samples")
+        f"{config.train.max_steps} steps x {config.train.per_device_train_batch_size} samples, {precision} on "
+        f"{device.type}")
     step_started = time.time()
-    run_dir = train(config)  # loraft's training stage, exactly as `loraft train` runs it
+    # loraft's training stage, exactly as `loraft train` runs it
+    run_dir = train(config, callbacks=[_progress_callback(config.train.max_steps, log)])
     timings["finetune"] = time.time() - step_started
 
     tuned = PeftModel.from_pretrained(base, run_dir).eval()

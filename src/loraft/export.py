@@ -17,8 +17,9 @@ from typing import Optional, Union
 import torch
 
 from loraft.errors import RunError
+from loraft.precision import DTYPES
 
-MERGE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+MERGE_DTYPES = DTYPES
 MERGE_FILE = "loraft_merge.json"
 MERGEABLE_METHODS = ("lora", "ia3")
 

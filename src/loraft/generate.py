@@ -174,7 +174,8 @@ def load_run(run_dir: str | Path, device: Optional[str] = None, dtype: Optional[
     Args:
         dtype: weights dtype (`generation.dtype`: auto, fp32, bf16, fp16); None = fp32, as evaluation wants.
     """
-    from loraft.model import inference_dtype, load_run_model
+    from loraft.model import load_run_model
+    from loraft.precision import inference_dtype
 
     model, tokenizer, info = load_run_model(run_dir, dtype=inference_dtype(dtype, device or "auto"), device=device)
     template = get_template(info.get("template") or info["config"].data.template)

@@ -16,43 +16,9 @@ import torch
 
 from loraft.config import AdapterConfig, ModelConfig, RunConfig
 from loraft.errors import ModelError
+from loraft.precision import DTYPES, resolve_device, resolve_precision
 
 logger = logging.getLogger("loraft")
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def resolve_precision(precision: str, device: str = "auto") -> str:
-    """Map `train.precision=auto` to bf16 where the hardware runs it natively, else fp32.
-
-    Native bf16: a CUDA GPU that supports it, or a CPU with AVX512-BF16 or AMX (elsewhere CPU bf16 is
-    emulated and slower than fp32).
-    """
-    if precision != "auto":
-        return precision
-    if device != "cpu" and torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    if device in ("auto", "cpu") and cpu_has_native_bf16():
-        return "bf16"
-    return "fp32"
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX tiles)."""
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
-
-
-def inference_dtype(dtype: Optional[str] = None, device: str = "auto") -> torch.dtype:
-    """Weights dtype for generation: `auto` = bf16 where the hardware multiplies it natively, else fp32.
-
-    Decoding one token reads every weight once, so bf16 weights halve the memory traffic per token.
-    None keeps fp32, the function the adapter was trained against.
-    """
-    if dtype is None:
-        return torch.float32
-    return DTYPES[resolve_precision(dtype, device)]
-
 
 def resolve_dtype(model: ModelConfig, precision: str = "fp32") -> torch.dtype:
     """The dtype to load the base weights in: `model.dtype`, or fp32 master weights under `auto`."""
@@ -448,14 +414,3 @@ def load_run_model(run_dir: Union[str, Path], dtype: Optional[torch.dtype] = Non
     target = resolve_device(device or config.model.device)
     model.to(target)
     return model, tokenizer, {"config": config, **metadata}
-
-
-def resolve_device(name: str) -> torch.device:
-    """`auto` picks cuda, then mps, then cpu."""
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")

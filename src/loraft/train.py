@@ -237,12 +237,12 @@ def build_training_arguments(config: RunConfig, run_dir: Path, has_eval: bool):
     from transformers import TrainingArguments
 
     from loraft.batching import plan_micro_batches
-    from loraft.model import resolve_precision
+    from loraft.precision import resolve_precision
 
     train = config.train
     precision = resolve_precision(train.precision, config.model.device)
     micro_batch, accumulation = plan_micro_batches(
-        train.per_device_train_batch_size, train.gradient_accumulation_steps, train.micro_batch_tokens
+        train.per_device_train_batch_size, train.gradient_accumulation_steps, micro_batch_tokens(config)
     )
     use_cpu = config.model.device == "cpu" or not (torch.cuda.is_available() or config.model.device.startswith("cuda"))
     if precision == "fp16" and use_cpu:
@@ -283,6 +283,15 @@ def build_training_arguments(config: RunConfig, run_dir: Path, has_eval: bool):
         remove_unused_columns=True,
         include_num_input_tokens_seen="non_padding",
     )
+
+
+def micro_batch_tokens(config: RunConfig) -> int:
+    """`train.micro_batch_tokens` resolved for this machine's precision (loraft.batching.micro_batch_budget)."""
+    from loraft.batching import micro_batch_budget
+    from loraft.precision import resolve_precision
+
+    precision = resolve_precision(config.train.precision, config.model.device)
+    return micro_batch_budget(config.train.micro_batch_tokens, precision, config.data.max_length)
 
 
 def plot_loss(metrics_path: Path, png_path: Path) -> bool:
@@ -434,13 +443,14 @@ def train(config: RunConfig, resume: bool = False, callbacks: Optional[list] = N
         if info["target_matches"]:
             logger.info("adapter targets %d modules: %s", len(info["target_matches"]), ", ".join(info["target_matches"]))
         trainable, total = count_parameters(model)
+        budget = micro_batch_tokens(config)
         logger.info("trainable params: %d of %d (%.4f%%)", trainable, total, 100.0 * trainable / max(total, 1))
         logger.info(
             "compute: %s precision, %d sample(s) per batch x %d accumulated, %s, %s order, %s loss%s",
             "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32", args.per_device_train_batch_size,
             args.gradient_accumulation_steps,
-            f"forward/backward in sub-batches of <= {config.train.micro_batch_tokens} padded tokens"
-            if config.train.micro_batch_tokens else "no sub-batches", config.train.sampling,
+            f"forward/backward in sub-batches of <= {budget} padded tokens" if budget else "no sub-batches",
+            config.train.sampling,
             "supervised-only" if config.train.supervised_loss else "full-logits",
             ", BLOOM SDPA-alibi attention and one-kernel GELU" if uses_fast_bloom(model) else "",
         )
@@ -455,7 +465,7 @@ def train(config: RunConfig, resume: bool = False, callbacks: Optional[list] = N
             callbacks=([_make_metrics_callback(run_dir)] if is_main else []) + list(callbacks or []),
             length_grouped=config.train.sampling == "length_grouped",
             supervised_loss=config.train.supervised_loss,
-            micro_batch_tokens=config.train.micro_batch_tokens,
+            micro_batch_tokens=budget,
         )
         result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         if trainer.is_world_process_zero():
