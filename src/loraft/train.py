@@ -110,16 +110,21 @@ def _make_trainer_class():
 
             Each sub-batch's loss is its supervised-token sum over the whole step's count, so the gradients add
             up to the unsplit batch's. Without that count (a model that takes no loss kwargs) it runs unsplit.
+            Under DDP only the last sub-batch's backward synchronises gradients: ranks may split their batches
+            into different numbers of sub-batches, and each must join exactly one all-reduce per step.
             """
             mask = inputs.get("attention_mask")
             if (not self.micro_batch_tokens or num_items_in_batch is None or mask is None or mask.dim() != 2
                     or mask.shape[0] * mask.shape[1] <= self.micro_batch_tokens):
                 return super().training_step(model, inputs, num_items_in_batch)
+            import contextlib
+
             from loraft.batching import split_by_tokens
 
             rows, width = mask.shape
             total = None
-            for group in split_by_tokens(mask.sum(dim=1).tolist(), self.micro_batch_tokens):
+            groups = split_by_tokens(mask.sum(dim=1).tolist(), self.micro_batch_tokens)
+            for number, group in enumerate(groups):
                 index = torch.tensor(group)
                 columns = mask[index].any(dim=0).nonzero().flatten()  # right or left padding alike
                 start, end = int(columns[0]), int(columns[-1]) + 1
@@ -131,7 +136,9 @@ def _make_trainer_class():
                     return value[:, start:end] if value.dim() >= 2 and value.shape[1] == width else value
 
                 sub_batch = {key: rows_of(value) for key, value in inputs.items()}
-                loss = super().training_step(model, sub_batch, num_items_in_batch)
+                last = number == len(groups) - 1
+                with contextlib.nullcontext() if last else self.accelerator.no_sync(model):
+                    loss = super().training_step(model, sub_batch, num_items_in_batch)
                 total = loss if total is None else total + loss
             return total
 
@@ -266,6 +273,8 @@ def build_training_arguments(config: RunConfig, run_dir: Path, has_eval: bool):
         bf16=precision == "bf16",
         fp16=precision == "fp16",
         use_cpu=use_cpu,
+        # every adapter method uses all its trainable parameters each forward, so DDP need not search for unused ones
+        ddp_find_unused_parameters=False,
         activation_checkpointing=train.gradient_checkpointing,
         # length_grouped is LoraftTrainer's own sampler
         train_sampling_strategy="random" if train.sampling == "length_grouped" else train.sampling,
