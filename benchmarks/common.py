@@ -12,6 +12,7 @@ import math
 import os
 import platform
 import resource
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -145,6 +146,21 @@ def describe_samples(samples: list[dict]) -> dict:
         "supervised_mean": float(supervised.mean()),
         "truncated": int((lengths == 256).sum()),
     }
+
+
+# Kernel caps that make this CPU compute like a smaller one (oneDNN, ATen and MKL all honour them): how the
+# fp32-only class (an AVX2 CPU, where bf16 is emulated) is measured on a machine that has more.
+CPU_ISA_CAPS = {
+    "avx2": {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
+    "avx512bf16": {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"},
+}
+
+
+def reexec_with_isa(isa: str) -> None:
+    """Restart this script with the kernel caps of `isa` in its environment (a no-op for native or when set)."""
+    caps = CPU_ISA_CAPS.get(isa, {})
+    if caps and any(os.environ.get(name) != value for name, value in caps.items()):
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **caps})
 
 
 def gemm_peak(dtype_name: str, size: int = 2048, repeats: int = 5) -> float:

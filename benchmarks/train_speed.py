@@ -254,12 +254,15 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch threads per run (default: all cores)")
     parser.add_argument("--loraft-override", action="append", default=[], metavar="KEY=VALUE",
                         help="extra loraft config override for the loraft variants (repeatable)")
+    parser.add_argument("--cpu-isa", choices=["native", *common.CPU_ISA_CAPS], default="native",
+                        help="cap the CPU kernels' instruction set (avx2: the fp32-only class, bf16 emulated)")
     parser.add_argument("--json", help="also write the summary here")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    common.reexec_with_isa(args.cpu_isa)
     if args.quick:
         args.shape, args.samples = "bloom-small", 64
     if args.worker:

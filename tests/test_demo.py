@@ -171,3 +171,18 @@ def test_base_build_is_cached_and_loadable(tmp_path):
         demo.build_demo_base(tmp_path, recipe=demo.BaseRecipe(**{**stamp["recipe"], "seed": 1}), log=stop_at_build)
     with pytest.raises(BuildStarted):
         demo.build_demo_base(tmp_path, force=True, recipe=recipe, log=stop_at_build)
+
+
+def test_progress_lines_come_on_time_with_an_eta(monkeypatch):
+    """A line after `first` seconds, then at least every `interval`, and the last step always; each with an ETA."""
+    clock = [1000.0]
+    monkeypatch.setattr(demo.time, "time", lambda: clock[0])
+    lines: list[str] = []
+    progress = demo.Progress("step", 100, lines.append, interval=20.0, first=5.0)
+    for done in range(1, 101):
+        clock[0] += 1.0  # one second a step
+        progress.update(done, "loss 1.0")
+    printed = [int(line.split()[1].split("/")[0]) for line in lines]
+    assert printed == [5, 25, 45, 65, 85, 100]
+    assert lines[0] == "  step 5/100  loss 1.0  5s elapsed, ~95s left"
+    assert lines[-1].endswith("100s elapsed, ~0s left")

@@ -139,8 +139,9 @@ class TrainConfig(_Section):
     max_grad_norm: float = Field(1.0, description="Gradient clipping norm.")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto",
-        description="Compute precision: auto (bf16 autocast on bf16 GPUs and AVX512-BF16/AMX CPUs, else fp32), "
-        "bf16, fp16, or fp32 (the reference's numerics: the parity mode).",
+        description="Compute precision: auto (CUDA: bf16, else fp16; CPU: bf16 only where the CPU has bf16 "
+        "instructions and a cached matmul probe finds bf16 at least 1.5x faster than fp32, else fp32), bf16, fp16, "
+        "or fp32 (the reference's numerics: the parity mode).",
     )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
     sampling: Literal["length_grouped", "random", "sequential", "group_by_length"] = Field(
@@ -200,8 +201,8 @@ class GenerationConfig(_Section):
     repetition_penalty: float = Field(1.0, description="Penalty for repeated tokens (1 = off).")
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto",
-        description="Weights dtype for chat/generate: auto = bf16 where the hardware runs it natively (decoding "
-        "reads every weight per token: half the bytes), else fp32; fp32 = the trained function exactly.",
+        description="Weights dtype for chat/generate: auto = what train.precision=auto picks on this machine "
+        "(bf16 halves the bytes decoding reads per token), else fp32; fp32 = the trained function exactly.",
     )
 
 
