@@ -145,7 +145,7 @@ def test_shipped_configs_say_auto():
 
 @pytest.mark.parametrize("setting, precision_name, max_length, expected", [
     ("auto", "fp32", 256, 256), ("auto", "bf16", 256, 1024), ("auto", "fp16", 256, 1024),
-    ("auto", "bf16", 64, 256), ("auto", "bf16", 2048, 2048), ("auto", "fp32", 2048, 2048),
+    ("auto", "bf16", 64, 256), ("auto", "bf16", 2048, 2048), ("auto", "fp32", 2048, 2048), ("auto", "fp32", 64, 256),
     (512, "fp32", 256, 512), (0, "bf16", 256, 0),
 ])
 def test_micro_batch_budget(setting, precision_name, max_length, expected):

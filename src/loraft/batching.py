@@ -23,6 +23,9 @@ GROUP_WINDOW = 64  # micro-batches per sorting window
 
 # Sub-batch budgets for `train.micro_batch_tokens: auto`, measured at the bloom-1b4-zh shape (docs/benchmarks.md)
 HALF_PRECISION_TOKENS = 1024
+# Below this many tokens a sub-batch is too small for the matmuls to run at speed (short max_length: the
+# activations of 256 tokens are small next to the weights)
+FP32_MIN_TOKENS = 256
 
 
 def micro_batch_budget(setting, precision: str, max_length: int) -> int:
@@ -30,14 +33,14 @@ def micro_batch_budget(setting, precision: str, max_length: int) -> int:
 
     The reference trains one sample at a time, so its activation memory is that of one sample of at most
     `max_length` tokens in fp32. In fp32 a sub-batch of at most max_length padded tokens holds no more
-    activations than that (several short samples share it). Under bf16/fp16 the activations take about
+    activations than that (several short samples share it); at least FP32_MIN_TOKENS. Under bf16/fp16 the activations take about
     half the bytes and the frozen weights are stored in half precision too, which frees room for sub-batches
     of 4 x max_length tokens, up to HALF_PRECISION_TOKENS (larger ones measured no faster).
     """
     if setting != "auto":
         return int(setting)
     if precision == "fp32":
-        return max_length
+        return max(max_length, FP32_MIN_TOKENS)
     return max(max_length, min(4 * max_length, HALF_PRECISION_TOKENS))
 
 

@@ -10,6 +10,8 @@ train.sampling=random` computes the reference's function step for step (see docs
 
 from __future__ import annotations
 
+import os
+from importlib import resources
 from pathlib import Path
 from types import UnionType
 from typing import Any, Literal, Optional, Union, get_args, get_origin
@@ -153,7 +155,7 @@ class TrainConfig(_Section):
         "auto",
         description="Collate each optimizer step's batch x grad-accum samples as one batch and run forward/backward "
         "in sub-batches of at most this many padded tokens, longest together (same step and loss); auto = sized "
-        "from the precision so activation memory stays within the reference's (fp32: data.max_length; bf16/fp16: "
+        "from the precision so activation memory stays within the reference's (fp32: data.max_length, at least 256; bf16/fp16: "
         "4 x data.max_length, at most 1024 unless max_length is larger); 0 = the configured batch and accumulation.",
     )
     supervised_loss: bool = Field(
@@ -293,6 +295,42 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
 def save_config(config: RunConfig, path: str | Path) -> None:
     """Write the resolved config as YAML (the run directory's `config.yaml`)."""
     Path(path).write_text(yaml.safe_dump(config.model_dump(), sort_keys=False, allow_unicode=True), encoding="utf-8")
+
+
+def preset_names() -> list[str]:
+    """Names of the configs shipped inside the package (`loraft train NAME`), sorted."""
+    folder = resources.files("loraft").joinpath("configs")
+    return sorted(entry.name.removesuffix(".yaml") for entry in folder.iterdir() if entry.name.endswith(".yaml"))
+
+
+def preset_path(name: str) -> Path:
+    """The shipped preset `name` as a file path.
+
+    Raises:
+        ConfigError: when no preset has that name (the message lists the ones that exist).
+    """
+    if name not in preset_names():
+        raise ConfigError(f"unknown preset {name!r} (presets: {', '.join(preset_names())})")
+    # Wheels install unpacked, so package data is a real file that load_config and the demo can open.
+    return Path(str(resources.files("loraft").joinpath(f"configs/{name}.yaml")))
+
+
+def resolve_config_source(name_or_path: str | Path) -> Path:
+    """What `loraft train CONFIG` reads: an existing file, else a shipped preset's name.
+
+    A bare word (no path separator, no .yaml/.yml suffix) that is not a file names a preset, so
+    `loraft train bloom-1b4-zh-lora` works from any directory; anything else is taken as a path.
+
+    Raises:
+        ConfigError: for a bare word that is neither a file nor a preset.
+    """
+    text = str(name_or_path)
+    is_bare_word = "/" not in text and os.sep not in text and not text.endswith((".yaml", ".yml"))
+    if not is_bare_word or Path(text).is_file():
+        return Path(text)
+    if text not in preset_names():
+        raise ConfigError(f"{text}: no config file or preset by that name (presets: {', '.join(preset_names())})")
+    return preset_path(text)
 
 
 def _type_name(annotation: Any) -> str:

@@ -31,7 +31,7 @@ from typing import Callable, Iterator, Optional, Sequence
 # a cached base with another version is rebuilt.
 DEMO_BASE_VERSION = "2"
 STAMP_FILE = "loraft_demo_base.json"
-DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"  # package data: wheels ship it
 
 
 # ----------------------------------------------------------------------------------------------- tasks
@@ -653,7 +653,7 @@ def run_demo(
         f"{device.type}")
     step_started = time.time()
     # loraft's training stage, exactly as `loraft train` runs it
-    run_dir = train(config, callbacks=[_progress_callback(config.train.max_steps, log)])
+    run_dir = train(config, callbacks=[_progress_callback(config.train.max_steps, log)], progress_bar=False)
     timings["finetune"] = time.time() - step_started
 
     tuned = PeftModel.from_pretrained(base, run_dir).eval()

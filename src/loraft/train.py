@@ -393,7 +393,8 @@ def _attach_file_log(run_dir: Path) -> logging.Handler:
     return handler
 
 
-def train(config: RunConfig, resume: bool = False, callbacks: Optional[list] = None, prepared=None) -> Path:
+def train(config: RunConfig, resume: bool = False, callbacks: Optional[list] = None, prepared=None,
+          progress_bar: bool = True) -> Path:
     """Fine-tune `config.model` on `config.data` with the configured adapter; returns the run directory.
 
     Runs unchanged under torchrun / accelerate launch: data is tokenized once (main process first, then
@@ -405,6 +406,7 @@ def train(config: RunConfig, resume: bool = False, callbacks: Optional[list] = N
         callbacks: extra transformers TrainerCallbacks (tests use them to look at the live model).
         prepared: already tokenized data (`train`, `eval`, `report`) instead of running the data stage
             (benchmarks/train_speed.py feeds every trainer the same token ids this way).
+        progress_bar: Trainer's tqdm bar and log echo; off when a callback reports progress (the demo).
     """
     from transformers import DataCollatorForSeq2Seq, set_seed
 
@@ -455,12 +457,14 @@ def train(config: RunConfig, resume: bool = False, callbacks: Optional[list] = N
         budget = micro_batch_tokens(config)
         logger.info("trainable params: %d of %d (%.4f%%)", trainable, total, 100.0 * trainable / max(total, 1))
         logger.info(
-            "compute: %s precision, %d sample(s) per batch x %d accumulated, %s, %s order, %s loss%s",
-            "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32", args.per_device_train_batch_size,
-            args.gradient_accumulation_steps,
+            "compute: %s precision, %d process(es) x %d sample(s) per batch x %d accumulated, %s, %s order, "
+            "%s loss%s",
+            "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32", args.world_size,
+            args.per_device_train_batch_size, args.gradient_accumulation_steps,
             f"forward/backward in sub-batches of <= {budget} padded tokens" if budget else "no sub-batches",
             config.train.sampling,
-            "supervised-only" if config.train.supervised_loss else "full-logits",
+            # a wrapped model (DDP, FSDP, DeepSpeed) keeps the model's own loss (LoraftTrainer._supervised_loss_parts)
+            "supervised-only" if config.train.supervised_loss and args.world_size == 1 else "full-logits",
             ", BLOOM SDPA-alibi attention and one-kernel GELU" if uses_fast_bloom(model) else "",
         )
         trainer_class = _make_trainer_class()
@@ -476,6 +480,11 @@ def train(config: RunConfig, resume: bool = False, callbacks: Optional[list] = N
             supervised_loss=config.train.supervised_loss,
             micro_batch_tokens=budget,
         )
+        if not progress_bar:
+            from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+            trainer.remove_callback(ProgressCallback)
+            trainer.remove_callback(PrinterCallback)
         result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         if trainer.is_world_process_zero():
             save_adapter_atomically(model, run_dir)
