@@ -54,3 +54,35 @@ def test_unknown_config_key_exits_2(tmp_path, capsys):
     config.write_text("train:\n  epochs: 3\n", encoding="utf-8")
     assert main(["train", str(config)]) == 2
     assert capsys.readouterr().err == f"error: {config}: unknown config key train.epochs\n"
+
+
+@pytest.mark.parametrize("hidden, missing", [(["fastapi"], "fastapi"), (["fastapi", "uvicorn"], "fastapi, uvicorn")])
+def test_serve_without_its_extra_exits_2_before_any_work(tmp_path, monkeypatch, capsys, hidden, missing):
+    import sys
+
+    for module in hidden:  # a None entry makes importlib.util.find_spec report the module as absent
+        monkeypatch.setitem(sys.modules, module, None)
+    # the run directory does not exist either: a check made after loading would report that instead
+    assert main(["serve", str(tmp_path / "no-run")]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == (f"error: loraft serve needs the 'serve' extra ({missing} not installed): "
+                            "run pip install 'loraft[serve]'\n")
+
+
+def test_train_by_preset_name_or_a_list_of_presets(tmp_path, monkeypatch, capsys):
+    from loraft.config import preset_names, preset_path
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "bloom-1b4-zh"]) == 2
+    assert capsys.readouterr().err == ("error: bloom-1b4-zh: no config file or preset by that name "
+                                       f"(presets: {', '.join(preset_names())})\n")
+    # a preset's values reach validation: an override error names the preset's file
+    assert main(["train", "demo", "train.max_stepz=1"]) == 2
+    assert capsys.readouterr().err == f"error: {preset_path('demo')} with overrides: unknown config key train.max_stepz\n"
+    assert main(["config", "--presets"]) == 0
+    assert [line.split()[0] for line in capsys.readouterr().out.splitlines()] == preset_names()
+    assert main(["config", "--preset", "bloom-1b4-zh-lora"]) == 0
+    assert capsys.readouterr().out == preset_path("bloom-1b4-zh-lora").read_text(encoding="utf-8")
+    assert main(["config", "--preset", "nope"]) == 2
+    assert capsys.readouterr().err == f"error: unknown preset 'nope' (presets: {', '.join(preset_names())})\n"

@@ -2,22 +2,46 @@ from pathlib import Path
 
 import pytest
 
-from loraft.config import RunConfig, describe_fields, load_config
+from loraft.config import (RunConfig, describe_fields, load_config, preset_names, preset_path,
+                           resolve_config_source)
 from loraft.errors import ConfigError
 
-CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+ROOT = Path(__file__).parents[1]
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
-def test_every_shipped_config_parses_and_names_its_command(path):
+def test_the_shipped_configs_are_the_package_presets():
+    # one copy: the checkout's configs/ is a link to the package data a wheel ships
+    assert (ROOT / "configs").is_symlink()
+    assert (ROOT / "configs").resolve() == (ROOT / "src" / "loraft" / "configs").resolve()
+    assert {"bloom-1b4-zh-lora", "demo"} <= set(preset_names())
+    assert sorted(p.stem for p in (ROOT / "configs").glob("*.yaml")) == preset_names()
+
+
+@pytest.mark.parametrize("name", preset_names())
+def test_every_shipped_config_parses_and_names_its_command(name):
+    path = preset_path(name)
     config = load_config(path)
     assert isinstance(config, RunConfig)
     first_line = path.read_text(encoding="utf-8").splitlines()[0]
     assert first_line.startswith("# loraft "), first_line
+    command = first_line.split()[1:3]
+    if command[0] == "train":  # the command in the header runs this very file, from any directory
+        assert resolve_config_source(command[1]) == path
+
+
+def test_config_source_is_a_file_first_then_a_preset(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert resolve_config_source("demo") == preset_path("demo")
+    (tmp_path / "demo").write_text("output_dir: mine\n", encoding="utf-8")
+    assert resolve_config_source("demo") == Path("demo")  # a file by that name wins
+    assert resolve_config_source("missing.yaml") == Path("missing.yaml")  # load_config says it is not found
+    with pytest.raises(ConfigError) as error:
+        resolve_config_source("bloom")
+    assert str(error.value) == f"bloom: no config file or preset by that name (presets: {', '.join(preset_names())})"
 
 
 def test_reference_config_is_the_recipe_value_for_value():
-    config = load_config(Path(__file__).parents[1] / "configs" / "bloom-1b4-zh-lora.yaml")
+    config = load_config(preset_path("bloom-1b4-zh-lora"))
     assert config.model.name_or_path == "Langboat/bloom-1b4-zh"
     assert config.data.template == "human_assistant"
     assert config.data.max_length == 256

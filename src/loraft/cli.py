@@ -9,7 +9,7 @@ import os
 import sys
 from typing import Callable, Optional
 
-from loraft.errors import LoraftError
+from loraft.errors import LoraftError, require
 
 
 def _data_config(args):
@@ -22,10 +22,10 @@ def _data_config(args):
 
 
 def cmd_train(args) -> int:
-    from loraft.config import load_config
+    from loraft.config import load_config, resolve_config_source
     from loraft.train import train
 
-    config = load_config(args.config, args.overrides)
+    config = load_config(resolve_config_source(args.config), args.overrides)
     run_dir = train(config, resume=args.resume)
     if _rank() == 0:
         print(f"run directory: {run_dir}")
@@ -125,6 +125,7 @@ def cmd_merge(args) -> int:
 
 
 def cmd_serve(args) -> int:
+    require("serve", "serve", "fastapi", "uvicorn")
     from loraft.serve import serve
 
     serve(args.run_dir, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("LORAFT_API_KEY"),
@@ -140,8 +141,16 @@ def cmd_demo(args) -> int:
 
 
 def cmd_config(args) -> int:
-    from loraft.config import describe_fields
+    from loraft.config import describe_fields, preset_names, preset_path
 
+    if args.presets:
+        for name in preset_names():
+            print(f"{name:24} {preset_path(name)}")
+        return 0
+    if args.preset:
+        # the file as shipped, header comments included, to redirect into a config of one's own
+        sys.stdout.write(preset_path(args.preset).read_text(encoding="utf-8"))
+        return 0
     if args.markdown:
         print("| key | type | default | description |\n|---|---|---|---|")
     for key, type_name, default, description in describe_fields():
@@ -183,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     train = sub.add_parser("train", help="fine-tune a model from a YAML config")
-    train.add_argument("config", help="YAML config (see configs/)")
+    train.add_argument("config", help="YAML config file, or a shipped preset's name (see `loraft config --presets`)")
     train.add_argument("overrides", nargs="*", help="dot-overrides, e.g. train.max_steps=3 output_dir=out")
     train.add_argument("--resume", action="store_true", help="continue from the run's latest complete checkpoint")
     train.set_defaults(handler=cmd_train)
@@ -253,7 +262,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(handler=cmd_demo)
 
     config = sub.add_parser("config", help="print every config key with its type, default and description")
-    config.add_argument("--markdown", action="store_true", help="print the table as Markdown (README reference)")
+    config_view = config.add_mutually_exclusive_group()
+    config_view.add_argument("--markdown", action="store_true", help="print the table as Markdown (README reference)")
+    config_view.add_argument("--preset", metavar="NAME", help="print a shipped preset's YAML, to save and edit")
+    config_view.add_argument("--presets", action="store_true", help="list the shipped presets and where they are")
     config.set_defaults(handler=cmd_config)
     templates = sub.add_parser("templates", help="list prompt templates")
     templates.set_defaults(handler=cmd_templates)

@@ -6,6 +6,7 @@ and keeps its traceback.
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Optional
 
 
@@ -38,3 +39,19 @@ class ModelError(LoraftError):
 
 class RunError(LoraftError):
     """A run directory that would be overwritten, or is missing what a command needs."""
+
+
+class MissingExtraError(LoraftError):
+    """A command needs an optional dependency group (a pip extra) that is not installed."""
+
+
+def require(command: str, extra: str, *modules: str) -> None:
+    """Stop before `loraft COMMAND` does any work when modules of its pip extra are not installed.
+
+    Raises:
+        MissingExtraError: naming the missing modules and the `pip install 'loraft[EXTRA]'` to run.
+    """
+    missing = [name for name in modules if importlib.util.find_spec(name) is None]
+    if missing:
+        raise MissingExtraError(f"loraft {command} needs the {extra!r} extra ({', '.join(missing)} not installed): "
+                                f"run pip install 'loraft[{extra}]'")
