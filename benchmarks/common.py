@@ -164,17 +164,23 @@ def reexec_with_isa(isa: str) -> None:
 
 
 def gemm_peak(dtype_name: str, size: int = 2048, repeats: int = 5) -> float:
-    """Best-of-N GFLOPS of a size^3 matmul in fp32 or bf16 on this machine, right now."""
+    """Best-of-N GFLOPS of a size^3 matmul in fp32 or bf16 on the device loraft trains on (GPU or CPU), right now."""
     import torch
 
+    from loraft.precision import resolve_device
+
+    device = resolve_device("auto")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
     generator = torch.Generator().manual_seed(0)
-    a = torch.randn(size, size, generator=generator).to(dtype)
-    b = torch.randn(size, size, generator=generator).to(dtype)
+    a = torch.randn(size, size, generator=generator).to(device=device, dtype=dtype)
+    b = torch.randn(size, size, generator=generator).to(device=device, dtype=dtype)
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     best = math.inf
     for attempt in range(repeats + 2):  # the first two are warm-up
+        synchronize()
         start = time.perf_counter()
         a @ b
+        synchronize()
         seconds = time.perf_counter() - start
         if attempt >= 2 or seconds > 1.0:  # a second per matmul: emulated bf16, and one reading says so
             best = min(best, seconds)

@@ -82,7 +82,9 @@ def run_reference(model_dir: Path, run_dir: Path, texts: list[str]) -> dict:
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), str(run_dir))
-    generator = pipeline("text-generation", model=model, tokenizer=tokenizer)  # CPU: no device=0 here
+    # the recipe's pipeline, on the device loraft generates on (a GPU where there is one), for a fair comparison
+    generator = pipeline("text-generation", model=model, tokenizer=tokenizer,
+                         device=0 if torch.cuda.is_available() else None)
     inputs = ["Human: {}\n{}".format(text, "").strip() + "\n\nAssistant: " for text in texts]
     prompt_lengths = [len(tokenizer(text)["input_ids"]) for text in inputs]
 
