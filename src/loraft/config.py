@@ -275,7 +275,9 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
             where = f" line {line + 1}" if line is not None else ""
             raise ConfigError(f"{path}:{where} is not valid YAML") from None
         if loaded is None:
-            loaded = {}
+            # an empty file is a mistake (or a cut-off write), not a request for the defaults
+            raise ConfigError(f"{path}: config file is empty; give at least one key, or a preset such as "
+                              "bloom-1b4-zh-lora")
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: top level must be a mapping of config keys")
         tree = loaded
@@ -293,8 +295,12 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
 
 
 def save_config(config: RunConfig, path: str | Path) -> None:
-    """Write the resolved config as YAML (the run directory's `config.yaml`)."""
-    Path(path).write_text(yaml.safe_dump(config.model_dump(), sort_keys=False, allow_unicode=True), encoding="utf-8")
+    """Write the resolved config as YAML (the run directory's `config.yaml`): to a temporary file, then renamed,
+    so a crash never leaves a cut-off config that would load as something else."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(yaml.safe_dump(config.model_dump(), sort_keys=False, allow_unicode=True), encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def preset_names() -> list[str]:

@@ -53,6 +53,51 @@ def last_complete_checkpoint(checkpoint_dir: Path) -> Optional[Path]:
     return max(steps)[1] if steps else None
 
 
+# What a run writes into its directory besides checkpoints/: a fresh start clears these of an earlier run.
+RUN_RECORDS = (
+    "metrics.jsonl", "loss.png", "train.log", "config.yaml", "data_report.json", "adapter_config.json",
+    "adapter_model.safetensors", "adapter_model.bin", "README.md", "tokenizer.json", "tokenizer_config.json",
+    "special_tokens_map.json", "chat_template.jinja", "vocab.json", "merges.txt", "tokenizer.model",
+)
+
+
+def clear_previous_run(run_dir: Path) -> None:
+    """Remove an earlier run's adapter, records, evaluation and checkpoints before a fresh start in its directory.
+
+    A fresh start there (overwrite=true, or an unfinished run that left no checkpoint) must not leave the old
+    adapter beside the new config if it is killed, nor append to the old run's metrics.
+    """
+    for name in RUN_RECORDS:
+        (run_dir / name).unlink(missing_ok=True)
+    for name in (CHECKPOINTS, "eval", ".adapter-staging", ".tokenizer-staging"):
+        shutil.rmtree(run_dir / name, ignore_errors=True)
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The records of metrics.jsonl; a line cut off by a crash or a full disk is skipped."""
+    records = []
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and isinstance(record.get("step"), int):
+                records.append(record)
+    return records
+
+
+def trim_metrics(path: Path, last_step: int) -> None:
+    """Keep the metrics logged up to `last_step` (the checkpoint a resume starts from), so the steps between
+    that checkpoint and a crash are logged once, by the resumed run; rewritten atomically."""
+    if not path.is_file():
+        return
+    kept = [record for record in read_metrics(path) if record["step"] <= last_step]
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text("".join(json.dumps(record) + "\n" for record in kept), encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def check_run_dir(config: RunConfig, resume: bool) -> Optional[Path]:
     """Refuse to overwrite a finished run; find the checkpoint to resume from.
 
@@ -311,16 +356,14 @@ def plot_loss(metrics_path: Path, png_path: Path) -> bool:
     import matplotlib.pyplot as plt
 
     train_points, eval_points = [], []
-    if metrics_path.is_file():
-        for line in metrics_path.read_text(encoding="utf-8").splitlines():
-            record = json.loads(line)
-            if "loss" in record:
-                train_points.append((record["step"], record["loss"]))
-            elif "train_loss" in record and not train_points:
-                # a run shorter than logging_steps: plot its mean loss at the last step
-                train_points.append((record["step"], record["train_loss"]))
-            if "eval_loss" in record:
-                eval_points.append((record["step"], record["eval_loss"]))
+    for record in read_metrics(metrics_path):
+        if "loss" in record:
+            train_points.append((record["step"], record["loss"]))
+        elif "train_loss" in record and not train_points:
+            # a run shorter than logging_steps: plot its mean loss at the last step
+            train_points.append((record["step"], record["train_loss"]))
+        if "eval_loss" in record:
+            eval_points.append((record["step"], record["eval_loss"]))
     if not train_points and not eval_points:
         return False
     figure, axis = plt.subplots(figsize=(7, 4), dpi=100)
@@ -425,10 +468,12 @@ def train(config: RunConfig, resume: bool = False, callbacks: Optional[list] = N
     is_main = args.process_index == 0
     handler = None
     if is_main:
-        if config.overwrite and not resume and run_dir.exists():
-            for name in ("metrics.jsonl", "loss.png", "train.log", RUN_FILE):
-                (run_dir / name).unlink(missing_ok=True)
-            shutil.rmtree(run_dir / CHECKPOINTS, ignore_errors=True)
+        if resume_from is not None:
+            trim_metrics(run_dir / "metrics.jsonl", int(resume_from.name[len("checkpoint-"):]))
+        elif read_run_status(run_dir) is not None:  # check_run_dir allowed a fresh start over an earlier run
+            clear_previous_run(run_dir)
+            write_json_atomically(run_dir / RUN_FILE, {"status": "running", "base_model": config.model.name_or_path,
+                                                       "started": time.time()})
         run_dir.mkdir(parents=True, exist_ok=True)
         handler = _attach_file_log(run_dir)
     started = time.time()

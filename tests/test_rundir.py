@@ -1,0 +1,143 @@
+"""The run directory after crashes and reruns: one run's records, each step logged once, atomic config."""
+
+import json
+
+import pytest
+import torch
+from transformers import TrainerCallback
+
+from loraft.config import RunConfig, load_config, save_config
+from loraft.errors import ConfigError
+from loraft.train import RUN_FILE, plot_loss, read_metrics, train
+from conftest import ALPACA_RECORDS
+
+
+@pytest.fixture(autouse=True)
+def _tokenized_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("LORAFT_CACHE_DIR", str(tmp_path / "cache"))
+
+
+@pytest.fixture()
+def data_file(tmp_path):
+    path = tmp_path / "alpaca.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ALPACA_RECORDS), encoding="utf-8")
+    return path
+
+
+def _config(model_dir, data, run_dir, *overrides):
+    return load_config(None, [
+        f"model.name_or_path={model_dir}", f"data.path={data}", f"output_dir={run_dir}", "train.logging_steps=1",
+        "train.per_device_train_batch_size=2", "train.gradient_accumulation_steps=1", "train.precision=fp32",
+        *overrides,
+    ])
+
+
+def _steps(run_dir):
+    return [record["step"] for record in read_metrics(run_dir / "metrics.jsonl") if "loss" in record]
+
+
+def test_plot_loss_skips_a_line_cut_off_by_a_crash(tmp_path):
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo', encoding="utf-8")
+    assert plot_loss(metrics, tmp_path / "loss.png")
+    assert (tmp_path / "loss.png").stat().st_size > 0
+    assert [r["step"] for r in read_metrics(metrics)] == [1, 2]
+
+
+def test_rerun_after_a_kill_before_the_first_checkpoint_starts_clean(tiny_bloom_dir, data_file, tmp_path):
+    """The dead run's metrics, adapter and checkpoints are gone before the new run writes anything."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / RUN_FILE).write_text(json.dumps({"status": "running"}), encoding="utf-8")
+    (run_dir / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n{"step": 2, "loss": 8.0}\n', encoding="utf-8")
+    (run_dir / "adapter_config.json").write_text("{}", encoding="utf-8")
+
+    seen = {}
+
+    class AtStart(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            seen["adapter"] = (run_dir / "adapter_config.json").exists()
+            seen["metrics"] = read_metrics(run_dir / "metrics.jsonl")
+
+    train(_config(tiny_bloom_dir, data_file, run_dir, "train.max_steps=2"), callbacks=[AtStart()])
+    assert seen == {"adapter": False, "metrics": []}
+    assert _steps(run_dir) == [1, 2]
+    assert json.loads((run_dir / RUN_FILE).read_text())["status"] == "finished"
+
+
+def test_overwrite_removes_the_old_adapter_before_training(tiny_bloom_dir, data_file, tmp_path):
+    run_dir = tmp_path / "run"
+    train(_config(tiny_bloom_dir, data_file, run_dir, "train.max_steps=1"))
+    (run_dir / "eval").mkdir()
+    seen = {}
+
+    class AtStart(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            seen["left"] = sorted(p.name for p in run_dir.iterdir() if p.name.startswith(("adapter", "eval")))
+            seen["status"] = json.loads((run_dir / RUN_FILE).read_text())["status"]
+
+    train(_config(tiny_bloom_dir, data_file, run_dir, "train.max_steps=2", "overwrite=true"), callbacks=[AtStart()])
+    assert seen == {"left": [], "status": "running"}
+    assert _steps(run_dir) == [1, 2]
+
+
+def test_resume_logs_each_step_once(tiny_bloom_dir, data_file, tmp_path):
+    """A crash after checkpoint 2 that had logged steps 3-4 (the last line cut off) resumes to one record a step."""
+    run_dir = tmp_path / "run"
+    config = _config(tiny_bloom_dir, data_file, run_dir, "train.max_steps=4", "train.save_steps=2",
+                     "train.save_total_limit=null")
+    train(config)
+    # make it look killed during step 4's checkpoint: status running, checkpoint-4 missing, a half-written line
+    import shutil
+
+    shutil.rmtree(run_dir / "checkpoints" / "checkpoint-4")
+    (run_dir / RUN_FILE).write_text(json.dumps({"status": "running"}), encoding="utf-8")
+    with (run_dir / "metrics.jsonl").open("a", encoding="utf-8") as handle:
+        handle.write('{"step": 4, "lo')
+    train(config, resume=True)
+    assert _steps(run_dir) == [1, 2, 3, 4]
+    assert json.loads((run_dir / RUN_FILE).read_text())["status"] == "finished"
+
+
+def test_empty_config_file_is_refused(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text("# nothing but a comment\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"config\.yaml: config file is empty"):
+        load_config(path)
+
+
+def test_config_is_written_atomically(tmp_path, monkeypatch):
+    path = tmp_path / "config.yaml"
+    save_config(RunConfig(), path)
+    before = path.read_text(encoding="utf-8")
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    import yaml
+
+    monkeypatch.setattr(yaml, "safe_dump", lambda *a, **k: "output_dir: half-writ")
+    monkeypatch.setattr("os.replace", fail)
+    with pytest.raises(OSError):
+        save_config(RunConfig(output_dir="other"), path)
+    assert path.read_text(encoding="utf-8") == before
+    assert load_config(path).output_dir == RunConfig().output_dir
+
+
+def test_resume_from_a_checkpoint_at_max_steps_trains_no_extra_step(tiny_bloom_dir, data_file, tmp_path):
+    """Killed after the last checkpoint but before the final save: the resume only finishes the run."""
+    run_dir = tmp_path / "run"
+    config = _config(tiny_bloom_dir, data_file, run_dir, "train.max_steps=4", "train.save_steps=2")
+    train(config)
+    (run_dir / RUN_FILE).write_text(json.dumps({"status": "running"}), encoding="utf-8")
+    (run_dir / "adapter_model.safetensors").unlink()
+    from safetensors.torch import load_file
+
+    checkpoint = load_file(run_dir / "checkpoints" / "checkpoint-4" / "adapter_model.safetensors")
+    train(config, resume=True)
+    status = json.loads((run_dir / RUN_FILE).read_text())
+    assert status["status"] == "finished" and status["global_step"] == 4
+    assert _steps(run_dir) == [1, 2, 3, 4]
+    final = load_file(run_dir / "adapter_model.safetensors")
+    assert final.keys() == checkpoint.keys()
+    assert all(torch.equal(final[name], checkpoint[name]) for name in final)
