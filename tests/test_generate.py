@@ -72,7 +72,8 @@ def test_generate_file_errors(run_dir, tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "ok"}\n{"prompt": \n', encoding="utf-8")
     assert main(["generate", str(run_dir), "--input", str(bad), "--output", str(tmp_path / "o.jsonl")]) == 2
-    assert capsys.readouterr().err == f"error: {bad}, line 2: invalid JSON (Expecting value)\n"
+    # the same reader and wording as training data
+    assert capsys.readouterr().err == f"error: {bad}, line 2: not valid JSON: Expecting value (column 12)\n"
     missing = tmp_path / "missing.jsonl"
     missing.write_text('{"question": "?"}\n', encoding="utf-8")
     assert main(["generate", str(run_dir), "--input", str(missing), "--output", str(tmp_path / "o.jsonl")]) == 2
@@ -119,3 +120,25 @@ def test_min_new_tokens_holds_off_the_end_token(run_dir):
             assert out.shape[1] - ids.shape[1] == expected
     finally:
         hook.remove()
+
+
+def test_prompt_file_errors_name_the_line_and_field_before_any_model_loads(tmp_path, capsys):
+    """A messages record whose turn lacks a role stops with one sentence, exit 2, before the run is opened."""
+    from loraft.cli import main
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "你好"}\n{"messages": [{"content": "你好"}]}\n', encoding="utf-8")
+    code = main(["generate", str(tmp_path / "no-run"), "--input", str(prompts), "--output", str(tmp_path / "o.jsonl")])
+    assert code == 2
+    assert capsys.readouterr().err == (
+        f"error: {prompts}, line 2, field 'messages': message 1 has unknown 'role' None "
+        "(expected system, user or assistant)\n")
+
+
+def test_prompt_file_keeps_a_line_separator_inside_a_string(tmp_path):
+    from loraft.generate import read_prompts
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "第一行\u2028第二行"}\n', encoding="utf-8")
+    [(record, messages)] = read_prompts(prompts)
+    assert messages == [{"role": "user", "content": "第一行\u2028第二行"}]

@@ -173,8 +173,10 @@ def _write_jsonl(path: Path, records: Sequence[dict]) -> None:
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    """The records of a JSONL file (blank lines skipped)."""
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    """The records of a JSONL file (blank lines skipped), read as training data is."""
+    from loraft.records import read_json_records
+
+    return [record for _, record in read_json_records(str(path))]
 
 
 def write_demo_data(out_dir: Path, seed: int = 0) -> tuple[Path, Path]:

@@ -222,30 +222,12 @@ def read_prompts(path: str | Path) -> list[tuple[dict, list[dict]]]:
     Returns:
         (record, conversation-to-answer) pairs; a trailing assistant message is dropped.
     """
+    from loraft.records import chat_turns, read_json_records
+
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise DataError(str(path), "file not found") from None
-    except UnicodeDecodeError:
-        raise DataError(str(path), "file is not UTF-8 text") from None
-    if path.suffix == ".json":
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise DataError(str(path), f"invalid JSON ({exc.msg})", where=f"line {exc.lineno}") from None
-        if not isinstance(records, list):
-            raise DataError(str(path), "a .json prompt file must hold a JSON array of objects")
-        numbered = [(f"record {i + 1}", r) for i, r in enumerate(records)]
-    else:
-        numbered = []
-        for number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                numbered.append((f"line {number}", json.loads(line)))
-            except json.JSONDecodeError as exc:
-                raise DataError(str(path), f"invalid JSON ({exc.msg})", where=f"line {number}") from None
+    if not path.is_file():
+        raise DataError(str(path), "file not found")
+    numbered = read_json_records(str(path))
     if not numbered:
         raise DataError(str(path), "file holds no prompts")
     prompts = []
@@ -253,9 +235,11 @@ def read_prompts(path: str | Path) -> list[tuple[dict, list[dict]]]:
         if not isinstance(record, dict):
             raise DataError(str(path), "each prompt must be a JSON object", where=where)
         if "messages" in record:
-            messages = [dict(m) for m in record["messages"]]
-            if messages and messages[-1].get("role") == "assistant":
+            messages = chat_turns(str(path), where, record)
+            if messages and messages[-1]["role"] == "assistant":
                 messages = messages[:-1]
+            if not messages:
+                raise DataError(str(path), "no message to answer", where=where, field="messages")
         elif "instruction" in record:
             messages = [{"role": "user", "content": "\n".join([str(record["instruction"]), str(record.get("input") or "")])}]
         elif "prompt" in record:

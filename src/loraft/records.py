@@ -227,6 +227,14 @@ def _alpaca_messages(path: str, where: str, record: dict, data: DataConfig) -> l
 
 
 def _chat_messages(path: str, where: str, record: dict, field: str, sharegpt: bool) -> list[dict]:
+    messages = chat_turns(path, where, record, field, sharegpt)
+    if not any(message["role"] == "assistant" for message in messages):
+        raise DataError(path, "no assistant message, so nothing to train on", where=where, field=field)
+    return messages
+
+
+def chat_turns(path: str, where: str, record: dict, field: str = "messages", sharegpt: bool = False) -> list[dict]:
+    """The validated `[{role, content}]` turns of a messages (or ShareGPT) record; DataError names the turn."""
     role_key, content_key = ("from", "value") if sharegpt else ("role", "content")
     roles = SHAREGPT_ROLES if sharegpt else CHAT_ROLES
     if field not in record:
@@ -247,9 +255,13 @@ def _chat_messages(path: str, where: str, record: dict, field: str, sharegpt: bo
             messages.append({"role": roles[turn[role_key]], "content": turn[content_key]})
             continue
         raise DataError(path, f"message {index}{problem}", where=where, field=field)
-    if not any(message["role"] == "assistant" for message in messages):
-        raise DataError(path, "no assistant message, so nothing to train on", where=where, field=field)
     return messages
+
+
+def read_json_records(path: str) -> Records:
+    """(where, record) pairs of a .json array or a .jsonl file (the same reader as training data)."""
+    text = _decode_utf8(path, Path(path).read_bytes())
+    return _read_json(path, text, None) if str(path).endswith(".json") else _read_jsonl(path, text, None)
 
 
 def load_conversations(path: str, data: DataConfig) -> list[Conversation]:
