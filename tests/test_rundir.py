@@ -141,3 +141,40 @@ def test_resume_from_a_checkpoint_at_max_steps_trains_no_extra_step(tiny_bloom_d
     final = load_file(run_dir / "adapter_model.safetensors")
     assert final.keys() == checkpoint.keys()
     assert all(torch.equal(final[name], checkpoint[name]) for name in final)
+
+
+class PoisonAfter(TrainerCallback):
+    """Sets every LoRA B matrix to NaN once step `step` is saved: every later loss is NaN."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        if state.global_step == self.step:
+            with torch.no_grad():
+                for name, parameter in model.named_parameters():
+                    if "lora_B" in name:
+                        parameter.fill_(float("nan"))
+
+
+@pytest.mark.parametrize("patience, stop_step", [(0, 3), (1, 4)])
+def test_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(
+        tiny_bloom_dir, data_file, tmp_path, capsys, patience, stop_step):
+    from loraft.train import NonFiniteTraining
+
+    run_dir = tmp_path / "run"
+    config = _config(tiny_bloom_dir, data_file, run_dir, "train.max_steps=6", "train.save_steps=2",
+                     f"train.nonfinite_patience={patience}")
+    with pytest.raises(NonFiniteTraining) as raised:
+        train(config, callbacks=[PoisonAfter(2)])
+    checkpoint = run_dir / "checkpoints" / "checkpoint-2"
+    assert str(raised.value) == (
+        f"{run_dir}: training stopped at step {stop_step}: the loss is not finite ({patience + 1} step(s) in a row, "
+        f"train.nonfinite_patience={patience}); status failed, the last good checkpoint is {checkpoint}")
+    status = json.loads((run_dir / RUN_FILE).read_text())
+    assert status["status"] == "failed" and status["last_good_checkpoint"] == str(checkpoint)
+    assert not (run_dir / "adapter_model.safetensors").exists()
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["checkpoint-2"]
+    from safetensors.torch import load_file
+
+    assert all(torch.isfinite(t).all() for t in load_file(checkpoint / "adapter_model.safetensors").values())

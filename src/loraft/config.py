@@ -161,6 +161,11 @@ class TrainConfig(_Section):
     supervised_loss: bool = Field(
         True, description="Run lm_head and the loss only where labels are supervised, in chunks (same loss)."
     )
+    nonfinite_patience: int = Field(
+        0, ge=0,
+        description="Optimizer steps in a row with a NaN/inf loss or gradient norm before training stops with "
+        "status failed (0 = stop at the first); a tolerated step's update uses zeroed gradients.",
+    )
     logging_steps: int = Field(10, description="Log loss every N optimizer steps (as the reference).")
     save_steps: int = Field(
         500, description="Checkpoint every N optimizer steps (the reference's save_steps=1 writes 380 MB a step)."

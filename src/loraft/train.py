@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -143,14 +144,47 @@ def _make_trainer_class():
         """
 
         def __init__(self, *args, length_grouped: bool = False, supervised_loss: bool = False,
-                     micro_batch_tokens: int = 0, **kwargs):
+                     micro_batch_tokens: int = 0, nonfinite_patience: int = 0, **kwargs):
             super().__init__(*args, **kwargs)
+            self.nonfinite_patience = nonfinite_patience
+            self._nonfinite_steps = 0
+            self._step_loss_finite = True
             self.length_grouped = length_grouped
             self.supervised_loss = supervised_loss
             self.micro_batch_tokens = micro_batch_tokens
             self._loss_parts = None
 
         def training_step(self, model, inputs, num_items_in_batch=None):
+            loss = self._training_step(model, inputs, num_items_in_batch)
+            self._step_loss_finite = self._step_loss_finite and bool(torch.isfinite(loss.detach()).all())
+            return loss
+
+        def _get_grad_norm(self, model, grad_norm=None):
+            """The step's gradient norm (Trainer's), checked with the step's loss before the optimizer uses them.
+
+            A non-finite one stops training before the update (the last checkpoint stays the last good state),
+            unless `nonfinite_patience` more are allowed: then this step's gradients are zeroed. The norm is
+            the same on every rank; the local loss decides only in a single process, so ranks never disagree.
+            """
+            grad_norm = super()._get_grad_norm(model, grad_norm)
+            norm = float(grad_norm) if grad_norm is not None else 0.0
+            loss_ok = self._step_loss_finite or self.args.world_size > 1
+            self._step_loss_finite = True
+            if math.isfinite(norm) and loss_ok:
+                self._nonfinite_steps = 0
+                return grad_norm
+            self._nonfinite_steps += 1
+            step = self.state.global_step + 1
+            if self._nonfinite_steps > self.nonfinite_patience:
+                what = "loss" if not loss_ok else "gradient norm"
+                raise NonFiniteTraining(
+                    f"training stopped at step {step}: the {what} is not finite ({self._nonfinite_steps} step(s) in a "
+                    f"row, train.nonfinite_patience={self.nonfinite_patience})")
+            logger.warning("step %d: non-finite loss or gradient norm; its update uses zeroed gradients", step)
+            model.zero_grad()
+            return grad_norm
+
+        def _training_step(self, model, inputs, num_items_in_batch=None):
             """Forward/backward the step's batch in sub-batches of at most micro_batch_tokens padded tokens.
 
             Each sub-batch's loss is its supervised-token sum over the whole step's count, so the gradients add
@@ -262,6 +296,10 @@ def _make_trainer_class():
             self.accelerator.wait_for_everyone()
 
     return LoraftTrainer
+
+
+class NonFiniteTraining(RunError):
+    """Training met a NaN/inf loss or gradient norm more often in a row than train.nonfinite_patience allows."""
 
 
 def _make_metrics_callback(run_dir: Path):
@@ -524,13 +562,24 @@ def train(config: RunConfig, resume: bool = False, callbacks: Optional[list] = N
             length_grouped=config.train.sampling == "length_grouped",
             supervised_loss=config.train.supervised_loss,
             micro_batch_tokens=budget,
+            nonfinite_patience=config.train.nonfinite_patience,
         )
         if not progress_bar:
             from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
             trainer.remove_callback(ProgressCallback)
             trainer.remove_callback(PrinterCallback)
-        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        try:
+            result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        except NonFiniteTraining as exc:
+            checkpoint = last_complete_checkpoint(run_dir / CHECKPOINTS)
+            if is_main:
+                write_json_atomically(run_dir / RUN_FILE, {
+                    "status": "failed", "reason": str(exc), "base_model": config.model.name_or_path,
+                    "last_good_checkpoint": str(checkpoint) if checkpoint else None, "started": started,
+                    "failed": time.time(), "versions": _versions()})
+            kept = f"the last good checkpoint is {checkpoint}" if checkpoint else "no checkpoint was written before it"
+            raise NonFiniteTraining(f"{run_dir}: {exc}; status failed, {kept}") from None
         if trainer.is_world_process_zero():
             save_adapter_atomically(model, run_dir)
             save_tokenizer_with_template(tokenizer, template, run_dir)
