@@ -178,3 +178,24 @@ def test_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(
     from safetensors.torch import load_file
 
     assert all(torch.isfinite(t).all() for t in load_file(checkpoint / "adapter_model.safetensors").values())
+
+
+def test_a_dataset_of_empty_responses_is_refused_before_training(tiny_bloom_dir, tmp_path, capsys):
+    from loraft.cli import main
+
+    data = tmp_path / "empty.jsonl"
+    data.write_text("".join(json.dumps({"instruction": r["instruction"], "output": ""}, ensure_ascii=False) + "\n"
+                            for r in ALPACA_RECORDS), encoding="utf-8")
+    run_dir = tmp_path / "run"
+    base = [f"model.name_or_path={tiny_bloom_dir}", f"data.path={data}", f"output_dir={run_dir}",
+            "train.max_steps=1"]
+    config = tmp_path / "c.yaml"
+    config.write_text("train:\n  precision: fp32\n", encoding="utf-8")
+    assert main(["train", str(config), *base]) == 2
+    n = len(ALPACA_RECORDS)
+    assert capsys.readouterr().err.splitlines()[-1] == (  # after the tokenized cache's progress bar
+        f"error: {data}: every response is empty ({n} of {n}), so training would only teach the model to stop; "
+        "set data.allow_empty_responses=true if that is intended")
+    assert not (run_dir / "adapter_config.json").exists()
+    assert main(["train", str(config), *base, "data.allow_empty_responses=true"]) == 0
+    assert json.loads((run_dir / RUN_FILE).read_text())["status"] == "finished"

@@ -61,6 +61,9 @@ class DataConfig(_Section):
     history_field: str = Field("history", description="Optional alpaca column with earlier [user, assistant] turns.")
     messages_field: str = Field("messages", description="Column holding a list of {role, content} messages.")
     system_prompt: Optional[str] = Field(None, description="System prompt added to records that have none.")
+    allow_empty_responses: bool = Field(
+        False, description="Train even when every response is empty (the model would only learn to stop at once).",
+    )
     eval_path: Optional[str] = Field(None, description="Held-out data for evaluation during training (same formats).")
     eval_fraction: float = Field(0.0, description="Fraction of the training records held out for evaluation (0 = none).")
     limit: Optional[int] = Field(None, description="Use only the first N records (quick runs).")

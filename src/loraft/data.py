@@ -287,6 +287,11 @@ def prepare_datasets(config: RunConfig, tokenizer) -> PreparedData:
 
     data = config.data
     train, report = _tokenized_source(data.path, data, tokenizer)
+    answers = report.get("roles", {}).get("assistant", 0)
+    if answers and report.get("empty_outputs") == answers and not data.allow_empty_responses:
+        # every sample would teach only the end token: refused before any model is loaded
+        raise DataError(data.path, f"every response is empty ({answers} of {answers}), so training would only "
+                        "teach the model to stop; set data.allow_empty_responses=true if that is intended")
     eval_dataset = None
     if data.eval_path:
         eval_dataset, report["eval"] = _tokenized_source(data.eval_path, data, tokenizer)

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Optional
 
 from loraft.config import RunConfig, save_config
-from loraft.errors import RunError
+from loraft.errors import LoraftError, RunError
 
 logger = logging.getLogger("loraft")
 
@@ -513,6 +513,9 @@ def train(config: RunConfig, resume: bool = False, callbacks: Optional[list] = N
             write_json_atomically(run_dir / RUN_FILE, {"status": "running", "base_model": config.model.name_or_path,
                                                        "started": time.time()})
         run_dir.mkdir(parents=True, exist_ok=True)
+        if read_run_status(run_dir) is None:  # mark the directory as a loraft run before anything else lands in it
+            write_json_atomically(run_dir / RUN_FILE, {"status": "running", "base_model": config.model.name_or_path,
+                                                       "started": time.time()})
         handler = _attach_file_log(run_dir)
     started = time.time()
     try:
@@ -606,6 +609,12 @@ def train(config: RunConfig, resume: bool = False, callbacks: Optional[list] = N
             )
             logger.info("finished: %d steps, train loss %.4f, run dir %s", result.global_step, result.training_loss, run_dir)
         trainer.accelerator.wait_for_everyone()
+    except LoraftError as exc:
+        # bad data, a model that cannot load, ...: the directory says so, and a corrected rerun may start over
+        if is_main and not isinstance(exc, NonFiniteTraining) and read_run_status(run_dir) != "finished":
+            write_json_atomically(run_dir / RUN_FILE, {"status": "failed", "reason": str(exc),
+                                                       "base_model": config.model.name_or_path, "failed": time.time()})
+        raise
     finally:
         if handler is not None:
             logger.removeHandler(handler)
