@@ -199,3 +199,34 @@ def test_a_dataset_of_empty_responses_is_refused_before_training(tiny_bloom_dir,
     assert not (run_dir / "adapter_config.json").exists()
     assert main(["train", str(config), *base, "data.allow_empty_responses=true"]) == 0
     assert json.loads((run_dir / RUN_FILE).read_text())["status"] == "finished"
+
+
+def test_resume_refuses_a_changed_function_and_allows_an_extension(tiny_bloom_dir, data_file, tmp_path):
+    from loraft.errors import RunError
+
+    run_dir = tmp_path / "run"
+    base = ["train.max_steps=4", "train.save_steps=2", "train.save_total_limit=null"]
+    train(_config(tiny_bloom_dir, data_file, run_dir, *base))
+    (run_dir / RUN_FILE).write_text(json.dumps({**json.loads((run_dir / RUN_FILE).read_text()), "status": "running"}),
+                                    encoding="utf-8")
+    other_data = tmp_path / "other.jsonl"
+    other_data.write_text(data_file.read_text(encoding="utf-8").replace("北京", "上海"), encoding="utf-8")
+    cases = [
+        (["data.max_length=64"], "data.max_length changed (256 -> 64)"),
+        (["adapter.r=4"], "adapter.r changed (8 -> 4)"),
+        (["train.seed=7"], "train.seed changed (42 -> 7)"),
+        (["data.template=alpaca"], "data.template changed ('human_assistant' -> 'alpaca')"),
+    ]
+    for overrides, change in cases:
+        with pytest.raises(RunError) as raised:
+            train(_config(tiny_bloom_dir, data_file, run_dir, *base, *overrides), resume=True)
+        assert str(raised.value) == (
+            f"{run_dir}: --resume refused: {change} since the checkpoint was trained; start a new output_dir, "
+            "or pass overwrite=true to train again from scratch")
+    with pytest.raises(RunError, match=r"--resume refused: the training data \(its content"):
+        train(_config(tiny_bloom_dir, other_data, run_dir, *base), resume=True)
+    train(_config(tiny_bloom_dir, data_file, run_dir, "train.max_steps=6", "train.save_steps=2"), resume=True)
+    status = json.loads((run_dir / RUN_FILE).read_text())
+    assert status["status"] == "finished" and status["global_step"] == 6
+    assert "resume extends the run: train.max_steps 4 -> 6" in (run_dir / "train.log").read_text(encoding="utf-8")
+    assert _steps(run_dir) == [1, 2, 3, 4, 5, 6]

@@ -260,11 +260,14 @@ def _tokenized_source(path: str, data: DataConfig, tokenizer) -> tuple[Any, dict
     entry = _cache_root(data) / _cache_key(path, data, tokenizer, template)
     if (entry / "report.json").exists():
         report = json.loads((entry / "report.json").read_text(encoding="utf-8"))
-        hit = {"path": path, "tokenizer": str(getattr(tokenizer, "name_or_path", "")), "cache_hit": True}
+        hit = {"path": path, "tokenizer": str(getattr(tokenizer, "name_or_path", "")), "cache_hit": True,
+               "fingerprint": entry.name}
         return load_from_disk(str(entry)), {**report, **hit}
     conversations, report = read_with_report(path, data)
     dataset, tokens_report = tokenize_conversations(conversations, tokenizer, template, data.max_length, data.num_proc)
     report.update(tokens_report)
+    # what the samples depend on (source content, tokenizer, template, max_length, fields): a resume compares it
+    report["fingerprint"] = entry.name
     _require_samples(path, report["samples_kept"], report["samples_tokenized"], data.max_length)
     try:
         _store(entry, dataset, report)

@@ -99,6 +99,50 @@ def trim_metrics(path: Path, last_step: int) -> None:
     os.replace(tmp, path)
 
 
+def run_identity(config: RunConfig, report: dict) -> dict:
+    """What makes a run's function: a resume that changes any of these continues a different training."""
+    return {
+        "model.name_or_path": config.model.name_or_path, "model.revision": config.model.revision,
+        "data.template": config.data.template, "data.max_length": config.data.max_length,
+        "the training data (its content, tokenizer or field mapping)": report.get("fingerprint"),
+        "adapter": config.adapter.model_dump(), "train.seed": config.train.seed,
+    }
+
+
+def check_resume_identity(run_dir: Path, saved: Optional[dict], config: RunConfig, report: dict) -> None:
+    """Refuse a resume whose config changes the function the checkpoint was trained for (one sentence);
+    log an extension (more max_steps or epochs)."""
+    if not saved or "identity" not in saved:
+        logger.warning("%s: the run records no identity (an older loraft); resuming without checking it", run_dir)
+        return
+    current = run_identity(config, report)
+    for key, old in saved["identity"].items():
+        new = current.get(key)
+        if key == "adapter" and old != new:
+            changed = sorted(name for name in set(old) | set(new) if old.get(name) != new.get(name))
+            key, old, new = f"adapter.{changed[0]}", old.get(changed[0]), new.get(changed[0])
+        if old != new:
+            raise RunError(f"{run_dir}: --resume refused: {key} changed ({old!r} -> {new!r}) since the checkpoint "
+                           "was trained; start a new output_dir, or pass overwrite=true to train again from scratch")
+    previous = saved.get("length") or {}
+    for key, value in (("train.max_steps", config.train.max_steps),
+                       ("train.num_train_epochs", config.train.num_train_epochs)):
+        if key in previous and previous[key] != value:
+            logger.info("resume extends the run: %s %s -> %s", key, previous[key], value)
+
+
+def _identity_fields(config: RunConfig, report: dict) -> dict:
+    return {"identity": run_identity(config, report),
+            "length": {"train.max_steps": config.train.max_steps, "train.num_train_epochs": config.train.num_train_epochs}}
+
+
+def _read_run_file(run_dir: Path) -> Optional[dict]:
+    try:
+        return json.loads((Path(run_dir) / RUN_FILE).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
 def check_run_dir(config: RunConfig, resume: bool) -> Optional[Path]:
     """Refuse to overwrite a finished run; find the checkpoint to resume from.
 
@@ -522,13 +566,15 @@ def train(config: RunConfig, resume: bool = False, callbacks: Optional[list] = N
         if prepared is None:
             with args.main_process_first(desc="tokenize the training data"):
                 prepared = prepare_datasets(config, tokenizer)
+        if resume_from is not None:
+            check_resume_identity(run_dir, _read_run_file(run_dir), config, prepared.report)
         if is_main:
             save_config(config, run_dir / "config.yaml")
             write_json_atomically(run_dir / "data_report.json", prepared.report)
             write_json_atomically(
                 run_dir / RUN_FILE,
                 {"status": "running", "base_model": config.model.name_or_path, "template": template.name,
-                 "started": started, "versions": _versions()},
+                 "started": started, "versions": _versions(), **_identity_fields(config, prepared.report)},
             )
             logger.info(
                 "data: %s samples kept of %s records (%s dropped, %s truncated)",
@@ -578,7 +624,7 @@ def train(config: RunConfig, resume: bool = False, callbacks: Optional[list] = N
             checkpoint = last_complete_checkpoint(run_dir / CHECKPOINTS)
             if is_main:
                 write_json_atomically(run_dir / RUN_FILE, {
-                    "status": "failed", "reason": str(exc), "base_model": config.model.name_or_path,
+                    **(_read_run_file(run_dir) or {}), "status": "failed", "reason": str(exc),
                     "last_good_checkpoint": str(checkpoint) if checkpoint else None, "started": started,
                     "failed": time.time(), "versions": _versions()})
             kept = f"the last good checkpoint is {checkpoint}" if checkpoint else "no checkpoint was written before it"
@@ -602,6 +648,7 @@ def train(config: RunConfig, resume: bool = False, callbacks: Optional[list] = N
                     "train_loss": result.training_loss,
                     "train_metrics": result.metrics,
                     "resumed_from": str(resume_from) if resume_from else None,
+                    **_identity_fields(config, prepared.report),
                     "started": started,
                     "finished": time.time(),
                     "versions": _versions(),
@@ -612,8 +659,8 @@ def train(config: RunConfig, resume: bool = False, callbacks: Optional[list] = N
     except LoraftError as exc:
         # bad data, a model that cannot load, ...: the directory says so, and a corrected rerun may start over
         if is_main and not isinstance(exc, NonFiniteTraining) and read_run_status(run_dir) != "finished":
-            write_json_atomically(run_dir / RUN_FILE, {"status": "failed", "reason": str(exc),
-                                                       "base_model": config.model.name_or_path, "failed": time.time()})
+            write_json_atomically(run_dir / RUN_FILE, {**(_read_run_file(run_dir) or {}), "status": "failed",
+                                                       "reason": str(exc), "failed": time.time()})
         raise
     finally:
         if handler is not None:
