@@ -230,3 +230,35 @@ def test_resume_refuses_a_changed_function_and_allows_an_extension(tiny_bloom_di
     assert status["status"] == "finished" and status["global_step"] == 6
     assert "resume extends the run: train.max_steps 4 -> 6" in (run_dir / "train.log").read_text(encoding="utf-8")
     assert _steps(run_dir) == [1, 2, 3, 4, 5, 6]
+
+
+def test_consumers_refuse_unfinished_runs_and_remote_code_unless_asked(tiny_bloom_dir, data_file, tmp_path, capsys):
+    import yaml
+
+    from loraft.cli import main
+
+    run_dir = tmp_path / "run"
+    train(_config(tiny_bloom_dir, data_file, run_dir, "train.max_steps=2", "train.save_steps=2"))
+    generate = ["generate", str(run_dir), "--prompt", "你好", "--max-new-tokens", "2", "--temperature", "0"]
+    # a run killed after its checkpoint: the adapter files are gone, status says running
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        (run_dir / name).unlink()
+    (run_dir / RUN_FILE).write_text(json.dumps({"status": "running"}), encoding="utf-8")
+    for command in (generate, ["eval", str(run_dir), "--data", str(data_file)],
+                    ["merge", str(run_dir), "--out", str(tmp_path / "merged")]):
+        assert main(command) == 2
+        assert capsys.readouterr().err.splitlines()[-1] == (
+            f"error: {run_dir}: the run is running, not finished; pass --allow-unfinished to use its newest "
+            "checkpoint anyway")
+    assert main([*generate, "--allow-unfinished"]) == 0
+    capsys.readouterr()
+
+    # trust_remote_code comes from the command line, never from a run directory someone else wrote
+    config = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
+    config["model"]["trust_remote_code"] = True
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
+    assert main([*generate, "--allow-unfinished"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"error: {run_dir}: its base model {tiny_bloom_dir} runs its own modelling code (trust_remote_code in "
+        "config.yaml); pass --trust-remote-code if you trust it")
+    assert main([*generate, "--allow-unfinished", "--trust-remote-code"]) == 0

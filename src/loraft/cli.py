@@ -84,7 +84,7 @@ def _generation_settings(args):
 def cmd_chat(args) -> int:
     from loraft.generate import chat
 
-    chat(args.run_dir, _generation_settings(args), system=args.system)
+    chat(args.run_dir, _generation_settings(args), system=args.system, access=_access(args))
     return 0
 
 
@@ -93,14 +93,14 @@ def cmd_generate(args) -> int:
 
     settings = _generation_settings(args)
     if args.prompt is not None:
-        for piece in generate_one(args.run_dir, args.prompt, settings):
+        for piece in generate_one(args.run_dir, args.prompt, settings, access=_access(args)):
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
         return 0
     if not (args.input and args.output):
         raise LoraftError("generate needs --prompt TEXT, or --input FILE with --output FILE")
-    count = generate_to_file(args.run_dir, args.input, args.output, settings, args.batch_size)
+    count = generate_to_file(args.run_dir, args.input, args.output, settings, args.batch_size, access=_access(args))
     print(f"wrote {count} answers to {args.output}", file=sys.stderr)
     return 0
 
@@ -109,7 +109,7 @@ def cmd_eval(args) -> int:
     from loraft.evaluate import evaluate, format_table
 
     metrics = evaluate(args.run_dir, args.data, limit=args.limit, base=args.base, batch_size=args.batch_size,
-                       max_new_tokens=args.max_new_tokens)
+                       max_new_tokens=args.max_new_tokens, access=_access(args))
     print(format_table(metrics))
     print(f"wrote {args.run_dir}/eval/metrics.json and predictions.jsonl", file=sys.stderr)
     return 0
@@ -119,7 +119,7 @@ def cmd_merge(args) -> int:
     from loraft.export import merge_run
 
     out_dir = merge_run(args.run_dir, args.out, dtype=args.dtype, overwrite=args.overwrite,
-                        max_shard_size=args.max_shard_size)
+                        max_shard_size=args.max_shard_size, access=_access(args))
     print(f"merged model: {out_dir}")
     return 0
 
@@ -179,6 +179,19 @@ def _add_data_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
 
 
+def _access(args):
+    from loraft.rundir import RunAccess
+
+    return RunAccess(allow_unfinished=args.allow_unfinished, trust_remote_code=args.trust_remote_code)
+
+
+def _add_run_access_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--allow-unfinished", action="store_true",
+                        help="use an unfinished or failed run's newest complete checkpoint")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="allow modelling code from the run's base model folder (never taken from the run)")
+
+
 def _add_sampling_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int)
     parser.add_argument("--temperature", type=float, help="0 = greedy")
@@ -220,6 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("run_dir")
     chat.add_argument("--system", help="system prompt")
     _add_sampling_options(chat)
+    _add_run_access_options(chat)
     chat.set_defaults(handler=cmd_chat)
 
     generate = sub.add_parser("generate", help="answer a prompt, or a file of prompts in batches")
@@ -229,6 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--output", help="JSONL file to write (must not exist)")
     generate.add_argument("--batch-size", type=int, default=8)
     _add_sampling_options(generate)
+    _add_run_access_options(generate)
     generate.set_defaults(handler=cmd_generate)
 
     evaluate = sub.add_parser("eval", help="score a run on held-out data: loss, perplexity, exact match, ROUGE, BLEU")
@@ -238,6 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--base", action="store_true", help="also score the base model with the same template")
     evaluate.add_argument("--batch-size", type=int, default=8)
     evaluate.add_argument("--max-new-tokens", type=int, help="most tokens per answer (default: the run's setting)")
+    _add_run_access_options(evaluate)
     evaluate.set_defaults(handler=cmd_eval)
 
     merge = sub.add_parser("merge", help="merge the adapter into the base and write a standalone model")
@@ -246,6 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--dtype", default="fp32", choices=["bf16", "fp16", "fp32"], help="weights dtype (default: fp32)")
     merge.add_argument("--max-shard-size", default="2GB", help="safetensors shard size (default: 2GB)")
     merge.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
+    _add_run_access_options(merge)
     merge.set_defaults(handler=cmd_merge)
 
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server and chat page for a run")

@@ -235,6 +235,7 @@ def evaluate(
     batch_size: int = 8,
     max_new_tokens: Optional[int] = None,
     device: Optional[str] = None,
+    access=None,
 ) -> dict:
     """Score a finished run on held-out data and write `eval/predictions.jsonl` and `eval/metrics.json`.
 
@@ -252,20 +253,18 @@ def evaluate(
     from loraft.generate import load_run
 
     run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise RunError(f"{run_dir}: run directory not found")
     if batch_size <= 0:
         raise RunError(f"--batch-size must be > 0 (got {batch_size})")
     if limit is not None and limit <= 0:
         raise RunError(f"--limit must be > 0 (got {limit})")
     if max_new_tokens is not None and max_new_tokens <= 0:
         raise RunError(f"--max-new-tokens must be > 0 (got {max_new_tokens})")
-    from loraft.config import load_config
-    if not (run_dir / "adapter_config.json").is_file():
-        raise RunError(f"{run_dir}: not a finished loraft run (no adapter_config.json)")
+    from loraft.rundir import RunAccess, open_run
+
+    run = open_run(run_dir, access or RunAccess())
     # Read the data before loading the model, so a bad file fails in a second.
-    records = load_eval_records(data_path, load_config(run_dir / "config.yaml").data, limit)
-    model, tokenizer, template, info = load_run(run_dir, device=device)
+    records = load_eval_records(data_path, run.config.data, limit)
+    model, tokenizer, template, info = load_run(run_dir, device=device, access=access)
     config = info["config"]
     samples, token_report = tokenize_references(
         tokenizer, template, [{"messages": r["messages"]} for r in records], config.data.max_length

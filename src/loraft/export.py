@@ -79,6 +79,7 @@ def merge_run(
     dtype: str = "fp32",
     overwrite: bool = False,
     max_shard_size: Union[str, int] = "2GB",
+    access=None,
 ) -> Path:
     """Merge the run's adapter into its base and save a model `AutoModelForCausalLM.from_pretrained` loads.
 
@@ -94,20 +95,13 @@ def merge_run(
     from loraft.generate import stop_token_ids
     from loraft.model import load_run_model
     from loraft.templates import get_template
-    from loraft.train import read_run_status
-
-    from loraft.config import load_config
+    from loraft.rundir import RunAccess, open_run
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
-    if not run_dir.is_dir():
-        raise RunError(f"{run_dir}: run directory not found")
-    if not (run_dir / "adapter_config.json").is_file():
-        raise RunError(f"{run_dir}: not a finished loraft run (no adapter_config.json)")
-    if read_run_status(run_dir) not in (None, "finished"):
-        raise RunError(f"{run_dir}: the run has not finished; merge a finished run")
+    run = open_run(run_dir, access or RunAccess())
     if dtype not in MERGE_DTYPES:
         raise RunError(f"--dtype must be one of {', '.join(MERGE_DTYPES)} (got {dtype!r})")
-    method = load_config(run_dir / "config.yaml").adapter.method
+    method = run.config.adapter.method
     if method not in MERGEABLE_METHODS:
         raise RunError(
             f"{run_dir}: a {method} adapter adds virtual tokens and cannot be merged into the weights; "
@@ -115,7 +109,8 @@ def merge_run(
         )
     _check_out_dir(run_dir, out_dir, overwrite)
 
-    model, tokenizer, info = load_run_model(run_dir, dtype=torch.float32, device="cpu")
+    # merged on the CPU in fp32: exact, and the merged copy never competes with a GPU's memory
+    model, tokenizer, info = load_run_model(run_dir, dtype=torch.float32, device="cpu", access=access)
     config = info["config"]
     template = get_template(info.get("template") or config.data.template)
     was_tied = _tie_setting(model.get_base_model())

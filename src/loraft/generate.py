@@ -168,25 +168,28 @@ def stream_answer(model, tokenizer, template: Template, messages: Sequence[dict]
     return AnswerStream(model, tokenizer, template, messages, settings)
 
 
-def load_run(run_dir: str | Path, device: Optional[str] = None, dtype: Optional[str] = None):
+def load_run(run_dir: str | Path, device: Optional[str] = None, dtype: Optional[str] = None, access=None):
     """(model, tokenizer, template, run_info) for a finished run directory.
 
     Args:
         dtype: weights dtype (`generation.dtype`: auto, fp32, bf16, fp16); None = fp32, as evaluation wants.
+        access: a loraft.rundir.RunAccess (unfinished runs, remote code); None = neither.
     """
     from loraft.model import load_run_model
     from loraft.precision import inference_dtype
 
-    model, tokenizer, info = load_run_model(run_dir, dtype=inference_dtype(dtype, device or "auto"), device=device)
+    model, tokenizer, info = load_run_model(run_dir, dtype=inference_dtype(dtype, device or "auto"), device=device,
+                                            access=access)
     template = get_template(info.get("template") or info["config"].data.template)
     return model, tokenizer, template, info
 
 
-def chat(run_dir: str | Path, settings: GenerationConfig, system: Optional[str] = None, stdin=None, stdout=None) -> None:
+def chat(run_dir: str | Path, settings: GenerationConfig, system: Optional[str] = None, stdin=None, stdout=None,
+         access=None) -> None:
     """Multi-turn chat in the terminal: streams answers, keeps history; /reset clears it, /exit quits."""
     stdin = stdin or sys.stdin
     stdout = stdout or sys.stdout
-    model, tokenizer, template, _ = load_run(run_dir, dtype=settings.dtype)
+    model, tokenizer, template, _ = load_run(run_dir, dtype=settings.dtype, access=access)
     history: list[dict] = [{"role": "system", "content": system}] if system else []
     stdout.write(f"loraft chat: {run_dir} ({template.name} template). /reset clears the history, /exit quits.\n")
     while True:
@@ -251,14 +254,15 @@ def read_prompts(path: str | Path) -> list[tuple[dict, list[dict]]]:
 
 
 def generate_to_file(
-    run_dir: str | Path, input_path: str | Path, output_path: str | Path, settings: GenerationConfig, batch_size: int = 8
+    run_dir: str | Path, input_path: str | Path, output_path: str | Path, settings: GenerationConfig, batch_size: int = 8,
+    access=None,
 ) -> int:
     """Answer every prompt in `input_path`; write each record plus `response` to `output_path` (JSONL)."""
     output_path = Path(output_path)
     if output_path.exists():
         raise LoraftError(f"{output_path}: exists already; choose another --output")
     prompts = read_prompts(input_path)
-    model, tokenizer, template, _ = load_run(run_dir, dtype=settings.dtype)
+    model, tokenizer, template, _ = load_run(run_dir, dtype=settings.dtype, access=access)
     answers = generate_batch(model, tokenizer, template, [m for _, m in prompts], settings, batch_size, progress=True)
     tmp = output_path.with_suffix(output_path.suffix + ".tmp")
     with tmp.open("w", encoding="utf-8") as handle:
@@ -268,7 +272,7 @@ def generate_to_file(
     return len(answers)
 
 
-def generate_one(run_dir: str | Path, prompt: str, settings: GenerationConfig) -> Iterable[str]:
+def generate_one(run_dir: str | Path, prompt: str, settings: GenerationConfig, access=None) -> Iterable[str]:
     """Stream the answer to a single user prompt."""
-    model, tokenizer, template, _ = load_run(run_dir, dtype=settings.dtype)
+    model, tokenizer, template, _ = load_run(run_dir, dtype=settings.dtype, access=access)
     return stream_answer(model, tokenizer, template, [{"role": "user", "content": prompt}], settings)

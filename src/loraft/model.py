@@ -388,29 +388,24 @@ def load_model_for_training(config: RunConfig, tokenizer=None):
     return peft_model, info
 
 
-def load_run_model(run_dir: Union[str, Path], dtype: Optional[torch.dtype] = None, device: Optional[str] = None):
-    """Load base + adapter from a run directory (what chat/generate/eval/serve use).
+def load_run_model(run_dir: Union[str, Path], dtype: Optional[torch.dtype] = None, device: Optional[str] = None,
+                   access=None):
+    """Load base + adapter from a run directory (what chat/generate/eval/merge/serve use), after
+    `loraft.rundir.open_run` checked it (finished, or allowed; trust_remote_code only as granted by `access`).
 
     Returns:
         (peft_model in eval mode, tokenizer carrying the run's chat_template, run metadata dict)
     """
-    import json
-
     from peft import PeftModel
 
-    from loraft.config import load_config
+    from loraft.rundir import RunAccess, open_run
 
-    run_dir = Path(run_dir)
-    if not (run_dir / "adapter_config.json").is_file():
-        raise ModelError(f"{run_dir}: not a finished loraft run (no adapter_config.json)")
-    config = load_config(run_dir / "config.yaml")
-    metadata = {}
-    if (run_dir / "loraft_run.json").is_file():
-        metadata = json.loads((run_dir / "loraft_run.json").read_text(encoding="utf-8"))
-    tokenizer = load_tokenizer(str(run_dir))
+    run = open_run(run_dir, access or RunAccess())
+    config = run.config
+    tokenizer = load_tokenizer(str(run.adapter_dir))
     base = load_base_model(config.model, dtype or torch.float32)
-    model = PeftModel.from_pretrained(base, str(run_dir))
+    model = PeftModel.from_pretrained(base, str(run.adapter_dir))
     model.eval()
     target = resolve_device(device or config.model.device)
     model.to(target)
-    return model, tokenizer, {"config": config, **metadata}
+    return model, tokenizer, {"config": config, **run.record, "adapter_dir": str(run.adapter_dir)}

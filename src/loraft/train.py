@@ -24,35 +24,9 @@ from typing import Optional
 
 from loraft.config import RunConfig, save_config
 from loraft.errors import LoraftError, RunError
+from loraft.rundir import CHECKPOINTS, RUN_FILE, last_complete_checkpoint, read_record, read_run_status
 
 logger = logging.getLogger("loraft")
-
-RUN_FILE = "loraft_run.json"
-CHECKPOINTS = "checkpoints"
-
-
-def read_run_status(run_dir: Path) -> Optional[str]:
-    """The `status` recorded in a run directory, or None when it holds no loraft run."""
-    path = Path(run_dir) / RUN_FILE
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8")).get("status")
-    except (json.JSONDecodeError, OSError):
-        return "unreadable"
-
-
-def last_complete_checkpoint(checkpoint_dir: Path) -> Optional[Path]:
-    """The newest checkpoint-N that was fully written (staging dirs never carry that name)."""
-    if not checkpoint_dir.is_dir():
-        return None
-    steps = []
-    for child in checkpoint_dir.iterdir():
-        if child.is_dir() and child.name.startswith("checkpoint-") and child.name[11:].isdigit():
-            if (child / "trainer_state.json").is_file():
-                steps.append((int(child.name[11:]), child))
-    return max(steps)[1] if steps else None
-
 
 # What a run writes into its directory besides checkpoints/: a fresh start clears these of an earlier run.
 RUN_RECORDS = (
@@ -134,13 +108,6 @@ def check_resume_identity(run_dir: Path, saved: Optional[dict], config: RunConfi
 def _identity_fields(config: RunConfig, report: dict) -> dict:
     return {"identity": run_identity(config, report),
             "length": {"train.max_steps": config.train.max_steps, "train.num_train_epochs": config.train.num_train_epochs}}
-
-
-def _read_run_file(run_dir: Path) -> Optional[dict]:
-    try:
-        return json.loads((Path(run_dir) / RUN_FILE).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
 
 
 def check_run_dir(config: RunConfig, resume: bool) -> Optional[Path]:
@@ -567,7 +534,7 @@ def train(config: RunConfig, resume: bool = False, callbacks: Optional[list] = N
             with args.main_process_first(desc="tokenize the training data"):
                 prepared = prepare_datasets(config, tokenizer)
         if resume_from is not None:
-            check_resume_identity(run_dir, _read_run_file(run_dir), config, prepared.report)
+            check_resume_identity(run_dir, read_record(run_dir), config, prepared.report)
         if is_main:
             save_config(config, run_dir / "config.yaml")
             write_json_atomically(run_dir / "data_report.json", prepared.report)
@@ -624,7 +591,7 @@ def train(config: RunConfig, resume: bool = False, callbacks: Optional[list] = N
             checkpoint = last_complete_checkpoint(run_dir / CHECKPOINTS)
             if is_main:
                 write_json_atomically(run_dir / RUN_FILE, {
-                    **(_read_run_file(run_dir) or {}), "status": "failed", "reason": str(exc),
+                    **(read_record(run_dir) or {}), "status": "failed", "reason": str(exc),
                     "last_good_checkpoint": str(checkpoint) if checkpoint else None, "started": started,
                     "failed": time.time(), "versions": _versions()})
             kept = f"the last good checkpoint is {checkpoint}" if checkpoint else "no checkpoint was written before it"
@@ -659,7 +626,7 @@ def train(config: RunConfig, resume: bool = False, callbacks: Optional[list] = N
     except LoraftError as exc:
         # bad data, a model that cannot load, ...: the directory says so, and a corrected rerun may start over
         if is_main and not isinstance(exc, NonFiniteTraining) and read_run_status(run_dir) != "finished":
-            write_json_atomically(run_dir / RUN_FILE, {**(_read_run_file(run_dir) or {}), "status": "failed",
+            write_json_atomically(run_dir / RUN_FILE, {**(read_record(run_dir) or {}), "status": "failed",
                                                        "reason": str(exc), "failed": time.time()})
         raise
     finally:
