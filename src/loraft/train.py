@@ -67,7 +67,8 @@ def trim_metrics(path: Path, last_step: int) -> None:
     that checkpoint and a crash are logged once, by the resumed run; rewritten atomically."""
     if not path.is_file():
         return
-    kept = [record for record in read_metrics(path) if record["step"] <= last_step]
+    # the end-of-training summary (train_loss, ...) is written again by the resumed run
+    kept = [record for record in read_metrics(path) if record["step"] <= last_step and "train_loss" not in record]
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text("".join(json.dumps(record) + "\n" for record in kept), encoding="utf-8")
     os.replace(tmp, path)
@@ -108,6 +109,21 @@ def check_resume_identity(run_dir: Path, saved: Optional[dict], config: RunConfi
 def _identity_fields(config: RunConfig, report: dict) -> dict:
     return {"identity": run_identity(config, report),
             "length": {"train.max_steps": config.train.max_steps, "train.num_train_epochs": config.train.num_train_epochs}}
+
+
+def _checkpoint_step(checkpoint: Path) -> int:
+    return int(checkpoint.name[len("checkpoint-"):])
+
+
+def _finish_from_checkpoint(trainer, checkpoint: Path):
+    """Load a checkpoint's weights into the trainer's model without training; a TrainOutput like train()'s."""
+    from transformers.trainer_utils import TrainOutput
+
+    trainer._load_from_checkpoint(str(checkpoint))
+    state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+    losses = [entry["loss"] for entry in state.get("log_history", []) if "loss" in entry]
+    loss = sum(losses) / len(losses) if losses else float("nan")
+    return TrainOutput(state["global_step"], loss, {"train_loss": loss, "finished_from_checkpoint": str(checkpoint)})
 
 
 def check_run_dir(config: RunConfig, resume: bool) -> Optional[Path]:
@@ -518,7 +534,7 @@ def train(config: RunConfig, resume: bool = False, callbacks: Optional[list] = N
     handler = None
     if is_main:
         if resume_from is not None:
-            trim_metrics(run_dir / "metrics.jsonl", int(resume_from.name[len("checkpoint-"):]))
+            trim_metrics(run_dir / "metrics.jsonl", _checkpoint_step(resume_from))
         elif read_run_status(run_dir) is not None:  # check_run_dir allowed a fresh start over an earlier run
             clear_previous_run(run_dir)
             write_json_atomically(run_dir / RUN_FILE, {"status": "running", "base_model": config.model.name_or_path,
@@ -586,7 +602,12 @@ def train(config: RunConfig, resume: bool = False, callbacks: Optional[list] = N
             trainer.remove_callback(ProgressCallback)
             trainer.remove_callback(PrinterCallback)
         try:
-            result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+            if resume_from is not None and _checkpoint_step(resume_from) >= args.max_steps > 0:
+                # killed after its last checkpoint: only the final save is left. Trainer would train one more
+                # step before it checks max_steps.
+                result = _finish_from_checkpoint(trainer, resume_from)
+            else:
+                result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         except NonFiniteTraining as exc:
             checkpoint = last_complete_checkpoint(run_dir / CHECKPOINTS)
             if is_main:
