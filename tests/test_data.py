@@ -437,7 +437,8 @@ def test_missing_null_and_non_string_fields(tmp_path):
 
 
 def test_empty_output_is_kept_with_eos_supervised(tmp_path, bloom_tokenizer):
-    path = write_jsonl(tmp_path / "a.jsonl", [{"instruction": "说点什么", "output": ""}])
+    # (a file in which every output is empty is refused: tests/test_rundir.py)
+    path = write_jsonl(tmp_path / "a.jsonl", [{"instruction": "说点什么", "output": ""}, {"instruction": "你好", "output": "你好"}])
     prepared = prepare_datasets(config_for(path), bloom_tokenizer)
     row = prepared.train[0]
     assert [t for t, label in zip(row["input_ids"], row["labels"]) if label != -100] == [bloom_tokenizer.eos_token_id]
