@@ -86,3 +86,14 @@ def test_train_by_preset_name_or_a_list_of_presets(tmp_path, monkeypatch, capsys
     assert capsys.readouterr().out == preset_path("bloom-1b4-zh-lora").read_text(encoding="utf-8")
     assert main(["config", "--preset", "nope"]) == 2
     assert capsys.readouterr().err == f"error: unknown preset 'nope' (presets: {', '.join(preset_names())})\n"
+
+
+def test_serve_flags_reach_the_server(tmp_path, capsys):
+    """--max-queue, --shutdown-timeout and --context-length are checked by serve() before anything loads."""
+    from loraft.cli import main
+
+    for flag, value, message in (("--max-queue", "0", "--max-queue must be > 0 (got 0)"),
+                                 ("--shutdown-timeout", "-1", "--shutdown-timeout must be >= 0 (got -1.0)"),
+                                 ("--context-length", "1", "--context-length must be > 1 (got 1)")):
+        assert main(["serve", str(tmp_path), flag, value]) == 2
+        assert capsys.readouterr().err == f"error: {message}\n"

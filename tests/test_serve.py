@@ -255,7 +255,8 @@ def test_malformed_json_and_non_object_bodies(app, engine):
     response = request(app, "POST", "/v1/chat/completions", content=b'{"model": "x", "messages": [',
                        headers={"content-type": "application/json"})
     assert_error(response, 400, message="We could not parse the JSON body of your request: it is not valid JSON.")
-    assert_error(request(app, "POST", "/v1/chat/completions", content=b"\xff\xfe"), 400)
+    assert_error(request(app, "POST", "/v1/chat/completions", content=b"\xff\xfe",
+                         headers={"content-type": "application/json"}), 400)
     assert_error(request(app, "POST", "/v1/chat/completions", json=[1, 2]), 400,
                  message="The request body must be a JSON object.")
     assert_error(request(app, "POST", "/v1/completions", json={"model": engine.model_id, "prompt": ""}), 400, "prompt")
@@ -275,7 +276,8 @@ def test_oversized_bodies_get_413(app, engine):
             yield b"x" * 1000
         yield b'"}]}'
 
-    assert_error(request(app, "POST", "/v1/chat/completions", content=chunked()), 413, code="request_too_large")
+    assert_error(request(app, "POST", "/v1/chat/completions", content=chunked(),
+                         headers={"content-type": "application/json"}), 413, code="request_too_large")
 
 
 def test_unknown_routes_and_methods_use_the_error_shape(app):
@@ -297,7 +299,8 @@ def test_api_key_is_required_on_every_api_request(engine):
     assert_error(request(app, "POST", "/v1/completions", json={}, headers={"Authorization": KEY}), 401,
                  code="invalid_api_key")
     # an unauthenticated oversized body is refused as unauthenticated, before it is read
-    assert_error(request(app, "POST", "/v1/chat/completions", content=b"x" * (2 << 20)), 401, code="invalid_api_key")
+    assert_error(request(app, "POST", "/v1/chat/completions", content=b"x" * (2 << 20),
+                         headers={"content-type": "application/json"}), 401, code="invalid_api_key")
     good = {"Authorization": f"Bearer {KEY}"}
     assert request(app, "GET", "/v1/models", headers=good).status_code == 200
     assert request(app, "POST", "/v1/chat/completions", json=chat_body(engine), headers=good).status_code == 200

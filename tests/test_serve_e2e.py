@@ -13,7 +13,6 @@ import os
 import select
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -24,52 +23,21 @@ import httpx
 import openai
 import pytest
 
-from run_helpers import trained_run
+from run_helpers import ServerProcess, trained_run
 
 KEY = "e2e-secret"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                   "--disable-component-update", "--no-first-run"]
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+class Server(ServerProcess):
+    """`loraft serve` (the CLI, as a user starts it) on 127.0.0.1."""
 
-
-class Server:
     def __init__(self, run_dir: Path, log_path: Path):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = log_path.open("wb")
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "loraft.cli", "serve", str(run_dir), "--host", "127.0.0.1", "--port",
-             str(self.port), "--api-key", KEY, "--max-tokens-cap", "64"],
-            stdout=self.log, stderr=subprocess.STDOUT, env=env,
-        )
-        self.log_path = log_path
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError("loraft serve exited early:\n" + log_path.read_text(errors="replace"))
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.25)
-        raise RuntimeError("loraft serve did not come up:\n" + log_path.read_text(errors="replace"))
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.log.close()
+        super().__init__(lambda port: [
+            sys.executable, "-m", "loraft.cli", "serve", str(run_dir), "--host", "127.0.0.1", "--port", str(port),
+            # a long shutdown timeout: the SIGTERM test checks that queued work is finished, on any machine
+            "--api-key", KEY, "--max-tokens-cap", "64", "--shutdown-timeout", "600"], log_path, stop_timeout=30)
 
 
 @pytest.fixture(scope="module")

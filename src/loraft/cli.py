@@ -129,7 +129,9 @@ def cmd_serve(args) -> int:
     from loraft.serve import serve
 
     serve(args.run_dir, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("LORAFT_API_KEY"),
-          max_tokens_cap=args.max_tokens_cap)
+          max_tokens_cap=args.max_tokens_cap, max_body_bytes=args.max_body_bytes, max_queue=args.max_queue,
+          allowed_hosts=args.allowed_hosts, shutdown_timeout=args.shutdown_timeout,
+          context_length=args.context_length, dtype=args.dtype, access=_access(args))
     return 0
 
 
@@ -271,6 +273,17 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $LORAFT_API_KEY, else none)")
     serve.add_argument("--max-tokens-cap", type=int, default=1024, help="largest max_tokens a request may ask for")
+    serve.add_argument("--max-queue", type=int, default=16,
+                       help="requests that may wait for the model; more get 429 with Retry-After (default: 16)")
+    serve.add_argument("--allowed-hosts", nargs="*", default=(), metavar="NAME",
+                       help="Host names answered besides the bound address ('*': any)")
+    serve.add_argument("--shutdown-timeout", type=float, default=30.0,
+                       help="seconds in-flight and queued requests get after SIGTERM (default: 30)")
+    serve.add_argument("--context-length", type=int, help="most prompt + answer tokens (default: the model's)")
+    serve.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"],
+                       help="weights dtype (default: the run's generation.dtype)")
+    serve.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default: 1 MiB)")
+    _add_run_access_options(serve)
     serve.set_defaults(handler=cmd_serve)
 
     demo = sub.add_parser("demo", help="offline demo: build a tiny Chinese base, fine-tune it, show before/after")

@@ -1,0 +1,399 @@
+"""The FastAPI application and `serve`, which loads a run and runs it under uvicorn."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+import time
+import uuid
+from contextlib import aclosing
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, AsyncIterator, Optional, Sequence
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from loraft.errors import RunError
+from loraft.generate import Answer
+from loraft.serve.engine import (
+    FALLBACK_CONTEXT_LENGTH, RAW_TEXT, Engine, QueuePlace, StopScanner, cut_at_stop, model_context_length,
+)
+from loraft.serve.validation import (
+    APIError, HostRule, check_api_key, check_content_type, check_messages, check_model, check_prompt,
+    check_sampling, check_stop, check_stream, fit_context, host_rule, is_loopback, read_json_body,
+)
+from loraft.templates import Template
+
+logger = logging.getLogger("loraft")
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """Limits and access rules of the server.
+
+    host/port/allowed_hosts decide which Host headers are answered (see validation.host_rule); port None
+    checks no port (an in-process client).
+    """
+
+    api_key: Optional[str] = None
+    max_tokens_cap: int = 1024
+    max_body_bytes: int = 1 << 20
+    host: str = "127.0.0.1"
+    port: Optional[int] = None
+    allowed_hosts: tuple[str, ...] = ()
+
+
+class HostCheck:
+    """ASGI middleware: answer only requests whose Host header the rule allows (before any route runs)."""
+
+    def __init__(self, app, rule: HostRule):
+        self.app, self.rule = app, rule
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            header = next((value.decode("latin-1") for name, value in scope["headers"] if name == b"host"), None)
+            try:
+                self.rule.check(header)
+            except APIError as exc:
+                await exc.response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def shutting_down() -> APIError:
+    """What a request cancelled by the shutdown timeout is told."""
+    return APIError(503, "The server is shutting down; this request was cancelled.", code="server_shutting_down",
+                    error_type="server_error")
+
+
+class GenerationStream(StreamingResponse):
+    """A streamed answer that gives up its queue place and stops its generation however the response ends:
+    finished, the client gone (Starlette cancels the body), or the server stopping. The body iterator may
+    never start when the client leaves at once, so its own cleanup cannot be relied on for this."""
+
+    def __init__(self, content, place: QueuePlace, cancel: threading.Event, **kwargs):
+        super().__init__(content, **kwargs)
+        self.place, self.cancel = place, cancel
+
+    async def __call__(self, scope, receive, send) -> None:
+        sent = {"start": False, "end": False}
+
+        async def tracking_send(message) -> None:
+            if message["type"] == "http.response.start":
+                sent["start"] = True
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                sent["end"] = True
+            await send(message)
+
+        try:
+            await super().__call__(scope, receive, tracking_send)
+        except asyncio.CancelledError:
+            # uvicorn cancels what is left once shutdown_timeout has passed: end the stream saying why (the
+            # process may exit before it is sent) instead of letting uvicorn log the cancellation as a traceback
+            self.cancel.set()
+            if not sent["start"]:
+                await shutting_down().response()(scope, receive, send)
+            elif not sent["end"]:
+                await send({"type": "http.response.body", "body": _sse(shutting_down().body()).encode(),
+                            "more_body": False})
+        finally:
+            self.place.release()
+            self.cancel.set()
+
+
+def chat_page() -> str:
+    """The chat page shipped in the package (inline CSS and JS, no external assets)."""
+    return resources.files("loraft").joinpath("static/chat.html").read_text(encoding="utf-8")
+
+
+async def _client_gone(request: Request) -> None:
+    """Return once the client disconnects (the body has been read: the next ASGI message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _unless_client_leaves(request: Request, work, cancel: threading.Event) -> Optional[Answer]:
+    """The result of `work` (an Engine.complete), or None when the client disconnects first; then, or when
+    this request is cancelled (server shutdown), the generation stops at its next token."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_client_gone(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            cancel.set()
+            task.cancel()
+    return task.result() if task.done() and not task.cancelled() else None
+
+
+def create_app(engine: Engine, settings: ServeSettings = ServeSettings()):
+    """The FastAPI application serving `engine` under `settings`."""
+    app = FastAPI(title="loraft", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.engine = engine
+    rule = host_rule(settings.host, settings.port, settings.allowed_hosts)
+    if rule is not None:
+        app.add_middleware(HostCheck, rule=rule)
+    # the key as bytes: argv may carry non-UTF-8 bytes, which Python holds as surrogate escapes
+    api_key = settings.api_key.encode("utf-8", "surrogateescape") if settings.api_key is not None else None
+
+    @app.exception_handler(APIError)
+    async def api_error(_request, exc: APIError):
+        return exc.response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request, exc: StarletteHTTPException):
+        error_type = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return APIError(exc.status_code, str(exc.detail), error_type=error_type, headers=exc.headers).response()
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_request, exc: RequestValidationError):
+        return APIError(400, "Invalid request.").response()
+
+    @app.exception_handler(Exception)
+    async def server_error(_request, exc: Exception):  # our bug: keep the traceback in the log
+        logger.exception("unexpected error while serving a request")
+        return APIError(500, "The server hit an internal error.", error_type="server_error").response()
+
+    def authorize(request: Request) -> None:
+        if api_key is not None:
+            check_api_key(request.scope["headers"], api_key)
+
+    def model_card() -> dict:
+        return {
+            "id": engine.model_id, "object": "model", "created": engine.created, "owned_by": "loraft",
+            "loraft": {"template": engine.template.name, "base_model": engine.info.get("base_model"),
+                       "max_tokens_cap": settings.max_tokens_cap, "context_length": engine.context_length},
+        }
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "generating": engine.active_generations, "waiting": engine.waiting}
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page():
+        return HTMLResponse(chat_page())
+
+    @app.get("/v1/models")
+    async def list_models(request: Request):
+        authorize(request)
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def get_model(model_id: str, request: Request):
+        authorize(request)
+        if model_id != engine.model_id:
+            raise APIError(404, f"The model {model_id!r} does not exist.", param="model", code="model_not_found")
+        return model_card()
+
+    async def parse(request: Request) -> dict:
+        authorize(request)
+        check_content_type(request.headers.get("content-type"))
+        payload = await read_json_body(request, settings.max_body_bytes)
+        check_model(payload, engine.model_id)
+        return payload
+
+    async def generate(request: Request, payload: dict, messages: list[dict], template: Template,
+                       prompt_param: str, shape: "ResponseShape"):
+        sampling = check_sampling(payload, engine.defaults, settings.max_tokens_cap)
+        stops = check_stop(payload)
+        stream, include_usage = check_stream(payload)
+        place: Optional[QueuePlace] = engine.reserve()
+        cancel = threading.Event()
+        try:
+            prompt_tokens = await engine.count_prompt_tokens(messages, template)
+            generation = fit_context(sampling, prompt_tokens, engine.context_length, prompt_param)
+            if stream:
+                events = _event_stream(engine, engine.stream(messages, template, generation, sampling.seed, stops,
+                                                             place, cancel),
+                                       stops, shape, prompt_tokens, include_usage)
+                response = GenerationStream(events, place, cancel, media_type="text/event-stream",
+                                            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                place = None  # the response owns it now
+                return response
+            result = await _unless_client_leaves(
+                request, engine.complete(messages, template, generation, sampling.seed, stops, place, cancel), cancel)
+        except asyncio.CancelledError:
+            # uvicorn cancels what is left once shutdown_timeout has passed; answer that instead of its plain 500
+            raise shutting_down() from None
+        finally:
+            if place is not None:
+                place.release()
+        if result is None:  # nobody is there to read this; the access log shows nginx's "client closed request"
+            return Response(status_code=499)
+        text, stopped = cut_at_stop(result.text, stops)
+        completion_tokens, finish = _usage(engine, result, text, stopped)
+        return shape.whole(text, finish, {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                                          "total_tokens": prompt_tokens + completion_tokens})
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        payload = await parse(request)
+        messages = check_messages(payload)
+        return await generate(request, payload, messages, engine.template, "messages",
+                              ResponseShape(engine.model_id, chat=True))
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        payload = await parse(request)
+        prompt = check_prompt(payload)
+        return await generate(request, payload, [{"role": "user", "content": prompt}], RAW_TEXT, "prompt",
+                              ResponseShape(engine.model_id, chat=False))
+
+    return app
+
+
+class ResponseShape:
+    """OpenAI's response objects for one request: chat.completion(.chunk) or text_completion."""
+
+    def __init__(self, model_id: str, chat: bool):
+        self.model_id, self.chat = model_id, chat
+        self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+
+    def _object(self, kind: str, choices: list, **extra) -> dict:
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model_id, "choices": choices,
+                **extra}
+
+    def whole(self, text: str, finish: str, usage: dict) -> dict:
+        if self.chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+            return self._object("chat.completion", [choice], usage=usage)
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+        return self._object("text_completion", [choice], usage=usage)
+
+    def chunk(self, delta: dict, finish: Optional[str], usage: Optional[dict] = None) -> dict:
+        if usage is not None:
+            choices = []
+        elif self.chat:
+            choices = [{"index": 0, "delta": delta, "finish_reason": finish}]
+        else:
+            choices = [{"index": 0, "text": delta.get("content", ""), "logprobs": None, "finish_reason": finish}]
+        extra = {"usage": usage} if usage is not None else {}
+        return self._object("chat.completion.chunk" if self.chat else "text_completion", choices, **extra)
+
+
+def _usage(engine: Engine, result: Answer, text: str, cut_at_stop: bool) -> tuple[int, str]:
+    """(completion_tokens, finish_reason): the generated token count, or, when a stop string cut the text,
+    the count of the text kept."""
+    if cut_at_stop:
+        return engine.count_tokens(text), "stop"
+    return result.tokens, "stop" if result.ended else "length"
+
+
+def _sse(payload: Any) -> str:
+    return "data: " + (payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)) + "\n\n"
+
+
+async def _event_stream(engine: Engine, pieces: AsyncIterator, stops: Sequence[str], shape: ResponseShape,
+                        prompt_tokens: int, include_usage: bool) -> AsyncIterator[str]:
+    """Server-sent events: an opening role chunk (chat), content chunks, a finish chunk, usage, [DONE]."""
+    if shape.chat:
+        yield _sse(shape.chunk({"role": "assistant", "content": ""}, None))
+    scanner = StopScanner(stops)
+    kept: list[str] = []
+    result = Answer("", 0, False)
+    try:
+        async with aclosing(pieces):
+            async for piece in pieces:
+                if isinstance(piece, Answer):
+                    result = piece
+                    continue
+                text = scanner.feed(piece)
+                if text:
+                    kept.append(text)
+                    yield _sse(shape.chunk({"content": text}, None))
+                if scanner.stopped:
+                    break
+        tail = scanner.flush()
+        if tail:
+            kept.append(tail)
+            yield _sse(shape.chunk({"content": tail}, None))
+    except Exception:  # the status line is sent already: report in-band, as OpenAI does
+        logger.exception("generation failed while streaming")
+        yield _sse(APIError(500, "The server hit an internal error while generating.", error_type="server_error").body())
+        return
+    completion_tokens, finish = _usage(engine, result, "".join(kept), scanner.stopped)
+    yield _sse(shape.chunk({}, finish))
+    if include_usage:
+        yield _sse(shape.chunk({}, None, usage={"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                                                "total_tokens": prompt_tokens + completion_tokens}))
+    yield _sse("[DONE]")
+
+
+def serve(
+    run_dir: str | Path,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: Optional[str] = None,
+    max_tokens_cap: int = 1024,
+    max_body_bytes: int = 1 << 20,
+    device: Optional[str] = None,
+    max_queue: int = 16,
+    allowed_hosts: Sequence[str] = (),
+    shutdown_timeout: float = 30.0,
+    context_length: Optional[int] = None,
+    dtype: Optional[str] = None,
+    access=None,
+) -> None:
+    """Load a finished run and serve it until Ctrl-C / SIGTERM.
+
+    Args:
+        max_queue: requests that may wait for the model; more get 429 with Retry-After.
+        allowed_hosts: Host names answered besides the bound address (`*`: any).
+        shutdown_timeout: seconds that in-flight and queued requests get after SIGTERM; then they are cancelled.
+        context_length: most prompt + answer tokens; None = the model's (max_position_embeddings, else the
+            tokenizer's model_max_length, else 2048).
+        dtype: weights dtype (auto, fp32, bf16, fp16); None = the run's `generation.dtype`.
+        access: a loraft.rundir.RunAccess (unfinished runs, remote code); None = neither.
+    """
+    import uvicorn
+
+    from loraft.config import load_config
+    from loraft.generate import load_run
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise RunError(f"{run_dir}: run directory not found")
+    if max_tokens_cap < 1:
+        raise RunError(f"--max-tokens-cap must be > 0 (got {max_tokens_cap})")
+    if not 0 <= port <= 65535:
+        raise RunError(f"--port must be between 0 and 65535 (got {port})")
+    if max_queue < 1:
+        raise RunError(f"--max-queue must be > 0 (got {max_queue})")
+    if shutdown_timeout < 0:
+        raise RunError(f"--shutdown-timeout must be >= 0 (got {shutdown_timeout})")
+    if context_length is not None and context_length < 2:
+        raise RunError(f"--context-length must be > 1 (got {context_length})")
+    if max_body_bytes < 1:
+        raise RunError(f"--max-body-bytes must be > 0 (got {max_body_bytes})")
+    if dtype is None and (run_dir / "config.yaml").is_file():  # without it, load_run says what is missing
+        dtype = load_config(run_dir / "config.yaml").generation.dtype
+    model, tokenizer, template, info = load_run(run_dir, device=device, dtype=dtype, access=access)
+    if context_length is None and model_context_length(model, tokenizer) is None:
+        logger.warning("neither the model's config nor its tokenizer states a context length: prompts are limited "
+                       "to %d tokens with the answer (set --context-length to change it)", FALLBACK_CONTEXT_LENGTH)
+    engine = Engine(model, tokenizer, template, run_dir.resolve().name, info["config"].generation, info,
+                    max_queue=max_queue, context_length=context_length)
+    app = create_app(engine, ServeSettings(api_key=api_key, max_tokens_cap=max_tokens_cap,
+                                           max_body_bytes=max_body_bytes, host=host, port=port,
+                                           allowed_hosts=tuple(allowed_hosts)))
+    if not is_loopback(host) and api_key is None:
+        logger.warning("serving on %s without --api-key: anyone who can reach this address can use the model", host)
+    logger.info("serving %s as model %r (%s template, %s weights, context %d tokens) at http://%s:%d/", run_dir,
+                engine.model_id, template.name, str(next(model.parameters()).dtype).replace("torch.", ""),
+                engine.context_length, host, port)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info",
+                                           timeout_graceful_shutdown=shutdown_timeout))
+    try:
+        server.run()
+    except SystemExit as exc:  # uvicorn exits when it cannot bind
+        if exc.code not in (0, None):
+            raise RunError(f"{host}:{port}: cannot start the server (is the address in use?)") from None
+        raise
