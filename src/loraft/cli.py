@@ -7,7 +7,7 @@ import json
 import logging
 import os
 import sys
-from typing import Callable, Optional
+from typing import Optional
 
 from loraft.errors import LoraftError, require
 

@@ -305,10 +305,9 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
 def save_config(config: RunConfig, path: str | Path) -> None:
     """Write the resolved config as YAML (the run directory's `config.yaml`): to a temporary file, then renamed,
     so a crash never leaves a cut-off config that would load as something else."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(yaml.safe_dump(config.model_dump(), sort_keys=False, allow_unicode=True), encoding="utf-8")
-    os.replace(tmp, path)
+    from loraft.rundir import write_text_atomically  # rundir imports this module
+
+    write_text_atomically(path, yaml.safe_dump(config.model_dump(), sort_keys=False, allow_unicode=True))
 
 
 def preset_names() -> list[str]:

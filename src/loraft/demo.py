@@ -167,9 +167,9 @@ def make_records(seed: int = 0, train_per_task: int = 400, heldout_per_task: int
 
 
 def _write_jsonl(path: Path, records: Sequence[dict]) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-    os.replace(tmp, path)
+    from loraft.rundir import write_text_atomically
+
+    write_text_atomically(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -10,6 +10,7 @@ folder (`trust_remote_code` in the run's config.yaml, which anyone who wrote the
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
@@ -42,6 +43,22 @@ class UsableRun:
     @property
     def status(self) -> Optional[str]:
         return self.record.get("status")
+
+
+def write_text_atomically(path: Union[str, Path], text: str) -> None:
+    """Write `text` to a temporary name beside `path`, then rename it over `path`: a crash leaves the old file
+    or the new one, never a cut-off one. Every small file loraft writes goes through here."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json_atomically(path: Union[str, Path], payload: dict) -> None:
+    write_text_atomically(path, json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
 
 
 def read_record(run_dir: Union[str, Path]) -> dict:

@@ -24,7 +24,8 @@ from typing import Optional
 
 from loraft.config import RunConfig, save_config
 from loraft.errors import LoraftError, RunError
-from loraft.rundir import CHECKPOINTS, RUN_FILE, last_complete_checkpoint, read_record, read_run_status
+from loraft.rundir import (CHECKPOINTS, RUN_FILE, last_complete_checkpoint, read_record, read_run_status,
+                           write_json_atomically, write_text_atomically)
 
 logger = logging.getLogger("loraft")
 
@@ -69,9 +70,7 @@ def trim_metrics(path: Path, last_step: int) -> None:
         return
     # the end-of-training summary (train_loss, ...) is written again by the resumed run
     kept = [record for record in read_metrics(path) if record["step"] <= last_step and "train_loss" not in record]
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text("".join(json.dumps(record) + "\n" for record in kept), encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomically(path, "".join(json.dumps(record) + "\n" for record in kept))
 
 
 def run_identity(config: RunConfig, report: dict) -> dict:
@@ -468,12 +467,6 @@ def save_tokenizer_with_template(tokenizer, template, run_dir: Path) -> None:
     for item in staging.iterdir():
         os.replace(item, run_dir / item.name)
     staging.rmdir()
-
-
-def write_json_atomically(path: Path, payload: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _versions() -> dict:
