@@ -344,7 +344,7 @@ def _packed_batches(tokenizer, recipe: BaseRecipe, device=None) -> Iterator:
         yield torch.tensor(chunk, device=device).view(recipe.batch_size, recipe.seq_len)
 
 
-def _pretrain(model, tokenizer, recipe: BaseRecipe, log: Callable[[str], None], device=None) -> list[float]:
+def _pretrain(model, tokenizer, recipe: BaseRecipe, log: Callable[[str], None]) -> list[float]:
     """Full training of the base on the raw-text corpus: AdamW, warmup + cosine decay, and bf16 autocast
     where loraft.precision finds bf16 fast on this machine (fp32 elsewhere).
 
@@ -355,7 +355,7 @@ def _pretrain(model, tokenizer, recipe: BaseRecipe, log: Callable[[str], None], 
 
     from loraft.precision import resolve_device, resolve_precision
 
-    device = device or resolve_device("auto")
+    device = resolve_device("auto")
     # fp16 would need loss scaling; the tiny base trains in fp32 wherever bf16 is not the fast choice
     bf16 = resolve_precision(recipe.precision, str(device)) == "bf16"
     log(f"  pretraining on {device.type}, {'bf16 autocast' if bf16 else 'fp32'}")

@@ -355,12 +355,10 @@ def serve(
     """
     import uvicorn
 
-    from loraft.config import load_config
     from loraft.generate import load_run
+    from loraft.rundir import RunAccess, open_run
 
     run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise RunError(f"{run_dir}: run directory not found")
     if max_tokens_cap < 1:
         raise RunError(f"--max-tokens-cap must be > 0 (got {max_tokens_cap})")
     if not 0 <= port <= 65535:
@@ -373,8 +371,8 @@ def serve(
         raise RunError(f"--context-length must be > 1 (got {context_length})")
     if max_body_bytes < 1:
         raise RunError(f"--max-body-bytes must be > 0 (got {max_body_bytes})")
-    if dtype is None and (run_dir / "config.yaml").is_file():  # without it, load_run says what is missing
-        dtype = load_config(run_dir / "config.yaml").generation.dtype
+    if dtype is None:  # the run's own setting; open_run is the check every consumer makes first
+        dtype = open_run(run_dir, access or RunAccess()).config.generation.dtype
     model, tokenizer, template, info = load_run(run_dir, device=device, dtype=dtype, access=access)
     if context_length is None and model_context_length(model, tokenizer) is None:
         logger.warning("neither the model's config nor its tokenizer states a context length: prompts are limited "
