@@ -72,6 +72,80 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
     return path
 
 
+
+# Chat templates written here, in the style of the families' own (tests must not depend on a hub download).
+# Qwen2-instruct style: ChatML, a default system prompt, <|im_end|> ends a turn and is the EOS.
+CHATML_TEMPLATE = (
+    "{%- if messages[0]['role'] != 'system' -%}"
+    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}"
+    "{%- endif -%}"
+    "{%- for message in messages -%}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\n' }}{%- endif -%}"
+)
+# Llama-3-instruct style: BOS, header tokens, <|eot_id|> ends every turn; pad == eos as in many Llama setups.
+LLAMA3_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- for message in messages -%}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{%- endif -%}"
+)
+
+
+def _chat_tokenizer(add_bos: bool, specials: list[str], template: str, eos: str, pad: str):
+    tokenizer = _train_tokenizer(add_bos=add_bos)
+    tokenizer.add_special_tokens({"additional_special_tokens": specials})
+    tokenizer.eos_token = eos
+    tokenizer.pad_token = pad
+    tokenizer.chat_template = template
+    return tokenizer
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_dir(tmp_path_factory) -> Path:
+    """A 2-layer random Qwen2 (tied embeddings) whose tokenizer carries a ChatML template (eos <|im_end|>)."""
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    path = tmp_path_factory.mktemp("tiny-qwen2")
+    tokenizer = _chat_tokenizer(False, ["<|im_start|>", "<|im_end|>", "<|endoftext|>"], CHATML_TEMPLATE,
+                                eos="<|im_end|>", pad="<|endoftext|>")
+    config = Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama3_dir(tmp_path_factory) -> Path:
+    """A 2-layer random Llama whose tokenizer carries a Llama-3-style template, with pad == eos == <|eot_id|>."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    path = tmp_path_factory.mktemp("tiny-llama3")
+    tokenizer = _chat_tokenizer(True, ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"], LLAMA3_TEMPLATE,
+                                eos="<|eot_id|>", pad="<|eot_id|>")
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 ALPACA_RECORDS = [
     {"instruction": "人工智能是什么", "input": "", "output": "人工智能是计算机科学的一个分支。"},
     {"instruction": "请把下面的句子翻译成英文", "input": "今天天气很好", "output": "The weather is nice today."},
