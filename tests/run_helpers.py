@@ -28,7 +28,8 @@ def trained_run(tmp_path_factory, name: str, base_model_dir: Path, overrides: li
     differ clearly from their initial values, so merge / eval invariants compare real changes.
     """
     from loraft.config import load_config
-    from loraft.train import read_run_status, train
+    from loraft.rundir import read_run_status
+    from loraft.train import train
 
     root = tmp_path_factory.getbasetemp() / "loraft-runs"
     run_dir = root / name

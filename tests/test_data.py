@@ -23,7 +23,8 @@ from loraft.data import (
     tokenize_conversations,
 )
 from loraft.errors import DataError
-from loraft.templates import TEMPLATES, encode_segments, get_template
+from loraft.data import encode_segments
+from loraft.templates import TEMPLATES, get_template
 
 # Verbatim from the reference recipe (seeds/000, step 3); exec'd with the fixture tokenizer as `tokenizer`.
 REFERENCE_PREPROCESS = '''
@@ -216,7 +217,7 @@ def write_all_formats(tmp_path: Path) -> dict[str, Path]:
 def test_every_source_format_reads_the_same_conversations(tmp_path):
     paths = write_all_formats(tmp_path)
     expected = [
-        [{"role": "user", "content": "\n".join([r["instruction"], r["input"]])},
+        [{"role": "user", "content": "\n".join([r["instruction"], r["input"]]) if r["input"] else r["instruction"]},
          {"role": "assistant", "content": r["output"]}]
         for r in ALPACA_RECORDS
     ]
@@ -245,7 +246,7 @@ def test_limit_split_system_prompt_and_history(tmp_path):
     conversations = load_conversations(str(source), DataConfig(system_field="sys", system_prompt="默认"))
     assert conversations[0]["messages"] == [
         {"role": "system", "content": "简短回答"}, {"role": "user", "content": "你好"},
-        {"role": "assistant", "content": "你好！"}, {"role": "user", "content": "再说一次\n"},
+        {"role": "assistant", "content": "你好！"}, {"role": "user", "content": "再说一次"},
         {"role": "assistant", "content": "好的"},
     ]
     assert conversations[1]["messages"][0] == {"role": "system", "content": "默认"}

@@ -6,6 +6,7 @@ The full pretraining and fine-tune are too slow for tests; the base build is exe
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -176,7 +177,7 @@ def test_base_build_is_cached_and_loadable(tmp_path):
 def test_progress_lines_come_on_time_with_an_eta(monkeypatch):
     """A line after `first` seconds, then at least every `interval`, and the last step always; each with an ETA."""
     clock = [1000.0]
-    monkeypatch.setattr(demo.time, "time", lambda: clock[0])
+    monkeypatch.setattr(time, "time", lambda: clock[0])
     lines: list[str] = []
     progress = demo.Progress("step", 100, lines.append, interval=20.0, first=5.0)
     for done in range(1, 101):

@@ -112,7 +112,7 @@ def test_eval_writes_predictions_metrics_and_prints_before_after(evaluated, caps
     rows = [json.loads(line) for line in (run_dir / "eval" / "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
     assert len(rows) == 4
     assert rows[0]["reference"] == "人工智能是计算机科学的一个分支。"
-    assert rows[0]["prompt"] == [{"role": "user", "content": "人工智能是什么\n"}]
+    assert rows[0]["prompt"] == [{"role": "user", "content": "人工智能是什么"}]
     assert {"prediction", "base_prediction", "source"} <= set(rows[0])
     table = format_table(metrics)
     assert table.splitlines()[1].split() == ["metric", "base", "adapter"]

@@ -142,3 +142,42 @@ def test_prompt_file_keeps_a_line_separator_inside_a_string(tmp_path):
     prompts.write_text('{"prompt": "第一行\u2028第二行"}\n', encoding="utf-8")
     [(record, messages)] = read_prompts(prompts)
     assert messages == [{"role": "user", "content": "第一行\u2028第二行"}]
+
+
+def test_generation_settings_resolve_saved_then_cli_then_request():
+    from loraft.config import GenerationConfig
+    from loraft.generate import GenerationSettingError, cli_flag, resolve_generation
+
+    saved = GenerationConfig(max_new_tokens=3, temperature=0.0, top_p=0.5, dtype="fp32")
+    # a flag not given (None) keeps the saved value; a given one applies on top
+    settings = resolve_generation(saved, {"max_new_tokens": None, "temperature": 0.9})
+    assert (settings.max_new_tokens, settings.temperature, settings.top_p, settings.dtype) == (3, 0.9, 0.5, "fp32")
+    # a GenerationConfig as overrides: only the fields it set
+    assert resolve_generation(saved, GenerationConfig(top_k=5)).model_dump() == {**saved.model_dump(), "top_k": 5}
+    # request on top of the CLI on top of saved
+    cli = resolve_generation(saved, {"top_p": 0.8})
+    assert resolve_generation(cli, {"max_new_tokens": 7}).model_dump() == {
+        **saved.model_dump(), "top_p": 0.8, "max_new_tokens": 7}
+    with pytest.raises(GenerationSettingError, match=r"^--top-p: must be less than or equal to 1 \(got 1.5\)$"):
+        resolve_generation(saved, {"top_p": 1.5}, label=cli_flag)
+    with pytest.raises(GenerationSettingError, match=r"^generation.max_new_tokens: must be greater than 0 \(got 0\)$"):
+        resolve_generation(saved, {"max_new_tokens": 0})
+    with pytest.raises(GenerationSettingError, match="^generation.beam: not a generation setting"):
+        resolve_generation(saved, {"beam": 2})
+
+
+def test_chat_and_generate_use_the_runs_saved_settings(tiny_bloom_dir, tmp_path_factory, capsys):
+    from loraft.cli import main
+    from run_helpers import trained_run
+
+    run_dir = trained_run(tmp_path_factory, "bloom-saved-generation", tiny_bloom_dir,
+                          ["generation.max_new_tokens=2", "generation.temperature=0"])
+    capsys.readouterr()  # the training's own output
+    assert main(["generate", str(run_dir), "--prompt", "你好"]) == 0
+    short = capsys.readouterr().out.rstrip("\n")
+    assert main(["generate", str(run_dir), "--prompt", "你好", "--max-new-tokens", "6"]) == 0
+    longer = capsys.readouterr().out.rstrip("\n")
+    # greedy from the saved temperature 0: the 6-token answer continues the saved 2-token one
+    assert longer.startswith(short) and len(longer) > len(short)
+    assert main(["generate", str(run_dir), "--prompt", "你好", "--temperature", "9"]) == 2
+    assert capsys.readouterr().err == "error: --temperature: must be less than or equal to 2 (got 9.0)\n"

@@ -81,6 +81,6 @@ def test_a_preset_trains_from_a_wheel_install(wheel, tiny_bloom_dir, alpaca_json
 
 
 def read_run_status(run_dir: Path):
-    from loraft.train import read_run_status
+    from loraft.rundir import read_run_status
 
     return read_run_status(run_dir)

@@ -106,7 +106,7 @@ def test_real_probe_measures_both_dtypes():
 
 def test_training_arguments_follow_the_probe(probe, tmp_path, tiny_bloom_dir):
     from loraft.config import load_config
-    from loraft.train import build_training_arguments
+    from loraft.trainer import build_training_arguments
 
     config = load_config(None, [f"model.name_or_path={tiny_bloom_dir}", f"output_dir={tmp_path / 'run'}",
                                 "model.device=cpu"])
@@ -156,7 +156,7 @@ def test_micro_batch_budget(setting, precision_name, max_length, expected):
 
 def test_auto_budget_follows_the_probe(probe, tmp_path):
     from loraft.config import load_config
-    from loraft.train import build_training_arguments, micro_batch_tokens
+    from loraft.trainer import build_training_arguments, micro_batch_tokens
 
     config = load_config(None, [f"output_dir={tmp_path / 'run'}", "model.device=cpu"])
     assert config.train.micro_batch_tokens == "auto"

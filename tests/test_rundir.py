@@ -8,7 +8,9 @@ from transformers import TrainerCallback
 
 from loraft.config import RunConfig, load_config, save_config
 from loraft.errors import ConfigError
-from loraft.train import RUN_FILE, plot_loss, read_metrics, train
+from loraft.rundir import RUN_FILE, read_metrics
+from loraft.train import train
+from loraft.trainer import plot_loss
 from conftest import ALPACA_RECORDS
 
 
@@ -160,7 +162,7 @@ class PoisonAfter(TrainerCallback):
 @pytest.mark.parametrize("patience, stop_step", [(0, 3), (1, 4)])
 def test_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(
         tiny_bloom_dir, data_file, tmp_path, capsys, patience, stop_step):
-    from loraft.train import NonFiniteTraining
+    from loraft.trainer import NonFiniteTraining
 
     run_dir = tmp_path / "run"
     config = _config(tiny_bloom_dir, data_file, run_dir, "train.max_steps=6", "train.save_steps=2",
@@ -262,3 +264,54 @@ def test_consumers_refuse_unfinished_runs_and_remote_code_unless_asked(tiny_bloo
         f"error: {run_dir}: its base model {tiny_bloom_dir} runs its own modelling code (trust_remote_code in "
         "config.yaml); pass --trust-remote-code if you trust it")
     assert main([*generate, "--allow-unfinished", "--trust-remote-code"]) == 0
+
+
+def test_staged_directory_replaces_whole_or_merges_and_leaves_the_target_on_error(tmp_path):
+    from loraft.rundir import staged_directory
+
+    target = tmp_path / "entry"
+    with staged_directory(target) as staging:
+        (staging / "a").write_text("1")
+    assert sorted(p.name for p in target.iterdir()) == ["a"]
+    with pytest.raises(RuntimeError):
+        with staged_directory(target) as staging:
+            (staging / "b").write_text("2")
+            raise RuntimeError("killed mid-write")
+    assert sorted(p.name for p in target.iterdir()) == ["a"]  # the old entry, untouched
+    with staged_directory(target) as staging:  # replace: the old entry's files go
+        (staging / "b").write_text("2")
+    assert sorted(p.name for p in target.iterdir()) == ["b"]
+    with staged_directory(target, keep_existing=True) as staging:  # another writer won: its copy stays
+        (staging / "c").write_text("3")
+    assert sorted(p.name for p in target.iterdir()) == ["b"]
+    with staged_directory(target, merge=True, label="adapter") as staging:  # merge: same names replaced
+        (staging / "b").write_text("new")
+        (staging / "d").mkdir()
+    assert sorted(p.name for p in target.iterdir()) == ["b", "d"] and (target / "b").read_text() == "new"
+    assert [p.name for p in tmp_path.iterdir()] == ["entry"]  # no staging directory left anywhere
+
+
+def test_run_dir_lifecycle_one_check_one_error_type(tmp_path):
+    from loraft.config import load_config
+    from loraft.errors import RunError
+    from loraft.rundir import RunDir
+
+    run = RunDir(tmp_path / "run")
+    config = load_config(None, [f"output_dir={run.path}"])
+    assert run.prepare(config, resume=False) is None and run.status() is None
+    run.start(config, None)
+    assert run.status() == "running" and run.record()["base_model"] == config.model.name_or_path
+    for status in ("running", "failed"):
+        run.mark(status, reason="x")
+        with pytest.raises(RunError, match=f"the run is {status}, not finished; pass --allow-unfinished"):
+            run.require_usable()
+    run.mark("finished")
+    with pytest.raises(RunError, match="not a finished loraft run \\(no adapter_config.json\\)"):
+        run.require_usable()
+    with pytest.raises(RunError, match="holds a finished run; choose another output_dir"):
+        run.prepare(config, resume=False)
+    (run.path / "stale.json").write_text("{}")
+    (run.path / "metrics.jsonl").write_text('{"step": 1}\n')
+    (run.path / ".adapter-staging-x").mkdir()
+    run.clear_previous()
+    assert sorted(p.name for p in run.path.iterdir()) == ["loraft_run.json", "stale.json"]

@@ -236,8 +236,11 @@ def test_concurrent_requests_are_all_answered_one_generation_at_a_time(engine):
         ({"max_tokens": 8, "min_tokens": 9}, 400, "min_tokens", None,
          "min_tokens must be an integer between 0 and max_tokens (8)."),
         ({"min_tokens": -1}, 400, "min_tokens", None, None),
-        ({"temperature": 3}, 400, "temperature", None, "temperature must be a number between 0 and 2."),
-        ({"top_p": 0}, 400, "top_p", None, None),
+        # ranges come from GenerationConfig through loraft.generate.resolve_generation
+        ({"temperature": 3}, 400, "temperature", None, "temperature must be less than or equal to 2 (got 3.0)."),
+        ({"temperature": -0.5}, 400, "temperature", None, "temperature must be greater than or equal to 0 (got -0.5)."),
+        ({"temperature": "hot"}, 400, "temperature", None, "temperature must be a number."),
+        ({"top_p": 0}, 400, "top_p", None, "top_p must be greater than 0 (got 0.0)."),
         ({"n": 2}, 400, "n", None, "Only n=1 is supported."),
         ({"stop": 5}, 400, "stop", None, None),
         ({"stream": "yes"}, 400, "stream", None, None),

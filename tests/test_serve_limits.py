@@ -431,3 +431,32 @@ def test_serve_refuses_bad_limits(run_dir, option, value, message):
     with pytest.raises(RunError) as info:
         serve(run_dir, **{option: value})
     assert str(info.value) == message
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_both_endpoints_share_one_handler_and_tokenize_each_prompt_once(engine, monkeypatch, stream):
+    import loraft.generate
+    import loraft.serve.app
+
+    app = create_app(engine, ServeSettings(max_tokens_cap=8))
+    tokenized, handled = [], []
+    original_tokenize = engine.prompt_token_ids
+
+    def counting(messages, template):
+        tokenized.append(template.name)
+        return original_tokenize(messages, template)
+
+    def never(*args, **kwargs):  # the generation starts from the ids the context check counted
+        raise AssertionError("the prompt was tokenized a second time")
+
+    original_complete, original_stream = engine.complete, engine.stream
+    monkeypatch.setattr(engine, "prompt_token_ids", counting)
+    monkeypatch.setattr(loraft.generate, "encode_prompt", never)
+    monkeypatch.setattr(engine, "complete", lambda ids, *a, **k: handled.append(len(ids)) or original_complete(ids, *a, **k))
+    monkeypatch.setattr(engine, "stream", lambda ids, *a, **k: handled.append(len(ids)) or original_stream(ids, *a, **k))
+    chat = request(app, "POST", "/v1/chat/completions", json={**chat_body(engine), "stream": stream})
+    completion = request(app, "POST", "/v1/completions",
+                         json={"model": engine.model_id, "prompt": "北京是", "max_tokens": 4, "stream": stream})
+    assert chat.status_code == completion.status_code == 200, (chat.text, completion.text)
+    assert tokenized == [engine.template.name, "raw"] and len(handled) == 2
+    assert loraft.serve.app.RAW_TEXT.name == "raw"

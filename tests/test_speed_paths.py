@@ -8,9 +8,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, BloomConfig
 
-from loraft.bloom import BLOOM_ATTENTION_PARAMETERS, use_fast_bloom, uses_fast_bloom
+from loraft.fastpaths import supports_supervised_loss
+from loraft.fastpaths.bloom import BLOOM_ATTENTION_PARAMETERS, use_fast_bloom, uses_fast_bloom
 from loraft.batching import LengthGroupedSampler, plan_micro_batches, sample_lengths, split_by_tokens
-from loraft.loss import supervised_cross_entropy, supports_supervised_loss
+from loraft.loss import supervised_cross_entropy
 
 
 def _bloom(layers=2, hidden=64, heads=4, vocab=120, seed=0):

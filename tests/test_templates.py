@@ -1,7 +1,8 @@
 import pytest
 from transformers import AutoTokenizer
 
-from loraft.templates import TEMPLATES, encode_segments, get_template
+from loraft.data import encode_segments
+from loraft.templates import TEMPLATES, get_template
 
 CONVERSATIONS = [
     [{"role": "user", "content": "人工智能是什么\n"}, {"role": "assistant", "content": "一门学科。"}],
@@ -46,5 +47,5 @@ def test_multi_turn_supervises_every_assistant_turn(tiny_llama_dir):
 
 
 def test_unknown_template_lists_known_ones():
-    with pytest.raises(Exception, match=r"^data.template: unknown template 'nope' \(known: alpaca, chatml, human_assistant\)$"):
+    with pytest.raises(Exception, match=r"^data.template: unknown template 'nope' \(known: alpaca, auto, chatml, human_assistant, model\)$"):
         get_template("nope")

@@ -9,7 +9,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 from loraft.cli import main
 from loraft.config import load_config
-from loraft.train import last_complete_checkpoint, train
+from loraft.rundir import last_complete_checkpoint
+from loraft.train import train
 from conftest import ALPACA_RECORDS
 
 PROBE = torch.tensor([[10, 20, 30, 40, 50, 60, 70, 80], [5, 15, 25, 35, 45, 55, 65, 75]])

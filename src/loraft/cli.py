@@ -62,9 +62,30 @@ def _tokenizer(name: str):
 
 
 def cmd_inspect(args) -> int:
+    from loraft.errors import ModelError
     from loraft.model import format_inspection, inspect_model
 
-    report = inspect_model(args.model, args.target, args.modules_to_save)
+    adapter = None
+    model = args.model
+    if args.preset:
+        from loraft.config import load_config, preset_path, shipped_shape
+
+        preset = load_config(preset_path(args.preset))
+        adapter = preset.adapter
+        model = model or preset.model.name_or_path
+    if model is None:
+        raise ModelError("inspect: give a model (name or directory) or --preset NAME")
+    try:
+        report = inspect_model(model, args.target, args.modules_to_save, adapter=adapter)
+    except ModelError:
+        shape = shipped_shape(model) if args.preset and not args.model else None
+        if shape is None:
+            raise
+        # offline: the preset's model is not reachable, but its architecture ships with loraft
+        report = inspect_model(str(shape), args.target, args.modules_to_save, adapter=adapter)
+        report["model"] = f"{model} (shape shipped with loraft; no weights read)"
+    if args.preset:
+        report["model"] += f" — preset {args.preset}"
     if args.json:
         print(json.dumps({"matched": report["matched"], "trainable_params": report["trainable_params"],
                           "total_params": report["total_params"]}))
@@ -73,12 +94,10 @@ def cmd_inspect(args) -> int:
     return 0
 
 
-def _generation_settings(args):
-    from loraft.config import GenerationConfig
-
-    fields = {k: getattr(args, k) for k in ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty")
-              if getattr(args, k, None) is not None}
-    return GenerationConfig(**fields)
+def _generation_settings(args) -> dict:
+    """The sampling flags given on the command line (None = not given: the run's saved value stays)."""
+    return {k: getattr(args, k, None) for k in ("max_new_tokens", "temperature", "top_p", "top_k",
+                                                "repetition_penalty")}
 
 
 def cmd_chat(args) -> int:
@@ -170,12 +189,17 @@ def cmd_templates(args) -> int:
 
     for template in TEMPLATES.values():
         print(f"{template.name:18} {template.description}")
+    print(f"{'model':18} The model's own chat_template (from its tokenizer): loss on assistant turns and their "
+          "end-of-turn token.")
+    print(f"{'auto':18} The default: model when the tokenizer has a chat_template, else human_assistant.")
     return 0
 
 
 def _add_data_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("path", help="data: save_to_disk dir, .json, .jsonl, .csv, .parquet, or hub dataset id")
-    parser.add_argument("--template", default="human_assistant", help="prompt template (default: human_assistant)")
+    parser.add_argument("--template", default="auto",
+                        help="prompt template: a name from `loraft templates`, model (the tokenizer's own "
+                        "chat_template) or auto (the tokenizer's own when it has one, else human_assistant; default)")
     parser.add_argument("--max-length", type=int, default=256, help="truncation length (default: 256)")
     parser.add_argument("--format", default="auto", choices=["auto", "alpaca", "messages", "sharegpt"])
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
@@ -195,11 +219,12 @@ def _add_run_access_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_sampling_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--max-new-tokens", type=int)
-    parser.add_argument("--temperature", type=float, help="0 = greedy")
-    parser.add_argument("--top-p", type=float)
-    parser.add_argument("--top-k", type=int)
-    parser.add_argument("--repetition-penalty", type=float)
+    # unset flags keep the run's saved generation.* (config.yaml); given ones apply on top
+    parser.add_argument("--max-new-tokens", type=int, help="default: the run's generation.max_new_tokens")
+    parser.add_argument("--temperature", type=float, help="0 = greedy; default: the run's generation.temperature")
+    parser.add_argument("--top-p", type=float, help="default: the run's generation.top_p")
+    parser.add_argument("--top-k", type=int, help="default: the run's generation.top_k")
+    parser.add_argument("--repetition-penalty", type=float, help="default: the run's generation.repetition_penalty")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -225,8 +250,12 @@ def build_parser() -> argparse.ArgumentParser:
     preview.set_defaults(handler=cmd_data_preview)
 
     inspect = sub.add_parser("inspect", help="show which modules an adapter pattern matches (no weights read)")
-    inspect.add_argument("model", help="model name or directory (only its config is read)")
-    inspect.add_argument("--target", default=None, help=r"target_modules regex (default: .*\.1.*query_key_value)")
+    inspect.add_argument("model", nargs="?", default=None,
+                         help="model name or directory (only its config is read); default: the preset's model")
+    inspect.add_argument("--preset", default=None,
+                         help="show what a shipped preset trains (its target_modules and modules_to_save)")
+    inspect.add_argument("--target", default=None,
+                         help=r"target_modules regex or name (default: the preset's, else .*\.1.*query_key_value)")
     inspect.add_argument("--modules-to-save", nargs="*", default=None, help="modules trained in full")
     inspect.add_argument("--json", action="store_true")
     inspect.set_defaults(handler=cmd_inspect)

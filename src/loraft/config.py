@@ -51,7 +51,12 @@ class DataConfig(_Section):
     format: Literal["auto", "alpaca", "messages", "sharegpt"] = Field(
         "auto", description="Record format; auto detects alpaca (instruction/input/output), messages or sharegpt."
     )
-    template: str = Field("human_assistant", description="Prompt template name (see `loraft templates`).")
+    template: str = Field(
+        "auto",
+        description="Prompt template (see `loraft templates`): auto = the tokenizer's own chat_template when it has "
+        "one (instruct models; loss on assistant turns and their end-of-turn token), else human_assistant (the "
+        "reference recipe's; bloom-1b4-zh has no chat_template); model = the tokenizer's own, required; or a name.",
+    )
     max_length: int = Field(256, description="Truncate each tokenized sample to this many tokens (as the reference).")
     split: Optional[str] = Field(None, description="Split to use when the source holds several (e.g. train).")
     instruction_field: str = Field("instruction", description="Alpaca column holding the instruction.")
@@ -202,13 +207,16 @@ class TrainConfig(_Section):
 
 
 class GenerationConfig(_Section):
-    max_new_tokens: int = Field(256, description="Most tokens generated per answer.")
+    """Sampling settings. The one place their ranges are checked: a run's saved `generation.*`, CLI flags and
+    server requests are all resolved through loraft.generate.resolve_generation into this schema."""
+
+    max_new_tokens: int = Field(256, gt=0, description="Most tokens generated per answer.")
     min_new_tokens: int = Field(0, ge=0, description="Fewest tokens generated before an end token may stop the "
                                 "answer (0 = off).")
-    temperature: float = Field(0.7, description="Sampling temperature (0 = greedy).")
-    top_p: float = Field(0.9, description="Nucleus sampling probability mass.")
-    top_k: int = Field(0, description="Sample from the k most likely tokens (0 = off).")
-    repetition_penalty: float = Field(1.0, description="Penalty for repeated tokens (1 = off).")
+    temperature: float = Field(0.7, ge=0, le=2, description="Sampling temperature, 0 to 2 (0 = greedy).")
+    top_p: float = Field(0.9, gt=0, le=1, description="Nucleus sampling probability mass, in (0, 1].")
+    top_k: int = Field(0, ge=0, description="Sample from the k most likely tokens (0 = off).")
+    repetition_penalty: float = Field(1.0, gt=0, description="Penalty for repeated tokens (1 = off).")
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto",
         description="Weights dtype for chat/generate: auto = what train.precision=auto picks on this machine "
@@ -327,6 +335,16 @@ def preset_path(name: str) -> Path:
     # Wheels install unpacked, so package data is a real file that load_config and the demo can open.
     return Path(str(resources.files("loraft").joinpath(f"configs/{name}.yaml")))
 
+
+
+def shipped_shape(name_or_path: str) -> Optional[Path]:
+    """A directory holding the shipped `config.json` (architecture only, no weights) of a preset's hub model, or None.
+
+    `loraft inspect --preset` falls back to it where the hub cannot be reached, so what a preset trains can be
+    shown offline; the shapes are the models' published configs (`configs/shapes/ORG--NAME/config.json`).
+    """
+    entry = resources.files("loraft").joinpath(f"configs/shapes/{name_or_path.replace('/', '--')}/config.json")
+    return Path(str(entry)).parent if entry.is_file() else None
 
 def resolve_config_source(name_or_path: str | Path) -> Path:
     """What `loraft train CONFIG` reads: an existing file, else a shipped preset's name.

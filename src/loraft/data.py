@@ -11,8 +11,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 import uuid
 from dataclasses import dataclass
 from itertools import chain
@@ -20,14 +18,14 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from loraft.config import DataConfig, RunConfig
-from loraft.errors import DataError, ModelError
-from loraft.records import CHAT_ROLES, Conversation, load_conversations, load_hub_dataset, read_with_report
-from loraft.templates import Template, get_template
+from loraft.errors import DataError, ModelError, TemplateError
+from loraft.records import Conversation, load_conversations, load_hub_dataset, read_with_report
+from loraft.templates import Segment, Template, get_template
 
 logger = logging.getLogger(__name__)
 
 # Bump when tokenization or the stored columns change, so old cache entries are not reused.
-DATA_VERSION = 1
+DATA_VERSION = 2
 DROPPED_NO_RESPONSE = "no_response_token_after_truncation"
 # preview_samples wraps prompt (label -100) text in these brackets; text outside them is supervised.
 PROMPT_OPEN, PROMPT_CLOSE = "⟦", "⟧"
@@ -52,7 +50,7 @@ class _BatchEncoder:
 
     tokenizers' Rust `encode_batch_fast` skips transformers' per-call Python work (measured 9 s vs 17.5 s
     for 51k records). The first list of each kind is checked against `tokenizer(...)`, and any difference
-    falls back to the transformers call, so the ids always equal templates.encode_segments'.
+    falls back to the transformers call, so the ids are always the tokenizer's own.
     """
 
     def __init__(self, tokenizer):
@@ -76,29 +74,52 @@ class _BatchEncoder:
         return [list(ids) for ids in self.tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]]
 
 
-def _encode(conversations: Sequence[Conversation], encoder: _BatchEncoder, template: Template, eos_token: str,
-            max_length: int) -> list[tuple[list[int], list[int], int]]:
-    """Tokenize conversations into (input_ids, labels, untruncated length), cut to max_length."""
-    rendered = [template.render(conversation["messages"], eos_token) for conversation in conversations]
-    first_ids = iter(encoder([segments[0].text for segments in rendered], add_special_tokens=True))
-    rest_ids = iter(encoder([s.text for segments in rendered for s in segments[1:]], add_special_tokens=False))
+def encode_rendered(rendered: Sequence[Sequence[Segment]], encoder: "_BatchEncoder") -> list[tuple[list[int], list[int]]]:
+    """The one masked encoder: tokenize each conversation's segments one by one into (input_ids, labels), labels
+    -100 on prompt tokens, as the reference recipe tokenizes its prompt and its response separately.
+
+    The first segment gets the tokenizer's special tokens (BOS where the model uses one) unless the template wrote
+    the BOS itself (Llama-3's `{{ bos_token }}`): a BOS is never doubled, nor repeated mid-sequence. BLOOM adds no
+    special tokens, so this equals the reference's `tokenizer(prompt)` + `tokenizer(response)` exactly.
+    """
+    bos = getattr(encoder.tokenizer, "bos_token", None)
+    own_bos = [bool(bos) and bool(segments) and segments[0].text.startswith(bos) for segments in rendered]
+    with_specials = iter(encoder([s[0].text for s, own in zip(rendered, own_bos) if s and not own], True))
+    pieces = [s.text for segments, own in zip(rendered, own_bos) for s in (segments if own else segments[1:])]
+    without = iter(encoder(pieces, False))
     rows = []
-    for segments in rendered:
+    for segments, own in zip(rendered, own_bos):
         input_ids: list[int] = []
         labels: list[int] = []
         for index, segment in enumerate(segments):
-            ids = next(first_ids) if index == 0 else next(rest_ids)
+            ids = next(with_specials) if index == 0 and not own else next(without)
             input_ids += ids
             labels += ids if segment.supervised else [-100] * len(ids)
-        rows.append((input_ids[:max_length], labels[:max_length], len(input_ids)))
+        rows.append((input_ids, labels))
     return rows
 
 
-def _encode_columns(batch: dict, tokenizer, template_name: str, max_length: int) -> dict:
+def encode_segments(tokenizer, segments: Sequence[Segment]) -> tuple[list[int], list[int]]:
+    """One conversation's segments as (input_ids, labels): what generation encodes a prompt with."""
+    return encode_rendered([segments], _BatchEncoder(tokenizer))[0]
+
+
+def _encode(conversations: Sequence[Conversation], encoder: _BatchEncoder, template: Template, eos_token: str,
+            max_length: int) -> list[tuple[list[int], list[int], int]]:
+    """Tokenize conversations into (input_ids, labels, untruncated length), cut to max_length."""
+    rendered = []
+    for conversation in conversations:
+        try:
+            rendered.append(template.render(conversation["messages"], eos_token))
+        except TemplateError as exc:
+            raise DataError(conversation.get("source", "a record"), str(exc)) from None
+    return [(ids[:max_length], labels[:max_length], len(ids)) for ids, labels in encode_rendered(rendered, encoder)]
+
+
+def _encode_columns(batch: dict, tokenizer, template: Template, max_length: int) -> dict:
     """The datasets.map worker used when num_proc > 1."""
     conversations = [{"messages": messages} for messages in batch["messages"]]
-    rows = _encode(conversations, _BatchEncoder(tokenizer), get_template(template_name), tokenizer.eos_token,
-                   max_length)
+    rows = _encode(conversations, _BatchEncoder(tokenizer), template, tokenizer.eos_token, max_length)
     return {"input_ids": [r[0] for r in rows], "labels": [r[1] for r in rows], "full_length": [r[2] for r in rows]}
 
 
@@ -124,7 +145,7 @@ def tokenize_conversations(conversations: Sequence[Conversation], tokenizer, tem
         encoded = Dataset.from_list([{"messages": c["messages"]} for c in conversations]).map(
             _encode_columns, batched=True, batch_size=ENCODE_BATCH, num_proc=num_proc,
             remove_columns=["messages"],
-            fn_kwargs={"tokenizer": tokenizer, "template_name": template.name, "max_length": max_length},
+            fn_kwargs={"tokenizer": tokenizer, "template": template, "max_length": max_length},
         ).to_dict()
         rows = zip(encoded["input_ids"], encoded["labels"], encoded["full_length"])
     else:
@@ -222,32 +243,26 @@ def _tokenizer_fingerprint(tokenizer) -> str:
 
 
 def _cache_key(path: str, data: DataConfig, tokenizer, template: Template) -> str:
-    probe = [{"role": role, "content": role[0]} for role in CHAT_ROLES]
     fields = {"format", "max_length", "split", "instruction_field", "input_field", "output_field", "system_field",
               "history_field", "messages_field", "system_prompt", "limit"}
     parts = {
         "version": DATA_VERSION, "source": _source_fingerprint(path, data),
         "tokenizer": _tokenizer_fingerprint(tokenizer),
-        # The rendered probe catches edits to a template's code, not just its name.
-        "template": [template.name, [(s.text, s.supervised) for s in template.render(probe, "<eos>")]],
+        # the Jinja source is the template: an edit to it (or another model's template) is another key
+        "template": [template.name, hashlib.sha256(template.jinja.encode()).hexdigest()],
         "data": data.model_dump(include=fields),
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 
 
 def _store(entry: Path, dataset, report: dict) -> None:
-    """Write atomically: a finished entry appears at once, and a racing writer's copy is discarded."""
-    entry.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{entry.name}-", dir=entry.parent))
-    try:
+    """Write a cache entry atomically: it appears whole at once, and a racing writer's copy (another torchrun
+    rank that finished first) is kept and this one discarded."""
+    from loraft.rundir import staged_directory
+
+    with staged_directory(entry, keep_existing=True) as staging:
         dataset.save_to_disk(str(staging))
         (staging / "report.json").write_text(json.dumps(report, ensure_ascii=False, indent=1), encoding="utf-8")
-        os.replace(staging, entry)
-    except OSError:
-        if not (entry / "report.json").exists():  # else another process (torchrun rank) finished it first
-            raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _tokenized_source(path: str, data: DataConfig, tokenizer) -> tuple[Any, dict]:
@@ -256,7 +271,7 @@ def _tokenized_source(path: str, data: DataConfig, tokenizer) -> tuple[Any, dict
 
     path = str(path)
     _check_tokenizer(tokenizer)
-    template = get_template(data.template)
+    template = get_template(data.template, tokenizer)
     entry = _cache_root(data) / _cache_key(path, data, tokenizer, template)
     if (entry / "report.json").exists():
         report = json.loads((entry / "report.json").read_text(encoding="utf-8"))
@@ -333,7 +348,7 @@ def preview_samples(path: str, data: DataConfig, tokenizer, limit: int) -> list[
     """
     _check_tokenizer(tokenizer)
     conversations = load_conversations(str(path), data)
-    template = get_template(data.template)
+    template = get_template(data.template, tokenizer)
     encoder = _BatchEncoder(tokenizer)
     samples: list[dict] = []
     step = max(limit, 64)

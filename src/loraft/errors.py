@@ -33,6 +33,10 @@ class DataError(LoraftError):
         self.field = field
 
 
+class TemplateError(LoraftError):
+    """A chat template that fails on a conversation, or whose supervised text cannot be derived."""
+
+
 class ModelError(LoraftError):
     """A base model, adapter target or run directory that cannot be used."""
 

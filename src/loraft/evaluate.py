@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from collections import Counter
 from pathlib import Path
 from typing import Optional, Sequence
@@ -21,6 +20,7 @@ from typing import Optional, Sequence
 import torch
 
 from loraft.errors import DataError, RunError
+from loraft.rundir import write_text_atomically
 
 EVAL_DIR = "eval"
 
@@ -250,7 +250,7 @@ def evaluate(
     Returns:
         the metrics written to metrics.json: {"adapter": {...}, "base": {...} (with base), ...}.
     """
-    from loraft.generate import load_run
+    from loraft.generate import cli_flag, load_run, resolve_generation
 
     run_dir = Path(run_dir)
     if batch_size <= 0:
@@ -269,9 +269,9 @@ def evaluate(
     samples, token_report = tokenize_references(
         tokenizer, template, [{"messages": r["messages"]} for r in records], config.data.max_length
     )
-    settings = config.generation.model_copy(update={"temperature": 0.0})
-    if max_new_tokens is not None:
-        settings = settings.model_copy(update={"max_new_tokens": max_new_tokens})
+    # greedy: scores are reproducible; the rest of the run's generation.* stays
+    settings = resolve_generation(config.generation, {"temperature": 0.0, "max_new_tokens": max_new_tokens},
+                                  label=cli_flag)
 
     adapter_metrics, predictions = _score_model(
         model, tokenizer, template, records, samples, settings, batch_size, "adapter"
@@ -307,15 +307,9 @@ def evaluate(
         if base_predictions is not None:
             row["base_prediction"] = base_predictions[index]
         lines.append(json.dumps(row, ensure_ascii=False) + "\n")
-    _write_atomically(out_dir / "predictions.jsonl", "".join(lines))
-    _write_atomically(out_dir / "metrics.json", json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
+    write_text_atomically(out_dir / "predictions.jsonl", "".join(lines))
+    write_text_atomically(out_dir / "metrics.json", json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
     return metrics
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 TABLE_ROWS = [

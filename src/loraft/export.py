@@ -9,8 +9,6 @@ loading a run's adapter directory directly.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Optional, Union
 
@@ -18,6 +16,7 @@ import torch
 
 from loraft.errors import RunError
 from loraft.precision import DTYPES
+from loraft.rundir import staged_directory, write_json_atomically
 
 MERGE_DTYPES = DTYPES
 MERGE_FILE = "loraft_merge.json"
@@ -112,7 +111,7 @@ def merge_run(
     # merged on the CPU in fp32: exact, and the merged copy never competes with a GPU's memory
     model, tokenizer, info = load_run_model(run_dir, dtype=torch.float32, device="cpu", access=access)
     config = info["config"]
-    template = get_template(info.get("template") or config.data.template)
+    template = get_template(info.get("template") or config.data.template, tokenizer)
     was_tied = _tie_setting(model.get_base_model())
     merged = model.merge_and_unload()
     untied = _untie_trained_embeddings(merged, was_tied)
@@ -124,31 +123,14 @@ def merge_run(
     merged.generation_config.pad_token_id = tokenizer.pad_token_id
     tokenizer.chat_template = template.jinja
 
-    staging = out_dir.parent / f".{out_dir.name}.merge-staging"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    try:
+    with staged_directory(out_dir, merge=True, label="merge") as staging:
         merged.save_pretrained(str(staging), max_shard_size=max_shard_size)
         tokenizer.save_pretrained(str(staging))
-        (staging / MERGE_FILE).write_text(
-            json.dumps(
-                {"run_dir": str(run_dir.resolve()), "base_model": config.model.name_or_path,
-                 "template": template.name, "dtype": dtype, "adapter_method": config.adapter.method,
-                 "untied_embeddings": untied},
-                indent=2, ensure_ascii=False,
-            ) + "\n",
-            encoding="utf-8",
-        )
-        out_dir.mkdir(parents=True, exist_ok=True)
-        if overwrite:
+        write_json_atomically(staging / MERGE_FILE, {
+            "run_dir": str(run_dir.resolve()), "base_model": config.model.name_or_path, "template": template.name,
+            "dtype": dtype, "adapter_method": config.adapter.method, "untied_embeddings": untied})
+        if overwrite:  # only once the new model is complete: a failed merge leaves the old one as it was
             _clear_previous_model_files(out_dir)
-        for item in staging.iterdir():
-            target = out_dir / item.name
-            if target.is_dir() and not target.is_symlink():
-                shutil.rmtree(target)
-            os.replace(item, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return out_dir
 
 

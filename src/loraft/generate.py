@@ -1,6 +1,6 @@
 """Chat and batch generation with a run's saved template.
 
-Prompts are encoded segment by segment exactly as in training (templates.encode_segments), so the model
+Prompts are encoded segment by segment exactly as in training (data.encode_segments), so the model
 sees at inference the same token boundaries it was trained on. Generation stops at the template's end
 token (EOS for human_assistant).
 """
@@ -11,13 +11,67 @@ import json
 import sys
 import threading
 from pathlib import Path
-from typing import Iterable, Iterator, NamedTuple, Optional, Sequence
+from typing import Any, Iterable, Iterator, Mapping, NamedTuple, Optional, Sequence, Union
 
 import torch
 
 from loraft.config import GenerationConfig
-from loraft.errors import DataError, LoraftError
-from loraft.templates import Template, encode_segments, get_template
+from loraft.errors import ConfigError, DataError, LoraftError
+from loraft.data import encode_segments
+from loraft.templates import Template, get_template
+
+
+Overrides = Union[GenerationConfig, Mapping[str, Any], None]
+
+
+class GenerationSettingError(ConfigError):
+    """A generation setting out of its range; `field`, `reason` and `value` let the server answer in its terms."""
+
+    def __init__(self, label: str, field: str, reason: str, value: Any):
+        super().__init__(f"{label}: {reason} (got {value!r})")
+        self.field, self.reason, self.value = field, reason, value
+
+
+def resolve_generation(saved: GenerationConfig, overrides: Overrides = None,
+                       label=lambda field: f"generation.{field}") -> GenerationConfig:
+    """The one resolver of generation settings: the run's saved `generation.*`, then only the overrides actually
+    given on top (a mapping's None values and a GenerationConfig's unset fields are not given), validated by the
+    GenerationConfig schema, which owns the ranges. chat, generate, eval and serve all resolve through here.
+
+    Args:
+        label: names a field in the error (`--temperature` for a CLI flag; the server maps fields to its own).
+    Raises:
+        GenerationSettingError: a value out of range, or a field GenerationConfig does not have.
+    """
+    from pydantic import ValidationError
+
+    if isinstance(overrides, GenerationConfig):
+        given = overrides.model_dump(exclude_unset=True)
+    else:
+        given = {key: value for key, value in (overrides or {}).items() if value is not None}
+    for field in given:
+        if field not in GenerationConfig.model_fields:
+            raise GenerationSettingError(label(field), field, "not a generation setting", given[field])
+    try:
+        return GenerationConfig.model_validate({**saved.model_dump(), **given})
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        field = str(error["loc"][0])
+        reason = error["msg"].removeprefix("Input should be ").removeprefix("Value error, ")
+        raise GenerationSettingError(label(field), field, "must be " + reason, error.get("input")) from None
+
+
+def cli_flag(field: str) -> str:
+    """The CLI flag of a generation field: max_new_tokens -> --max-new-tokens."""
+    return "--" + field.replace("_", "-")
+
+
+def run_generation_settings(run_dir: str | Path, overrides: Overrides = None, access=None) -> GenerationConfig:
+    """A run's saved generation settings with CLI overrides on top, checked before any model is loaded."""
+    from loraft.rundir import RunAccess, open_run
+
+    saved = open_run(run_dir, access or RunAccess()).config.generation
+    return resolve_generation(saved, overrides, label=cli_flag)
 
 
 def encode_prompt(tokenizer, template: Template, messages: Sequence[dict]) -> list[int]:
@@ -30,7 +84,7 @@ def encode_prompt(tokenizer, template: Template, messages: Sequence[dict]) -> li
 def stop_token_ids(tokenizer, template: Template) -> list[int]:
     """Token ids that end an answer: the template's end token and the tokenizer's EOS."""
     ids = {tokenizer.eos_token_id}
-    stop = tokenizer(template.stop_text(tokenizer.eos_token), add_special_tokens=False)["input_ids"]
+    stop = tokenizer(template.stop_text(tokenizer.eos_token).strip(), add_special_tokens=False)["input_ids"]
     if len(stop) == 1:
         ids.add(stop[0])
     return sorted(i for i in ids if i is not None)
@@ -118,11 +172,15 @@ class AnswerStream:
     """The answer to one conversation, iterated piece by piece as it is generated; once iteration ends,
     `tokens` and `ended` say what `Answer` says."""
 
-    def __init__(self, model, tokenizer, template: Template, messages: Sequence[dict], settings: GenerationConfig):
+    def __init__(self, model, tokenizer, template: Template, messages: Sequence[dict], settings: GenerationConfig,
+                 prompt_ids: Optional[Sequence[int]] = None, stopping_criteria=None):
         self.model, self.tokenizer = model, tokenizer
-        self.input_ids = torch.tensor([encode_prompt(tokenizer, template, messages)],
-                                      device=next(model.parameters()).device)
+        if prompt_ids is None:
+            prompt_ids = encode_prompt(tokenizer, template, messages)
+        self.input_ids = torch.tensor([list(prompt_ids)], device=next(model.parameters()).device)
         self.kwargs = generation_kwargs(tokenizer, template, settings)
+        if stopping_criteria is not None:
+            self.kwargs["stopping_criteria"] = stopping_criteria
         self.tokens, self.ended = 0, False
 
     def __iter__(self) -> Iterator[str]:
@@ -163,9 +221,17 @@ class AnswerStream:
             raise errors[0]
 
 
-def stream_answer(model, tokenizer, template: Template, messages: Sequence[dict], settings: GenerationConfig) -> AnswerStream:
-    """The answer to a conversation, piece by piece as it is generated (an iterable AnswerStream)."""
-    return AnswerStream(model, tokenizer, template, messages, settings)
+def stream_answer(model, tokenizer, template: Template, messages: Sequence[dict], settings: GenerationConfig,
+                  prompt_ids: Optional[Sequence[int]] = None, stopping_criteria=None) -> AnswerStream:
+    """The answer to a conversation, piece by piece as it is generated (an iterable AnswerStream).
+
+    Args:
+        prompt_ids: the conversation already encoded (encode_prompt), so a caller that counted its tokens does
+            not tokenize it again.
+        stopping_criteria: a transformers StoppingCriteriaList ending generation early (stop strings, a client
+            that left); the template's end tokens and max_new_tokens end it in any case.
+    """
+    return AnswerStream(model, tokenizer, template, messages, settings, prompt_ids, stopping_criteria)
 
 
 def load_run(run_dir: str | Path, device: Optional[str] = None, dtype: Optional[str] = None, access=None):
@@ -180,15 +246,21 @@ def load_run(run_dir: str | Path, device: Optional[str] = None, dtype: Optional[
 
     model, tokenizer, info = load_run_model(run_dir, dtype=inference_dtype(dtype, device or "auto"), device=device,
                                             access=access)
-    template = get_template(info.get("template") or info["config"].data.template)
+    # the run's tokenizer carries the template it was trained with (a model's own one included)
+    template = get_template(info.get("template") or info["config"].data.template, tokenizer)
     return model, tokenizer, template, info
 
 
-def chat(run_dir: str | Path, settings: GenerationConfig, system: Optional[str] = None, stdin=None, stdout=None,
+def chat(run_dir: str | Path, overrides: Overrides = None, system: Optional[str] = None, stdin=None, stdout=None,
          access=None) -> None:
-    """Multi-turn chat in the terminal: streams answers, keeps history; /reset clears it, /exit quits."""
+    """Multi-turn chat in the terminal: streams answers, keeps history; /reset clears it, /exit quits.
+
+    Args:
+        overrides: generation settings over the run's saved `generation.*` (resolve_generation).
+    """
     stdin = stdin or sys.stdin
     stdout = stdout or sys.stdout
+    settings = run_generation_settings(run_dir, overrides, access)
     model, tokenizer, template, _ = load_run(run_dir, dtype=settings.dtype, access=access)
     history: list[dict] = [{"role": "system", "content": system}] if system else []
     stdout.write(f"loraft chat: {run_dir} ({template.name} template). /reset clears the history, /exit quits.\n")
@@ -244,7 +316,9 @@ def read_prompts(path: str | Path) -> list[tuple[dict, list[dict]]]:
             if not messages:
                 raise DataError(str(path), "no message to answer", where=where, field="messages")
         elif "instruction" in record:
-            messages = [{"role": "user", "content": "\n".join([str(record["instruction"]), str(record.get("input") or "")])}]
+            given = str(record.get("input") or "")  # joined as training data is (loraft.records)
+            messages = [{"role": "user", "content": "\n".join([str(record["instruction"]), given]) if given
+                         else str(record["instruction"])}]
         elif "prompt" in record:
             messages = [{"role": "user", "content": str(record["prompt"])}]
         else:
@@ -254,25 +328,26 @@ def read_prompts(path: str | Path) -> list[tuple[dict, list[dict]]]:
 
 
 def generate_to_file(
-    run_dir: str | Path, input_path: str | Path, output_path: str | Path, settings: GenerationConfig, batch_size: int = 8,
-    access=None,
+    run_dir: str | Path, input_path: str | Path, output_path: str | Path, overrides: Overrides = None,
+    batch_size: int = 8, access=None,
 ) -> int:
     """Answer every prompt in `input_path`; write each record plus `response` to `output_path` (JSONL)."""
+    from loraft.rundir import write_text_atomically
+
     output_path = Path(output_path)
     if output_path.exists():
         raise LoraftError(f"{output_path}: exists already; choose another --output")
     prompts = read_prompts(input_path)
+    settings = run_generation_settings(run_dir, overrides, access)
     model, tokenizer, template, _ = load_run(run_dir, dtype=settings.dtype, access=access)
     answers = generate_batch(model, tokenizer, template, [m for _, m in prompts], settings, batch_size, progress=True)
-    tmp = output_path.with_suffix(output_path.suffix + ".tmp")
-    with tmp.open("w", encoding="utf-8") as handle:
-        for (record, _), answer in zip(prompts, answers):
-            handle.write(json.dumps({**record, "response": answer}, ensure_ascii=False) + "\n")
-    tmp.replace(output_path)
+    write_text_atomically(output_path, "".join(json.dumps({**record, "response": answer}, ensure_ascii=False) + "\n"
+                                               for (record, _), answer in zip(prompts, answers)))
     return len(answers)
 
 
-def generate_one(run_dir: str | Path, prompt: str, settings: GenerationConfig, access=None) -> Iterable[str]:
-    """Stream the answer to a single user prompt."""
+def generate_one(run_dir: str | Path, prompt: str, overrides: Overrides = None, access=None) -> Iterable[str]:
+    """Stream the answer to a single user prompt, with the run's generation settings under `overrides`."""
+    settings = run_generation_settings(run_dir, overrides, access)
     model, tokenizer, template, _ = load_run(run_dir, dtype=settings.dtype, access=access)
     return stream_answer(model, tokenizer, template, [{"role": "user", "content": prompt}], settings)

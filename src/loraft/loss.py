@@ -17,9 +17,6 @@ import torch
 IGNORE_INDEX = -100
 CHUNK_ELEMENTS = 2**24  # logits per chunk (64 MB in float32)
 
-# Architectures whose logits are exactly lm_head(last hidden state): no soft-capping or scaling after it.
-SUPPORTED_MODEL_TYPES = {"bloom", "llama", "mistral", "qwen2", "qwen3", "gpt2", "gpt_neox", "phi3"}
-
 
 class _LinearCrossEntropy(torch.autograd.Function):
     """Sum of cross-entropy(hidden @ weight.T, targets), gradients computed chunk by chunk in forward."""
@@ -98,12 +95,3 @@ def supervised_cross_entropy(
     if torch.is_tensor(count):
         count = count.to(total.device)
     return total / count
-
-
-def supports_supervised_loss(model: torch.nn.Module) -> bool:
-    """Whether `model`'s logits are exactly lm_head(last hidden state), so the fused loss may replace them."""
-    config = getattr(model, "config", None)
-    if getattr(config, "model_type", None) not in SUPPORTED_MODEL_TYPES:
-        return False
-    head = model.get_output_embeddings()
-    return isinstance(head, torch.nn.Linear) and head.bias is None and getattr(model, "base_model", None) is not model

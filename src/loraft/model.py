@@ -16,6 +16,7 @@ import torch
 
 from loraft.config import AdapterConfig, ModelConfig, RunConfig
 from loraft.errors import ModelError
+from loraft.fastpaths import apply_patch, patches_on_load
 from loraft.precision import DTYPES, resolve_device, resolve_precision
 
 logger = logging.getLogger("loraft")
@@ -57,19 +58,17 @@ def load_base_model(model: ModelConfig, dtype: torch.dtype = torch.float32):
     try:
         config = AutoConfig.from_pretrained(model.name_or_path, revision=model.revision,
                                             trust_remote_code=model.trust_remote_code)
-        # BLOOM has no SDPA in transformers: loraft provides it (loraft.bloom) on the default implementation
-        fast_bloom = config.model_type == "bloom" and model.attn_implementation in (None, "sdpa")
-        if model.attn_implementation and not fast_bloom:
+        # an architecture's own attention patch (loraft.fastpaths) stands in for the default implementation
+        patch = patches_on_load(config.model_type, model.attn_implementation)
+        if model.attn_implementation and not patch:
             kwargs["attn_implementation"] = model.attn_implementation
         loaded = AutoModelForCausalLM.from_pretrained(model.name_or_path, config=config, **kwargs)
     except OSError as exc:
         raise ModelError(f"{model.name_or_path}: cannot load the base model ({_first_line(exc)})") from None
     if half:
         _cast_parameters(loaded, dtype)
-    if fast_bloom:
-        from loraft.bloom import use_fast_bloom
-
-        use_fast_bloom(loaded)
+    if patch:
+        apply_patch(loaded)
     return loaded
 
 

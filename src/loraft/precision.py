@@ -117,11 +117,11 @@ def cpu_probe() -> dict:
               "identity": identity, "key": key, "measured": time.time()}
     logger.info("precision probe: bf16 matmul %.1f GFLOPS, fp32 %.1f GFLOPS (%.2fx) on %s",
                 bf16, fp32, bf16 / fp32, identity["cpu"])
+    from loraft.rundir import write_json_atomically
+
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
+        write_json_atomically(path, result)
     except OSError:
         pass  # a read-only cache only costs re-measuring next time
     return result

@@ -39,7 +39,8 @@ def _describe(value: Any) -> str:
 
 
 def _fields(record: dict) -> str:
-    return ", ".join(map(str, record)) or "none"
+    # a field name with a line break or other control character is shown escaped: the message stays one line
+    return ", ".join(name if isinstance(name, str) and name.isprintable() else repr(name) for name in record) or "none"
 
 
 def _decode_utf8(path: str, raw: bytes) -> str:
@@ -220,8 +221,9 @@ def _alpaca_messages(path: str, where: str, record: dict, data: DataConfig) -> l
             message = f"item {index}: expected a [user, assistant] pair of strings"
             raise DataError(path, message, where=where, field=data.history_field)
         messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
-    # Exactly the reference's "\n".join([instruction, input]); the template strips a trailing "\n".
-    messages.append({"role": "user", "content": "\n".join([instruction, prompt_input])})
+    # The reference's "\n".join([instruction, input]), without the dangling "\n" of an empty input (which its
+    # .strip() removes; a model's own template would keep it)
+    messages.append({"role": "user", "content": "\n".join([instruction, prompt_input]) if prompt_input else instruction})
     messages.append({"role": "assistant", "content": output})
     return messages
 

@@ -1,25 +1,49 @@
-"""Opening a run directory for use: the one check every consumer (chat, generate, eval, merge, serve) goes through.
+"""The run directory's contract: its paths, status, identity, atomic writes, and the check before it is used.
 
-A run directory is usable as it is when its `loraft_run.json` says `finished` (or it has none: an adapter
-directory made by hand) and it holds the adapter. Anything else is refused unless asked for: an unfinished or
-failed run's newest complete checkpoint with `--allow-unfinished`, and modelling code from the base model's
-folder (`trust_remote_code` in the run's config.yaml, which anyone who wrote the folder controls) only with
-`--trust-remote-code` on the command line.
+A finished run directory holds:
+    adapter_config.json, adapter_model.safetensors   the adapter, standard peft format
+    tokenizer files + chat_template                  the training template, for apply_chat_template
+    config.yaml                                      the resolved config
+    data_report.json                                 what the data stage read, kept, dropped and truncated
+    metrics.jsonl, loss.png                          every logged step, and the loss curve
+    train.log                                        what loraft decided (e.g. tied embeddings)
+    loraft_run.json                                  status, versions, base model, template, identity, timings
+    checkpoints/checkpoint-N                         Trainer checkpoints, for --resume
+
+Every file is written to a temporary name and renamed (`write_text_atomically`), every directory through
+`staged_directory`. A run directory is usable as it is when its `loraft_run.json` says `finished` (or it has
+none: an adapter directory made by hand) and it holds the adapter. Anything else is refused unless asked for: an
+unfinished or failed run's newest complete checkpoint with `--allow-unfinished`, and modelling code from the base
+model's folder (`trust_remote_code` in the run's config.yaml, which anyone who wrote the folder controls) only
+with `--trust-remote-code` on the command line.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
+import shutil
+import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Union
+from typing import Iterator, Optional, Union
 
 from loraft.config import RunConfig, load_config
 from loraft.errors import RunError
 
+logger = logging.getLogger("loraft")
+
 RUN_FILE = "loraft_run.json"
 CHECKPOINTS = "checkpoints"
+# What a run writes into its directory besides checkpoints/: a fresh start clears these of an earlier run.
+RUN_RECORDS = (
+    "metrics.jsonl", "loss.png", "train.log", "config.yaml", "data_report.json", "adapter_config.json",
+    "adapter_model.safetensors", "adapter_model.bin", "README.md", "tokenizer.json", "tokenizer_config.json",
+    "special_tokens_map.json", "chat_template.jinja", "vocab.json", "merges.txt", "tokenizer.model",
+)
 
 
 @dataclass(frozen=True)
@@ -60,6 +84,45 @@ def write_text_atomically(path: Union[str, Path], text: str) -> None:
 def write_json_atomically(path: Union[str, Path], payload: dict) -> None:
     write_text_atomically(path, json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
 
+
+
+@contextlib.contextmanager
+def staged_directory(target: Union[str, Path], merge: bool = False, keep_existing: bool = False,
+                     label: str = "files") -> Iterator[Path]:
+    """Yield an empty staging directory beside `target`; when the block ends without an error, move it into place.
+
+    merge=False replaces `target` as a whole (a checkpoint, a cache entry); merge=True moves each staged entry into
+    `target`, replacing entries of the same name and keeping the others (the adapter and tokenizer files in a run
+    directory, a merged model in an --out directory). On an error the staging directory is removed and `target`
+    is as it was. keep_existing=True leaves a `target` that appeared meanwhile (another process wrote the same
+    cache entry) and discards the staged copy. Every directory loraft writes goes through here.
+    """
+    target = Path(target)
+    # merged entries are staged inside target (`.LABEL-staging-*`, which a fresh run start clears), a whole
+    # directory beside it: either way on the same file system, so every move is a rename
+    (target if merge else target.parent).mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{label}-staging-", dir=target) if merge
+                   else tempfile.mkdtemp(prefix=f".{target.name}-staging-", dir=target.parent))
+    try:
+        yield staging
+        if not merge:
+            if target.exists() and keep_existing:
+                return
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            try:
+                os.replace(staging, target)
+            except OSError:
+                if not (keep_existing and target.exists()):
+                    raise
+            return
+        for item in staging.iterdir():
+            destination = target / item.name
+            if destination.is_dir() and not destination.is_symlink():
+                shutil.rmtree(destination)
+            os.replace(item, destination)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 def read_record(run_dir: Union[str, Path]) -> dict:
     """The run's `loraft_run.json` ({} when there is none; `status: unreadable` when it is cut off)."""
@@ -116,3 +179,190 @@ def open_run(run_dir: Union[str, Path], access: RunAccess = RunAccess()) -> Usab
     config = config.model_copy(update={"model": config.model.model_copy(
         update={"trust_remote_code": access.trust_remote_code})})
     return UsableRun(run_dir=run_dir, config=config, record=record, adapter_dir=adapter_dir)
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The records of metrics.jsonl; a line cut off by a crash or a full disk is skipped."""
+    records = []
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and isinstance(record.get("step"), int):
+                records.append(record)
+    return records
+
+
+def run_identity(config: RunConfig, report: dict) -> dict:
+    """What makes a run's function: a resume that changes any of these continues a different training."""
+    return {
+        "model.name_or_path": config.model.name_or_path, "model.revision": config.model.revision,
+        # the template the run resolved (auto: the model's own or human_assistant), as the data report names it
+        "data.template": report.get("template") or config.data.template, "data.max_length": config.data.max_length,
+        "the training data (its content, tokenizer or field mapping)": report.get("fingerprint"),
+        "adapter": config.adapter.model_dump(), "train.seed": config.train.seed,
+    }
+
+
+class RunDir:
+    """One run directory: its paths, its record (`loraft_run.json`), its identity, and its lifecycle.
+
+    Training goes through `prepare` (refuse to overwrite, find the checkpoint to resume), `start`, `mark`,
+    `check_resume_identity`; every consumer (chat, generate, eval, merge, serve) through `require_usable`.
+    """
+
+    def __init__(self, path: Union[str, Path]):
+        self.path = Path(path)
+
+    # ---------------------------------------------------------------------------------------------- paths
+    @property
+    def record_file(self) -> Path:
+        return self.path / RUN_FILE
+
+    @property
+    def config_file(self) -> Path:
+        return self.path / "config.yaml"
+
+    @property
+    def data_report_file(self) -> Path:
+        return self.path / "data_report.json"
+
+    @property
+    def metrics_file(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def loss_plot(self) -> Path:
+        return self.path / "loss.png"
+
+    @property
+    def log_file(self) -> Path:
+        return self.path / "train.log"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / CHECKPOINTS
+
+    def last_checkpoint(self) -> Optional[Path]:
+        return last_complete_checkpoint(self.checkpoints)
+
+    # --------------------------------------------------------------------------------------------- record
+    def record(self) -> dict:
+        return read_record(self.path)
+
+    def status(self) -> Optional[str]:
+        return self.record().get("status")
+
+    def write_record(self, payload: dict) -> None:
+        write_json_atomically(self.record_file, payload)
+
+    def mark(self, status: str, **fields) -> None:
+        """Update the record's status (and fields), keeping what it already says."""
+        self.write_record({**self.record(), "status": status, **fields})
+
+    # ------------------------------------------------------------------------------------------- training
+    def prepare(self, config: RunConfig, resume: bool) -> Optional[Path]:
+        """Refuse to overwrite a finished run; find the checkpoint to resume from.
+
+        Returns:
+            the checkpoint to resume from, or None for a fresh start.
+        """
+        run_dir, status = self.path, self.status()
+        if resume:
+            checkpoint = self.last_checkpoint()
+            if checkpoint is None:
+                raise RunError(f"{run_dir}: --resume found no complete checkpoint under {self.checkpoints}")
+            if status == "finished" and not config.overwrite:
+                raise RunError(f"{run_dir}: the run already finished; pass overwrite=true to train it again")
+            return checkpoint
+        if status == "finished" and not config.overwrite:
+            raise RunError(
+                f"{run_dir}: holds a finished run; choose another output_dir or pass overwrite=true to replace it"
+            )
+        if run_dir.is_dir() and any(run_dir.iterdir()) and status is None and not config.overwrite:
+            raise RunError(f"{run_dir}: exists and is not empty; choose another output_dir or pass overwrite=true")
+        if status is not None and status != "finished" and not config.overwrite:
+            if self.last_checkpoint() is not None:
+                raise RunError(
+                    f"{run_dir}: holds an unfinished run with checkpoints; pass --resume to continue it "
+                    "or overwrite=true to start again"
+                )
+        return None
+
+    def start(self, config: RunConfig, resume_from: Optional[Path]) -> None:
+        """Make the directory a running loraft run (rank 0 only): trim a resumed run's metrics to its checkpoint,
+        or clear an earlier run's files before a fresh start, and mark it running before anything else lands."""
+        if resume_from is not None:
+            self.trim_metrics(int(resume_from.name[len("checkpoint-"):]))
+        elif self.status() is not None:  # prepare() allowed a fresh start over an earlier run
+            self.clear_previous()
+            self.write_record({"status": "running", "base_model": config.model.name_or_path, "started": time.time()})
+        self.path.mkdir(parents=True, exist_ok=True)
+        if self.status() is None:
+            self.write_record({"status": "running", "base_model": config.model.name_or_path, "started": time.time()})
+
+    def clear_previous(self) -> None:
+        """Remove an earlier run's adapter, records, evaluation and checkpoints before a fresh start here.
+
+        A fresh start (overwrite=true, or an unfinished run that left no checkpoint) must not leave the old
+        adapter beside the new config if it is killed, nor append to the old run's metrics.
+        """
+        for name in RUN_RECORDS:
+            (self.path / name).unlink(missing_ok=True)
+        for name in (CHECKPOINTS, "eval", ".adapter-staging", ".tokenizer-staging"):  # the last two: loraft < 0.2
+            shutil.rmtree(self.path / name, ignore_errors=True)
+        for stale in self.path.glob(".*-staging-*"):  # a staged directory a killed process left behind
+            shutil.rmtree(stale, ignore_errors=True)
+
+    def trim_metrics(self, last_step: int) -> None:
+        """Keep the metrics logged up to `last_step` (the checkpoint a resume starts from), so the steps between
+        that checkpoint and a crash are logged once, by the resumed run; rewritten atomically."""
+        if not self.metrics_file.is_file():
+            return
+        # the end-of-training summary (train_loss, ...) is written again by the resumed run
+        kept = [r for r in read_metrics(self.metrics_file) if r["step"] <= last_step and "train_loss" not in r]
+        write_text_atomically(self.metrics_file, "".join(json.dumps(record) + "\n" for record in kept))
+
+    @staticmethod
+    def identity_fields(config: RunConfig, report: dict) -> dict:
+        """The record's `identity` (checked on resume) and `length` (which a resume may extend)."""
+        return {"identity": run_identity(config, report),
+                "length": {"train.max_steps": config.train.max_steps,
+                           "train.num_train_epochs": config.train.num_train_epochs}}
+
+    def check_resume_identity(self, config: RunConfig, report: dict) -> None:
+        """Refuse a resume whose config changes the function the checkpoint was trained for (one sentence);
+        log an extension (more max_steps or epochs)."""
+        saved = self.record()
+        if "identity" not in saved:
+            logger.warning("%s: the run records no identity (an older loraft); resuming without checking it",
+                           self.path)
+            return
+        current = run_identity(config, report)
+        for key, old in saved["identity"].items():
+            new = current.get(key)
+            if key == "adapter" and old != new:
+                changed = sorted(name for name in set(old) | set(new) if old.get(name) != new.get(name))
+                key, old, new = f"adapter.{changed[0]}", old.get(changed[0]), new.get(changed[0])
+            if old != new:
+                raise RunError(f"{self.path}: --resume refused: {key} changed ({old!r} -> {new!r}) since the "
+                               "checkpoint was trained; start a new output_dir, or pass overwrite=true to train "
+                               "again from scratch")
+        previous = saved.get("length") or {}
+        for key, value in (("train.max_steps", config.train.max_steps),
+                           ("train.num_train_epochs", config.train.num_train_epochs)):
+            if key in previous and previous[key] != value:
+                logger.info("resume extends the run: %s %s -> %s", key, previous[key], value)
+
+    # ------------------------------------------------------------------------------------------ consumers
+    def require_usable(self, access: RunAccess = RunAccess()) -> UsableRun:
+        """The one check before chat, generate, eval, merge or serve load anything (see the module doc)."""
+        return open_run(self.path, access)
+
+    def load(self, access: RunAccess = RunAccess(), dtype=None, device: Optional[str] = None):
+        """(peft model in eval mode, tokenizer with the run's chat_template, run metadata), after the check."""
+        from loraft.model import load_run_model
+
+        return load_run_model(self.path, dtype=dtype, device=device, access=access)

@@ -1,20 +1,34 @@
-"""Prompt templates: render a conversation into prompt/response segments, mask the prompt, export a chat_template.
+"""Prompt templates: each one is a Jinja chat template, rendered by the same code for training and for chat.
 
-A conversation is a list of `{"role": "system"|"user"|"assistant", "content": str}`. `render` returns
-segments in order; a segment is either prompt (label -100) or response (supervised). Each segment is
-tokenized on its own, exactly as the reference recipe tokenizes its prompt and its response separately,
-so the ids of a single-turn alpaca record equal the reference `preprocess_function`'s.
+A conversation is a list of `{"role": "system"|"user"|"assistant", "content": str}`. A template renders it into
+segments in order; a segment is either prompt (label -100) or response (supervised). The text comes from
+transformers' own chat-template renderer (`render_jinja_template`, what `apply_chat_template` runs), so what a
+run's tokenizer renders as its `chat_template` is what training saw, by construction. Which text is supervised:
+- loraft's templates mark each assistant turn's content and its end-of-turn text with `{% generation %}`;
+- a model's own template (`data.template: model`) is split by per-turn prefix differences: the prompt of turn i
+  is the conversation before it rendered with the generation prompt; what the full render adds after that is the
+  assistant content plus the end-of-turn token (supervised) and any trailing text (prompt). A template whose
+  renders are not prefixes of each other (one that rewrites earlier turns), or that drops the content, is refused
+  with the record and the reason. Where a model template has `{% generation %}` blocks those are used instead.
 
-The same template is written into the saved tokenizer as a Jinja `chat_template`, so `apply_chat_template`
-on the run's tokenizer produces the same text as `render` (tested).
+Each segment is tokenized on its own (loraft.data), exactly as the reference recipe tokenizes its prompt and
+its response separately, so the ids of a single-turn alpaca record equal the reference `preprocess_function`'s.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+import re
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+from loraft.errors import ConfigError, TemplateError
 
 ROLES = ("system", "user", "assistant")
+MODEL = "model"  # data.template: the tokenizer's own chat_template
+AUTO = "auto"  # data.template: the tokenizer's own chat_template when it has one, else human_assistant
+_GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
+# Stands in for assistant content when a template's end-of-turn text is derived; no template produces it.
+_PROBE = "\u2063loraft-probe\u2063"
 
 
 @dataclass(frozen=True)
@@ -27,173 +41,197 @@ class Segment:
 
 @dataclass(frozen=True)
 class Template:
-    """A prompt format made of small string functions, mirrored by a Jinja chat_template.
+    """A prompt format: a Jinja chat template and how its supervised text is found.
 
     Attributes:
-        name: template name used in configs.
+        name: the name configs use (`model` for a tokenizer's own template).
         description: one line for `loraft templates`.
-        system: renders a system message.
-        user: renders a user message (prompt side).
-        assistant_header: prompt text that opens every assistant turn (and the generation prompt).
-        assistant_end: supervised text closing an assistant turn; "{eos}" means the tokenizer's EOS token.
-        after_assistant: prompt-side text after an assistant turn (e.g. a newline), not supervised.
-        default_system: system prompt used when a conversation has none (None = no system text).
-        jinja: the chat_template, using `eos_token` and `add_generation_prompt` like HF templates.
+        jinja: the chat template; it sees `messages`, `add_generation_prompt` and the tokenizer's special tokens.
+        special_tokens: values for `eos_token`, `bos_token`, ... (a model template's; loraft's need only eos,
+            which `render` is given).
     """
 
     name: str
     description: str
-    system: Callable[[str], str]
-    user: Callable[[str], str]
-    assistant_header: str
-    assistant_end: str
-    after_assistant: str
-    default_system: Optional[str]
     jinja: str
+    special_tokens: dict = field(default_factory=dict, compare=False)
 
-    def stop_text(self, eos_token: str) -> str:
-        """The text that ends an assistant turn; generation stops at its token."""
-        return self.assistant_end.replace("{eos}", eos_token)
+    @property
+    def marks_generation(self) -> bool:
+        """Whether the template marks assistant text with `{% generation %}` (else prefix differences are used)."""
+        return bool(_GENERATION_TAG.search(self.jinja))
+
+    def _render(self, messages: Sequence[dict], eos_token: str, add_generation_prompt: bool,
+                track: bool) -> tuple[str, list[tuple[int, int]]]:
+        from jinja2 import TemplateError
+        from transformers.utils.chat_template_utils import render_jinja_template
+
+        tokens = {"bos_token": "", "pad_token": "", "unk_token": "", **self.special_tokens, "eos_token": eos_token}
+        try:
+            rendered, indices = render_jinja_template(
+                [list(messages)], chat_template=self.jinja, return_assistant_tokens_mask=track,
+                add_generation_prompt=add_generation_prompt, **tokens)
+        except TemplateError as exc:
+            raise TemplateError(f"template {self.name}: the chat template failed on a conversation ({exc})") from None
+        return rendered[0], (indices[0] if track else [])
+
+    def render_text(self, messages: Sequence[dict], eos_token: str, add_generation_prompt: bool = False) -> str:
+        """The whole rendered conversation as one string (what `apply_chat_template` returns)."""
+        return self._render(messages, eos_token, add_generation_prompt, track=False)[0]
 
     def render(self, messages: Sequence[dict], eos_token: str, add_generation_prompt: bool = False) -> list[Segment]:
-        """Render a conversation into alternating prompt/response segments (adjacent prompt text merged).
+        """Render a conversation into alternating prompt/response segments.
 
         Args:
             messages: the conversation; assistant turns become supervised segments.
-            eos_token: the tokenizer's EOS string, appended where the template ends a turn with EOS.
+            eos_token: the tokenizer's EOS string, which templates may end a turn with.
             add_generation_prompt: end with the assistant header, ready for generation.
         """
+        if self.marks_generation:
+            text, spans = self._render(messages, eos_token, add_generation_prompt, track=True)
+        else:
+            text, spans = self._prefix_spans(messages, eos_token, add_generation_prompt)
         segments: list[Segment] = []
-
-        def add(text: str, supervised: bool) -> None:
-            if not text:
-                return
-            if segments and segments[-1].supervised == supervised:
-                segments[-1] = Segment(segments[-1].text + text, supervised)
+        position = 0
+        for start, end in spans:
+            segments += [Segment(text[position:start], False), Segment(text[start:end], True)]
+            position = end
+        segments.append(Segment(text[position:], False))
+        merged: list[Segment] = []
+        for segment in segments:
+            if not segment.text:
+                continue
+            if merged and merged[-1].supervised == segment.supervised:
+                merged[-1] = Segment(merged[-1].text + segment.text, segment.supervised)
             else:
-                segments.append(Segment(text, supervised))
+                merged.append(segment)
+        return merged
 
-        if self.default_system is not None and not any(m["role"] == "system" for m in messages):
-            add(self.system(self.default_system), False)
-        for message in messages:
-            role, content = message["role"], message["content"]
-            if role == "system":
-                add(self.system(content), False)
-            elif role == "user":
-                add(self.user(content), False)
-            elif role == "assistant":
-                add(self.assistant_header, False)
-                add(content + self.stop_text(eos_token), True)
-                add(self.after_assistant, False)
-            else:
-                raise ValueError(f"unknown role {role!r}")
-        if add_generation_prompt:
-            add(self.assistant_header, False)
-        return segments
+    def stop_text(self, eos_token: str) -> str:
+        """The text that ends an assistant turn (generation stops at its token): derived from the template."""
+        messages = [{"role": "user", "content": "x"}, {"role": "assistant", "content": _PROBE}]
+        text, spans = (self._render(messages, eos_token, False, track=True) if self.marks_generation
+                       else self._prefix_spans(messages, eos_token, False))
+        start, end = spans[-1]
+        return text[start:end].split(_PROBE, 1)[1]
 
-    def render_text(self, messages: Sequence[dict], eos_token: str, add_generation_prompt: bool = False) -> str:
-        """The whole rendered conversation as one string."""
-        return "".join(s.text for s in self.render(messages, eos_token, add_generation_prompt))
+    def _end_of_turn(self, after_content: str, eos_token: str) -> str:
+        """The end-of-turn text at the start of what a model template writes after an assistant's content: the
+        longest special token it starts with (`<|im_end|>`, `<|eot_id|>`, EOS), with any whitespace before it."""
+        specials = {eos_token, *self.special_tokens.get("additional_special_tokens", ()),
+                    *(v for k, v in self.special_tokens.items() if isinstance(v, str) and k != "bos_token")}
+        rest = after_content.lstrip()
+        found = [token for token in specials if token and rest.startswith(token)]
+        return after_content[:len(after_content) - len(rest)] + max(found, key=len) if found else ""
+
+    def _prefix_spans(self, messages: Sequence[dict], eos_token: str,
+                      add_generation_prompt: bool) -> tuple[str, list[tuple[int, int]]]:
+        """Supervised spans by per-turn prefix differences (see the module docstring)."""
+        full = self.render_text(messages, eos_token, add_generation_prompt)
+        spans = []
+        for index, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            prompt = self.render_text(messages[:index], eos_token, add_generation_prompt=True) if index else ""
+            through = self.render_text(messages[:index + 1], eos_token)
+            if not (through.startswith(prompt) and full.startswith(through)):
+                raise TemplateError(f"template {self.name}: rendering the conversation one turn longer changes the "
+                                f"text before it (at message {index + 1}), so the assistant masks cannot be derived "
+                                "from it; choose a loraft template (data.template) or a template with "
+                                "{% generation %} blocks")
+            added = through[len(prompt):]
+            content = message["content"]
+            offset = added.find(content) if content else 0
+            if content and offset < 0:
+                offset = added.find(content.strip())
+                content = content.strip()
+            if offset < 0:
+                raise TemplateError(f"template {self.name}: the assistant content of message {index + 1} does not appear "
+                                "in the template's rendering of it, so the assistant masks cannot be derived")
+            end_of_turn = self._end_of_turn(added[offset + len(content):], eos_token)
+            if not end_of_turn:
+                raise TemplateError(f"template {self.name}: no special token (such as EOS) ends the assistant turn of "
+                                f"message {index + 1}, so the model would never learn to stop; choose a loraft "
+                                "template (data.template) or a template that ends turns with one")
+            end = offset + len(content) + len(end_of_turn)
+            spans.append((len(prompt) + offset, len(prompt) + end))
+        return full, spans
 
 
-def _jinja(system: str, user: str, header: str, end: str, after: str, default_system: Optional[str]) -> str:
-    """Build a chat_template from Jinja expressions for each part (`c` is the message content)."""
+def _loraft_template(name: str, description: str, system: str, user: str, header: str, end: str, after: str,
+                     default_system: Optional[str] = None) -> Template:
+    """A loraft template from Jinja expressions for each part (`c` is the message content); the assistant's
+    content and `end` are one `{% generation %}` block, so they are what training supervises."""
     default = ""
     if default_system is not None:
-        default = (
-            "{%- if messages|selectattr('role', 'equalto', 'system')|list|length == 0 -%}"
-            "{%- set c = " + repr(default_system) + " -%}{{ " + system + " }}{%- endif -%}"
-        )
-    return (
+        default = ("{%- if messages|selectattr('role', 'equalto', 'system')|list|length == 0 -%}"
+                   "{%- set c = " + repr(default_system) + " -%}{{ " + system + " }}{%- endif -%}")
+    jinja = (
         default
         + "{%- for message in messages -%}{%- set c = message['content'] -%}"
         "{%- if message['role'] == 'system' -%}{{ " + system + " }}"
         "{%- elif message['role'] == 'user' -%}{{ " + user + " }}"
-        "{%- elif message['role'] == 'assistant' -%}{{ " + header + " + c + " + end + " + " + after + " }}"
+        "{%- elif message['role'] == 'assistant' -%}{{ " + header + " }}"
+        "{%- generation -%}{{ c + " + end + " }}{%- endgeneration -%}{{ " + after + " }}"
         "{%- endif -%}{%- endfor -%}"
         "{%- if add_generation_prompt -%}{{ " + header + " }}{%- endif -%}"
     )
+    return Template(name=name, description=description, jinja=jinja)
 
-
-HUMAN_ASSISTANT = Template(
-    name="human_assistant",
-    description='The reference recipe: "Human: {instruction}\\n{input}".strip() + "\\n\\nAssistant: ", response + EOS.',
-    system=lambda c: c + "\n\n",
-    # The reference strips the joined "Human: instruction\ninput" before adding the assistant header.
-    user=lambda c: ("Human: " + c).strip() + "\n\n",
-    assistant_header="Assistant: ",
-    assistant_end="{eos}",
-    after_assistant="",
-    default_system=None,
-    jinja=_jinja("c + '\\n\\n'", "('Human: ' + c).strip() + '\\n\\n'", "'Assistant: '", "eos_token", "''", None),
-)
 
 ALPACA_SYSTEM = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request."
 )
-
-ALPACA = Template(
-    name="alpaca",
-    description="Stanford Alpaca: default system line, '### Instruction:' / '### Response:' blocks, response + EOS.",
-    system=lambda c: c + "\n\n",
-    user=lambda c: "### Instruction:\n" + c + "\n\n",
-    assistant_header="### Response:\n",
-    assistant_end="{eos}",
-    after_assistant="\n\n",
-    default_system=ALPACA_SYSTEM,
-    jinja=_jinja(
+TEMPLATES: dict[str, Template] = {t.name: t for t in (
+    # The reference strips the joined "Human: instruction\ninput" before adding the assistant header.
+    _loraft_template(
+        "human_assistant",
+        'The reference recipe: "Human: {instruction}\\n{input}".strip() + "\\n\\nAssistant: ", response + EOS.',
+        "c + '\\n\\n'", "('Human: ' + c).strip() + '\\n\\n'", "'Assistant: '", "eos_token", "''"),
+    _loraft_template(
+        "alpaca",
+        "Stanford Alpaca: default system line, '### Instruction:' / '### Response:' blocks, response + EOS.",
         "c + '\\n\\n'", "'### Instruction:\\n' + c + '\\n\\n'", "'### Response:\\n'", "eos_token", "'\\n\\n'",
-        ALPACA_SYSTEM,
-    ),
-)
-
-CHATML = Template(
-    name="chatml",
-    description="ChatML (Qwen, many others): <|im_start|>role ... <|im_end|>; needs <|im_end|> in the vocabulary.",
-    system=lambda c: "<|im_start|>system\n" + c + "<|im_end|>\n",
-    user=lambda c: "<|im_start|>user\n" + c + "<|im_end|>\n",
-    assistant_header="<|im_start|>assistant\n",
-    assistant_end="<|im_end|>",
-    after_assistant="\n",
-    default_system=None,
-    jinja=_jinja(
-        "'<|im_start|>system\\n' + c + '<|im_end|>\\n'",
-        "'<|im_start|>user\\n' + c + '<|im_end|>\\n'",
-        "'<|im_start|>assistant\\n'",
-        "'<|im_end|>'",
-        "'\\n'",
-        None,
-    ),
-)
-
-TEMPLATES: dict[str, Template] = {t.name: t for t in (HUMAN_ASSISTANT, ALPACA, CHATML)}
+        ALPACA_SYSTEM),
+    _loraft_template(
+        "chatml",
+        "ChatML (Qwen, many others): <|im_start|>role ... <|im_end|>; needs <|im_end|> in the vocabulary.",
+        "'<|im_start|>system\\n' + c + '<|im_end|>\\n'", "'<|im_start|>user\\n' + c + '<|im_end|>\\n'",
+        "'<|im_start|>assistant\\n'", "'<|im_end|>'", "'\\n'"),
+)}
+# No template: the text as it is (the server's /v1/completions continues a prompt), answers end with EOS.
+RAW_TEXT = _loraft_template("raw", "No template: the prompt text as it is (for /v1/completions).",
+                            "c", "c", "''", "eos_token", "''")
 
 
-def get_template(name: str) -> Template:
-    """Look a template up by name; the error lists the known names."""
+def model_template(tokenizer) -> Template:
+    """The tokenizer's own chat template as a loraft Template (`data.template: model`)."""
+    jinja = getattr(tokenizer, "chat_template", None)
+    if isinstance(jinja, dict):  # several named templates: the default one
+        jinja = jinja.get("default")
+    if not isinstance(jinja, str) or not jinja.strip():
+        name = getattr(tokenizer, "name_or_path", "") or "the tokenizer"
+        raise ConfigError(f"data.template: model: {name} has no chat_template; name a template "
+                          f"({', '.join(sorted(TEMPLATES))})")
+    specials = {key: value for key, value in tokenizer.special_tokens_map.items()}
+    specials["additional_special_tokens"] = [str(t) for t in getattr(tokenizer, "all_special_tokens", [])] + [
+        str(t) for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if getattr(t, "special", False)]
+    return Template(name=MODEL, description="The model's own chat template (from its tokenizer).", jinja=jinja,
+                    special_tokens=specials)
+
+
+def get_template(name: str, tokenizer=None) -> Template:
+    """Look a template up by name: a loraft template, `model` (the tokenizer's own; needs `tokenizer`), or `auto`
+    (the tokenizer's own when it has one, else human_assistant). The error lists the known names."""
+    if name == AUTO:
+        has_own = tokenizer is not None and bool(getattr(tokenizer, "chat_template", None))
+        return model_template(tokenizer) if has_own else TEMPLATES["human_assistant"]
+    if name == MODEL:
+        if tokenizer is None:
+            raise ConfigError("data.template: model needs the model's tokenizer (give --model)")
+        return model_template(tokenizer)
     try:
         return TEMPLATES[name]
     except KeyError:
-        from loraft.errors import ConfigError
-
-        known = ", ".join(sorted(TEMPLATES))
+        known = ", ".join(sorted([*TEMPLATES, AUTO, MODEL]))
         raise ConfigError(f"data.template: unknown template {name!r} (known: {known})") from None
-
-
-def encode_segments(tokenizer, segments: Sequence[Segment]) -> tuple[list[int], list[int]]:
-    """Tokenize segments one by one (as the reference does) into input ids and labels.
-
-    The first segment gets the tokenizer's special tokens (BOS where the model uses one); later segments
-    get none, so a Llama-style BOS is not repeated mid-sequence. BLOOM adds no special tokens, so this
-    equals the reference's `tokenizer(prompt)` + `tokenizer(response)` exactly.
-
-    Returns:
-        (input_ids, labels) with labels -100 on prompt tokens.
-    """
-    input_ids: list[int] = []
-    labels: list[int] = []
-    for index, segment in enumerate(segments):
-        ids = tokenizer(segment.text, add_special_tokens=index == 0)["input_ids"]
-        input_ids.extend(ids)
-        labels.extend(ids if segment.supervised else [-100] * len(ids))
-    return input_ids, labels

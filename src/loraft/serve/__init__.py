@@ -17,7 +17,8 @@ requests get `shutdown_timeout` seconds to finish; then they are cancelled.
 """
 
 from loraft.serve.app import ServeSettings, chat_page, create_app, serve
-from loraft.serve.engine import RAW_TEXT, Engine, StopScanner, model_context_length
+from loraft.serve.engine import Engine, StopScanner, model_context_length
+from loraft.templates import RAW_TEXT
 from loraft.serve.validation import APIError
 
 __all__ = ["APIError", "Engine", "RAW_TEXT", "ServeSettings", "StopScanner", "chat_page", "create_app",

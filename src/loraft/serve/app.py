@@ -22,8 +22,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from loraft.errors import RunError
 from loraft.generate import Answer
 from loraft.serve.engine import (
-    FALLBACK_CONTEXT_LENGTH, RAW_TEXT, Engine, QueuePlace, StopScanner, cut_at_stop, model_context_length,
+    FALLBACK_CONTEXT_LENGTH, Engine, QueuePlace, StopScanner, cut_at_stop, model_context_length,
 )
+from loraft.templates import RAW_TEXT
 from loraft.serve.validation import (
     APIError, HostRule, check_api_key, check_content_type, check_messages, check_model, check_prompt,
     check_sampling, check_stop, check_stream, fit_context, host_rule, is_loopback, read_json_body,
@@ -207,10 +208,11 @@ def create_app(engine: Engine, settings: ServeSettings = ServeSettings()):
         place: Optional[QueuePlace] = engine.reserve()
         cancel = threading.Event()
         try:
-            prompt_tokens = await engine.count_prompt_tokens(messages, template)
+            prompt_ids = await engine.tokenize_prompt(messages, template)
+            prompt_tokens = len(prompt_ids)
             generation = fit_context(sampling, prompt_tokens, engine.context_length, prompt_param)
             if stream:
-                events = _event_stream(engine, engine.stream(messages, template, generation, sampling.seed, stops,
+                events = _event_stream(engine, engine.stream(prompt_ids, template, generation, sampling.seed, stops,
                                                              place, cancel),
                                        stops, shape, prompt_tokens, include_usage)
                 response = GenerationStream(events, place, cancel, media_type="text/event-stream",
@@ -218,7 +220,8 @@ def create_app(engine: Engine, settings: ServeSettings = ServeSettings()):
                 place = None  # the response owns it now
                 return response
             result = await _unless_client_leaves(
-                request, engine.complete(messages, template, generation, sampling.seed, stops, place, cancel), cancel)
+                request, engine.complete(prompt_ids, template, generation, sampling.seed, stops, place, cancel),
+                cancel)
         except asyncio.CancelledError:
             # uvicorn cancels what is left once shutdown_timeout has passed; answer that instead of its plain 500
             raise shutting_down() from None
@@ -355,7 +358,7 @@ def serve(
     """
     import uvicorn
 
-    from loraft.generate import load_run
+    from loraft.generate import cli_flag, load_run, resolve_generation
     from loraft.rundir import RunAccess, open_run
 
     run_dir = Path(run_dir)
@@ -371,8 +374,9 @@ def serve(
         raise RunError(f"--context-length must be > 1 (got {context_length})")
     if max_body_bytes < 1:
         raise RunError(f"--max-body-bytes must be > 0 (got {max_body_bytes})")
-    if dtype is None:  # the run's own setting; open_run is the check every consumer makes first
-        dtype = open_run(run_dir, access or RunAccess()).config.generation.dtype
+    # the run's own generation.dtype unless --dtype says otherwise; open_run is the check every consumer makes first
+    dtype = resolve_generation(open_run(run_dir, access or RunAccess()).config.generation, {"dtype": dtype},
+                               label=cli_flag).dtype
     model, tokenizer, template, info = load_run(run_dir, device=device, dtype=dtype, access=access)
     if context_length is None and model_context_length(model, tokenizer) is None:
         logger.warning("neither the model's config nor its tokenizer states a context length: prompts are limited "

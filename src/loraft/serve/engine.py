@@ -19,20 +19,6 @@ from loraft.generate import Answer, encode_prompt, stream_answer
 from loraft.serve.validation import APIError
 from loraft.templates import Template
 
-# A template that adds nothing: /v1/completions continues the prompt text as it is, while reusing
-# loraft.generate's encoding (BOS where the tokenizer adds one) and EOS stopping.
-RAW_TEXT = Template(
-    name="raw",
-    description="No template: the prompt text as it is (for /v1/completions).",
-    system=lambda content: content,
-    user=lambda content: content,
-    assistant_header="",
-    assistant_end="{eos}",
-    after_assistant="",
-    default_system=None,
-    jinja="",
-)
-
 # When neither the model's config nor its tokenizer states a context (BLOOM: ALiBi, no position table),
 # prompts are still bounded: attention memory grows with the square of the length.
 FALLBACK_CONTEXT_LENGTH = 2048
@@ -174,11 +160,11 @@ class Engine:
     def prompt_token_ids(self, messages: Sequence[dict], template: Template) -> list[int]:
         return encode_prompt(self.tokenizer, template, messages)
 
-    async def count_prompt_tokens(self, messages: Sequence[dict], template: Template) -> int:
-        """The prompt's length in tokens, tokenized in the tokenizer thread (the event loop stays free)."""
+    async def tokenize_prompt(self, messages: Sequence[dict], template: Template) -> list[int]:
+        """The prompt's token ids, tokenized once, in the tokenizer thread (the event loop stays free): the
+        context check counts them and the generation starts from them."""
         loop = asyncio.get_running_loop()
-        ids = await loop.run_in_executor(self._tokenizer_thread, self.prompt_token_ids, messages, template)
-        return len(ids)
+        return await loop.run_in_executor(self._tokenizer_thread, self.prompt_token_ids, messages, template)
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else 0
@@ -196,8 +182,8 @@ class Engine:
             self.cancelled_generations += cancelled
             self.mean_generation_seconds = 0.8 * self.mean_generation_seconds + 0.2 * seconds
 
-    def generate_blocking(self, messages, template: Template, settings: GenerationConfig, seed: Optional[int],
-                          stops: Sequence[str], cancel: threading.Event,
+    def generate_blocking(self, prompt_ids: Sequence[int], template: Template, settings: GenerationConfig,
+                          seed: Optional[int], stops: Sequence[str], cancel: threading.Event,
                           on_piece: Optional[Callable[[str], None]] = None) -> Answer:
         """The answer, generated here and now; each decoded piece also goes to `on_piece`. Generation ends at
         an end token, max_new_tokens, the first stop string, or once `cancel` is set."""
@@ -206,12 +192,11 @@ class Engine:
         try:
             if seed is not None:
                 torch.manual_seed(seed)
-            answer = stream_answer(self.model, self.tokenizer, template, messages, settings)
             criteria = [StopWhenCancelled(cancel)]
             if any(stops):
-                criteria.append(StopOnText(self.tokenizer, stops, answer.input_ids.shape[1]))
-            # AnswerStream hands its kwargs to model.generate
-            answer.kwargs["stopping_criteria"] = StoppingCriteriaList(criteria)
+                criteria.append(StopOnText(self.tokenizer, stops, len(prompt_ids)))
+            answer = stream_answer(self.model, self.tokenizer, template, (), settings, prompt_ids=prompt_ids,
+                                   stopping_criteria=StoppingCriteriaList(criteria))
             pieces = []
             for piece in answer:
                 pieces.append(piece)
@@ -241,11 +226,11 @@ class Engine:
         future.add_done_callback(lambda _: self.lock.release())
         return future
 
-    async def complete(self, messages, template: Template, settings: GenerationConfig, seed: Optional[int],
+    async def complete(self, prompt_ids, template: Template, settings: GenerationConfig, seed: Optional[int],
                        stops: Sequence[str], place: QueuePlace, cancel: threading.Event) -> Answer:
         """The whole answer; waits its turn. Cancelling this stops the generation at its next token."""
         await self._wait_turn(place)
-        future = self._start(functools.partial(self.generate_blocking, messages, template, settings, seed, stops,
+        future = self._start(functools.partial(self.generate_blocking, prompt_ids, template, settings, seed, stops,
                                                cancel))
         try:
             return await asyncio.shield(future)
@@ -253,7 +238,7 @@ class Engine:
             cancel.set()
             raise
 
-    async def stream(self, messages, template: Template, settings: GenerationConfig, seed: Optional[int],
+    async def stream(self, prompt_ids, template: Template, settings: GenerationConfig, seed: Optional[int],
                      stops: Sequence[str], place: QueuePlace,
                      cancel: threading.Event) -> AsyncIterator[Union[str, Answer]]:
         """The answer piece by piece, then its Answer (text empty; token count and end). Closing the iterator
@@ -270,7 +255,7 @@ class Engine:
 
         def produce() -> Answer:
             try:
-                answer = self.generate_blocking(messages, template, settings, seed, stops, cancel,
+                answer = self.generate_blocking(prompt_ids, template, settings, seed, stops, cancel,
                                                 on_piece=lambda piece: put(("piece", piece)))
                 put(("done", Answer("", answer.tokens, answer.ended)))
                 return answer

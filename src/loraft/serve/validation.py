@@ -281,16 +281,14 @@ def check_sampling(payload: dict, defaults: GenerationConfig, cap: int) -> Sampl
             raise APIError(400, f"min_tokens must be an integer between 0 and {param} ({max_tokens}).",
                            param="min_tokens")
         update["min_new_tokens"] = min_tokens
-    temperature = payload.get("temperature")
-    if temperature is not None:
-        if not _is_number(temperature) or not 0 <= temperature <= 2:
-            raise APIError(400, "temperature must be a number between 0 and 2.", param="temperature")
-        update["temperature"] = 0.0 if temperature < GREEDY_BELOW else float(temperature)
-    top_p = payload.get("top_p")
-    if top_p is not None:
-        if not _is_number(top_p) or not 0 < top_p <= 1:
-            raise APIError(400, "top_p must be a number in (0, 1].", param="top_p")
-        update["top_p"] = float(top_p)
+    for name in ("temperature", "top_p"):  # their ranges are GenerationConfig's (resolve_generation, below)
+        value = payload.get(name)
+        if value is not None:
+            if not _is_number(value):
+                raise APIError(400, f"{name} must be a number.", param=name)
+            update[name] = float(value)
+    if update.get("temperature") is not None and 0 <= update["temperature"] < GREEDY_BELOW:
+        update["temperature"] = 0.0
     n = payload.get("n")
     if n is not None and n != 1:
         raise APIError(400, "Only n=1 is supported.", param="n")
@@ -300,7 +298,14 @@ def check_sampling(payload: dict, defaults: GenerationConfig, cap: int) -> Sampl
     seed = payload.get("seed")
     if seed is not None and not (_is_int(seed) and SEED_RANGE[0] <= seed <= SEED_RANGE[1]):
         raise APIError(400, f"seed must be an integer between {SEED_RANGE[0]} and {SEED_RANGE[1]}.", param="seed")
-    return Sampling(defaults.model_copy(update=update), seed, explicit)
+    from loraft.generate import GenerationSettingError, resolve_generation
+
+    try:
+        settings = resolve_generation(defaults, update)
+    except GenerationSettingError as exc:
+        param = {"max_new_tokens": param, "min_new_tokens": "min_tokens"}.get(exc.field, exc.field)
+        raise APIError(400, f"{param} {exc.reason} (got {exc.value!r}).", param=param) from None
+    return Sampling(settings, seed, explicit)
 
 
 def check_stop(payload: dict) -> list[str]:

@@ -1,0 +1,93 @@
+"""Per-architecture speed paths, behind one registry keyed by `config.model_type`.
+
+An entry says what loraft may do for an architecture, each thing checked by tests/test_fastpaths.py against the
+library's own path (same outputs and gradients):
+- `supervised_loss`: the logits are exactly lm_head(last hidden state) (no bias, scaling or soft-capping after
+  it), so loraft.loss may run lm_head and the cross-entropy only at supervised positions;
+- `patch`: a replacement of library forwards for this one model instance (BLOOM's SDPA-alibi attention and
+  one-kernel GELU), applied at load under the default or "sdpa" attention implementation;
+- `description`: what train.log says the patch does.
+Sub-batching (loraft.batching) needs nothing per architecture. A new family is one entry here (plus its module
+when it has a patch) and one parametrization in the tests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+
+@dataclass(frozen=True)
+class FastPath:
+    """What loraft speeds up for one architecture (see the module docstring)."""
+
+    description: str = ""
+    supervised_loss: bool = True
+    patch: Optional[Callable[[torch.nn.Module], int]] = None
+    patched: Optional[Callable[[torch.nn.Module], bool]] = None
+
+
+def _bloom_patch(model: torch.nn.Module) -> int:
+    from loraft.fastpaths.bloom import use_fast_bloom
+
+    return use_fast_bloom(model)
+
+
+def _bloom_patched(model: torch.nn.Module) -> bool:
+    from loraft.fastpaths.bloom import uses_fast_bloom
+
+    return uses_fast_bloom(model)
+
+
+REGISTRY: dict[str, FastPath] = {
+    # BLOOM has no SDPA in transformers: loraft provides it on the default implementation
+    "bloom": FastPath("BLOOM SDPA-alibi attention and one-kernel GELU", patch=_bloom_patch, patched=_bloom_patched),
+    "llama": FastPath(),
+    "mistral": FastPath(),
+    "qwen2": FastPath(),
+    "qwen3": FastPath(),
+    "phi3": FastPath(),
+    "gpt2": FastPath(),
+    "gpt_neox": FastPath(),
+}
+
+
+def model_type(model: torch.nn.Module) -> Optional[str]:
+    return getattr(getattr(model, "config", None), "model_type", None)
+
+
+def fast_path(model_or_type) -> Optional[FastPath]:
+    """The registry entry for a model (or a model_type string), None for an architecture loraft has none for."""
+    key = model_or_type if isinstance(model_or_type, str) else model_type(model_or_type)
+    return REGISTRY.get(key)
+
+
+def patches_on_load(model_type_name: str, attn_implementation: Optional[str]) -> bool:
+    """Whether loading applies the entry's patch: it replaces the default ("sdpa") attention, never a chosen one."""
+    entry = REGISTRY.get(model_type_name)
+    return entry is not None and entry.patch is not None and attn_implementation in (None, "sdpa")
+
+
+def apply_patch(model: torch.nn.Module) -> int:
+    """Apply the architecture's patch to this model instance; returns how many modules it replaced (0: none)."""
+    entry = fast_path(model)
+    return entry.patch(model) if entry is not None and entry.patch is not None else 0
+
+
+def describe(model: torch.nn.Module) -> str:
+    """What the architecture's patch does, for train.log, when this model has it applied ("" otherwise)."""
+    entry = fast_path(model)
+    if entry is None or entry.patched is None or not entry.patched(model):
+        return ""
+    return entry.description
+
+
+def supports_supervised_loss(model: torch.nn.Module) -> bool:
+    """Whether `model`'s logits are exactly lm_head(last hidden state), so the fused loss may replace them."""
+    entry = fast_path(model)
+    if entry is None or not entry.supervised_loss:
+        return False
+    head = model.get_output_embeddings()
+    return isinstance(head, torch.nn.Linear) and head.bias is None and getattr(model, "base_model", None) is not model

@@ -1,0 +1,304 @@
+"""The Trainer loraft runs, its callbacks, and the mapping of `train.*` onto TrainingArguments.
+
+`LoraftTrainer` is transformers' Trainer with four changes, each measured or needed for a guarantee:
+atomic checkpoints (written under `.staging/`, then renamed), a length-grouped sampler, the supervised-only
+fused loss (loraft.loss), forward/backward in token-bounded sub-batches (loraft.batching), and a stop on a
+non-finite loss or gradient norm before the optimizer uses it. Each falls back to Trainer's own behaviour
+where it does not apply; tests/test_trainer.py checks each override on its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import rotate_checkpoints
+
+from loraft.config import RunConfig
+from loraft.errors import RunError
+from loraft.precision import resolve_precision
+from loraft.rundir import CHECKPOINTS, read_metrics
+
+logger = logging.getLogger("loraft")
+
+
+class NonFiniteTraining(RunError):
+    """Training met a NaN/inf loss or gradient norm more often in a row than train.nonfinite_patience allows."""
+
+
+class LoraftTrainer(Trainer):
+    """Trainer with atomic checkpoints, length-grouped sampling and the supervised-only loss.
+
+    Trainer writes checkpoint-N in place, so a crash mid-save leaves a half-written checkpoint that
+    `resume_from_checkpoint` would pick. Writing under `.staging/` and renaming avoids that.
+    The sampler and the loss are loraft's faster equivalents (loraft.batching, loraft.loss), measured in
+    docs/benchmarks.md; each falls back to Trainer's own where it does not apply.
+    """
+
+    def __init__(self, *args, length_grouped: bool = False, supervised_loss: bool = False,
+                 micro_batch_tokens: int = 0, nonfinite_patience: int = 0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.nonfinite_patience = nonfinite_patience
+        self._nonfinite_steps = 0
+        self._step_loss_finite = True
+        self.length_grouped = length_grouped
+        self.supervised_loss = supervised_loss
+        self.micro_batch_tokens = micro_batch_tokens
+        self._loss_parts = None
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = self._training_step(model, inputs, num_items_in_batch)
+        self._step_loss_finite = self._step_loss_finite and bool(torch.isfinite(loss.detach()).all())
+        return loss
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        """The step's gradient norm (Trainer's), checked with the step's loss before the optimizer uses them.
+
+        A non-finite one stops training before the update (the last checkpoint stays the last good state),
+        unless `nonfinite_patience` more are allowed: then this step's gradients are zeroed. The norm is
+        the same on every rank; the local loss decides only in a single process, so ranks never disagree.
+        """
+        grad_norm = super()._get_grad_norm(model, grad_norm)
+        norm = float(grad_norm) if grad_norm is not None else 0.0
+        loss_ok = self._step_loss_finite or self.args.world_size > 1
+        self._step_loss_finite = True
+        if math.isfinite(norm) and loss_ok:
+            self._nonfinite_steps = 0
+            return grad_norm
+        self._nonfinite_steps += 1
+        step = self.state.global_step + 1
+        if self._nonfinite_steps > self.nonfinite_patience:
+            what = "loss" if not loss_ok else "gradient norm"
+            raise NonFiniteTraining(
+                f"training stopped at step {step}: the {what} is not finite ({self._nonfinite_steps} step(s) in a "
+                f"row, train.nonfinite_patience={self.nonfinite_patience})")
+        logger.warning("step %d: non-finite loss or gradient norm; its update uses zeroed gradients", step)
+        model.zero_grad()
+        return grad_norm
+
+    def _training_step(self, model, inputs, num_items_in_batch=None):
+        """Forward/backward the step's batch in sub-batches of at most micro_batch_tokens padded tokens.
+
+        Each sub-batch's loss is its supervised-token sum over the whole step's count, so the gradients add
+        up to the unsplit batch's. Without that count (a model that takes no loss kwargs) it runs unsplit.
+        Under DDP only the last sub-batch's backward synchronises gradients: ranks may split their batches
+        into different numbers of sub-batches, and each must join exactly one all-reduce per step.
+        """
+        mask = inputs.get("attention_mask")
+        if (not self.micro_batch_tokens or num_items_in_batch is None or mask is None or mask.dim() != 2
+                or mask.shape[0] * mask.shape[1] <= self.micro_batch_tokens):
+            return super().training_step(model, inputs, num_items_in_batch)
+        from loraft.batching import split_by_tokens
+
+        rows, width = mask.shape
+        total = None
+        groups = split_by_tokens(mask.sum(dim=1).tolist(), self.micro_batch_tokens)
+        for number, group in enumerate(groups):
+            index = torch.tensor(group)
+            columns = mask[index].any(dim=0).nonzero().flatten()  # right or left padding alike
+            start, end = int(columns[0]), int(columns[-1]) + 1
+
+            def rows_of(value):
+                if not torch.is_tensor(value) or value.shape[:1] != (rows,):
+                    return value
+                value = value[index]
+                return value[:, start:end] if value.dim() >= 2 and value.shape[1] == width else value
+
+            sub_batch = {key: rows_of(value) for key, value in inputs.items()}
+            last = number == len(groups) - 1
+            with contextlib.nullcontext() if last else self.accelerator.no_sync(model):
+                loss = super().training_step(model, sub_batch, num_items_in_batch)
+            total = loss if total is None else total + loss
+        return total
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if not self.length_grouped or dataset is None or not hasattr(dataset, "__len__"):
+            return super()._get_train_sampler(train_dataset)
+        from loraft.batching import LengthGroupedSampler, sample_lengths
+
+        # the columns Trainer removed may include `length`; the original dataset still has it
+        source = self.train_dataset if len(self.train_dataset) == len(dataset) else dataset
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        return LengthGroupedSampler(sample_lengths(source), self.args.per_device_train_batch_size, seed=seed)
+
+    def _supervised_loss_parts(self, model):
+        """(model body, lm_head) when the fused loss can replace the model's own, else None."""
+        if self._loss_parts is None:
+            from loraft.fastpaths import supports_supervised_loss
+
+            parts = False
+            base = model.get_base_model() if hasattr(model, "get_base_model") else model
+            peft_config = getattr(model, "active_peft_config", None)
+            prompt_learning = getattr(peft_config, "is_prompt_learning", False)
+            # a wrapped model (DDP, FSDP, DeepSpeed) must be called as a whole for its gradient hooks
+            unwrapped = self.accelerator.unwrap_model(model) is model
+            if unwrapped and not prompt_learning and supports_supervised_loss(base):
+                parts = (base.base_model, base.get_output_embeddings())
+            self._loss_parts = parts
+        return self._loss_parts or None
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        parts = None
+        if (self.supervised_loss and model.training and not return_outputs and "labels" in inputs
+                and self.label_smoother is None and self.compute_loss_func is None):
+            parts = self._supervised_loss_parts(model)
+        if parts is None:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        from loraft.loss import supervised_cross_entropy
+
+        body, head = parts
+        inputs = dict(inputs)
+        labels = inputs.pop("labels")
+        # accelerate applies autocast by wrapping the model's forward, which calling the body skips
+        with self.accelerator.autocast():
+            hidden = body(**inputs, use_cache=False).last_hidden_state
+            # the same normalisation as the model's own loss: over the optimizer step when Trainer counted it
+            count = num_items_in_batch if self.model_accepts_loss_kwargs else None
+            return supervised_cross_entropy(hidden, labels, head.weight, count)
+
+    def _save_checkpoint(self, model, trial):
+        final_root = self.args.output_dir
+        staging_root = os.path.join(final_root, ".staging")
+        name = f"checkpoint-{self.state.global_step}"
+        self.args.output_dir = staging_root
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.output_dir = final_root
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            target = os.path.join(final_root, name)
+            if os.path.exists(target):
+                shutil.rmtree(target)
+            os.replace(os.path.join(staging_root, name), target)
+            shutil.rmtree(staging_root, ignore_errors=True)
+            if self.state.best_model_checkpoint and self.state.best_model_checkpoint.startswith(staging_root):
+                self.state.best_model_checkpoint = self.state.best_model_checkpoint.replace(
+                    staging_root, final_root, 1
+                )
+            rotate_checkpoints(
+                output_dir=final_root,
+                save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=False,
+            )
+        self.accelerator.wait_for_everyone()
+
+
+class MetricsCallback(TrainerCallback):
+    """Append every logged step to the run's metrics.jsonl (rank 0 only); the loss curve is drawn from it."""
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / "metrics.jsonl"
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        record = {"step": state.global_step, "epoch": state.epoch, **logs, "time": time.time()}
+        with self.path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+
+def build_training_arguments(config: RunConfig, run_dir: Path, has_eval: bool):
+    """Translate `train.*` into transformers TrainingArguments (checkpoints under run_dir/checkpoints)."""
+    from loraft.batching import plan_micro_batches
+
+    train = config.train
+    precision = resolve_precision(train.precision, config.model.device)
+    micro_batch, accumulation = plan_micro_batches(
+        train.per_device_train_batch_size, train.gradient_accumulation_steps, micro_batch_tokens(config)
+    )
+    use_cpu = config.model.device == "cpu" or not (torch.cuda.is_available() or config.model.device.startswith("cuda"))
+    if precision == "fp16" and use_cpu:
+        raise RunError("train.precision=fp16 needs a CUDA GPU; use bf16 or fp32 on this machine")
+    eval_strategy = "no"
+    if has_eval:
+        eval_strategy = "steps" if train.eval_steps else "epoch"
+    return TrainingArguments(
+        output_dir=str(run_dir / CHECKPOINTS),
+        num_train_epochs=train.num_train_epochs,
+        max_steps=train.max_steps,
+        per_device_train_batch_size=micro_batch,
+        per_device_eval_batch_size=train.per_device_train_batch_size,
+        gradient_accumulation_steps=accumulation,
+        learning_rate=train.learning_rate,
+        weight_decay=train.weight_decay,
+        warmup_steps=train.warmup_steps,
+        lr_scheduler_type=train.lr_scheduler_type,
+        optim=train.optim,
+        max_grad_norm=train.max_grad_norm,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        use_cpu=use_cpu,
+        # every adapter method uses all its trainable parameters each forward, so DDP need not search for unused ones
+        ddp_find_unused_parameters=False,
+        activation_checkpointing=train.gradient_checkpointing,
+        # length_grouped is LoraftTrainer's own sampler
+        train_sampling_strategy="random" if train.sampling == "length_grouped" else train.sampling,
+        logging_steps=train.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps",
+        save_steps=train.save_steps,
+        save_total_limit=train.save_total_limit,
+        eval_strategy=eval_strategy,
+        eval_steps=train.eval_steps,
+        seed=train.seed,
+        data_seed=train.seed,
+        dataloader_num_workers=train.dataloader_num_workers,
+        report_to=train.report_to or "none",
+        remove_unused_columns=True,
+        include_num_input_tokens_seen="non_padding",
+    )
+
+
+def micro_batch_tokens(config: RunConfig) -> int:
+    """`train.micro_batch_tokens` resolved for this machine's precision (loraft.batching.micro_batch_budget)."""
+    from loraft.batching import micro_batch_budget
+
+    precision = resolve_precision(config.train.precision, config.model.device)
+    return micro_batch_budget(config.train.micro_batch_tokens, precision, config.data.max_length)
+
+
+def plot_loss(metrics_path: Path, png_path: Path) -> bool:
+    """Draw training (and eval) loss against optimizer step; returns False when nothing was logged."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train_points, eval_points = [], []
+    for record in read_metrics(metrics_path):
+        if "loss" in record:
+            train_points.append((record["step"], record["loss"]))
+        elif "train_loss" in record and not train_points:
+            # a run shorter than logging_steps: plot its mean loss at the last step
+            train_points.append((record["step"], record["train_loss"]))
+        if "eval_loss" in record:
+            eval_points.append((record["step"], record["eval_loss"]))
+    if not train_points and not eval_points:
+        return False
+    figure, axis = plt.subplots(figsize=(7, 4), dpi=100)
+    if train_points:
+        axis.plot(*zip(*train_points), marker="o", markersize=3, label="train loss")
+    if eval_points:
+        axis.plot(*zip(*eval_points), marker="s", markersize=4, label="eval loss")
+    axis.set_xlabel("optimizer step")
+    axis.set_ylabel("loss")
+    axis.set_title(f"loraft: {png_path.parent.name}")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    tmp = png_path.with_suffix(".tmp.png")
+    figure.savefig(tmp)
+    plt.close(figure)
+    os.replace(tmp, png_path)
+    return True

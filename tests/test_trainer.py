@@ -1,0 +1,155 @@
+"""Each LoraftTrainer override on its own, on a tiny model, without a training run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from loraft.batching import LengthGroupedSampler
+from loraft.config import AdapterConfig
+from loraft.rundir import last_complete_checkpoint
+from loraft.trainer import LoraftTrainer, MetricsCallback, NonFiniteTraining
+
+
+def _model(model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from loraft.model import attach_adapter
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    adapter = AdapterConfig(target_modules=["q_proj", "v_proj"], modules_to_save=None, r=4)
+    model, _ = attach_adapter(base, adapter)
+    # LoRA B starts at zero: give it values so every LoRA gradient is non-trivial
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(parameter, std=0.02)
+    return model
+
+
+def _dataset(tokenizer, lengths=(5, 17, 9, 30)):
+    from datasets import Dataset
+
+    rows = []
+    for index, length in enumerate(lengths):
+        ids = [(7 * index + 3 * position) % 200 + 10 for position in range(length)]
+        labels = [-100] * (length // 2) + ids[length // 2:]
+        rows.append({"input_ids": ids, "attention_mask": [1] * length, "labels": labels, "length": length})
+    return Dataset.from_list(rows)
+
+
+def _trainer(model, tokenizer, tmp_path, **options):
+    from transformers import DataCollatorForSeq2Seq, TrainingArguments
+
+    args = TrainingArguments(output_dir=str(tmp_path / "checkpoints"), use_cpu=True, report_to="none",
+                             per_device_train_batch_size=4, save_total_limit=2, logging_steps=1)
+    return LoraftTrainer(model=model, args=args, train_dataset=_dataset(tokenizer), processing_class=tokenizer,
+                         data_collator=DataCollatorForSeq2Seq(tokenizer=tokenizer, padding=True), **options)
+
+
+def _batch(trainer):
+    rows = [trainer.train_dataset[i] for i in range(len(trainer.train_dataset))]
+    batch = trainer.data_collator([{k: r[k] for k in ("input_ids", "attention_mask", "labels")} for r in rows])
+    count = int((batch["labels"][:, 1:] != -100).sum())
+    return batch, count
+
+
+def _gradients(model):
+    return {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.fixture()
+def tokenizer(tiny_llama_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_llama_dir)
+
+
+def test_sub_batched_training_step_equals_the_unsplit_step(tiny_llama_dir, tokenizer, tmp_path):
+    results = []
+    for budget in (0, 40):  # 40 padded tokens: the 4 x 30 batch runs as several sub-batches
+        model = _model(tiny_llama_dir)
+        trainer = _trainer(model, tokenizer, tmp_path, micro_batch_tokens=budget)
+        batch, count = _batch(trainer)
+        loss = trainer.training_step(model, dict(batch), num_items_in_batch=torch.tensor(count))
+        results.append((float(loss), _gradients(model)))
+    (whole_loss, whole), (split_loss, split) = results
+    assert split_loss == pytest.approx(whole_loss, rel=1e-5)
+    assert whole.keys() == split.keys() and any("lora_A" in name for name in whole)
+    for name in whole:
+        torch.testing.assert_close(split[name], whole[name], rtol=1e-4, atol=1e-6)
+
+
+def test_supervised_loss_equals_the_models_own_and_falls_back_when_it_does_not_apply(tiny_llama_dir, tokenizer,
+                                                                                       tmp_path):
+    model = _model(tiny_llama_dir)
+    fused = _trainer(model, tokenizer, tmp_path, supervised_loss=True)
+    plain = _trainer(model, tokenizer, tmp_path, supervised_loss=False)
+    batch, count = _batch(fused)
+    model.train()
+    assert fused._supervised_loss_parts(model) is not None
+    ours = fused.compute_loss(model, dict(batch), num_items_in_batch=torch.tensor(count))
+    theirs = plain.compute_loss(model, dict(batch), num_items_in_batch=torch.tensor(count))
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    # evaluation (return_outputs) takes Trainer's own path, which returns the logits
+    loss, outputs = fused.compute_loss(model, dict(batch), return_outputs=True)
+    assert outputs.logits.shape[:2] == batch["input_ids"].shape
+
+
+def test_non_finite_gradient_norm_stops_past_patience_and_zeroes_within_it(tiny_llama_dir, tokenizer, tmp_path):
+    model = _model(tiny_llama_dir)
+    trainer = _trainer(model, tokenizer, tmp_path, nonfinite_patience=1)
+    batch, count = _batch(trainer)
+    trainer.training_step(model, dict(batch), num_items_in_batch=torch.tensor(count))
+    assert trainer._get_grad_norm(model, torch.tensor(2.0)) == torch.tensor(2.0)  # finite: untouched
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+    trainer._get_grad_norm(model, torch.tensor(float("nan")))  # first non-finite step: tolerated, zeroed
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in model.parameters())
+    with pytest.raises(NonFiniteTraining, match=r"training stopped at step 1: the gradient norm is not finite "
+                                                r"\(2 step\(s\) in a row, train.nonfinite_patience=1\)"):
+        trainer._get_grad_norm(model, torch.tensor(float("inf")))
+    # a finite step resets the count; a non-finite loss is caught even with a finite norm
+    trainer._get_grad_norm(model, torch.tensor(1.0))
+    trainer._step_loss_finite = False
+    trainer._get_grad_norm(model, torch.tensor(1.0))
+    trainer._step_loss_finite = False
+    with pytest.raises(NonFiniteTraining, match="the loss is not finite"):
+        trainer._get_grad_norm(model, torch.tensor(1.0))
+
+
+def test_length_grouped_sampler_only_when_asked(tiny_llama_dir, tokenizer, tmp_path):
+    model = _model(tiny_llama_dir)
+    grouped = _trainer(model, tokenizer, tmp_path, length_grouped=True)._get_train_sampler()
+    assert isinstance(grouped, LengthGroupedSampler) and sorted(grouped) == [0, 1, 2, 3]
+    assert not isinstance(_trainer(model, tokenizer, tmp_path)._get_train_sampler(), LengthGroupedSampler)
+
+
+def test_checkpoints_are_staged_then_renamed_and_rotated(tiny_llama_dir, tokenizer, tmp_path):
+    model = _model(tiny_llama_dir)
+    trainer = _trainer(model, tokenizer, tmp_path)
+    trainer.create_optimizer_and_scheduler(num_training_steps=3)
+    root = tmp_path / "checkpoints"
+    for step in (1, 2, 3):
+        trainer.state.global_step = step
+        trainer._save_checkpoint(model, trial=None)
+        assert (root / f"checkpoint-{step}" / "adapter_model.safetensors").is_file()
+        assert not (root / ".staging").exists()
+    # save_total_limit=2 keeps the newest two, each complete
+    assert sorted(p.name for p in root.iterdir()) == ["checkpoint-2", "checkpoint-3"]
+    assert last_complete_checkpoint(root) == root / "checkpoint-3"
+
+
+def test_metrics_callback_appends_one_line_per_log_on_rank_zero_only(tmp_path):
+    from transformers import TrainerControl, TrainerState
+
+    callback = MetricsCallback(tmp_path)
+    state = TrainerState()
+    state.global_step, state.epoch = 3, 0.5
+    callback.on_log(None, state, TrainerControl(), logs={"loss": 1.5})
+    callback.on_log(None, state, TrainerControl(), logs={})  # nothing logged: no line
+    state.is_world_process_zero = False
+    callback.on_log(None, state, TrainerControl(), logs={"loss": 9.0})
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == 1 and lines[0]["step"] == 3 and lines[0]["loss"] == 1.5 and lines[0]["epoch"] == 0.5
