@@ -94,6 +94,23 @@ LLAMA3_TEMPLATE = (
 )
 
 
+def save_random_model(path: Path, tokenizer, config) -> Path:
+    """A random model of `config` (seed 0) saved with `tokenizer` under `path`, as a hub model would be."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def llama3_tokenizer():
+    """The test tokenizer with Llama-3-style special tokens and template; pad == eos == <|eot_id|>."""
+    return _chat_tokenizer(True, ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"], LLAMA3_TEMPLATE,
+                           eos="<|eot_id|>", pad="<|eot_id|>")
+
+
 def _chat_tokenizer(add_bos: bool, specials: list[str], template: str, eos: str, pad: str):
     tokenizer = _train_tokenizer(add_bos=add_bos)
     tokenizer.add_special_tokens({"additional_special_tokens": specials})
@@ -106,10 +123,8 @@ def _chat_tokenizer(add_bos: bool, specials: list[str], template: str, eos: str,
 @pytest.fixture(scope="session")
 def tiny_qwen2_dir(tmp_path_factory) -> Path:
     """A 2-layer random Qwen2 (tied embeddings) whose tokenizer carries a ChatML template (eos <|im_end|>)."""
-    import torch
-    from transformers import AutoModelForCausalLM, Qwen2Config
+    from transformers import Qwen2Config
 
-    path = tmp_path_factory.mktemp("tiny-qwen2")
     tokenizer = _chat_tokenizer(False, ["<|im_start|>", "<|im_end|>", "<|endoftext|>"], CHATML_TEMPLATE,
                                 eos="<|im_end|>", pad="<|endoftext|>")
     config = Qwen2Config(
@@ -117,33 +132,22 @@ def tiny_qwen2_dir(tmp_path_factory) -> Path:
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
     )
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_random_model(tmp_path_factory.mktemp("tiny-qwen2"), tokenizer, config)
 
 
 @pytest.fixture(scope="session")
 def tiny_llama3_dir(tmp_path_factory) -> Path:
     """A 2-layer random Llama whose tokenizer carries a Llama-3-style template, with pad == eos == <|eot_id|>."""
-    import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import LlamaConfig
 
-    path = tmp_path_factory.mktemp("tiny-llama3")
-    tokenizer = _chat_tokenizer(True, ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"], LLAMA3_TEMPLATE,
-                                eos="<|eot_id|>", pad="<|eot_id|>")
+    tokenizer = llama3_tokenizer()
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
     )
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_random_model(tmp_path_factory.mktemp("tiny-llama3"), tokenizer, config)
 
 
 ALPACA_RECORDS = [

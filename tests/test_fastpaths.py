@@ -91,7 +91,7 @@ def test_sub_batches_sum_to_the_whole_batch(model_type):
                            labels=labels[rows, :width], num_items_in_batch=count).loss
         part.backward()
         total += part.item()
-    assert total == pytest.approx(float(whole), rel=1e-5)
+    assert total == pytest.approx(whole.item(), rel=1e-5)
     for (name, a), b in zip(whole_model.named_parameters(), split_model.parameters()):
         if a.grad is not None:
             torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=name)

@@ -115,3 +115,20 @@ def test_half_precision_load_equals_from_pretrained_dtype(fixture, request):
     # tied weights stay one tensor
     assert (ours.get_input_embeddings().weight is ours.get_output_embeddings().weight) == (
         theirs.get_input_embeddings().weight is theirs.get_output_embeddings().weight)
+
+
+def test_detach_from_checkpoint_copies_mapped_weights_and_keeps_the_function(tiny_llama_dir):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from loraft.weights import detach_from_checkpoint
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+    input_ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        before = model(input_ids=input_ids).logits
+    copied = detach_from_checkpoint(model)
+    assert copied > 0  # from_pretrained memory-maps the safetensors file
+    assert detach_from_checkpoint(model) == 0  # nothing maps it any more
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=input_ids).logits, before)

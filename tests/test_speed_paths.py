@@ -268,7 +268,8 @@ def test_default_fast_path_trains_close_to_the_reference(tiny_bloom_dir, alpaca_
 
 def test_cast_frozen_weights_keeps_trainable_and_norms_in_fp32(tiny_bloom_dir):
     from loraft.config import AdapterConfig
-    from loraft.model import attach_adapter, cast_frozen_weights
+    from loraft.model import attach_adapter
+    from loraft.weights import cast_frozen_weights
 
     model, _ = attach_adapter(AutoModelForCausalLM.from_pretrained(tiny_bloom_dir), AdapterConfig())
     expected = AutoModelForCausalLM.from_pretrained(tiny_bloom_dir, dtype=torch.bfloat16)

@@ -336,6 +336,8 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    # bitsandbytes (the qlora extra) warns at import about an optional CPU kernel package loraft does not use
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     # Under torchrun / accelerate launch only rank 0 speaks.
     logging.getLogger("loraft").setLevel(logging.INFO if _rank() == 0 else logging.WARNING)
 

@@ -35,6 +35,11 @@ class ModelConfig(_Section):
     )
     device: str = Field("auto", description="Device for training/inference: auto, cpu, cuda, cuda:N or mps.")
     trust_remote_code: bool = Field(False, description="Allow custom modelling code from the model repository.")
+    quantization: Literal["none", "nf4", "int8"] = Field(
+        "none",
+        description="QLoRA: store the base's linear layers by bitsandbytes in 4-bit NF4 (double-quantized, computing "
+        "in the run's precision) or 8 bits while the adapter trains; none = as loaded. Needs the qlora extra.",
+    )
     revision: Optional[str] = Field(None, description="Hub revision (branch, tag or commit) of the base model.")
     attn_implementation: Optional[str] = Field(
         None,
@@ -165,6 +170,12 @@ class TrainConfig(_Section):
         "in sub-batches of at most this many padded tokens, longest together (same step and loss); auto = sized "
         "from the precision so activation memory stays within the reference's (fp32: data.max_length, at least 256; bf16/fp16: "
         "4 x data.max_length, at most 1024 unless max_length is larger); 0 = the configured batch and accumulation.",
+    )
+    packing: bool = Field(
+        False,
+        description="Lay each optimizer step's samples out packed into rows of up to micro_batch_tokens tokens instead "
+        "of padded: the same samples and loss, no padding computed, no attention across samples (position_ids, or "
+        "BLOOM's segment mask); architectures the fast-path registry cannot pack run padded.",
     )
     supervised_loss: bool = Field(
         True, description="Run lm_head and the loss only where labels are supervised, in chunks (same loss)."

@@ -109,7 +109,8 @@ def merge_run(
     _check_out_dir(run_dir, out_dir, overwrite)
 
     # merged on the CPU in fp32: exact, and the merged copy never competes with a GPU's memory
-    model, tokenizer, info = load_run_model(run_dir, dtype=torch.float32, device="cpu", access=access)
+    # a QLoRA run merges into the unquantized base: merging into 4-bit weights would round the update away
+    model, tokenizer, info = load_run_model(run_dir, dtype=torch.float32, device="cpu", access=access, quantized=False)
     config = info["config"]
     template = get_template(info.get("template") or config.data.template, tokenizer)
     was_tied = _tie_setting(model.get_base_model())

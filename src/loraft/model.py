@@ -18,6 +18,8 @@ from loraft.config import AdapterConfig, ModelConfig, RunConfig
 from loraft.errors import ModelError
 from loraft.fastpaths import apply_patch, patches_on_load
 from loraft.precision import DTYPES, resolve_device, resolve_precision
+from loraft.weights import (cast_frozen_weights, cast_parameters, detach_from_checkpoint, prepare_for_training,
+                            quantization_config)
 
 logger = logging.getLogger("loraft")
 
@@ -43,18 +45,24 @@ def load_tokenizer(name_or_path: str, revision: Optional[str] = None, trust_remo
     return tokenizer
 
 
-def load_base_model(model: ModelConfig, dtype: torch.dtype = torch.float32):
+def load_base_model(model: ModelConfig, dtype: torch.dtype = torch.float32,
+                    compute_dtype: Optional[torch.dtype] = None):
     """Load the causal LM with `from_pretrained` (hub id or local dir), frozen weights in `dtype`.
 
     A half-precision `dtype` loads the checkpoint in its own dtype (memory-mapped, nothing copied) and casts
     the parameters one by one, releasing each one's mapped pages: the same weights as
     `from_pretrained(dtype=...)` without its peak (generation's peak RSS in docs/benchmarks.md).
+    With `model.quantization` (loraft.weights) the linear layers load quantized, computing in `compute_dtype`
+    (default: `dtype`), on the model's device.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    half = dtype in (torch.bfloat16, torch.float16)
+    bnb_config = quantization_config(model.quantization, compute_dtype or dtype)
+    half = dtype in (torch.bfloat16, torch.float16) and bnb_config is None
     kwargs = {"dtype": "auto" if half else dtype, "revision": model.revision,
               "trust_remote_code": model.trust_remote_code}
+    if bnb_config is not None:
+        kwargs.update(quantization_config=bnb_config, device_map={"": str(resolve_device(model.device))})
     try:
         config = AutoConfig.from_pretrained(model.name_or_path, revision=model.revision,
                                             trust_remote_code=model.trust_remote_code)
@@ -66,22 +74,12 @@ def load_base_model(model: ModelConfig, dtype: torch.dtype = torch.float32):
     except OSError as exc:
         raise ModelError(f"{model.name_or_path}: cannot load the base model ({_first_line(exc)})") from None
     if half:
-        _cast_parameters(loaded, dtype)
+        cast_parameters(loaded, dtype)
+    if bnb_config is not None:
+        detach_from_checkpoint(loaded)
     if patch:
         apply_patch(loaded)
     return loaded
-
-
-def _cast_parameters(model: torch.nn.Module, dtype: torch.dtype) -> None:
-    """Floating-point parameters to `dtype` in place (tied ones once), except the modules the model keeps in
-    fp32 (`_keep_in_fp32_modules`), as from_pretrained(dtype=...) does; buffers keep their dtype."""
-    keep = set(getattr(model, "_keep_in_fp32_modules", None) or [])
-    for name, parameter in model.named_parameters():
-        if not parameter.is_floating_point() or parameter.dtype == dtype:
-            continue
-        if any(part in keep for part in name.split(".")):
-            continue
-        _cast_releasing_pages(model, parameter, dtype)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -309,69 +307,6 @@ def format_inspection(report: dict) -> str:
     return "\n".join(lines)
 
 
-def cast_frozen_weights(model: torch.nn.Module, dtype: torch.dtype) -> int:
-    """Store the frozen weights of every linear layer in `dtype`; returns how many parameters were cast.
-
-    Under bf16 autocast each linear layer casts its fp32 weight to bf16 on every call; storing the frozen ones
-    in bf16 computes the same values without that copy and halves their memory. Trainable parameters (LoRA,
-    modules_to_save), norms and an input embedding that is still looked up (tied to lm_head) stay fp32.
-    """
-    embeddings = model.get_input_embeddings()
-    input_weight = getattr(embeddings, "weight", None)
-    cast = 0
-    for module in model.modules():
-        if not isinstance(module, torch.nn.Linear):
-            continue
-        for parameter in (module.weight, module.bias):
-            if parameter is None or parameter.requires_grad or parameter is input_weight or parameter.dtype == dtype:
-                continue
-            _cast_releasing_pages(model, parameter, dtype)
-            cast += 1
-    return cast
-
-
-def _cast_releasing_pages(model: torch.nn.Module, parameter: torch.nn.Parameter, dtype: torch.dtype) -> None:
-    """Store `parameter` in `dtype` in place and release the mapped checkpoint pages it was read from."""
-    original = parameter.data.untyped_storage()
-    parameter.data = parameter.data.to(dtype)
-    _release_file_pages(model, original)
-
-
-def _release_file_pages(model: torch.nn.Module, storage) -> None:
-    """Drop from this process the pages of memory-mapped checkpoint tensors that were just replaced.
-
-    from_pretrained maps the safetensors file; reading a weight to cast it makes its pages resident, and they
-    stay counted in RSS while the mapping lives (other tensors still use it): casting the 1.3B BLOOM this way
-    peaked at 8.0 GiB RSS, more than the fp32 reference holds. MADV_DONTNEED on the pages of a file mapping
-    only unmaps them (they are re-read from the file if touched). Only whole pages inside a replaced tensor
-    that no live parameter or buffer shares are released; Linux only.
-    """
-    import mmap
-    import sys
-
-    if not sys.platform.startswith("linux"):
-        return
-    start, size = storage.data_ptr(), storage.nbytes()
-    if any(t.untyped_storage().data_ptr() == start for t in list(model.parameters()) + list(model.buffers())):
-        return
-    try:
-        with open("/proc/self/maps", encoding="utf-8") as maps:
-            mapped = any(
-                fields[5].endswith(".safetensors") and int(low, 16) <= start and start + size <= int(high, 16)
-                for fields in (line.split() for line in maps) if len(fields) >= 6
-                for low, high in [fields[0].split("-")]
-            )
-        if not mapped:
-            return
-        import ctypes
-
-        first, last = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE, (start + size) // mmap.PAGESIZE * mmap.PAGESIZE
-        if last > first:
-            ctypes.CDLL(None).madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), 4)  # MADV_DONTNEED
-    except (OSError, AttributeError):
-        return
-
-
 def load_model_for_training(config: RunConfig, tokenizer=None):
     """Base model + fresh adapter for `config`; returns (peft_model, info).
 
@@ -379,18 +314,20 @@ def load_model_for_training(config: RunConfig, tokenizer=None):
     the exact weights), then the frozen linear weights are stored in the compute dtype (cast_frozen_weights).
     """
     dtype = resolve_dtype(config.model, config.train.precision)
-    base = load_base_model(config.model, dtype)
-    peft_model, info = attach_adapter(base, config.adapter, tokenizer, config.model.name_or_path)
     precision = resolve_precision(config.train.precision, config.model.device)
-    if precision in ("bf16", "fp16") and config.model.dtype == "auto":
+    base = load_base_model(config.model, dtype, compute_dtype=DTYPES[precision])
+    base = prepare_for_training(base, config.train.gradient_checkpointing)  # QLoRA only
+    peft_model, info = attach_adapter(base, config.adapter, tokenizer, config.model.name_or_path)
+    if precision in ("bf16", "fp16") and config.model.dtype == "auto" and config.model.quantization == "none":
         info["cast_frozen_weights"] = cast_frozen_weights(peft_model, DTYPES[precision])
     return peft_model, info
 
 
 def load_run_model(run_dir: Union[str, Path], dtype: Optional[torch.dtype] = None, device: Optional[str] = None,
-                   access=None):
+                   access=None, quantized: bool = True):
     """Load base + adapter from a run directory (what chat/generate/eval/merge/serve use), after
     `loraft.rundir.open_run` checked it (finished, or allowed; trust_remote_code only as granted by `access`).
+    A QLoRA run's base loads quantized as it was trained, unless `quantized=False` (merge).
 
     Returns:
         (peft_model in eval mode, tokenizer carrying the run's chat_template, run metadata dict)
@@ -402,9 +339,11 @@ def load_run_model(run_dir: Union[str, Path], dtype: Optional[torch.dtype] = Non
     run = open_run(run_dir, access or RunAccess())
     config = run.config
     tokenizer = load_tokenizer(str(run.adapter_dir))
-    base = load_base_model(config.model, dtype or torch.float32)
+    target = resolve_device(device or config.model.device)
+    model_config = config.model.model_copy(update={"device": str(target)} if quantized else {"quantization": "none"})
+    base = load_base_model(model_config, dtype or torch.float32)
     model = PeftModel.from_pretrained(base, str(run.adapter_dir))
     model.eval()
-    target = resolve_device(device or config.model.device)
-    model.to(target)
+    if model_config.quantization == "none":  # a quantized base was placed on the device as it loaded
+        model.to(target)
     return model, tokenizer, {"config": config, **run.record, "adapter_dir": str(run.adapter_dir)}

@@ -135,18 +135,6 @@ def train(config: RunConfig, resume: bool = False, callbacks: Optional[list] = N
         trainable, total = count_parameters(model)
         budget = micro_batch_tokens(config)
         logger.info("trainable params: %d of %d (%.4f%%)", trainable, total, 100.0 * trainable / max(total, 1))
-        logger.info(
-            "compute: %s precision, %d process(es) x %d sample(s) per batch x %d accumulated, %s, %s order, "
-            "%s loss%s",
-            "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32", args.world_size,
-            args.per_device_train_batch_size, args.gradient_accumulation_steps,
-            f"forward/backward in sub-batches of <= {budget} padded tokens" if budget else "no sub-batches",
-            config.train.sampling,
-            # a wrapped model (DDP, FSDP, DeepSpeed) keeps the model's own loss (LoraftTrainer._supervised_loss_parts)
-            "supervised-only" if config.train.supervised_loss and args.world_size == 1
-            and supports_supervised_loss(model.get_base_model()) else "full-logits",
-            f", {describe_fast_paths(model)}" if describe_fast_paths(model) else "",
-        )
         trainer = LoraftTrainer(
             model=model,
             args=args,
@@ -159,6 +147,20 @@ def train(config: RunConfig, resume: bool = False, callbacks: Optional[list] = N
             supervised_loss=config.train.supervised_loss,
             micro_batch_tokens=budget,
             nonfinite_patience=config.train.nonfinite_patience,
+            packing=config.train.packing,
+        )
+        logger.info(
+            "compute: %s precision, %d process(es) x %d sample(s) per batch x %d accumulated, %s, %s order, "
+            "%s loss%s",
+            "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32", args.world_size,
+            args.per_device_train_batch_size, args.gradient_accumulation_steps,
+            (f"samples packed into rows of <= {budget} tokens" if config.train.packing and trainer.can_pack(model)
+             else f"forward/backward in sub-batches of <= {budget} padded tokens" if budget else "no sub-batches"),
+            config.train.sampling,
+            # a wrapped model (DDP, FSDP, DeepSpeed) keeps the model's own loss (LoraftTrainer._supervised_loss_parts)
+            "supervised-only" if config.train.supervised_loss and args.world_size == 1
+            and supports_supervised_loss(model.get_base_model()) else "full-logits",
+            f", {describe_fast_paths(model)}" if describe_fast_paths(model) else "",
         )
         if not progress_bar:
             from transformers.trainer_callback import PrinterCallback, ProgressCallback

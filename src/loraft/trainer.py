@@ -44,8 +44,9 @@ class LoraftTrainer(Trainer):
     """
 
     def __init__(self, *args, length_grouped: bool = False, supervised_loss: bool = False,
-                 micro_batch_tokens: int = 0, nonfinite_patience: int = 0, **kwargs):
+                 micro_batch_tokens: int = 0, nonfinite_patience: int = 0, packing: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
+        self.packing = packing
         self.nonfinite_patience = nonfinite_patience
         self._nonfinite_steps = 0
         self._step_loss_finite = True
@@ -93,6 +94,9 @@ class LoraftTrainer(Trainer):
         into different numbers of sub-batches, and each must join exactly one all-reduce per step.
         """
         mask = inputs.get("attention_mask")
+        if (self.packing and num_items_in_batch is not None and mask is not None and mask.dim() == 2
+                and "labels" in inputs and self.can_pack(model)):
+            return self._packed_training_step(model, inputs, num_items_in_batch)
         if (not self.micro_batch_tokens or num_items_in_batch is None or mask is None or mask.dim() != 2
                 or mask.shape[0] * mask.shape[1] <= self.micro_batch_tokens):
             return super().training_step(model, inputs, num_items_in_batch)
@@ -116,6 +120,35 @@ class LoraftTrainer(Trainer):
             last = number == len(groups) - 1
             with contextlib.nullcontext() if last else self.accelerator.no_sync(model):
                 loss = super().training_step(model, sub_batch, num_items_in_batch)
+            total = loss if total is None else total + loss
+        return total
+
+    def can_pack(self, model) -> bool:
+        """Whether this model keeps packed samples apart (loraft.fastpaths); prompt and prefix tuning prepend
+        virtual tokens to every sequence, so they are never packed."""
+        from loraft.fastpaths import supports_packing
+
+        unwrapped = self.accelerator.unwrap_model(model)
+        if getattr(getattr(unwrapped, "active_peft_config", None), "is_prompt_learning", False):
+            return False
+        base = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
+        return supports_packing(base)
+
+    def _packed_training_step(self, model, inputs, num_items_in_batch):
+        """Forward/backward the step's samples packed into rows of at most micro_batch_tokens tokens (loraft.packing):
+        no padding, no attention across samples, and each row's loss over the whole step's supervised count."""
+        from loraft.fastpaths import packed_segments
+        from loraft.packing import pack_batch
+
+        budget = self.micro_batch_tokens or int(inputs["attention_mask"].sum())
+        rows = pack_batch(inputs, budget)
+        unwrapped = self.accelerator.unwrap_model(model)
+        total = None
+        for number, row in enumerate(rows):
+            last = number == len(rows) - 1
+            with contextlib.nullcontext() if last else self.accelerator.no_sync(model), \
+                    packed_segments(unwrapped, row["position_ids"]):
+                loss = super().training_step(model, row, num_items_in_batch)
             total = loss if total is None else total + loss
         return total
 
@@ -158,6 +191,7 @@ class LoraftTrainer(Trainer):
         body, head = parts
         inputs = dict(inputs)
         labels = inputs.pop("labels")
+        inputs.pop("use_cache", None)  # a packed row says so; the body is called without a cache anyway
         # accelerate applies autocast by wrapping the model's forward, which calling the body skips
         with self.accelerator.autocast():
             hidden = body(**inputs, use_cache=False).last_hidden_state

@@ -6,6 +6,9 @@ library's own path (same outputs and gradients):
   it), so loraft.loss may run lm_head and the cross-entropy only at supervised positions;
 - `patch`: a replacement of library forwards for this one model instance (BLOOM's SDPA-alibi attention and
   one-kernel GELU), applied at load under the default or "sdpa" attention implementation;
+- `packing`: how packed samples (loraft.packing) are kept from attending to each other: "position_ids" (the
+  library builds a block-diagonal mask from restarting positions when no attention mask is given) or "segments"
+  (the patch masks across sample ids, for BLOOM, whose alibi ignores positions); None = no packing;
 - `description`: what train.log says the patch does.
 Sub-batching (loraft.batching) needs nothing per architecture. A new family is one entry here (plus its module
 when it has a patch) and one parametrization in the tests.
@@ -13,8 +16,9 @@ when it has a patch) and one parametrization in the tests.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -27,6 +31,7 @@ class FastPath:
     supervised_loss: bool = True
     patch: Optional[Callable[[torch.nn.Module], int]] = None
     patched: Optional[Callable[[torch.nn.Module], bool]] = None
+    packing: Optional[str] = "position_ids"
 
 
 def _bloom_patch(model: torch.nn.Module) -> int:
@@ -43,7 +48,8 @@ def _bloom_patched(model: torch.nn.Module) -> bool:
 
 REGISTRY: dict[str, FastPath] = {
     # BLOOM has no SDPA in transformers: loraft provides it on the default implementation
-    "bloom": FastPath("BLOOM SDPA-alibi attention and one-kernel GELU", patch=_bloom_patch, patched=_bloom_patched),
+    "bloom": FastPath("BLOOM SDPA-alibi attention and one-kernel GELU", patch=_bloom_patch, patched=_bloom_patched,
+                      packing="segments"),
     "llama": FastPath(),
     "mistral": FastPath(),
     "qwen2": FastPath(),
@@ -91,3 +97,29 @@ def supports_supervised_loss(model: torch.nn.Module) -> bool:
         return False
     head = model.get_output_embeddings()
     return isinstance(head, torch.nn.Linear) and head.bias is None and getattr(model, "base_model", None) is not model
+
+
+def supports_packing(model: torch.nn.Module) -> bool:
+    """Whether packed samples can be kept apart in this model (its patch applied where packing needs it)."""
+    entry = fast_path(model)
+    if entry is None or entry.packing is None:
+        return False
+    return entry.packing != "segments" or (entry.patched is not None and entry.patched(model))
+
+
+@contextlib.contextmanager
+def packed_segments(model: torch.nn.Module, position_ids: torch.Tensor) -> Iterator[None]:
+    """While a packed row runs forward and backward (recomputed forwards included), tell an architecture that
+    separates samples by segment ids (BLOOM) where each sample starts; a no-op for position_ids architectures."""
+    entry = fast_path(model)
+    if entry is None or entry.packing != "segments":
+        yield
+        return
+    from loraft.fastpaths.bloom import shared_bias
+
+    bias = shared_bias(model)
+    bias.segments = (position_ids == 0).cumsum(dim=-1)
+    try:
+        yield
+    finally:
+        bias.segments = None

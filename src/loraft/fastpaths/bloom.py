@@ -44,17 +44,22 @@ class _SharedBias:
     def __init__(self):
         self.key = None
         self.bias = None
+        # [batch, length] sample ids of a packed batch (loraft.packing), set for its forward and backward by
+        # `packed_segments`; None otherwise
+        self.segments = None
 
     def get(self, alibi, attention_mask, batch_size, num_heads, q_length, dtype):
-        key = (alibi, attention_mask, q_length, dtype)
+        key = (alibi, attention_mask, q_length, dtype, self.segments)
         if self.key is not None and all(a is b for a, b in zip(self.key, key)):
             return self.bias
-        self.key, self.bias = key, _alibi_bias(alibi, attention_mask, batch_size, num_heads, q_length, dtype)
+        self.key = key
+        self.bias = _alibi_bias(alibi, attention_mask, batch_size, num_heads, q_length, dtype, self.segments)
         return self.bias
 
 
-def _alibi_bias(alibi, attention_mask, batch_size, num_heads, q_length, dtype):
-    """[batch, heads, q, k] additive bias: relative alibi plus the (causal and padding) mask."""
+def _alibi_bias(alibi, attention_mask, batch_size, num_heads, q_length, dtype, segments=None):
+    """[batch, heads, q, k] additive bias: relative alibi plus the (causal and padding) mask, and for a packed
+    batch the mask between different samples' tokens (alibi is relative: a sample sees the biases it has alone)."""
     kv_length = alibi.shape[-1]
     positions = alibi.float().view(batch_size, num_heads, 1, kv_length)  # slope * key position
     query_positions = positions[..., kv_length - q_length :].transpose(-1, -2)
@@ -66,6 +71,9 @@ def _alibi_bias(alibi, attention_mask, batch_size, num_heads, q_length, dtype):
         bias = bias.masked_fill(~attention_mask, torch.finfo(torch.float32).min)
     else:
         bias = bias + attention_mask.float()
+    if segments is not None and q_length == kv_length:
+        same_sample = segments[:, None, :, None] == segments[:, None, None, :]
+        bias = bias.masked_fill(~same_sample, torch.finfo(torch.float32).min)
     # keep masked entries finite in the compute dtype: a fully masked row (left padding) then gives a
     # uniform softmax like the eager path instead of NaN
     return bias.clamp(min=torch.finfo(dtype).min).to(dtype)
@@ -124,3 +132,8 @@ def use_fast_bloom(model: torch.nn.Module) -> int:
 
 def uses_fast_bloom(model: torch.nn.Module) -> bool:
     return any(hasattr(module, "_loraft_bias") for module in model.modules())
+
+
+def shared_bias(model: torch.nn.Module):
+    """The one _SharedBias of a model whose attention use_fast_bloom patched (None when unpatched)."""
+    return next((module._loraft_bias for module in model.modules() if hasattr(module, "_loraft_bias")), None)
