@@ -315,3 +315,16 @@ def test_run_dir_lifecycle_one_check_one_error_type(tmp_path):
     (run.path / ".adapter-staging-x").mkdir()
     run.clear_previous()
     assert sorted(p.name for p in run.path.iterdir()) == ["loraft_run.json", "stale.json"]
+
+
+def test_allow_unfinished_without_a_complete_checkpoint_is_one_sentence(tmp_path):
+    from loraft.errors import RunError
+    from loraft.rundir import RunAccess, RunDir
+
+    run = RunDir(tmp_path / "run")
+    run.path.mkdir()
+    run.mark("failed", reason="killed")
+    (run.checkpoints / "checkpoint-2").mkdir(parents=True)  # cut off: no trainer_state.json, so not complete
+    with pytest.raises(RunError) as error:
+        run.require_usable(RunAccess(allow_unfinished=True))
+    assert str(error.value) == f"{run.path}: the run is failed and has no complete checkpoint to use"
