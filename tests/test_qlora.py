@@ -70,6 +70,15 @@ def test_qlora_trains_on_a_4bit_base_and_the_loss_goes_down(qlora_run):
     assert type(model.get_base_model().model.layers[0].mlp.down_proj.base_layer).__name__ == "Linear4bit"
 
 
+def test_generate_answers_on_the_quantized_base(qlora_run, capsys):
+    from loraft.cli import main
+
+    _, run_dir = qlora_run
+    capsys.readouterr()
+    assert main(["generate", str(run_dir), "--prompt", "你好", "--max-new-tokens", "4", "--temperature", "0"]) == 0
+    assert capsys.readouterr().out.strip()
+
+
 def test_the_adapter_is_plain_peft_and_merge_is_within_the_quantization_error(qlora_run, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM

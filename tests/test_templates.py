@@ -49,3 +49,16 @@ def test_multi_turn_supervises_every_assistant_turn(tiny_llama_dir):
 def test_unknown_template_lists_known_ones():
     with pytest.raises(Exception, match=r"^data.template: unknown template 'nope' \(known: alpaca, auto, chatml, human_assistant, model\)$"):
         get_template("nope")
+
+
+def test_the_public_renderer_gives_the_same_segments(monkeypatch):
+    """loraft calls transformers' compiled template directly; where those internals are gone it falls back to
+    render_jinja_template, and the segments are the same."""
+    import loraft.templates
+
+    direct = {name: [TEMPLATES[name].render(m, "</s>", p) for m in CONVERSATIONS for p in (False, True)]
+              for name in TEMPLATES}
+    monkeypatch.setattr(loraft.templates, "_renderer_internals", lambda: (None, None))
+    public = {name: [TEMPLATES[name].render(m, "</s>", p) for m in CONVERSATIONS for p in (False, True)]
+              for name in TEMPLATES}
+    assert public == direct and any(s.supervised for segments in direct["chatml"] for s in segments)
