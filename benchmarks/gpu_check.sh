@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# GPU readiness in one go, within 8 minutes: the GPU and torch's view of it, the test suite on CUDA, training
-# speed at the bloom-1b4-zh shape (reference, trl, loraft) and generation speed. Run from the repository root of a
+# GPU readiness in one go, within 10 minutes: the GPU and torch's view of it, the test suite on CUDA, training
+# speed at the bloom-1b4-zh shape (reference, trl, loraft), generation speed, QLoRA's GPU memory and packing. Run from the repository root of a
 # checkout installed as the README says (torch for this GPU, then pip install -e '.[test,bench]'):
 #
 #     benchmarks/gpu_check.sh [OUT_DIR]          # default: $OUT if set, else gpu-check-out/
 #
 # Every step runs under its own time limit and the next one runs whatever happened; OUT_DIR/status.txt records
-# each step's exit status (124 = stopped at its time limit). At most 8 files land in OUT_DIR.
+# each step's exit status (124 = stopped at its time limit). At most 10 files land in OUT_DIR.
 set -uo pipefail
 
 out_dir=${1:-${OUT:-gpu-check-out}}
@@ -21,7 +21,7 @@ if [ -z "${LORAFT_BENCH_CACHE:-}" ]; then
   scratch=$(mktemp -d "${TMPDIR:-/tmp}/loraft-gpu-check.XXXXXX") || exit 1
   export LORAFT_BENCH_CACHE=$scratch
 fi
-total_budget_s=470  # 8 minutes less the packing at the end
+total_budget_s=560  # 10 minutes less the packing of results at the end
 failed=0
 : >"$out_dir/status.txt"
 
@@ -70,6 +70,13 @@ step train-speed 200 "$out_dir/train_speed.log" "$python" benchmarks/train_speed
 # (4) generation speed: the reference pipeline vs loraft generate
 step generate-speed 80 "$out_dir/generate_speed.log" "$python" benchmarks/generate_speed.py --shape bloom-1b4-zh \
   --prompts 8 --json "$out_dir/generate_speed.json"
+
+# (5) QLoRA: peak GPU memory of bf16 LoRA and NF4 at the bloom-1b4-zh shape (the column CPU runs leave empty)
+step qlora-memory 90 "$out_dir/qlora_memory.log" "$python" benchmarks/qlora_memory.py --steps 2 --modes bf16,nf4
+
+# (6) packing against length-grouped padding, where varlen/masked attention kernels differ from the CPU's
+step packing 90 "$out_dir/packing.log" "$python" benchmarks/train_speed.py --shape bloom-1b4-zh --samples 48 \
+  --variants loraft,loraft:train.packing=true
 
 # the benchmarks' per-variant logs and raw results, as one file (the models and data stay behind)
 if [ -d "$LORAFT_BENCH_CACHE/runs" ]; then
