@@ -47,7 +47,8 @@ def ensure_run_dir(shape: common.Shape, model_dir: Path) -> Path:
 
     from loraft.config import load_config, save_config
     from loraft.templates import get_template
-    from loraft.rundir import RUN_FILE, write_json_atomically
+    from loraft.files import write_json_atomically
+    from loraft.rundir import RUN_FILE
     from loraft.train import save_tokenizer_with_template
 
     run_dir = common.CACHE / "runs" / f"generate-{shape.name}"

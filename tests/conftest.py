@@ -1,4 +1,6 @@
-"""Shared fixtures: tiny random models (BLOOM and Llama-style) with a tokenizer that covers Chinese.
+"""Shared fixtures: tiny random models (BLOOM and Llama-style) with a tokenizer that covers Chinese, the alpaca
+records (`write_alpaca`, `alpaca_jsonl`), and one environment for the whole session that makes no outcome depend on
+the CPU or on caches outside it (`machine_independent_environment`).
 
 Everything is built offline once per test session and saved to disk, so every test loads it through
 the same `from_pretrained(dir)` path as a hub model.
@@ -16,6 +18,48 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `slow` run only with LORAFT_SLOW=1 or a -m expression that names slow."""
+    if os.environ.get("LORAFT_SLOW") == "1" or "slow" in (config.getoption("markexpr") or ""):
+        return
+    skip = pytest.mark.skip(reason="slow: run with LORAFT_SLOW=1 or -m slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def machine_independent_environment(tmp_path_factory):
+    """The same loraft environment for every test and every process a test starts, whatever the CPU.
+
+    - LORAFT_HOME: a session directory, so every cache (tokenized data, the precision probe, speed measurements,
+      the demo base) starts empty and no run reads what another machine or an earlier session left in
+      ~/.cache/loraft. LORAFT_CACHE_DIR (the documented override, which would win over it) is removed.
+    - LORAFT_CPU_BF16=emulated unless set: `train.precision: auto` is fp32 on every CPU, without a probe.
+      `LORAFT_CPU_BF16=fast python -m pytest` runs the whole suite on the other branch (bf16); tests that
+      check the decision itself set each value on purpose.
+    - LORAFT_AUTOTUNE=0 unless set: the plan's static defaults, so no test times this machine.
+
+    Set in os.environ (subprocesses inherit it) at session start and restored at the end.
+    """
+    wanted = {"LORAFT_HOME": str(tmp_path_factory.mktemp("loraft-home")), "LORAFT_CACHE_DIR": None,
+              "LORAFT_CPU_BF16": os.environ.get("LORAFT_CPU_BF16") or "emulated",
+              "LORAFT_AUTOTUNE": os.environ.get("LORAFT_AUTOTUNE") or "0"}
+    saved = {name: os.environ.get(name) for name in wanted}
+    for name, value in wanted.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    yield Path(wanted["LORAFT_HOME"])
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
 
 CORPUS = [
     "人工智能是什么", "人工智能是计算机科学的一个分支。", "请把下面的句子翻译成英文", "今天天气很好",
@@ -162,12 +206,21 @@ ALPACA_RECORDS = [
 ]
 
 
+def write_alpaca(path: Path, records: list[dict] | None = None, repeat: int = 1) -> Path:
+    """`records` (default ALPACA_RECORDS) repeated `repeat` times, one JSON object a line (UTF-8), at `path`.
+
+    Every test that needs alpaca records on disk writes them here; returns `path`.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = list(ALPACA_RECORDS if records is None else records) * repeat
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
 @pytest.fixture()
 def alpaca_jsonl(tmp_path) -> Path:
-    """A small alpaca-format JSONL file (Chinese)."""
-    path = tmp_path / "alpaca.jsonl"
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ALPACA_RECORDS), encoding="utf-8")
-    return path
+    """A small alpaca-format JSONL file (Chinese): ALPACA_RECORDS once."""
+    return write_alpaca(tmp_path / "alpaca.jsonl")
 
 
 @pytest.fixture()

@@ -6,19 +6,9 @@ reused by every test module that asks for the same name.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from conftest import ALPACA_RECORDS
-
-
-def alpaca_file(directory: Path) -> Path:
-    """The conftest alpaca records as a JSONL file under `directory`."""
-    path = directory / "alpaca.jsonl"
-    if not path.is_file():
-        directory.mkdir(parents=True, exist_ok=True)
-        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ALPACA_RECORDS), encoding="utf-8")
-    return path
+from conftest import write_alpaca
 
 
 def trained_run(tmp_path_factory, name: str, base_model_dir: Path, overrides: list[str] = ()) -> Path:
@@ -35,14 +25,17 @@ def trained_run(tmp_path_factory, name: str, base_model_dir: Path, overrides: li
     run_dir = root / name
     if read_run_status(run_dir) == "finished":
         return run_dir
-    data = alpaca_file(root)
+    data = root / "alpaca.jsonl"
+    if not data.is_file():
+        write_alpaca(data)
     config = load_config(None, [
         f"model.name_or_path={base_model_dir}", f"data.path={data}", f"output_dir={run_dir}", "overwrite=true",
         "train.max_steps=4", "train.learning_rate=0.01", "train.per_device_train_batch_size=2",
         "train.gradient_accumulation_steps=1", "train.logging_steps=1", "train.save_steps=1000",
         "generation.max_new_tokens=8",
-        # fp32 with the reference's order: the e2e chat test needs this run's greedy answer to be several pieces long
-        "train.precision=fp32", "train.sampling=random", *overrides,
+        # fp32 with the reference's order, and fp32 generation, on every CPU: the e2e chat test needs this run's
+        # greedy answer to be several pieces long, and the serve / eval tests compare answers with fp32 generation
+        "train.precision=fp32", "train.sampling=random", "generation.dtype=fp32", *overrides,
     ])
     return train(config)
 

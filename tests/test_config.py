@@ -2,8 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from loraft.config import (RunConfig, describe_fields, load_config, preset_names, preset_path,
-                           resolve_config_source)
+from loraft.config import RunConfig, describe_fields, load_config
+from loraft.presets import preset_names, preset_path, resolve_config_source
 from loraft.errors import ConfigError
 
 ROOT = Path(__file__).parents[1]

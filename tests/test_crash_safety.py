@@ -1,6 +1,9 @@
 """Crash safety, proven on real processes: training is SIGKILLed at chosen and random moments (during a step,
 during a checkpoint save, during the final save), resumed, and must end exactly where an uninterrupted run does:
-a bit-equal adapter (fp32 parity mode), each step logged once, status "finished" only after a complete save."""
+a bit-equal adapter (fp32 parity mode), each step logged once, status "finished" only after a complete save.
+
+A chosen moment is named by what is being written (tests/kill_hook), and each such trial asserts the run
+directory as the kill left it, so a change in what training writes cannot silently move the kill point."""
 
 import json
 import os
@@ -15,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ALPACA_RECORDS
+from conftest import write_alpaca
 
 HOOK = Path(__file__).parent / "kill_hook"
 MAX_STEPS = 6
@@ -24,9 +27,8 @@ MAX_STEPS = 6
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, tiny_bloom_dir):
     root = tmp_path_factory.mktemp("crash")
-    data = root / "alpaca.jsonl"
-    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ALPACA_RECORDS * 4), encoding="utf-8")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "LORAFT_CACHE_DIR": str(root / "cache"),
+    data = write_alpaca(root / "alpaca.jsonl", repeat=4)
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(HOOK), os.environ.get("PYTHONPATH", "")]), "HF_HUB_OFFLINE": "1"}
     env.pop("KILL_ON", None)
 
@@ -57,6 +59,19 @@ def _status(run_dir):
         return None
 
 
+def _state(run_dir):
+    """What a kill left: the record's status, the complete checkpoints, the checkpoints being staged (True once
+    their trainer_state.json, the last file of a checkpoint, is written) and whether the adapter is in the run."""
+    checkpoints = run_dir / "checkpoints"
+    staging = checkpoints / ".staging"
+    return {
+        "status": _status(run_dir),
+        "checkpoints": sorted(p.name for p in checkpoints.glob("checkpoint-*") if (p / "trainer_state.json").is_file()),
+        "staged": {p.name: (p / "trainer_state.json").is_file() for p in staging.glob("checkpoint-*")},
+        "adapter": (run_dir / "adapter_model.safetensors").is_file(),
+    }
+
+
 def _logged_steps(run_dir):
     lines = (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
     return [json.loads(line)["step"] for line in lines if '"loss"' in line]
@@ -75,19 +90,31 @@ def _kill_when_logged(process, run_dir, step, rng):
     return process.wait(timeout=300)
 
 
+ALL_CHECKPOINTS = [f"checkpoint-{step}" for step in range(2, MAX_STEPS + 1, 2)]
+SLOW = pytest.mark.slow  # each trial is two training processes (~30 s on 2 cores): the default run keeps one
+# (name, kill, the run directory's state at the kill: None for a random moment)
 TRIALS = [
-    ("random moment after step 1", ("after", 1)),
-    ("random moment after step 3", ("after", 3)),
-    ("random moment after step 5", ("after", 5)),
-    ("first checkpoint, mid-save", ("hook", "open|.staging|1")),
-    ("second checkpoint, before it is moved into place", ("hook", "os.rename|.staging|2")),
-    ("final save, before the adapter is moved into the run", ("hook", "os.rename|.adapter-staging|1")),
-    ("final save, before status finished is written", ("hook", "os.rename|loraft_run.json|3")),
+    pytest.param("random moment after step 1", ("after", 1), None, marks=SLOW),
+    pytest.param("random moment after step 3", ("after", 3), None, marks=SLOW),
+    pytest.param("random moment after step 5", ("after", 5), None, marks=SLOW),
+    # the adapter weights are staged, its config (and the optimizer, trainer state) not yet
+    pytest.param("first checkpoint, mid-save", ("hook", "open|checkpoints/.staging/checkpoint-2/adapter_config.json"),
+                 {"status": "running", "checkpoints": [], "staged": {"checkpoint-2": False}, "adapter": False},
+                 marks=SLOW),
+    pytest.param("second checkpoint, before it is moved into place", ("hook", "os.rename|checkpoints/checkpoint-4"),
+                 {"status": "running", "checkpoints": ["checkpoint-2"], "staged": {"checkpoint-4": True},
+                  "adapter": False}, marks=SLOW),
+    pytest.param("final save, before the adapter is moved into the run",
+                 ("hook", "os.rename|/adapter_model.safetensors"),
+                 {"status": "running", "checkpoints": ALL_CHECKPOINTS, "staged": {}, "adapter": False}, marks=SLOW),
+    pytest.param("final save, before status finished is written",
+                 ("hook", "os.rename|/loraft_run.json|status=finished"),
+                 {"status": "running", "checkpoints": ALL_CHECKPOINTS, "staged": {}, "adapter": True}),
 ]
 
 
-@pytest.mark.parametrize("name, kill", TRIALS, ids=[t[0] for t in TRIALS])
-def test_killed_training_resumes_to_the_uninterrupted_result(setup, name, kill):
+@pytest.mark.parametrize("name, kill, at_kill", TRIALS, ids=[t.values[0] for t in TRIALS])
+def test_killed_training_resumes_to_the_uninterrupted_result(setup, name, kill, at_kill):
     start, root, reference = setup
     run_dir = root / name.replace(" ", "-").replace(",", "")
     rng = random.Random(name)
@@ -96,9 +123,12 @@ def test_killed_training_resumes_to_the_uninterrupted_result(setup, name, kill):
     else:
         code = start(run_dir, kill_on=kill[1]).wait(timeout=300)
     assert code == -signal.SIGKILL, f"{name}: the run was not killed (exit {code})"
-    assert _status(run_dir) != "finished"
-    has_checkpoint = any((p / "trainer_state.json").is_file() for p in (run_dir / "checkpoints").glob("checkpoint-*"))
-    process = start(run_dir, resume=has_checkpoint)
+    state = _state(run_dir)
+    if at_kill is None:
+        assert state["status"] == "running", state
+    else:
+        assert state == at_kill, f"{name}: the kill did not happen where it says"
+    process = start(run_dir, resume=bool(state["checkpoints"]))
     assert process.wait(timeout=300) == 0, process.stderr.read()[-2000:]
     assert _status(run_dir) == "finished"
     assert _logged_steps(run_dir) == list(range(1, MAX_STEPS + 1))

@@ -23,7 +23,7 @@ from loraft.data import (
     tokenize_conversations,
 )
 from loraft.errors import DataError
-from loraft.data import encode_segments
+from loraft.encode import encode_segments
 from loraft.templates import TEMPLATES, get_template
 
 # Verbatim from the reference recipe (seeds/000, step 3); exec'd with the fixture tokenizer as `tokenizer`.
@@ -55,11 +55,11 @@ CHAT = [
 ]
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture()
 def cache_dir(tmp_path, monkeypatch) -> Path:
-    path = tmp_path / "cache"
-    monkeypatch.setenv("LORAFT_CACHE_DIR", str(path))
-    return path
+    """An empty loraft home of this test's own (the session's is shared): its tokenized-data cache folder."""
+    monkeypatch.setenv("LORAFT_HOME", str(tmp_path / "home"))
+    return tmp_path / "home" / "tokenized"
 
 
 @pytest.fixture(scope="module")
@@ -444,6 +444,22 @@ def test_empty_output_is_kept_with_eos_supervised(tmp_path, bloom_tokenizer):
     row = prepared.train[0]
     assert [t for t, label in zip(row["input_ids"], row["labels"]) if label != -100] == [bloom_tokenizer.eos_token_id]
     assert prepared.report["empty_outputs"] == 1
+
+
+def test_data_check_refuses_all_empty_responses_with_trains_sentence(tmp_path, bloom_tokenizer, tiny_bloom_dir, capsys):
+    from loraft.cli import main
+
+    path = write_jsonl(tmp_path / "empty.jsonl", [{"instruction": r["instruction"], "output": ""} for r in ALPACA_RECORDS])
+    with pytest.raises(DataError) as error:  # what `loraft train` runs on its data
+        prepare_datasets(config_for(path), bloom_tokenizer)
+    n = len(ALPACA_RECORDS)
+    assert str(error.value) == (f"{path}: every response is empty ({n} of {n}), so training would only teach the "
+                                "model to stop; set data.allow_empty_responses=true if that is intended")
+    for model in ([], ["--model", str(tiny_bloom_dir)]):
+        assert main(["data", "check", str(path), *model]) == 2
+        assert capsys.readouterr().err.splitlines()[-1] == f"error: {error.value}"
+        assert main(["data", "check", str(path), *model, "--allow-empty-responses", "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["empty_outputs"] == n
 
 
 def test_empty_file(tmp_path):

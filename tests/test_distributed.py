@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -22,7 +23,7 @@ import torch.distributed as dist
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from conftest import ALPACA_RECORDS
+from conftest import write_alpaca
 from loraft.batching import sample_lengths, split_by_tokens
 from loraft.config import load_config, save_config
 from loraft.data import prepare_datasets
@@ -52,9 +53,7 @@ class Runs:
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("distributed")
-    records = ALPACA_RECORDS * 2
-    (root / "alpaca.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records),
-                                       encoding="utf-8")
+    write_alpaca(root / "alpaca.jsonl", repeat=2)
     return root
 
 
@@ -68,9 +67,7 @@ def _overrides(model_dir: Path, root: Path, out: Path, extra) -> list[str]:
 
 def _single_process_run(model_dir: Path, root: Path, name: str, *extra: str) -> Path:
     out = root / name
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("LORAFT_CACHE_DIR", str(root / "cache"))
-        train(load_config(None, _overrides(model_dir, root, out, extra)))
+    train(load_config(None, _overrides(model_dir, root, out, extra)))
     return out
 
 
@@ -91,8 +88,9 @@ def _torchrun(model_dir: Path, root: Path, name: str, *extra: str) -> tuple[Path
     (root / f"{name}-writes").mkdir()
     env = {
         **os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
-        # a cache of its own: rank 0 tokenizes while rank 1 waits, then reads it
-        "LORAFT_CACHE_DIR": str(root / f"{name}-cache"),
+        # an empty loraft home of its own, so the data cache misses: rank 0 tokenizes while rank 1 waits, then
+        # reads it (the single-process run of the same data filled the session's cache)
+        "LORAFT_HOME": str(root / f"{name}-home"),
         "PYTHONPATH": os.pathsep.join(filter(None, [str(WRITE_AUDIT), os.environ.get("PYTHONPATH")])),
         "WRITE_AUDIT_DIR": str(out), "WRITE_AUDIT_LOG_DIR": str(root / f"{name}-writes"),
     }
@@ -182,8 +180,10 @@ def test_only_rank_zero_writes_the_run_directory(accumulated):
     assert [record["step"] for record in _metrics(runs.ranks)] == [record["step"] for record in _metrics(runs.single)]
 
     def messages(run_dir: Path) -> list[str]:
+        """Each log record's first words: after the date, time and level, up to a colon. A record's continuation
+        lines (the plan's, which differ by the process count) are not records."""
         lines = (run_dir / "train.log").read_text(encoding="utf-8").splitlines()
-        return [line.split(" ", 3)[3].split(":")[0] for line in lines]  # after the date, time and level
+        return [line.split(" ", 3)[3].split(":")[0] for line in lines if re.match(r"\d{4}-\d\d-\d\d ", line)]
 
     assert messages(runs.ranks) == messages(runs.single)
     assert messages(runs.ranks)[-1] == "finished"
@@ -201,11 +201,10 @@ def test_adapter_loads_in_plain_peft_and_equals_the_single_process_one(accumulat
     assert (logits[accumulated.ranks] - logits[None]).abs().max() > 1e-2  # the adapter did change the model
 
 
+@pytest.mark.slow  # two more runs (~20 s on 2 cores)
 def test_ranks_splitting_into_different_sub_batch_counts_match_one_process(sub_batched, tiny_bloom_dir, workdir):
     config = load_config(None, _overrides(tiny_bloom_dir, workdir, sub_batched.single, ()))
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("LORAFT_CACHE_DIR", str(workdir / "cache"))
-        lengths = sample_lengths(prepare_datasets(config, load_tokenizer(str(tiny_bloom_dir))).train)
+    lengths = sample_lengths(prepare_datasets(config, load_tokenizer(str(tiny_bloom_dir))).train)
     per_device = 2  # as in the sub_batched fixture
     sub_batches = [
         [len(split_by_tokens(lengths[first + rank * per_device : first + (rank + 1) * per_device], SUB_BATCH_TOKENS))
@@ -217,6 +216,7 @@ def test_ranks_splitting_into_different_sub_batch_counts_match_one_process(sub_b
     _assert_same_logged_losses(sub_batched)
 
 
+@pytest.mark.slow  # a torchrun each (~18 s on 2 cores)
 @pytest.mark.parametrize(
     "method",
     [["adapter.method=prompt_tuning"], ["adapter.method=prefix_tuning", "adapter.prefix_projection=true"]],

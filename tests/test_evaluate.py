@@ -18,7 +18,8 @@ from loraft.evaluate import (
     tokenize_references,
     word_tokens,
 )
-from run_helpers import alpaca_file, trained_run
+from conftest import write_alpaca
+from run_helpers import trained_run
 
 # --- metrics against hand-computed values --------------------------------------------------------------
 
@@ -91,7 +92,7 @@ def bloom_run(tmp_path_factory, tiny_bloom_dir):
 
 @pytest.fixture(scope="module")
 def evaluated(bloom_run, tmp_path_factory):
-    data = alpaca_file(tmp_path_factory.getbasetemp() / "loraft-runs")
+    data = write_alpaca(tmp_path_factory.mktemp("eval-data") / "alpaca.jsonl")
     code = main(["eval", str(bloom_run), "--data", str(data), "--limit", "4", "--base", "--batch-size", "4",
                  "--max-new-tokens", "5"])
     assert code == 0

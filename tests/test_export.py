@@ -8,6 +8,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from loraft.cli import main
 from loraft.export import merge_run, vllm_adapter_problems
 from loraft.model import load_run_model
+from loraft.rundir import open_run
 from loraft.templates import get_template
 from run_helpers import trained_run
 
@@ -41,7 +42,7 @@ def bloom_merged(bloom_run, tmp_path_factory):
 
 
 def test_tied_embedding_merge_reloads_with_equal_logits(bloom_run, bloom_merged, tiny_bloom_dir):
-    peft_model, tokenizer, _ = load_run_model(bloom_run)
+    peft_model, tokenizer = load_run_model(open_run(bloom_run))
     wrapper = peft_model.base_model.model.transformer.word_embeddings
     trained_copy = wrapper.modules_to_save["default"].weight
     base_embedding = wrapper.original_module.weight
@@ -63,7 +64,7 @@ def test_retying_the_merged_embedding_would_change_the_function(bloom_run, bloom
     weight and says tie_word_embeddings=true; its reload binds lm_head to the trained input embedding."""
     from safetensors.torch import load_file, save_file
 
-    peft_model, tokenizer, _ = load_run_model(bloom_run)
+    peft_model, tokenizer = load_run_model(open_run(bloom_run))
     naive = tmp_path / "naive"
     shutil.copytree(bloom_merged, naive)
     config = json.loads((naive / "config.json").read_text(encoding="utf-8"))
@@ -97,7 +98,7 @@ def test_bf16_sharded_merge_of_an_untied_llama(llama_run, tmp_path):
     assert len(shards) > 1 and (out / "model.safetensors.index.json").is_file()
     merged = AutoModelForCausalLM.from_pretrained(out)
     assert merged.dtype == torch.bfloat16 and merged.config.tie_word_embeddings is False
-    peft_model, tokenizer, _ = load_run_model(llama_run)
+    peft_model, tokenizer = load_run_model(open_run(llama_run))
     reference = _logits(peft_model, tokenizer)
     torch.testing.assert_close(_logits(merged, tokenizer).float(), reference, rtol=0, atol=0.05)
 

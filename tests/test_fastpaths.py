@@ -113,3 +113,8 @@ def test_unregistered_or_head_with_bias_gets_no_fused_loss():
     model = _model("llama")
     model.lm_head = torch.nn.Linear(32, VOCAB, bias=True)
     assert not supports_supervised_loss(model)
+
+
+def test_supervised_loss_supports_known_heads(tiny_bloom_dir, tiny_llama_dir):
+    for path in (tiny_bloom_dir, tiny_llama_dir):
+        assert supports_supervised_loss(AutoModelForCausalLM.from_pretrained(path))

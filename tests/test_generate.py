@@ -16,15 +16,14 @@ GREEDY = GenerationConfig(max_new_tokens=12, temperature=0)
 
 @pytest.fixture(scope="module")
 def run_dir(tiny_bloom_dir, tmp_path_factory):
-    from conftest import ALPACA_RECORDS
+    from conftest import write_alpaca
 
-    data = tmp_path_factory.mktemp("gen-data") / "train.jsonl"
-    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ALPACA_RECORDS), encoding="utf-8")
+    data = write_alpaca(tmp_path_factory.mktemp("gen-data") / "train.jsonl")
     out = tmp_path_factory.mktemp("gen-runs") / "run"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("LORAFT_CACHE_DIR", str(tmp_path_factory.mktemp("gen-cache")))
-        train(load_config(None, [f"model.name_or_path={tiny_bloom_dir}", f"data.path={data}", f"output_dir={out}",
-                                 "train.max_steps=4", "train.learning_rate=0.01"]))
+    # fp32 training and generation: the CLI's answers are compared with fp32 greedy generation, on any CPU
+    train(load_config(None, [f"model.name_or_path={tiny_bloom_dir}", f"data.path={data}", f"output_dir={out}",
+                             "train.max_steps=4", "train.learning_rate=0.01", "train.precision=fp32",
+                             "generation.dtype=fp32"]))
     return out
 
 
@@ -51,7 +50,12 @@ def test_batched_generation_equals_one_by_one(run_dir):
 
 def test_generate_cli_prompt_and_file(run_dir, tmp_path, capsys):
     assert main(["generate", str(run_dir), "--prompt", "你好", "--temperature", "0", "--max-new-tokens", "5"]) == 0
-    assert capsys.readouterr().out.endswith("\n")
+    # the streamed pieces are the whole greedy answer, then one newline; nothing else goes to stdout
+    model, tokenizer, template, _ = load_run(run_dir)
+    settings = GREEDY.model_copy(update={"max_new_tokens": 5})
+    answer = generate_batch(model, tokenizer, template, [[{"role": "user", "content": "你好"}]], settings)[0]
+    assert answer
+    assert capsys.readouterr().out == answer + "\n"
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "你好"}\n{"instruction": "翻译", "input": "今天"}\n'
                        '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x"}]}\n',

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from loraft.config import preset_names
+from loraft.presets import preset_names
 
 ROOT = Path(__file__).parents[1]
 
@@ -61,7 +61,6 @@ def test_a_preset_trains_from_a_wheel_install(wheel, tiny_bloom_dir, alpaca_json
     workdir = tmp_path / "elsewhere"  # no configs/ here, and not inside the checkout
     workdir.mkdir()
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-    env["LORAFT_CACHE_DIR"] = str(tmp_path / "cache")
 
     where = subprocess.run([str(python), "-c", "import loraft; print(loraft.__file__)"], cwd=workdir, env=env,
                            check=True, capture_output=True, text=True).stdout.strip()

@@ -32,11 +32,20 @@ def _padded_batch(lengths=LENGTHS, vocab=96):
     return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}, count
 
 
-def _trainer(model, tmp_path, **options):
+def _trainer(model, tmp_path, **decisions):
+    from dataclasses import replace
+
     from transformers import TrainingArguments
 
+    from loraft.config import RunConfig
+    from loraft.plan import make_plan
+    from loraft.precision import Capabilities
+
+    caps = Capabilities("cpu", "override", cpu_bf16_flags=False, bf16_speedup=0.01)
+    plan = replace(make_plan(RunConfig(), caps, model.config), **{"micro_batch_tokens": 0, "fused_loss": False,
+                                                                  "packing": False, **decisions})
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", per_device_train_batch_size=5)
-    return LoraftTrainer(model=model, args=args, **options)
+    return LoraftTrainer(model=model, args=args, plan=plan)
 
 
 def _prepared(model_type):
@@ -74,8 +83,7 @@ def test_packed_step_equals_the_padded_step(model_type, supervised_loss, tmp_pat
     results = []
     for packing in (False, True):
         model = _prepared(model_type)
-        trainer = _trainer(model, tmp_path, packing=packing, micro_batch_tokens=32, supervised_loss=supervised_loss)
-        assert trainer.can_pack(model)
+        trainer = _trainer(model, tmp_path, packing=packing, micro_batch_tokens=32, fused_loss=supervised_loss)
         batch, count = _padded_batch()
         loss = trainer.training_step(model, dict(batch), num_items_in_batch=torch.tensor(count))
         results.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
@@ -113,22 +121,29 @@ def test_unregistered_architectures_and_unpatched_bloom_are_not_packed(tmp_path)
     model.config.model_type = "gemma"
     assert not supports_packing(model)
     assert not supports_packing(_model("bloom"))  # eager BLOOM (no loraft patch) cannot mask by segments
-    trainer = _trainer(model, tmp_path, packing=True)
-    batch, count = _padded_batch()
-    # not packable: the padded step runs instead (and still trains)
-    assert trainer.training_step(model, dict(batch), num_items_in_batch=torch.tensor(count)).item() > 0
+    # the plan decides it once, from the config and the architecture: such runs train padded
+    from loraft.config import load_config
+    from loraft.plan import make_plan
+    from loraft.precision import Capabilities
+
+    caps = Capabilities("cpu", "override", cpu_bf16_flags=False, bf16_speedup=0.01)
+    packed = load_config(None, ["train.packing=true"])
+    assert make_plan(packed, caps, {"model_type": "llama"}).packing
+    gemma = make_plan(packed, caps, {"model_type": "gemma"})
+    assert not gemma.packing and gemma.reasons["packing"] == "model_type gemma has no way registered to keep packed samples apart"
+    eager = make_plan(load_config(None, ["train.packing=true", "model.attn_implementation=eager"]), caps,
+                      {"model_type": "bloom"})
+    assert not eager.packing and "only in loraft's attention patch" in eager.reasons["packing"]
 
 
 @pytest.mark.parametrize("fixture", ["tiny_bloom_dir", "tiny_qwen2_dir"])
-def test_train_packed_logs_the_padded_runs_losses(fixture, request, tmp_path):
+def test_train_packed_logs_the_padded_runs_losses(fixture, request, tmp_path, alpaca_jsonl):
     import json
-
-    from run_helpers import alpaca_file
 
     from loraft.config import load_config
     from loraft.train import train
 
-    data = alpaca_file(tmp_path)
+    data = alpaca_jsonl
     losses = {}
     for packing in ("false", "true"):
         run = train(load_config(None, [
@@ -137,10 +152,12 @@ def test_train_packed_logs_the_padded_runs_losses(fixture, request, tmp_path):
             "train.gradient_accumulation_steps=2", "train.micro_batch_tokens=48", "train.learning_rate=0.01",
             "train.logging_steps=1", "train.precision=fp32", f"train.packing={packing}",
             "adapter.target_modules=.*(query_key_value|q_proj|v_proj)", "adapter.modules_to_save=null",
-            f"data.cache_dir={tmp_path / 'cache'}"]))
+            ]))
         losses[packing] = [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
                            if "loss" in r]
-        log = (run / "train.log").read_text()
-        assert ("samples packed into rows of <= 48 tokens" in log) == (packing == "true")
+        plan = json.loads((run / "loraft_run.json").read_text())["plan"]
+        assert plan["packing"] == (packing == "true") and plan["micro_batch_tokens"] == 48
+        expected = "packing             yes" if packing == "true" else "packing             no"
+        assert expected in (run / "train.log").read_text()
     assert len(losses["true"]) == 3
     assert losses["true"] == pytest.approx(losses["false"], rel=1e-4)

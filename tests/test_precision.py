@@ -1,4 +1,5 @@
-"""Precision by capability: every branch of `auto` forced by patching the probe (no timings asserted)."""
+"""Precision by capability: every branch of `auto` forced by patching the probe or by $LORAFT_CPU_BF16 (no timings
+asserted)."""
 
 import json
 import shutil
@@ -11,8 +12,12 @@ from loraft import precision
 
 @pytest.fixture()
 def probe(monkeypatch, tmp_path):
-    """A fresh probe cache; `probe.set(flags, speedup)` fixes what the CPU flags and the matmul probe say."""
+    """A fresh probe cache; `probe.set(flags, speedup)` fixes what the CPU flags and the matmul probe say.
+
+    The session's $LORAFT_CPU_BF16 (conftest) is removed: here the (patched) flags and probe decide.
+    """
     monkeypatch.setenv("LORAFT_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv(precision.CPU_BF16_OVERRIDE, raising=False)  # this fixture decides what the CPU says
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     precision.cpu_probe.cache_clear()
     calls = []
@@ -52,7 +57,10 @@ def test_bf16_flags_are_confirmed_by_the_probe(probe, speedup, expected):
     probe.set(flags=True, speedup=speedup)
     assert precision.resolve_precision("auto", "cpu") == expected
     assert probe.calls == [speedup]
-    assert precision.inference_dtype("auto", "cpu") == precision.DTYPES[expected]
+    caps = precision.machine_capabilities("cpu")
+    assert precision.choose_inference_dtype("auto", caps)[0] == expected
+    assert precision.choose_precision("auto", caps) == (expected, precision.choose_precision("auto", caps)[1])
+    assert f"{speedup:.2f}x fp32" in precision.choose_precision("auto", caps)[1]
 
 
 def test_other_architectures_are_decided_by_the_probe(probe):
@@ -66,7 +74,7 @@ def test_explicit_precision_is_kept(probe):
     probe.set(flags=False, speedup=0.001)
     for name in ("fp32", "bf16", "fp16"):
         assert precision.resolve_precision(name, "cpu") == name
-    assert precision.inference_dtype(None, "cpu") == torch.float32
+    assert precision.choose_inference_dtype(None, precision.machine_capabilities("cpu"))[0] == "fp32"
     assert probe.calls == []
 
 
@@ -75,6 +83,7 @@ def test_cuda_branch(probe, monkeypatch, bf16_supported, expected):
     probe.set(flags=False, speedup=1.0)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(precision, "cuda_bf16_supported", lambda: bf16_supported)
+    monkeypatch.setattr(precision, "cuda_device_name", lambda: "NVIDIA H100")
     assert precision.device_type("auto") == "cuda"
     assert precision.resolve_precision("auto", "auto") == expected
     assert precision.resolve_precision("auto", "cuda:1") == expected
@@ -111,10 +120,10 @@ def test_training_arguments_follow_the_probe(probe, tmp_path, tiny_bloom_dir):
     config = load_config(None, [f"model.name_or_path={tiny_bloom_dir}", f"output_dir={tmp_path / 'run'}",
                                 "model.device=cpu"])
     probe.set(flags=True, speedup=0.003)  # flags say bf16, the kernels emulate it
-    args = build_training_arguments(config, tmp_path / "run", has_eval=False)
+    args = build_training_arguments(config, _plan(config), tmp_path / "run", has_eval=False)
     assert not args.bf16 and not args.fp16
     probe.set(flags=True, speedup=3.0)
-    args = build_training_arguments(config, tmp_path / "run", has_eval=False)
+    args = build_training_arguments(config, _plan(config), tmp_path / "run", has_eval=False)
     assert args.bf16
 
 
@@ -143,27 +152,44 @@ def test_shipped_configs_say_auto():
         assert config.generation.dtype == "auto", path
 
 
-@pytest.mark.parametrize("setting, precision_name, max_length, expected", [
-    ("auto", "fp32", 256, 256), ("auto", "bf16", 256, 1024), ("auto", "fp16", 256, 1024),
-    ("auto", "bf16", 64, 256), ("auto", "bf16", 2048, 2048), ("auto", "fp32", 2048, 2048), ("auto", "fp32", 64, 256),
-    (512, "fp32", 256, 512), (0, "bf16", 256, 0),
-])
-def test_micro_batch_budget(setting, precision_name, max_length, expected):
-    from loraft.batching import micro_batch_budget
-
-    assert micro_batch_budget(setting, precision_name, max_length) == expected
-
-
 def test_auto_budget_follows_the_probe(probe, tmp_path):
     from loraft.config import load_config
-    from loraft.trainer import build_training_arguments, micro_batch_tokens
+    from loraft.trainer import build_training_arguments
 
     config = load_config(None, [f"output_dir={tmp_path / 'run'}", "model.device=cpu"])
     assert config.train.micro_batch_tokens == "auto"
     probe.set(flags=False, speedup=1.0)
-    assert micro_batch_tokens(config) == 256
+    assert _plan(config).micro_batch_tokens == 256
     probe.set(flags=True, speedup=3.0)
-    assert micro_batch_tokens(config) == 1024
+    assert _plan(config).micro_batch_tokens == 1024
     # either way the whole optimizer step is collated as one batch
-    args = build_training_arguments(config, tmp_path / "run", has_eval=False)
+    args = build_training_arguments(config, _plan(config), tmp_path / "run", has_eval=False)
     assert (args.per_device_train_batch_size, args.gradient_accumulation_steps) == (8, 1)
+
+
+def _plan(config):
+    """The run's plan from this (patched) machine's capabilities, with the static speed choices."""
+    from loraft.plan import make_plan
+    from loraft.precision import machine_capabilities
+
+    return make_plan(config, machine_capabilities(config.model.device), {"model_type": "bloom"})
+
+
+@pytest.mark.parametrize("setting, expected", [("fast", "bf16"), ("emulated", "fp32")])
+def test_the_capability_override_decides_without_measuring(probe, monkeypatch, setting, expected):
+    probe.set(flags=False, speedup=10.0)  # the flags and the probe would say otherwise: the override wins
+    monkeypatch.setenv(precision.CPU_BF16_OVERRIDE, setting)
+    caps = precision.machine_capabilities("cpu")
+    assert caps.source == "override"
+    assert precision.choose_precision("auto", caps) == (
+        expected, f"auto: $LORAFT_CPU_BF16={setting} says bf16 is {setting} on this CPU")
+    assert probe.calls == []
+
+
+def test_a_bad_capability_override_is_one_sentence(monkeypatch):
+    from loraft.errors import ConfigError
+
+    monkeypatch.setenv(precision.CPU_BF16_OVERRIDE, "maybe")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match=r"^\$LORAFT_CPU_BF16 must be fast or emulated \(got 'maybe'\)$"):
+        precision.machine_capabilities("cpu")

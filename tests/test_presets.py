@@ -8,7 +8,8 @@ import json
 import pytest
 
 from loraft.cli import main
-from loraft.config import load_config, preset_names, preset_path, shipped_shape
+from loraft.config import load_config
+from loraft.presets import preset_names, preset_path, shipped_shape
 
 FAMILY_PRESETS = ["llama3-qlora", "mistral-qlora", "qwen2-lora", "qwen2-qlora"]
 LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -67,19 +68,14 @@ def _tiny_llama3_64(path):
 
 
 @pytest.mark.parametrize("name", ["qwen2-lora", "llama3-qlora"])
-def test_family_preset_trains_as_shipped_on_a_tiny_model(name, request, tmp_path, monkeypatch):
-    from conftest import ALPACA_RECORDS
-
+def test_family_preset_trains_as_shipped_on_a_tiny_model(name, request, tmp_path, alpaca_jsonl):
     if load_config(preset_path(name)).model.quantization != "none":
         pytest.importorskip("bitsandbytes", reason="the qlora extra (bitsandbytes) is not installed")
         model = _tiny_llama3_64(tmp_path / "base")
     else:
         model = request.getfixturevalue("tiny_qwen2_dir")
-    monkeypatch.setenv("LORAFT_CACHE_DIR", str(tmp_path / "cache"))
-    data = tmp_path / "train.jsonl"
-    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ALPACA_RECORDS), encoding="utf-8")
     run = tmp_path / "run"
-    assert main(["train", name, f"model.name_or_path={model}", f"data.path={data}",
+    assert main(["train", name, f"model.name_or_path={model}", f"data.path={alpaca_jsonl}",
                  f"output_dir={run}", "data.max_length=64", "train.max_steps=2", "train.logging_steps=1"]) == 0
     assert json.loads((run / "loraft_run.json").read_text())["status"] == "finished"
     adapter = json.loads((run / "adapter_config.json").read_text())

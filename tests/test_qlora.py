@@ -1,6 +1,6 @@
 """QLoRA (model.quantization) on tiny Llama- and Qwen2-architecture models, on the CPU: the loss goes down, the
-adapter is plain peft on the unquantized base, merge gives a standalone model within a stated bound of the adapter
-on the quantized base, and a missing bitsandbytes is one sentence naming the extra."""
+adapter is plain peft on the unquantized base, and merge gives a standalone model within a stated bound of the adapter
+on the quantized base. (A missing bitsandbytes is tested in test_weights.py, which runs without it.)"""
 
 from __future__ import annotations
 
@@ -11,10 +11,9 @@ import torch
 
 pytest.importorskip("bitsandbytes", reason="the qlora extra (bitsandbytes) is not installed")
 
-from conftest import ALPACA_RECORDS, _train_tokenizer, save_random_model  # noqa: E402
+from conftest import _train_tokenizer, save_random_model, write_alpaca  # noqa: E402
 
 from loraft.config import load_config  # noqa: E402
-from loraft.errors import MissingExtraError  # noqa: E402
 
 # bitsandbytes' CPU 4-bit kernels pack weights in blocks of 64 inputs: the tiny models are 64 wide.
 WIDTH = 64
@@ -41,14 +40,13 @@ def qlora_run(request, tmp_path_factory):
 
     base = _tiny(tmp_path_factory, request.param)
     root = tmp_path_factory.mktemp(f"qlora-{request.param}")
-    data = root / "train.jsonl"
-    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ALPACA_RECORDS), encoding="utf-8")
+    data = write_alpaca(root / "train.jsonl")
     config = load_config(None, [
         f"model.name_or_path={base}", f"data.path={data}", f"output_dir={root / 'run'}", "model.quantization=nf4",
         "adapter.target_modules=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]",
         "adapter.modules_to_save=null", "adapter.r=8", "adapter.alpha=16", "train.max_steps=24",
         "train.learning_rate=0.01", "train.per_device_train_batch_size=4", "train.gradient_accumulation_steps=1",
-        "train.logging_steps=1", "train.precision=fp32", f"data.cache_dir={root / 'cache'}",
+        "train.logging_steps=1", "train.precision=fp32",
     ])
     return base, train(config)
 
@@ -60,13 +58,15 @@ def _logits(model, input_ids):
 
 def test_qlora_trains_on_a_4bit_base_and_the_loss_goes_down(qlora_run):
     from loraft.model import load_run_model
+    from loraft.rundir import open_run
 
     _, run_dir = qlora_run
     losses = [r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
     assert len(losses) == 24
     assert sum(losses[-4:]) / 4 < 0.95 * sum(losses[:4]) / 4  # measured: 5.89 -> 5.20 (llama)
-    model, _, info = load_run_model(run_dir)
-    assert info["config"].model.quantization == "nf4"
+    run = open_run(run_dir)
+    model, _ = load_run_model(run)
+    assert run.config.model.quantization == "nf4"
     assert type(model.get_base_model().model.layers[0].mlp.down_proj.base_layer).__name__ == "Linear4bit"
 
 
@@ -85,12 +85,13 @@ def test_the_adapter_is_plain_peft_and_merge_is_within_the_quantization_error(ql
 
     from loraft.export import merge_run
     from loraft.model import load_run_model
+    from loraft.rundir import open_run
 
     base_dir, run_dir = qlora_run
     input_ids = torch.randint(5, 300, (2, 24), generator=torch.Generator().manual_seed(0))
     plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32),
                                       run_dir).eval()
-    on_quantized, _, _ = load_run_model(run_dir)
+    on_quantized, _ = load_run_model(open_run(run_dir))
     merged = AutoModelForCausalLM.from_pretrained(merge_run(run_dir, tmp_path / "merged"), dtype=torch.float32).eval()
     exact = _logits(plain, input_ids)
     torch.testing.assert_close(_logits(merged, input_ids), exact, rtol=1e-5, atol=1e-5)
@@ -101,28 +102,11 @@ def test_the_adapter_is_plain_peft_and_merge_is_within_the_quantization_error(ql
     assert (_logits(base, input_ids) - exact).abs().max().item() > 10 * 1e-5
 
 
-def test_int8_loads_and_trains_one_step(tmp_path_factory, tmp_path):
+def test_int8_loads_and_trains_one_step(tmp_path_factory, tmp_path, alpaca_jsonl):
     from loraft.train import train
 
     base = _tiny(tmp_path_factory, "llama")
-    data = tmp_path / "train.jsonl"
-    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ALPACA_RECORDS), encoding="utf-8")
-    run = train(load_config(None, [f"model.name_or_path={base}", f"data.path={data}", f"output_dir={tmp_path / 'r'}",
+    run = train(load_config(None, [f"model.name_or_path={base}", f"data.path={alpaca_jsonl}", f"output_dir={tmp_path / 'r'}",
                                    "model.quantization=int8", "adapter.target_modules=[q_proj,v_proj]",
-                                   "adapter.modules_to_save=null", "train.max_steps=1", "train.precision=fp32",
-                                   f"data.cache_dir={tmp_path / 'cache'}"]))
+                                   "adapter.modules_to_save=null", "train.max_steps=1", "train.precision=fp32"]))
     assert json.loads((run / "loraft_run.json").read_text())["status"] == "finished"
-
-
-def test_missing_bitsandbytes_is_one_sentence_naming_the_extra(monkeypatch):
-    import importlib.util
-
-    from loraft.weights import quantization_config
-
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
-    with pytest.raises(MissingExtraError) as error:
-        quantization_config("nf4", torch.float32)
-    assert str(error.value) == ("model.quantization=nf4 needs the 'qlora' extra (bitsandbytes not installed): run "
-                                "pip install 'loraft[qlora]'")
-    assert quantization_config("none", torch.float32) is None

@@ -11,19 +11,7 @@ from loraft.errors import ConfigError
 from loraft.rundir import RUN_FILE, read_metrics
 from loraft.train import train
 from loraft.trainer import plot_loss
-from conftest import ALPACA_RECORDS
-
-
-@pytest.fixture(autouse=True)
-def _tokenized_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("LORAFT_CACHE_DIR", str(tmp_path / "cache"))
-
-
-@pytest.fixture()
-def data_file(tmp_path):
-    path = tmp_path / "alpaca.jsonl"
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ALPACA_RECORDS), encoding="utf-8")
-    return path
+from conftest import ALPACA_RECORDS, write_alpaca
 
 
 def _config(model_dir, data, run_dir, *overrides):
@@ -46,7 +34,7 @@ def test_plot_loss_skips_a_line_cut_off_by_a_crash(tmp_path):
     assert [r["step"] for r in read_metrics(metrics)] == [1, 2]
 
 
-def test_rerun_after_a_kill_before_the_first_checkpoint_starts_clean(tiny_bloom_dir, data_file, tmp_path):
+def test_rerun_after_a_kill_before_the_first_checkpoint_starts_clean(tiny_bloom_dir, alpaca_jsonl, tmp_path):
     """The dead run's metrics, adapter and checkpoints are gone before the new run writes anything."""
     run_dir = tmp_path / "run"
     run_dir.mkdir()
@@ -61,15 +49,15 @@ def test_rerun_after_a_kill_before_the_first_checkpoint_starts_clean(tiny_bloom_
             seen["adapter"] = (run_dir / "adapter_config.json").exists()
             seen["metrics"] = read_metrics(run_dir / "metrics.jsonl")
 
-    train(_config(tiny_bloom_dir, data_file, run_dir, "train.max_steps=2"), callbacks=[AtStart()])
+    train(_config(tiny_bloom_dir, alpaca_jsonl, run_dir, "train.max_steps=2"), callbacks=[AtStart()])
     assert seen == {"adapter": False, "metrics": []}
     assert _steps(run_dir) == [1, 2]
     assert json.loads((run_dir / RUN_FILE).read_text())["status"] == "finished"
 
 
-def test_overwrite_removes_the_old_adapter_before_training(tiny_bloom_dir, data_file, tmp_path):
+def test_overwrite_removes_the_old_adapter_before_training(tiny_bloom_dir, alpaca_jsonl, tmp_path):
     run_dir = tmp_path / "run"
-    train(_config(tiny_bloom_dir, data_file, run_dir, "train.max_steps=1"))
+    train(_config(tiny_bloom_dir, alpaca_jsonl, run_dir, "train.max_steps=1"))
     (run_dir / "eval").mkdir()
     seen = {}
 
@@ -78,15 +66,15 @@ def test_overwrite_removes_the_old_adapter_before_training(tiny_bloom_dir, data_
             seen["left"] = sorted(p.name for p in run_dir.iterdir() if p.name.startswith(("adapter", "eval")))
             seen["status"] = json.loads((run_dir / RUN_FILE).read_text())["status"]
 
-    train(_config(tiny_bloom_dir, data_file, run_dir, "train.max_steps=2", "overwrite=true"), callbacks=[AtStart()])
+    train(_config(tiny_bloom_dir, alpaca_jsonl, run_dir, "train.max_steps=2", "overwrite=true"), callbacks=[AtStart()])
     assert seen == {"left": [], "status": "running"}
     assert _steps(run_dir) == [1, 2]
 
 
-def test_resume_logs_each_step_once(tiny_bloom_dir, data_file, tmp_path):
+def test_resume_logs_each_step_once(tiny_bloom_dir, alpaca_jsonl, tmp_path):
     """A crash after checkpoint 2 that had logged steps 3-4 (the last line cut off) resumes to one record a step."""
     run_dir = tmp_path / "run"
-    config = _config(tiny_bloom_dir, data_file, run_dir, "train.max_steps=4", "train.save_steps=2",
+    config = _config(tiny_bloom_dir, alpaca_jsonl, run_dir, "train.max_steps=4", "train.save_steps=2",
                      "train.save_total_limit=null")
     train(config)
     # make it look killed during step 4's checkpoint: status running, checkpoint-4 missing, a half-written line
@@ -126,10 +114,10 @@ def test_config_is_written_atomically(tmp_path, monkeypatch):
     assert load_config(path).output_dir == RunConfig().output_dir
 
 
-def test_resume_from_a_checkpoint_at_max_steps_trains_no_extra_step(tiny_bloom_dir, data_file, tmp_path):
+def test_resume_from_a_checkpoint_at_max_steps_trains_no_extra_step(tiny_bloom_dir, alpaca_jsonl, tmp_path):
     """Killed after the last checkpoint but before the final save: the resume only finishes the run."""
     run_dir = tmp_path / "run"
-    config = _config(tiny_bloom_dir, data_file, run_dir, "train.max_steps=4", "train.save_steps=2")
+    config = _config(tiny_bloom_dir, alpaca_jsonl, run_dir, "train.max_steps=4", "train.save_steps=2")
     train(config)
     (run_dir / RUN_FILE).write_text(json.dumps({"status": "running"}), encoding="utf-8")
     (run_dir / "adapter_model.safetensors").unlink()
@@ -161,11 +149,11 @@ class PoisonAfter(TrainerCallback):
 
 @pytest.mark.parametrize("patience, stop_step", [(0, 3), (1, 4)])
 def test_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(
-        tiny_bloom_dir, data_file, tmp_path, capsys, patience, stop_step):
+        tiny_bloom_dir, alpaca_jsonl, tmp_path, capsys, patience, stop_step):
     from loraft.trainer import NonFiniteTraining
 
     run_dir = tmp_path / "run"
-    config = _config(tiny_bloom_dir, data_file, run_dir, "train.max_steps=6", "train.save_steps=2",
+    config = _config(tiny_bloom_dir, alpaca_jsonl, run_dir, "train.max_steps=6", "train.save_steps=2",
                      f"train.nonfinite_patience={patience}")
     with pytest.raises(NonFiniteTraining) as raised:
         train(config, callbacks=[PoisonAfter(2)])
@@ -185,9 +173,7 @@ def test_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(
 def test_a_dataset_of_empty_responses_is_refused_before_training(tiny_bloom_dir, tmp_path, capsys):
     from loraft.cli import main
 
-    data = tmp_path / "empty.jsonl"
-    data.write_text("".join(json.dumps({"instruction": r["instruction"], "output": ""}, ensure_ascii=False) + "\n"
-                            for r in ALPACA_RECORDS), encoding="utf-8")
+    data = write_alpaca(tmp_path / "empty.jsonl", [{**r, "output": ""} for r in ALPACA_RECORDS])
     run_dir = tmp_path / "run"
     base = [f"model.name_or_path={tiny_bloom_dir}", f"data.path={data}", f"output_dir={run_dir}",
             "train.max_steps=1"]
@@ -203,16 +189,16 @@ def test_a_dataset_of_empty_responses_is_refused_before_training(tiny_bloom_dir,
     assert json.loads((run_dir / RUN_FILE).read_text())["status"] == "finished"
 
 
-def test_resume_refuses_a_changed_function_and_allows_an_extension(tiny_bloom_dir, data_file, tmp_path):
+def test_resume_refuses_a_changed_function_and_allows_an_extension(tiny_bloom_dir, alpaca_jsonl, tmp_path):
     from loraft.errors import RunError
 
     run_dir = tmp_path / "run"
     base = ["train.max_steps=4", "train.save_steps=2", "train.save_total_limit=null"]
-    train(_config(tiny_bloom_dir, data_file, run_dir, *base))
+    train(_config(tiny_bloom_dir, alpaca_jsonl, run_dir, *base))
     (run_dir / RUN_FILE).write_text(json.dumps({**json.loads((run_dir / RUN_FILE).read_text()), "status": "running"}),
                                     encoding="utf-8")
     other_data = tmp_path / "other.jsonl"
-    other_data.write_text(data_file.read_text(encoding="utf-8").replace("北京", "上海"), encoding="utf-8")
+    other_data.write_text(alpaca_jsonl.read_text(encoding="utf-8").replace("北京", "上海"), encoding="utf-8")
     cases = [
         (["data.max_length=64"], "data.max_length changed (256 -> 64)"),
         (["adapter.r=4"], "adapter.r changed (8 -> 4)"),
@@ -221,32 +207,32 @@ def test_resume_refuses_a_changed_function_and_allows_an_extension(tiny_bloom_di
     ]
     for overrides, change in cases:
         with pytest.raises(RunError) as raised:
-            train(_config(tiny_bloom_dir, data_file, run_dir, *base, *overrides), resume=True)
+            train(_config(tiny_bloom_dir, alpaca_jsonl, run_dir, *base, *overrides), resume=True)
         assert str(raised.value) == (
             f"{run_dir}: --resume refused: {change} since the checkpoint was trained; start a new output_dir, "
             "or pass overwrite=true to train again from scratch")
     with pytest.raises(RunError, match=r"--resume refused: the training data \(its content"):
         train(_config(tiny_bloom_dir, other_data, run_dir, *base), resume=True)
-    train(_config(tiny_bloom_dir, data_file, run_dir, "train.max_steps=6", "train.save_steps=2"), resume=True)
+    train(_config(tiny_bloom_dir, alpaca_jsonl, run_dir, "train.max_steps=6", "train.save_steps=2"), resume=True)
     status = json.loads((run_dir / RUN_FILE).read_text())
     assert status["status"] == "finished" and status["global_step"] == 6
     assert "resume extends the run: train.max_steps 4 -> 6" in (run_dir / "train.log").read_text(encoding="utf-8")
     assert _steps(run_dir) == [1, 2, 3, 4, 5, 6]
 
 
-def test_consumers_refuse_unfinished_runs_and_remote_code_unless_asked(tiny_bloom_dir, data_file, tmp_path, capsys):
+def test_consumers_refuse_unfinished_runs_and_remote_code_unless_asked(tiny_bloom_dir, alpaca_jsonl, tmp_path, capsys):
     import yaml
 
     from loraft.cli import main
 
     run_dir = tmp_path / "run"
-    train(_config(tiny_bloom_dir, data_file, run_dir, "train.max_steps=2", "train.save_steps=2"))
+    train(_config(tiny_bloom_dir, alpaca_jsonl, run_dir, "train.max_steps=2", "train.save_steps=2"))
     generate = ["generate", str(run_dir), "--prompt", "你好", "--max-new-tokens", "2", "--temperature", "0"]
     # a run killed after its checkpoint: the adapter files are gone, status says running
     for name in ("adapter_model.safetensors", "adapter_config.json"):
         (run_dir / name).unlink()
     (run_dir / RUN_FILE).write_text(json.dumps({"status": "running"}), encoding="utf-8")
-    for command in (generate, ["eval", str(run_dir), "--data", str(data_file)],
+    for command in (generate, ["eval", str(run_dir), "--data", str(alpaca_jsonl)],
                     ["merge", str(run_dir), "--out", str(tmp_path / "merged")]):
         assert main(command) == 2
         assert capsys.readouterr().err.splitlines()[-1] == (
@@ -267,7 +253,7 @@ def test_consumers_refuse_unfinished_runs_and_remote_code_unless_asked(tiny_bloo
 
 
 def test_staged_directory_replaces_whole_or_merges_and_leaves_the_target_on_error(tmp_path):
-    from loraft.rundir import staged_directory
+    from loraft.files import staged_directory
 
     target = tmp_path / "entry"
     with staged_directory(target) as staging:

@@ -23,10 +23,6 @@ LONG = 1500  # tokens: seconds of generation on the tiny model
 LOAD_CLIENTS, LOAD_SECONDS = 64, 60
 
 
-def slow_tests_wanted(config) -> bool:
-    return os.environ.get("LORAFT_SLOW") == "1" or "slow" in (config.getoption("markexpr") or "")
-
-
 class LiveServer(ServerProcess):
     """`loraft.serve.serve(run_dir, **options)` in a child process on 127.0.0.1, up once /health answers."""
 
@@ -165,7 +161,6 @@ class Load:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif("not slow_tests_wanted(config)", reason="load test: run with LORAFT_SLOW=1 or -m slow")
 @pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads RSS from /proc")
 def test_load_keeps_health_fast_memory_flat_and_no_5xx(run_dir, tmp_path):
     clients, seconds = LOAD_CLIENTS, LOAD_SECONDS

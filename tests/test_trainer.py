@@ -40,13 +40,27 @@ def _dataset(tokenizer, lengths=(5, 17, 9, 30)):
     return Dataset.from_list(rows)
 
 
-def _trainer(model, tokenizer, tmp_path, **options):
+def _plan(**decisions):
+    """A plan with the given decisions (sampler, micro_batch_tokens, fused_loss, packing), the rest as planned."""
+    from dataclasses import replace
+
+    from loraft.config import RunConfig
+    from loraft.plan import make_plan
+    from loraft.precision import Capabilities
+
+    caps = Capabilities("cpu", "override", cpu_bf16_flags=False, bf16_speedup=0.01)
+    base = make_plan(RunConfig(), caps, {"model_type": "llama"})
+    return replace(base, **{"fused_loss": False, "micro_batch_tokens": 0, "sampler": "random", **decisions})
+
+
+def _trainer(model, tokenizer, tmp_path, nonfinite_patience=0, **decisions):
     from transformers import DataCollatorForSeq2Seq, TrainingArguments
 
     args = TrainingArguments(output_dir=str(tmp_path / "checkpoints"), use_cpu=True, report_to="none",
                              per_device_train_batch_size=4, save_total_limit=2, logging_steps=1)
     return LoraftTrainer(model=model, args=args, train_dataset=_dataset(tokenizer), processing_class=tokenizer,
-                         data_collator=DataCollatorForSeq2Seq(tokenizer=tokenizer, padding=True), **options)
+                         data_collator=DataCollatorForSeq2Seq(tokenizer=tokenizer, padding=True),
+                         plan=_plan(**decisions), nonfinite_patience=nonfinite_patience)
 
 
 def _batch(trainer):
@@ -85,11 +99,11 @@ def test_sub_batched_training_step_equals_the_unsplit_step(tiny_llama_dir, token
 def test_supervised_loss_equals_the_models_own_and_falls_back_when_it_does_not_apply(tiny_llama_dir, tokenizer,
                                                                                        tmp_path):
     model = _model(tiny_llama_dir)
-    fused = _trainer(model, tokenizer, tmp_path, supervised_loss=True)
-    plain = _trainer(model, tokenizer, tmp_path, supervised_loss=False)
+    fused = _trainer(model, tokenizer, tmp_path, fused_loss=True)
+    plain = _trainer(model, tokenizer, tmp_path, fused_loss=False)
     batch, count = _batch(fused)
     model.train()
-    assert fused._supervised_loss_parts(model) is not None
+    assert fused.fused_loss and not plain.fused_loss
     ours = fused.compute_loss(model, dict(batch), num_items_in_batch=torch.tensor(count))
     theirs = plain.compute_loss(model, dict(batch), num_items_in_batch=torch.tensor(count))
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
@@ -121,7 +135,7 @@ def test_non_finite_gradient_norm_stops_past_patience_and_zeroes_within_it(tiny_
 
 def test_length_grouped_sampler_only_when_asked(tiny_llama_dir, tokenizer, tmp_path):
     model = _model(tiny_llama_dir)
-    grouped = _trainer(model, tokenizer, tmp_path, length_grouped=True)._get_train_sampler()
+    grouped = _trainer(model, tokenizer, tmp_path, sampler="length_grouped")._get_train_sampler()
     assert isinstance(grouped, LengthGroupedSampler) and sorted(grouped) == [0, 1, 2, 3]
     assert not isinstance(_trainer(model, tokenizer, tmp_path)._get_train_sampler(), LengthGroupedSampler)
 

@@ -15,20 +15,41 @@ from loraft.errors import LoraftError, require
 def _data_config(args):
     from loraft.config import DataConfig
 
-    fields = {"path": args.path, "template": args.template, "max_length": args.max_length, "format": args.format}
+    fields = {"path": args.path, "template": args.template, "max_length": args.max_length, "format": args.format,
+              "allow_empty_responses": getattr(args, "allow_empty_responses", False)}
     if getattr(args, "limit", None):
         fields["limit"] = args.limit
     return DataConfig(**fields)
 
 
 def cmd_train(args) -> int:
-    from loraft.config import load_config, resolve_config_source
+    from loraft.config import load_config
+    from loraft.presets import resolve_config_source
     from loraft.train import train
 
     config = load_config(resolve_config_source(args.config), args.overrides)
     run_dir = train(config, resume=args.resume)
     if _rank() == 0:
         print(f"run directory: {run_dir}")
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from loraft.config import load_config
+    from loraft.presets import resolve_config_source
+    from loraft.train import preview_plan
+
+    report = preview_plan(load_config(resolve_config_source(args.config), args.overrides), measure=args.measure)
+    if args.json:
+        print(json.dumps({k: v for k, v in report.items() if k != "describe"}, ensure_ascii=False, indent=2))
+        return 0
+    parameters, memory = report["parameters"], report["memory"]
+    print(f"model: {report['model']}")
+    print(report["describe"])
+    print(f"  {'autotune':19} {report['autotune']}")
+    print(f"parameters: {parameters['trainable']:,} trainable of {parameters['total']:,}")
+    print(f"peak memory (estimate): {memory['peak_gib']} GiB = " + " + ".join(
+        f"{name} {value}" for name, value in memory["parts_gib"].items()))
     return 0
 
 
@@ -68,7 +89,8 @@ def cmd_inspect(args) -> int:
     adapter = None
     model = args.model
     if args.preset:
-        from loraft.config import load_config, preset_path, shipped_shape
+        from loraft.config import load_config
+        from loraft.presets import preset_path, shipped_shape
 
         preset = load_config(preset_path(args.preset))
         adapter = preset.adapter
@@ -162,7 +184,8 @@ def cmd_demo(args) -> int:
 
 
 def cmd_config(args) -> int:
-    from loraft.config import describe_fields, preset_names, preset_path
+    from loraft.config import describe_fields
+    from loraft.presets import preset_names, preset_path
 
     if args.presets:
         for name in preset_names():
@@ -202,6 +225,8 @@ def _add_data_options(parser: argparse.ArgumentParser) -> None:
                         "chat_template) or auto (the tokenizer's own when it has one, else human_assistant; default)")
     parser.add_argument("--max-length", type=int, default=256, help="truncation length (default: 256)")
     parser.add_argument("--format", default="auto", choices=["auto", "alpaca", "messages", "sharegpt"])
+    parser.add_argument("--allow-empty-responses", action="store_true",
+                        help="accept data in which every response is empty (data.allow_empty_responses)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
 
 
@@ -236,6 +261,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", help="dot-overrides, e.g. train.max_steps=3 output_dir=out")
     train.add_argument("--resume", action="store_true", help="continue from the run's latest complete checkpoint")
     train.set_defaults(handler=cmd_train)
+
+    plan = sub.add_parser("plan", help="show what a training run would do on this machine, without training")
+    plan.add_argument("config", help="YAML config file, or a shipped preset's name")
+    plan.add_argument("overrides", nargs="*", help="dot-overrides, e.g. train.precision=fp32")
+    plan.add_argument("--json", action="store_true", help="print JSON instead of text")
+    plan.add_argument("--measure", action="store_true",
+                      help="measure the speed choices now (else: the cached measurement, or the static defaults)")
+    plan.set_defaults(handler=cmd_plan)
 
     data = sub.add_parser("data", help="check or preview training data")
     data_sub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")

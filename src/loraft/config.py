@@ -1,6 +1,7 @@
 """The whole run's settings: one typed schema, loaded from YAML with `key=value` dot-overrides.
 
-Every field carries a one-line description; `loraft config` prints them as the config reference.
+Every field carries a one-line description; `loraft config` prints them as the config reference. The shipped
+presets (`loraft train NAME`) are found in loraft.presets.
 Defaults reproduce the reference recipe (Langboat/bloom-1b4-zh, alpaca_data_zh, human_assistant
 template, max_length 256, LoRA on `.*\\.1.*query_key_value` with `word_embeddings` saved, 1 epoch,
 batch 1, grad-accum 8, logging every 10 steps). How it is computed defaults to the fast path (bf16 where the
@@ -10,8 +11,6 @@ train.sampling=random` computes the reference's function step for step (see docs
 
 from __future__ import annotations
 
-import os
-from importlib import resources
 from pathlib import Path
 from types import UnionType
 from typing import Any, Literal, Optional, Union, get_args, get_origin
@@ -20,6 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from loraft.errors import ConfigError
+from loraft.files import write_text_atomically
 
 
 class _Section(BaseModel):
@@ -79,7 +79,7 @@ class DataConfig(_Section):
     limit: Optional[int] = Field(None, description="Use only the first N records (quick runs).")
     num_proc: Optional[int] = Field(None, description="Tokenization worker processes; None = up to the CPU count.")
     cache_dir: Optional[str] = Field(
-        None, description="Where tokenized datasets are cached; None = ~/.cache/loraft/tokenized."
+        None, description="Where tokenized datasets are cached; None = $LORAFT_HOME/tokenized."
     )
 
     @field_validator("max_length")
@@ -179,6 +179,12 @@ class TrainConfig(_Section):
     )
     supervised_loss: bool = Field(
         True, description="Run lm_head and the loss only where labels are supervised, in chunks (same loss)."
+    )
+    autotune: bool = Field(
+        True,
+        description="Choose the sub-batch size, attention, fused loss and optimizer from a short measurement at the "
+        "model's real width on this machine (once, cached; the reference's own path is a candidate); false = the "
+        "static defaults. $LORAFT_AUTOTUNE=0 also turns it off.",
     )
     nonfinite_patience: int = Field(
         0, ge=0,
@@ -324,55 +330,7 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
 def save_config(config: RunConfig, path: str | Path) -> None:
     """Write the resolved config as YAML (the run directory's `config.yaml`): to a temporary file, then renamed,
     so a crash never leaves a cut-off config that would load as something else."""
-    from loraft.rundir import write_text_atomically  # rundir imports this module
-
     write_text_atomically(path, yaml.safe_dump(config.model_dump(), sort_keys=False, allow_unicode=True))
-
-
-def preset_names() -> list[str]:
-    """Names of the configs shipped inside the package (`loraft train NAME`), sorted."""
-    folder = resources.files("loraft").joinpath("configs")
-    return sorted(entry.name.removesuffix(".yaml") for entry in folder.iterdir() if entry.name.endswith(".yaml"))
-
-
-def preset_path(name: str) -> Path:
-    """The shipped preset `name` as a file path.
-
-    Raises:
-        ConfigError: when no preset has that name (the message lists the ones that exist).
-    """
-    if name not in preset_names():
-        raise ConfigError(f"unknown preset {name!r} (presets: {', '.join(preset_names())})")
-    # Wheels install unpacked, so package data is a real file that load_config and the demo can open.
-    return Path(str(resources.files("loraft").joinpath(f"configs/{name}.yaml")))
-
-
-
-def shipped_shape(name_or_path: str) -> Optional[Path]:
-    """A directory holding the shipped `config.json` (architecture only, no weights) of a preset's hub model, or None.
-
-    `loraft inspect --preset` falls back to it where the hub cannot be reached, so what a preset trains can be
-    shown offline; the shapes are the models' published configs (`configs/shapes/ORG--NAME/config.json`).
-    """
-    entry = resources.files("loraft").joinpath(f"configs/shapes/{name_or_path.replace('/', '--')}/config.json")
-    return Path(str(entry)).parent if entry.is_file() else None
-
-def resolve_config_source(name_or_path: str | Path) -> Path:
-    """What `loraft train CONFIG` reads: an existing file, else a shipped preset's name.
-
-    A bare word (no path separator, no .yaml/.yml suffix) that is not a file names a preset, so
-    `loraft train bloom-1b4-zh-lora` works from any directory; anything else is taken as a path.
-
-    Raises:
-        ConfigError: for a bare word that is neither a file nor a preset.
-    """
-    text = str(name_or_path)
-    is_bare_word = "/" not in text and os.sep not in text and not text.endswith((".yaml", ".yml"))
-    if not is_bare_word or Path(text).is_file():
-        return Path(text)
-    if text not in preset_names():
-        raise ConfigError(f"{text}: no config file or preset by that name (presets: {', '.join(preset_names())})")
-    return preset_path(text)
 
 
 def _type_name(annotation: Any) -> str:

@@ -1,7 +1,8 @@
 """The data stage: read records (loraft.records), tokenize them with the prompt masked, cache, report.
 
-Tokenization follows the reference `preprocess_function`: each template segment is tokenized on its own
-(the first with special tokens), prompt labels are -100, and samples are cut with `[:max_length]`.
+Tokenization follows the reference `preprocess_function` through the one masked encoder (loraft.encode): each
+template segment is tokenized on its own (the first with special tokens), prompt labels are -100, and samples are
+cut here with `[:max_length]`.
 A sample with no supervised token left after the cut is dropped and counted.
 """
 
@@ -10,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import uuid
 from dataclasses import dataclass
 from itertools import chain
@@ -18,9 +18,11 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from loraft.config import DataConfig, RunConfig
+from loraft.encode import BatchEncoder, encode_rendered
 from loraft.errors import DataError, ModelError, TemplateError
+from loraft.files import cache_dir, staged_directory
 from loraft.records import Conversation, load_conversations, load_hub_dataset, read_with_report
-from loraft.templates import Segment, Template, get_template
+from loraft.templates import Template, get_template
 
 logger = logging.getLogger(__name__)
 
@@ -45,66 +47,7 @@ class PreparedData:
 # ------------------------------------------------------------------------------------- tokenizing
 
 
-class _BatchEncoder:
-    """Tokenizes a list of texts exactly as `tokenizer(text, add_special_tokens=...)` does, one call per list.
-
-    tokenizers' Rust `encode_batch_fast` skips transformers' per-call Python work (measured 9 s vs 17.5 s
-    for 51k records). The first list of each kind is checked against `tokenizer(...)`, and any difference
-    falls back to the transformers call, so the ids are always the tokenizer's own.
-    """
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
-        self.encode = getattr(backend, "encode_batch_fast", None) or getattr(backend, "encode_batch", None)
-        self.checked: set[bool] = set()
-
-    def __call__(self, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
-        if not texts:
-            return []
-        if self.encode is not None:
-            ids = [encoding.ids for encoding in self.encode(texts, add_special_tokens=add_special_tokens)]
-            if add_special_tokens in self.checked:
-                return ids
-            self.checked.add(add_special_tokens)
-            probe = self.tokenizer(texts[:64], add_special_tokens=add_special_tokens)["input_ids"]
-            if [list(p) for p in probe] == ids[:64]:
-                return ids
-            self.encode = None
-        return [list(ids) for ids in self.tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]]
-
-
-def encode_rendered(rendered: Sequence[Sequence[Segment]], encoder: "_BatchEncoder") -> list[tuple[list[int], list[int]]]:
-    """The one masked encoder: tokenize each conversation's segments one by one into (input_ids, labels), labels
-    -100 on prompt tokens, as the reference recipe tokenizes its prompt and its response separately.
-
-    The first segment gets the tokenizer's special tokens (BOS where the model uses one) unless the template wrote
-    the BOS itself (Llama-3's `{{ bos_token }}`): a BOS is never doubled, nor repeated mid-sequence. BLOOM adds no
-    special tokens, so this equals the reference's `tokenizer(prompt)` + `tokenizer(response)` exactly.
-    """
-    bos = getattr(encoder.tokenizer, "bos_token", None)
-    own_bos = [bool(bos) and bool(segments) and segments[0].text.startswith(bos) for segments in rendered]
-    with_specials = iter(encoder([s[0].text for s, own in zip(rendered, own_bos) if s and not own], True))
-    pieces = [s.text for segments, own in zip(rendered, own_bos) for s in (segments if own else segments[1:])]
-    without = iter(encoder(pieces, False))
-    rows = []
-    for segments, own in zip(rendered, own_bos):
-        input_ids: list[int] = []
-        labels: list[int] = []
-        for index, segment in enumerate(segments):
-            ids = next(with_specials) if index == 0 and not own else next(without)
-            input_ids += ids
-            labels += ids if segment.supervised else [-100] * len(ids)
-        rows.append((input_ids, labels))
-    return rows
-
-
-def encode_segments(tokenizer, segments: Sequence[Segment]) -> tuple[list[int], list[int]]:
-    """One conversation's segments as (input_ids, labels): what generation encodes a prompt with."""
-    return encode_rendered([segments], _BatchEncoder(tokenizer))[0]
-
-
-def _encode(conversations: Sequence[Conversation], encoder: _BatchEncoder, template: Template, eos_token: str,
+def _encode(conversations: Sequence[Conversation], encoder: BatchEncoder, template: Template, eos_token: str,
             max_length: int) -> list[tuple[list[int], list[int], int]]:
     """Tokenize conversations into (input_ids, labels, untruncated length), cut to max_length."""
     rendered = []
@@ -119,7 +62,7 @@ def _encode(conversations: Sequence[Conversation], encoder: _BatchEncoder, templ
 def _encode_columns(batch: dict, tokenizer, template: Template, max_length: int) -> dict:
     """The datasets.map worker used when num_proc > 1."""
     conversations = [{"messages": messages} for messages in batch["messages"]]
-    rows = _encode(conversations, _BatchEncoder(tokenizer), template, tokenizer.eos_token, max_length)
+    rows = _encode(conversations, BatchEncoder(tokenizer), template, tokenizer.eos_token, max_length)
     return {"input_ids": [r[0] for r in rows], "labels": [r[1] for r in rows], "full_length": [r[2] for r in rows]}
 
 
@@ -149,7 +92,7 @@ def tokenize_conversations(conversations: Sequence[Conversation], tokenizer, tem
         ).to_dict()
         rows = zip(encoded["input_ids"], encoded["labels"], encoded["full_length"])
     else:
-        encoder = _BatchEncoder(tokenizer)
+        encoder = BatchEncoder(tokenizer)
         batches = (conversations[i:i + ENCODE_BATCH] for i in range(0, len(conversations), ENCODE_BATCH))
         rows = (row for batch in batches for row in _encode(batch, encoder, template, tokenizer.eos_token, max_length))
     kept_ids: list[list[int]] = []
@@ -211,12 +154,28 @@ def _require_samples(path: str, samples_kept: int, samples_tokenized: int, max_l
         raise DataError(path, message)
 
 
+def validate_source(path: str, report: dict, data: DataConfig) -> None:
+    """The checks a training source must pass: `loraft train` (prepare_datasets) and `loraft data check`
+    (check_data) both run exactly these, so both refuse the same data with the same sentence.
+
+    Raises:
+        DataError: no sample keeps a supervised token (when the report is tokenized), or every response is
+            empty and data.allow_empty_responses is off.
+    """
+    if "samples_kept" in report:
+        _require_samples(path, report["samples_kept"], report["samples_tokenized"], data.max_length)
+    answers = report.get("roles", {}).get("assistant", 0)
+    if answers and report.get("empty_outputs") == answers and not data.allow_empty_responses:
+        # every sample would teach only the end token: refused before any model is loaded
+        raise DataError(path, f"every response is empty ({answers} of {answers}), so training would only "
+                        "teach the model to stop; set data.allow_empty_responses=true if that is intended")
+
+
 # ------------------------------------------------------------------------------------------ cache
 
 
 def _cache_root(data: DataConfig) -> Path:
-    root = data.cache_dir or os.environ.get("LORAFT_CACHE_DIR") or Path.home() / ".cache" / "loraft" / "tokenized"
-    return Path(root).expanduser()
+    return Path(data.cache_dir).expanduser() if data.cache_dir else cache_dir("tokenized")
 
 
 def _source_fingerprint(path: str, data: DataConfig) -> str:
@@ -258,8 +217,6 @@ def _cache_key(path: str, data: DataConfig, tokenizer, template: Template) -> st
 def _store(entry: Path, dataset, report: dict) -> None:
     """Write a cache entry atomically: it appears whole at once, and a racing writer's copy (another torchrun
     rank that finished first) is kept and this one discarded."""
-    from loraft.rundir import staged_directory
-
     with staged_directory(entry, keep_existing=True) as staging:
         dataset.save_to_disk(str(staging))
         (staging / "report.json").write_text(json.dumps(report, ensure_ascii=False, indent=1), encoding="utf-8")
@@ -305,11 +262,7 @@ def prepare_datasets(config: RunConfig, tokenizer) -> PreparedData:
 
     data = config.data
     train, report = _tokenized_source(data.path, data, tokenizer)
-    answers = report.get("roles", {}).get("assistant", 0)
-    if answers and report.get("empty_outputs") == answers and not data.allow_empty_responses:
-        # every sample would teach only the end token: refused before any model is loaded
-        raise DataError(data.path, f"every response is empty ({answers} of {answers}), so training would only "
-                        "teach the model to stop; set data.allow_empty_responses=true if that is intended")
+    validate_source(data.path, report, data)
     eval_dataset = None
     if data.eval_path:
         eval_dataset, report["eval"] = _tokenized_source(data.eval_path, data, tokenizer)
@@ -333,10 +286,12 @@ def prepare_datasets(config: RunConfig, tokenizer) -> PreparedData:
 
 
 def check_data(path: str, data: DataConfig, tokenizer=None) -> dict:
-    """Validate a data source and report on it; with a tokenizer also tokenize it (through the cache)."""
-    if tokenizer is None:
-        return read_with_report(str(path), data)[1]
-    return _tokenized_source(str(path), data, tokenizer)[1]
+    """Validate a data source as training would (validate_source) and report on it; with a tokenizer also
+    tokenize it (through the cache)."""
+    path = str(path)
+    report = read_with_report(path, data)[1] if tokenizer is None else _tokenized_source(path, data, tokenizer)[1]
+    validate_source(path, report, data)
+    return report
 
 
 def preview_samples(path: str, data: DataConfig, tokenizer, limit: int) -> list[dict]:
@@ -349,7 +304,7 @@ def preview_samples(path: str, data: DataConfig, tokenizer, limit: int) -> list[
     _check_tokenizer(tokenizer)
     conversations = load_conversations(str(path), data)
     template = get_template(data.template, tokenizer)
-    encoder = _BatchEncoder(tokenizer)
+    encoder = BatchEncoder(tokenizer)
     samples: list[dict] = []
     step = max(limit, 64)
     for start in range(0, len(conversations), step):

@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 import torch
 
 from loraft.errors import DataError, RunError
-from loraft.rundir import write_text_atomically
+from loraft.files import write_text_atomically
 
 EVAL_DIR = "eval"
 
@@ -264,7 +264,7 @@ def evaluate(
     run = open_run(run_dir, access or RunAccess())
     # Read the data before loading the model, so a bad file fails in a second.
     records = load_eval_records(data_path, run.config.data, limit)
-    model, tokenizer, template, info = load_run(run_dir, device=device, access=access)
+    model, tokenizer, template, info = load_run(run, device=device)
     config = info["config"]
     samples, token_report = tokenize_references(
         tokenizer, template, [{"messages": r["messages"]} for r in records], config.data.max_length

@@ -16,7 +16,7 @@ import torch
 
 from loraft.errors import RunError
 from loraft.precision import DTYPES
-from loraft.rundir import staged_directory, write_json_atomically
+from loraft.files import staged_directory, write_json_atomically
 
 MERGE_DTYPES = DTYPES
 MERGE_FILE = "loraft_merge.json"
@@ -110,9 +110,9 @@ def merge_run(
 
     # merged on the CPU in fp32: exact, and the merged copy never competes with a GPU's memory
     # a QLoRA run merges into the unquantized base: merging into 4-bit weights would round the update away
-    model, tokenizer, info = load_run_model(run_dir, dtype=torch.float32, device="cpu", access=access, quantized=False)
-    config = info["config"]
-    template = get_template(info.get("template") or config.data.template, tokenizer)
+    model, tokenizer = load_run_model(run, dtype=torch.float32, device="cpu", quantized=False)
+    config = run.config
+    template = get_template(run.record.get("template") or config.data.template, tokenizer)
     was_tied = _tie_setting(model.get_base_model())
     merged = model.merge_and_unload()
     untied = _untie_trained_embeddings(merged, was_tied)

@@ -14,10 +14,11 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, NamedTuple, Optional, Sequence, Union
 
 import torch
+from transformers import TextIteratorStreamer
 
 from loraft.config import GenerationConfig
 from loraft.errors import ConfigError, DataError, LoraftError
-from loraft.data import encode_segments
+from loraft.encode import encode_segments
 from loraft.templates import Template, get_template
 
 
@@ -66,12 +67,13 @@ def cli_flag(field: str) -> str:
     return "--" + field.replace("_", "-")
 
 
-def run_generation_settings(run_dir: str | Path, overrides: Overrides = None, access=None) -> GenerationConfig:
-    """A run's saved generation settings with CLI overrides on top, checked before any model is loaded."""
+def open_for_generation(run_dir: str | Path, overrides: Overrides = None, access=None):
+    """(the opened run, its saved generation settings with CLI overrides on top): the run checked and its settings
+    resolved before any model is loaded, the run opened once."""
     from loraft.rundir import RunAccess, open_run
 
-    saved = open_run(run_dir, access or RunAccess()).config.generation
-    return resolve_generation(saved, overrides, label=cli_flag)
+    run = open_run(run_dir, access or RunAccess())
+    return run, resolve_generation(run.config.generation, overrides, label=cli_flag)
 
 
 def encode_prompt(tokenizer, template: Template, messages: Sequence[dict]) -> list[int]:
@@ -168,6 +170,25 @@ def generate_batch(*args, **kwargs) -> list[str]:
     return [answer.text for answer in generate_answers(*args, **kwargs)]
 
 
+class CountingStreamer(TextIteratorStreamer):
+    """A TextIteratorStreamer that also counts its answer's generated tokens and notes an end token."""
+
+    def __init__(self, answer: "AnswerStream", stop_ids: set, **kwargs):
+        super().__init__(answer.tokenizer, **kwargs)
+        self.answer, self.stop_ids = answer, stop_ids
+
+    def put(self, value):
+        if not (self.skip_prompt and self.next_tokens_are_prompt):
+            for token in value.reshape(-1).tolist():
+                if self.answer.ended:
+                    break
+                if token in self.stop_ids:
+                    self.answer.ended = True
+                else:
+                    self.answer.tokens += 1
+        super().put(value)
+
+
 class AnswerStream:
     """The answer to one conversation, iterated piece by piece as it is generated; once iteration ends,
     `tokens` and `ended` say what `Answer` says."""
@@ -184,24 +205,7 @@ class AnswerStream:
         self.tokens, self.ended = 0, False
 
     def __iter__(self) -> Iterator[str]:
-        from transformers import TextIteratorStreamer
-
-        stop_ids = set(self.kwargs["eos_token_id"])
-        answer = self
-
-        class CountingStreamer(TextIteratorStreamer):
-            def put(self, value):
-                if not (self.skip_prompt and self.next_tokens_are_prompt):
-                    for token in value.reshape(-1).tolist():
-                        if answer.ended:
-                            break
-                        if token in stop_ids:
-                            answer.ended = True
-                        else:
-                            answer.tokens += 1
-                super().put(value)
-
-        streamer = CountingStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        streamer = CountingStreamer(self, set(self.kwargs["eos_token_id"]), skip_prompt=True, skip_special_tokens=True)
         errors: list[BaseException] = []
 
         def run() -> None:
@@ -234,20 +238,25 @@ def stream_answer(model, tokenizer, template: Template, messages: Sequence[dict]
     return AnswerStream(model, tokenizer, template, messages, settings, prompt_ids, stopping_criteria)
 
 
-def load_run(run_dir: str | Path, device: Optional[str] = None, dtype: Optional[str] = None, access=None):
-    """(model, tokenizer, template, run_info) for a finished run directory.
+def load_run(run, device: Optional[str] = None, dtype: Optional[str] = None, access=None):
+    """(model, tokenizer, template, run_info) for a run: a UsableRun its caller opened (loraft.rundir.open_run),
+    or a run directory, opened here (then `access` applies: unfinished runs, remote code).
 
     Args:
-        dtype: weights dtype (`generation.dtype`: auto, fp32, bf16, fp16); None = fp32, as evaluation wants.
-        access: a loraft.rundir.RunAccess (unfinished runs, remote code); None = neither.
+        dtype: weights dtype (`generation.dtype`: auto, fp32, bf16, fp16), decided by the plan's rule
+            (loraft.precision.choose_inference_dtype); None = fp32, as evaluation wants.
     """
     from loraft.model import load_run_model
-    from loraft.precision import inference_dtype
+    from loraft.precision import DTYPES, choose_inference_dtype, machine_capabilities
+    from loraft.rundir import RunAccess, UsableRun, open_run
 
-    model, tokenizer, info = load_run_model(run_dir, dtype=inference_dtype(dtype, device or "auto"), device=device,
-                                            access=access)
+    if not isinstance(run, UsableRun):
+        run = open_run(run, access or RunAccess())
+    name, _ = choose_inference_dtype(dtype, machine_capabilities(device or run.config.model.device))
+    model, tokenizer = load_run_model(run, dtype=DTYPES[name], device=device)
     # the run's tokenizer carries the template it was trained with (a model's own one included)
-    template = get_template(info.get("template") or info["config"].data.template, tokenizer)
+    template = get_template(run.record.get("template") or run.config.data.template, tokenizer)
+    info = {"config": run.config, **run.record, "adapter_dir": str(run.adapter_dir), "dtype": name}
     return model, tokenizer, template, info
 
 
@@ -260,8 +269,8 @@ def chat(run_dir: str | Path, overrides: Overrides = None, system: Optional[str]
     """
     stdin = stdin or sys.stdin
     stdout = stdout or sys.stdout
-    settings = run_generation_settings(run_dir, overrides, access)
-    model, tokenizer, template, _ = load_run(run_dir, dtype=settings.dtype, access=access)
+    run, settings = open_for_generation(run_dir, overrides, access)
+    model, tokenizer, template, _ = load_run(run, dtype=settings.dtype)
     history: list[dict] = [{"role": "system", "content": system}] if system else []
     stdout.write(f"loraft chat: {run_dir} ({template.name} template). /reset clears the history, /exit quits.\n")
     while True:
@@ -332,14 +341,14 @@ def generate_to_file(
     batch_size: int = 8, access=None,
 ) -> int:
     """Answer every prompt in `input_path`; write each record plus `response` to `output_path` (JSONL)."""
-    from loraft.rundir import write_text_atomically
+    from loraft.files import write_text_atomically
 
     output_path = Path(output_path)
     if output_path.exists():
         raise LoraftError(f"{output_path}: exists already; choose another --output")
     prompts = read_prompts(input_path)
-    settings = run_generation_settings(run_dir, overrides, access)
-    model, tokenizer, template, _ = load_run(run_dir, dtype=settings.dtype, access=access)
+    run, settings = open_for_generation(run_dir, overrides, access)
+    model, tokenizer, template, _ = load_run(run, dtype=settings.dtype)
     answers = generate_batch(model, tokenizer, template, [m for _, m in prompts], settings, batch_size, progress=True)
     write_text_atomically(output_path, "".join(json.dumps({**record, "response": answer}, ensure_ascii=False) + "\n"
                                                for (record, _), answer in zip(prompts, answers)))
@@ -348,6 +357,6 @@ def generate_to_file(
 
 def generate_one(run_dir: str | Path, prompt: str, overrides: Overrides = None, access=None) -> Iterable[str]:
     """Stream the answer to a single user prompt, with the run's generation settings under `overrides`."""
-    settings = run_generation_settings(run_dir, overrides, access)
-    model, tokenizer, template, _ = load_run(run_dir, dtype=settings.dtype, access=access)
+    run, settings = open_for_generation(run_dir, overrides, access)
+    model, tokenizer, template, _ = load_run(run, dtype=settings.dtype)
     return stream_answer(model, tokenizer, template, [{"role": "user", "content": prompt}], settings)

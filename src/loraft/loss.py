@@ -5,7 +5,7 @@ float32 logits, their softmax and gradient alive until backward: for a micro-bat
 46k vocabulary that is ~380 MB per copy. Here the hidden states of the supervised positions are gathered
 first, and lm_head + cross-entropy run over them a chunk at a time; each chunk's gradient with respect to
 the hidden states (and to lm_head's weight, if it is trained) is computed right away, so only one chunk of
-logits ever exists. The result equals `model(..., labels=...).loss` (tests/test_speed_paths.py).
+logits ever exists. The result equals `model(..., labels=...).loss` (tests/test_loss.py).
 """
 
 from __future__ import annotations

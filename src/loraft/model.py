@@ -16,8 +16,8 @@ import torch
 
 from loraft.config import AdapterConfig, ModelConfig, RunConfig
 from loraft.errors import ModelError
-from loraft.fastpaths import apply_patch, patches_on_load
-from loraft.precision import DTYPES, resolve_device, resolve_precision
+from loraft.fastpaths import apply_patch, patches_on_load, supports_supervised_loss
+from loraft.precision import DTYPES, resolve_device
 from loraft.weights import (cast_frozen_weights, cast_parameters, detach_from_checkpoint, prepare_for_training,
                             quantization_config)
 
@@ -46,7 +46,8 @@ def load_tokenizer(name_or_path: str, revision: Optional[str] = None, trust_remo
 
 
 def load_base_model(model: ModelConfig, dtype: torch.dtype = torch.float32,
-                    compute_dtype: Optional[torch.dtype] = None):
+                    compute_dtype: Optional[torch.dtype] = None, attention: Optional[str] = None,
+                    attention_patch: Optional[bool] = None):
     """Load the causal LM with `from_pretrained` (hub id or local dir), frozen weights in `dtype`.
 
     A half-precision `dtype` loads the checkpoint in its own dtype (memory-mapped, nothing copied) and casts
@@ -54,6 +55,11 @@ def load_base_model(model: ModelConfig, dtype: torch.dtype = torch.float32,
     `from_pretrained(dtype=...)` without its peak (generation's peak RSS in docs/benchmarks.md).
     With `model.quantization` (loraft.weights) the linear layers load quantized, computing in `compute_dtype`
     (default: `dtype`), on the model's device.
+
+    Args:
+        attention, attention_patch: the attention implementation and whether the family's patch replaces it, as
+            a training run's plan decided them; None (chat, generate, serve) = model.attn_implementation, with the
+            patch where loraft.fastpaths applies it to that setting.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -66,10 +72,11 @@ def load_base_model(model: ModelConfig, dtype: torch.dtype = torch.float32,
     try:
         config = AutoConfig.from_pretrained(model.name_or_path, revision=model.revision,
                                             trust_remote_code=model.trust_remote_code)
-        # an architecture's own attention patch (loraft.fastpaths) stands in for the default implementation
-        patch = patches_on_load(config.model_type, model.attn_implementation)
-        if model.attn_implementation and not patch:
-            kwargs["attn_implementation"] = model.attn_implementation
+        if attention_patch is None:
+            attention, attention_patch = model.attn_implementation, patches_on_load(config.model_type,
+                                                                                    model.attn_implementation)
+        if attention and not attention_patch:
+            kwargs["attn_implementation"] = attention
         loaded = AutoModelForCausalLM.from_pretrained(model.name_or_path, config=config, **kwargs)
     except OSError as exc:
         raise ModelError(f"{model.name_or_path}: cannot load the base model ({_first_line(exc)})") from None
@@ -77,7 +84,7 @@ def load_base_model(model: ModelConfig, dtype: torch.dtype = torch.float32,
         cast_parameters(loaded, dtype)
     if bnb_config is not None:
         detach_from_checkpoint(loaded)
-    if patch:
+    if attention_patch:
         apply_patch(loaded)
     return loaded
 
@@ -249,6 +256,22 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
+def meta_counts(model_config, adapter: AdapterConfig, trust_remote_code: bool = False) -> dict:
+    """Parameter counts of the model with `adapter` attached, built from its config on the meta device (no
+    weights read, no memory): {"trainable_params", "total_params", "embedding_params", "info"}."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(model_config, trust_remote_code=trust_remote_code)
+    _, total = count_parameters(model)
+    embedding = model.get_input_embeddings()
+    embedding_params = embedding.weight.numel() if embedding is not None else 0
+    peft_model, info = attach_adapter(model, adapter)
+    trainable, _ = count_parameters(peft_model)
+    return {"trainable_params": trainable, "total_params": total, "embedding_params": embedding_params,
+            "info": info}
+
+
 def inspect_model(
     name_or_path: str,
     target_modules: Optional[Union[str, list[str]]] = None,
@@ -262,7 +285,7 @@ def inspect_model(
         {"matched": [module names], "by_layer": {layer: [names]}, "trainable_params": N, "total_params": N,
          "tied_embeddings": note or None}
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     adapter = (adapter or AdapterConfig()).model_copy()
     if target_modules is not None:
@@ -273,11 +296,8 @@ def inspect_model(
         model_config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except OSError as exc:
         raise ModelError(f"{name_or_path}: cannot read a model config ({_first_line(exc)})") from None
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(model_config, trust_remote_code=trust_remote_code)
-    _, total = count_parameters(model)
-    peft_model, info = attach_adapter(model, adapter)
-    trainable, _ = count_parameters(peft_model)
+    counts = meta_counts(model_config, adapter, trust_remote_code)
+    info, trainable, total = counts["info"], counts["trainable_params"], counts["total_params"]
     by_layer: dict[str, list[str]] = defaultdict(list)
     for name in info["target_matches"]:
         layer = re.search(r"\.(\d+)\.", name)
@@ -307,36 +327,36 @@ def format_inspection(report: dict) -> str:
     return "\n".join(lines)
 
 
-def load_model_for_training(config: RunConfig, tokenizer=None):
-    """Base model + fresh adapter for `config`; returns (peft_model, info).
+def load_model_for_training(config: RunConfig, plan, tokenizer=None):
+    """Base model + fresh adapter for `config`, as `plan` (loraft.plan) decided; returns (peft_model, info).
 
     Under bf16/fp16 precision the base loads in fp32 (trainable copies such as modules_to_save start from
     the exact weights), then the frozen linear weights are stored in the compute dtype (cast_frozen_weights).
     """
-    dtype = resolve_dtype(config.model, config.train.precision)
-    precision = resolve_precision(config.train.precision, config.model.device)
-    base = load_base_model(config.model, dtype, compute_dtype=DTYPES[precision])
-    base = prepare_for_training(base, config.train.gradient_checkpointing)  # QLoRA only
+    dtype = resolve_dtype(config.model, plan.precision)
+    compute = DTYPES[plan.precision]
+    base = load_base_model(config.model, dtype, compute_dtype=compute, attention=plan.attention,
+                           attention_patch=plan.attention_patch)
+    base = prepare_for_training(base, plan.gradient_checkpointing)  # QLoRA only
+    if plan.fused_loss and not supports_supervised_loss(base):
+        raise ModelError(f"{config.model.name_or_path}: the plan chose the fused loss, but this model's lm_head is "
+                         "not a plain linear layer; set train.supervised_loss=false")
     peft_model, info = attach_adapter(base, config.adapter, tokenizer, config.model.name_or_path)
-    if precision in ("bf16", "fp16") and config.model.dtype == "auto" and config.model.quantization == "none":
-        info["cast_frozen_weights"] = cast_frozen_weights(peft_model, DTYPES[precision])
+    if plan.precision in ("bf16", "fp16") and config.model.dtype == "auto" and config.model.quantization == "none":
+        info["cast_frozen_weights"] = cast_frozen_weights(peft_model, compute)
     return peft_model, info
 
 
-def load_run_model(run_dir: Union[str, Path], dtype: Optional[torch.dtype] = None, device: Optional[str] = None,
-                   access=None, quantized: bool = True):
-    """Load base + adapter from a run directory (what chat/generate/eval/merge/serve use), after
-    `loraft.rundir.open_run` checked it (finished, or allowed; trust_remote_code only as granted by `access`).
+def load_run_model(run, dtype: Optional[torch.dtype] = None, device: Optional[str] = None, quantized: bool = True):
+    """Load base + adapter from a run directory that its caller opened and checked (`loraft.rundir.open_run`: a
+    UsableRun: finished, or allowed; trust_remote_code only as granted). What chat/generate/eval/merge/serve use.
     A QLoRA run's base loads quantized as it was trained, unless `quantized=False` (merge).
 
     Returns:
-        (peft_model in eval mode, tokenizer carrying the run's chat_template, run metadata dict)
+        (peft_model in eval mode, tokenizer carrying the run's chat_template)
     """
     from peft import PeftModel
 
-    from loraft.rundir import RunAccess, open_run
-
-    run = open_run(run_dir, access or RunAccess())
     config = run.config
     tokenizer = load_tokenizer(str(run.adapter_dir))
     target = resolve_device(device or config.model.device)
@@ -346,4 +366,4 @@ def load_run_model(run_dir: Union[str, Path], dtype: Optional[torch.dtype] = Non
     model.eval()
     if model_config.quantization == "none":  # a quantized base was placed on the device as it loaded
         model.to(target)
-    return model, tokenizer, {"config": config, **run.record, "adapter_dir": str(run.adapter_dir)}
+    return model, tokenizer

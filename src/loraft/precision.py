@@ -25,10 +25,14 @@ import logging
 import os
 import platform
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch
+
+from loraft.errors import ConfigError
+from loraft.files import cache_dir, write_json_atomically
 
 logger = logging.getLogger("loraft")
 
@@ -38,11 +42,10 @@ BF16_MIN_SPEEDUP = 1.5
 # Environment variables that change which kernels torch runs, and so what the probe measures.
 KERNEL_ENV = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS")
 PROBE_VERSION = 1
-
-
-def cache_home() -> Path:
-    """loraft's cache root: $LORAFT_HOME, else ~/.cache/loraft."""
-    return Path(os.environ.get("LORAFT_HOME") or Path.home() / ".cache" / "loraft")
+# The capability override: `fast` treats this CPU's bf16 as fast, `emulated` as emulated, without measuring (tests
+# use it to take either branch on any machine; a user can use it to skip or overrule the probe).
+CPU_BF16_OVERRIDE = "LORAFT_CPU_BF16"
+OVERRIDE_SPEEDUP = {"fast": 4.0, "emulated": 0.01}
 
 
 def device_type(device: str = "auto") -> str:
@@ -64,20 +67,87 @@ def resolve_device(device: str = "auto") -> torch.device:
 def resolve_precision(precision: str = "auto", device: str = "auto") -> str:
     """`auto` -> the fastest of bf16/fp16/fp32 that computes the same training function on this device.
 
-    An explicit precision is returned as it is.
+    An explicit precision is returned as it is. A training run decides this once, in its plan (loraft.plan);
+    this is for what is not a run (the demo's base pretraining, benchmarks).
     """
     if precision != "auto":
         return precision
+    return choose_precision(precision, machine_capabilities(device))[0]
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What this machine can compute fast, as the plan reads it: the device and the evidence for bf16.
+
+    `source` says where the bf16 answer came from: `cuda`, `mps`, `flags` (no bf16 instructions: not measured),
+    `probe` (the cached matmul probe) or `override` ($LORAFT_CPU_BF16).
+    """
+
+    device: str  # cpu, cuda or mps
+    source: str
+    cuda_name: Optional[str] = None
+    cuda_bf16: Optional[bool] = None
+    cpu_bf16_flags: Optional[bool] = None
+    bf16_speedup: Optional[float] = None  # bf16 / fp32 matmul GFLOPS on this CPU
+    fp32_gflops: Optional[float] = None
+    bf16_gflops: Optional[float] = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def machine_capabilities(device: str = "auto") -> Capabilities:
+    """This machine's capabilities for `device` (auto, cpu, cuda, cuda:N, mps); the CPU probe runs at most once per
+    machine (cached), and not at all where the flags or $LORAFT_CPU_BF16 settle it."""
     kind = device_type(device)
     if kind == "cuda":
-        return "bf16" if cuda_bf16_supported() else "fp16"
-    if kind == "cpu":
-        return "bf16" if cpu_prefers_bf16() else "fp32"
-    return "fp32"
+        return Capabilities("cuda", "cuda", cuda_name=cuda_device_name(), cuda_bf16=cuda_bf16_supported())
+    if kind != "cpu":
+        return Capabilities(kind, kind)
+    override = os.environ.get(CPU_BF16_OVERRIDE, "").strip().lower()
+    if override:
+        if override not in ("fast", "emulated"):
+            raise ConfigError(f"${CPU_BF16_OVERRIDE} must be fast or emulated (got {override!r})")
+        return Capabilities("cpu", "override", cpu_bf16_flags=override == "fast",
+                            bf16_speedup=OVERRIDE_SPEEDUP[override])
+    flags = cpu_bf16_flags()
+    if flags is False:
+        return Capabilities("cpu", "flags", cpu_bf16_flags=False)
+    probe = cpu_probe()
+    return Capabilities("cpu", "probe", cpu_bf16_flags=flags, bf16_speedup=round(probe["bf16_speedup"], 3),
+                        fp32_gflops=probe["fp32_gflops"], bf16_gflops=probe["bf16_gflops"])
+
+
+def choose_precision(requested: str, caps: Capabilities) -> tuple[str, str]:
+    """(precision, reason): `requested` as given, or what `auto` picks from `caps` (a pure function)."""
+    if requested != "auto":
+        return requested, "set in the config (train.precision)"
+    if caps.device == "cuda":
+        if caps.cuda_bf16:
+            return "bf16", f"auto: {caps.cuda_name} supports bf16"
+        return "fp16", f"auto: {caps.cuda_name} has no bf16; fp16 with loss scaling"
+    if caps.device != "cpu":
+        return "fp32", f"auto: {caps.device} trains in fp32"
+    if caps.source == "override":
+        verdict = "fast" if caps.cpu_bf16_flags else "emulated"
+        choice = "bf16" if caps.cpu_bf16_flags else "fp32"
+        return choice, f"auto: ${CPU_BF16_OVERRIDE}={verdict} says bf16 is {verdict} on this CPU"
+    if caps.source == "flags":
+        return "fp32", "auto: the CPU flags show neither AVX512-BF16 nor AMX, so bf16 would be emulated"
+    speedup = caps.bf16_speedup or 0.0
+    measured = (f"the matmul probe measured bf16 at {speedup:.2f}x fp32 ({caps.bf16_gflops} vs "
+                f"{caps.fp32_gflops} GFLOPS)")
+    if speedup >= BF16_MIN_SPEEDUP:
+        return "bf16", f"auto: {measured}, at least the {BF16_MIN_SPEEDUP}x that pays"
+    return "fp32", f"auto: {measured}, below the {BF16_MIN_SPEEDUP}x that pays"
 
 
 def cuda_bf16_supported() -> bool:
     return torch.cuda.is_bf16_supported()
+
+
+def cuda_device_name() -> str:
+    return torch.cuda.get_device_name(0)
 
 
 def cpu_bf16_flags() -> Optional[bool]:
@@ -91,9 +161,7 @@ def cpu_bf16_flags() -> Optional[bool]:
 
 def cpu_prefers_bf16() -> bool:
     """bf16 on this CPU only when its flags allow it and the probe measured it clearly faster than fp32."""
-    if cpu_bf16_flags() is False:
-        return False
-    return cpu_probe()["bf16_speedup"] >= BF16_MIN_SPEEDUP
+    return choose_precision("auto", machine_capabilities("cpu"))[0] == "bf16"
 
 
 @functools.lru_cache(maxsize=None)
@@ -103,9 +171,9 @@ def cpu_probe() -> dict:
     Returns:
         {"bf16_speedup": bf16 GFLOPS / fp32 GFLOPS, "fp32_gflops", "bf16_gflops", "cpu", "key", ...}
     """
-    identity = _machine_identity()
+    identity = machine_identity()
     key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
-    path = cache_home() / "probe" / f"precision-{key}.json"
+    path = cache_dir("probe") / f"precision-{key}.json"
     try:
         cached = json.loads(path.read_text(encoding="utf-8"))
         if cached.get("identity") == identity and isinstance(cached.get("bf16_speedup"), (int, float)):
@@ -117,8 +185,6 @@ def cpu_probe() -> dict:
               "identity": identity, "key": key, "measured": time.time()}
     logger.info("precision probe: bf16 matmul %.1f GFLOPS, fp32 %.1f GFLOPS (%.2fx) on %s",
                 bf16, fp32, bf16 / fp32, identity["cpu"])
-    from loraft.rundir import write_json_atomically
-
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomically(path, result)
@@ -160,7 +226,7 @@ def measure_matmul_speedup(size: int = 512, rounds: int = 3, seconds: float = 0.
     return best[torch.float32], best[torch.bfloat16]
 
 
-def _machine_identity() -> dict:
+def machine_identity() -> dict:
     """What the probe's answer depends on: the CPU, its flags, torch, and the kernel-selection environment."""
     cpu, flags = platform.processor() or platform.machine(), ""
     try:
@@ -194,12 +260,13 @@ def hardware_class(device: str = "auto") -> str:
     return "cpu-avx512bf16" if cpu_bf16_flags() else "cpu-bf16"
 
 
-def inference_dtype(dtype: Optional[str] = None, device: str = "auto") -> torch.dtype:
-    """Weights dtype for generation: `auto` = what resolve_precision picks (bf16 where it is fast), else fp32.
-
-    Decoding one token reads every weight once, so bf16 weights halve the memory traffic per token.
-    None keeps fp32, the function the adapter was trained against.
-    """
-    if dtype is None:
-        return torch.float32
-    return DTYPES[resolve_precision(dtype, device)]
+def choose_inference_dtype(requested: Optional[str], caps: Capabilities) -> tuple[str, str]:
+    """(dtype name, reason) for generation's weights: `auto` = what training's auto picks here (bf16 where it is
+    fast: decoding one token reads every weight once, so bf16 halves the bytes per token), else as given; None =
+    fp32, the function the adapter was trained against (evaluation)."""
+    if requested is None:
+        return "fp32", "fp32: the trained function exactly"
+    if requested != "auto":
+        return requested, "set (generation.dtype or --dtype)"
+    choice, reason = choose_precision("auto", caps)
+    return choice, reason

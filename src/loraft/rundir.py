@@ -1,4 +1,4 @@
-"""The run directory's contract: its paths, status, identity, atomic writes, and the check before it is used.
+"""The run directory's contract: its paths, status, identity, and the check before it is used.
 
 A finished run directory holds:
     adapter_config.json, adapter_model.safetensors   the adapter, standard peft format
@@ -10,9 +10,9 @@ A finished run directory holds:
     loraft_run.json                                  status, versions, base model, template, identity, timings
     checkpoints/checkpoint-N                         Trainer checkpoints, for --resume
 
-Every file is written to a temporary name and renamed (`write_text_atomically`), every directory through
-`staged_directory`. A run directory is usable as it is when its `loraft_run.json` says `finished` (or it has
-none: an adapter directory made by hand) and it holds the adapter. Anything else is refused unless asked for: an
+Every file is written to a temporary name and renamed, every directory through a staged directory (both in
+loraft.files). A run directory is usable as it is when its `loraft_run.json` says `finished` (or it has none: an
+adapter directory made by hand) and it holds the adapter. Anything else is refused unless asked for: an
 unfinished or failed run's newest complete checkpoint with `--allow-unfinished`, and modelling code from the base
 model's folder (`trust_remote_code` in the run's config.yaml, which anyone who wrote the folder controls) only
 with `--trust-remote-code` on the command line.
@@ -20,19 +20,18 @@ with `--trust-remote-code` on the command line.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Union
+from typing import Optional, Union
 
 from loraft.config import RunConfig, load_config
 from loraft.errors import RunError
+# re-exported for the modules that still import them from here (train, generate)
+from loraft.files import write_json_atomically, write_text_atomically
 
 logger = logging.getLogger("loraft")
 
@@ -68,61 +67,6 @@ class UsableRun:
     def status(self) -> Optional[str]:
         return self.record.get("status")
 
-
-def write_text_atomically(path: Union[str, Path], text: str) -> None:
-    """Write `text` to a temporary name beside `path`, then rename it over `path`: a crash leaves the old file
-    or the new one, never a cut-off one. Every small file loraft writes goes through here."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_json_atomically(path: Union[str, Path], payload: dict) -> None:
-    write_text_atomically(path, json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
-
-
-
-@contextlib.contextmanager
-def staged_directory(target: Union[str, Path], merge: bool = False, keep_existing: bool = False,
-                     label: str = "files") -> Iterator[Path]:
-    """Yield an empty staging directory beside `target`; when the block ends without an error, move it into place.
-
-    merge=False replaces `target` as a whole (a checkpoint, a cache entry); merge=True moves each staged entry into
-    `target`, replacing entries of the same name and keeping the others (the adapter and tokenizer files in a run
-    directory, a merged model in an --out directory). On an error the staging directory is removed and `target`
-    is as it was. keep_existing=True leaves a `target` that appeared meanwhile (another process wrote the same
-    cache entry) and discards the staged copy. Every directory loraft writes goes through here.
-    """
-    target = Path(target)
-    # merged entries are staged inside target (`.LABEL-staging-*`, which a fresh run start clears), a whole
-    # directory beside it: either way on the same file system, so every move is a rename
-    (target if merge else target.parent).mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{label}-staging-", dir=target) if merge
-                   else tempfile.mkdtemp(prefix=f".{target.name}-staging-", dir=target.parent))
-    try:
-        yield staging
-        if not merge:
-            if target.exists() and keep_existing:
-                return
-            if target.is_dir() and not target.is_symlink():
-                shutil.rmtree(target)
-            try:
-                os.replace(staging, target)
-            except OSError:
-                if not (keep_existing and target.exists()):
-                    raise
-            return
-        for item in staging.iterdir():
-            destination = target / item.name
-            if destination.is_dir() and not destination.is_symlink():
-                shutil.rmtree(destination)
-            os.replace(item, destination)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 def read_record(run_dir: Union[str, Path]) -> dict:
     """The run's `loraft_run.json` ({} when there is none; `status: unreadable` when it is cut off)."""
@@ -360,9 +304,3 @@ class RunDir:
     def require_usable(self, access: RunAccess = RunAccess()) -> UsableRun:
         """The one check before chat, generate, eval, merge or serve load anything (see the module doc)."""
         return open_run(self.path, access)
-
-    def load(self, access: RunAccess = RunAccess(), dtype=None, device: Optional[str] = None):
-        """(peft model in eval mode, tokenizer with the run's chat_template, run metadata), after the check."""
-        from loraft.model import load_run_model
-
-        return load_run_model(self.path, dtype=dtype, device=device, access=access)

@@ -14,8 +14,9 @@ from typing import Optional
 
 from loraft.config import RunConfig, save_config
 from loraft.errors import LoraftError
-from loraft.rundir import RunDir, staged_directory, write_json_atomically
-from loraft.trainer import NonFiniteTraining, build_training_arguments, micro_batch_tokens, plot_loss
+from loraft.files import staged_directory, write_json_atomically
+from loraft.plan import plan_run, read_model_config
+from loraft.rundir import RunDir
 
 logger = logging.getLogger("loraft")
 
@@ -91,25 +92,28 @@ def train(config: RunConfig, resume: bool = False, callbacks: Optional[list] = N
     from transformers import DataCollatorForSeq2Seq, set_seed
 
     from loraft.data import prepare_datasets
-    from loraft.fastpaths import describe as describe_fast_paths
-    from loraft.fastpaths import supports_supervised_loss
     from loraft.model import count_parameters, load_model_for_training, load_tokenizer
     from loraft.templates import get_template
-    from loraft.trainer import LoraftTrainer, MetricsCallback
+    # Trainer (and its integrations) imports in seconds: only a run needs it, not `loraft plan`
+    from loraft.trainer import LoraftTrainer, MetricsCallback, NonFiniteTraining, build_training_arguments, plot_loss
 
     run = RunDir(config.output_dir)
     run_dir = run.path
     resume_from = run.prepare(config, resume)
     tokenizer = load_tokenizer(config.model.name_or_path, config.model.revision, config.model.trust_remote_code)
     template = get_template(config.data.template, tokenizer)
+    # every machine- and model-dependent decision, once (a first run of a shape here measures the speed choices)
+    model_config, _ = read_model_config(config)
+    plan = plan_run(config, model_config)
     # The arguments also set up the distributed state, so build them before touching the data.
     has_eval = bool(config.data.eval_path) or config.data.eval_fraction > 0
-    args = build_training_arguments(config, run_dir, has_eval=has_eval)
+    args = build_training_arguments(config, plan, run_dir, has_eval=has_eval)
     is_main = args.process_index == 0
     handler = None
     if is_main:
         run.start(config, resume_from)
         handler = _attach_file_log(run.log_file)
+        logger.info("%s", plan.describe())
     started = time.time()
     try:
         if prepared is None:
@@ -121,7 +125,7 @@ def train(config: RunConfig, resume: bool = False, callbacks: Optional[list] = N
             save_config(config, run.config_file)
             write_json_atomically(run.data_report_file, prepared.report)
             run.write_record({"status": "running", "base_model": config.model.name_or_path, "template": template.name,
-                              "started": started, "versions": _versions(),
+                              "started": started, "versions": _versions(), "plan": plan.to_dict(),
                               **run.identity_fields(config, prepared.report)})
             logger.info(
                 "data: %s samples kept of %s records (%s dropped, %s truncated)",
@@ -129,11 +133,10 @@ def train(config: RunConfig, resume: bool = False, callbacks: Optional[list] = N
                 sum(prepared.report.get("dropped", {}).values()), prepared.report.get("truncated_samples"),
             )
         set_seed(config.train.seed)
-        model, info = load_model_for_training(config, tokenizer)
+        model, info = load_model_for_training(config, plan, tokenizer)
         if info["target_matches"]:
             logger.info("adapter targets %d modules: %s", len(info["target_matches"]), ", ".join(info["target_matches"]))
         trainable, total = count_parameters(model)
-        budget = micro_batch_tokens(config)
         logger.info("trainable params: %d of %d (%.4f%%)", trainable, total, 100.0 * trainable / max(total, 1))
         trainer = LoraftTrainer(
             model=model,
@@ -143,24 +146,8 @@ def train(config: RunConfig, resume: bool = False, callbacks: Optional[list] = N
             processing_class=tokenizer,
             data_collator=DataCollatorForSeq2Seq(tokenizer=tokenizer, padding=True),
             callbacks=([MetricsCallback(run_dir)] if is_main else []) + list(callbacks or []),
-            length_grouped=config.train.sampling == "length_grouped",
-            supervised_loss=config.train.supervised_loss,
-            micro_batch_tokens=budget,
+            plan=plan,
             nonfinite_patience=config.train.nonfinite_patience,
-            packing=config.train.packing,
-        )
-        logger.info(
-            "compute: %s precision, %d process(es) x %d sample(s) per batch x %d accumulated, %s, %s order, "
-            "%s loss%s",
-            "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32", args.world_size,
-            args.per_device_train_batch_size, args.gradient_accumulation_steps,
-            (f"samples packed into rows of <= {budget} tokens" if config.train.packing and trainer.can_pack(model)
-             else f"forward/backward in sub-batches of <= {budget} padded tokens" if budget else "no sub-batches"),
-            config.train.sampling,
-            # a wrapped model (DDP, FSDP, DeepSpeed) keeps the model's own loss (LoraftTrainer._supervised_loss_parts)
-            "supervised-only" if config.train.supervised_loss and args.world_size == 1
-            and supports_supervised_loss(model.get_base_model()) else "full-logits",
-            f", {describe_fast_paths(model)}" if describe_fast_paths(model) else "",
         )
         if not progress_bar:
             from transformers.trainer_callback import PrinterCallback, ProgressCallback
@@ -195,6 +182,7 @@ def train(config: RunConfig, resume: bool = False, callbacks: Optional[list] = N
                     "target_matches": info["target_matches"],
                     "trainable_params": trainable,
                     "total_params": total,
+                    "plan": plan.to_dict(),
                     "global_step": result.global_step,
                     "train_loss": result.training_loss,
                     "train_metrics": result.metrics,
@@ -218,3 +206,36 @@ def train(config: RunConfig, resume: bool = False, callbacks: Optional[list] = N
             handler.close()
     return run_dir
 
+
+
+def preview_plan(config: RunConfig, measure: bool = False) -> dict:
+    """What `loraft plan` prints: the run's plan on this machine, without training or reading weights.
+
+    The model's config comes from its folder or the hub, else (offline) a preset's shipped shape; the parameter
+    counts from the model built on the meta device; the speed choices from the cache, or measured now with
+    `measure`. Returns {"model", "plan", "parameters", "memory", "autotune"}.
+    """
+    from loraft import tune
+    from loraft.model import meta_counts
+    from loraft.plan import estimate_memory, world_size_from_env
+
+    model_config, source = read_model_config(config, offline_shape=True)
+    plan = plan_run(config, model_config, measure=measure)
+    counts = meta_counts(model_config, config.adapter, config.model.trust_remote_code)
+    if plan.tuning is not None:
+        autotune = f"measured in {plan.tuning['seconds']} s (cached): " + ", ".join(
+            f"{key} {value}" for key, value in plan.tuning["choice"].items())
+    elif not tune.autotune_enabled(config):
+        autotune = "off: the static defaults"
+    elif config.train.micro_batch_tokens != "auto":
+        autotune = "off: train.micro_batch_tokens is set"
+    elif world_size_from_env() > 1:
+        autotune = "not measured under several processes: run `loraft plan --measure` once in one process"
+    else:
+        autotune = (f"not measured yet: the first training measures it (at most ~{tune.BUDGET_SECONDS:.0f} s), "
+                    "or `loraft plan --measure` now")
+    memory = estimate_memory(plan, config, model_config, counts["total_params"], counts["trainable_params"],
+                             counts["embedding_params"])
+    return {"model": source, "plan": plan.to_dict(), "describe": plan.describe(),
+            "parameters": {"trainable": counts["trainable_params"], "total": counts["total_params"]},
+            "memory": memory, "autotune": autotune}

@@ -24,7 +24,6 @@ from transformers.trainer_utils import rotate_checkpoints
 
 from loraft.config import RunConfig
 from loraft.errors import RunError
-from loraft.precision import resolve_precision
 from loraft.rundir import CHECKPOINTS, read_metrics
 
 logger = logging.getLogger("loraft")
@@ -43,23 +42,27 @@ class LoraftTrainer(Trainer):
     docs/benchmarks.md; each falls back to Trainer's own where it does not apply.
     """
 
-    def __init__(self, *args, length_grouped: bool = False, supervised_loss: bool = False,
-                 micro_batch_tokens: int = 0, nonfinite_patience: int = 0, packing: bool = False, **kwargs):
+    def __init__(self, *args, plan=None, nonfinite_patience: int = 0, **kwargs):
+        """Args:
+            plan: the run's loraft.plan.Plan: its sampler, sub-batch size, fused loss and packing (None: Trainer's
+                own behaviour for all four).
+        """
         super().__init__(*args, **kwargs)
-        self.packing = packing
+        self.packing = bool(plan and plan.packing)
         self.nonfinite_patience = nonfinite_patience
         self._nonfinite_steps = 0
         self._step_loss_finite = True
-        self.length_grouped = length_grouped
-        self.supervised_loss = supervised_loss
-        self.micro_batch_tokens = micro_batch_tokens
-        self._loss_parts = None
+        self.length_grouped = bool(plan and plan.sampler == "length_grouped")
+        self.fused_loss = bool(plan and plan.fused_loss)
+        self.micro_batch_tokens = plan.micro_batch_tokens if plan else 0
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = self._training_step(model, inputs, num_items_in_batch)
         self._step_loss_finite = self._step_loss_finite and bool(torch.isfinite(loss.detach()).all())
         return loss
 
+    # transformers 5 has no public hook that sees the step's gradient norm before the optimizer uses it
+    # (on_pre_optimizer_step receives none), so this overrides the private one that computes it
     def _get_grad_norm(self, model, grad_norm=None):
         """The step's gradient norm (Trainer's), checked with the step's loss before the optimizer uses them.
 
@@ -94,8 +97,7 @@ class LoraftTrainer(Trainer):
         into different numbers of sub-batches, and each must join exactly one all-reduce per step.
         """
         mask = inputs.get("attention_mask")
-        if (self.packing and num_items_in_batch is not None and mask is not None and mask.dim() == 2
-                and "labels" in inputs and self.can_pack(model)):
+        if self.packing and num_items_in_batch is not None and mask is not None and mask.dim() == 2 and "labels" in inputs:
             return self._packed_training_step(model, inputs, num_items_in_batch)
         if (not self.micro_batch_tokens or num_items_in_batch is None or mask is None or mask.dim() != 2
                 or mask.shape[0] * mask.shape[1] <= self.micro_batch_tokens):
@@ -123,17 +125,6 @@ class LoraftTrainer(Trainer):
             total = loss if total is None else total + loss
         return total
 
-    def can_pack(self, model) -> bool:
-        """Whether this model keeps packed samples apart (loraft.fastpaths); prompt and prefix tuning prepend
-        virtual tokens to every sequence, so they are never packed."""
-        from loraft.fastpaths import supports_packing
-
-        unwrapped = self.accelerator.unwrap_model(model)
-        if getattr(getattr(unwrapped, "active_peft_config", None), "is_prompt_learning", False):
-            return False
-        base = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
-        return supports_packing(base)
-
     def _packed_training_step(self, model, inputs, num_items_in_batch):
         """Forward/backward the step's samples packed into rows of at most micro_batch_tokens tokens (loraft.packing):
         no padding, no attention across samples, and each row's loss over the whole step's supervised count."""
@@ -152,6 +143,7 @@ class LoraftTrainer(Trainer):
             total = loss if total is None else total + loss
         return total
 
+    # no public hook takes a sampler: get_train_dataloader would have to be copied whole to pass one
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         if not self.length_grouped or dataset is None or not hasattr(dataset, "__len__"):
@@ -163,32 +155,16 @@ class LoraftTrainer(Trainer):
         seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
         return LengthGroupedSampler(sample_lengths(source), self.args.per_device_train_batch_size, seed=seed)
 
-    def _supervised_loss_parts(self, model):
-        """(model body, lm_head) when the fused loss can replace the model's own, else None."""
-        if self._loss_parts is None:
-            from loraft.fastpaths import supports_supervised_loss
-
-            parts = False
-            base = model.get_base_model() if hasattr(model, "get_base_model") else model
-            peft_config = getattr(model, "active_peft_config", None)
-            prompt_learning = getattr(peft_config, "is_prompt_learning", False)
-            # a wrapped model (DDP, FSDP, DeepSpeed) must be called as a whole for its gradient hooks
-            unwrapped = self.accelerator.unwrap_model(model) is model
-            if unwrapped and not prompt_learning and supports_supervised_loss(base):
-                parts = (base.base_model, base.get_output_embeddings())
-            self._loss_parts = parts
-        return self._loss_parts or None
-
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        parts = None
-        if (self.supervised_loss and model.training and not return_outputs and "labels" in inputs
+        """The plan's fused loss (loraft.loss) while training, where the model's logits are lm_head(last hidden
+        state); Trainer's own otherwise (evaluation, label smoothing, a custom loss)."""
+        if not (self.fused_loss and model.training and not return_outputs and "labels" in inputs
                 and self.label_smoother is None and self.compute_loss_func is None):
-            parts = self._supervised_loss_parts(model)
-        if parts is None:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         from loraft.loss import supervised_cross_entropy
 
-        body, head = parts
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        body, head = base.base_model, base.get_output_embeddings()
         inputs = dict(inputs)
         labels = inputs.pop("labels")
         inputs.pop("use_cache", None)  # a packed row says so; the body is called without a cache anyway
@@ -199,6 +175,7 @@ class LoraftTrainer(Trainer):
             count = num_items_in_batch if self.model_accepts_loss_kwargs else None
             return supervised_cross_entropy(hidden, labels, head.weight, count)
 
+    # no public hook chooses where a checkpoint is written before it is final (on_save runs after the write)
     def _save_checkpoint(self, model, trial):
         final_root = self.args.output_dir
         staging_root = os.path.join(final_root, ".staging")
@@ -242,18 +219,10 @@ class MetricsCallback(TrainerCallback):
             handle.write(json.dumps(record) + "\n")
 
 
-def build_training_arguments(config: RunConfig, run_dir: Path, has_eval: bool):
-    """Translate `train.*` into transformers TrainingArguments (checkpoints under run_dir/checkpoints)."""
-    from loraft.batching import plan_micro_batches
-
+def build_training_arguments(config: RunConfig, plan, run_dir: Path, has_eval: bool):
+    """Translate `train.*` and the run's plan (precision, device, batch layout, optimizer) into transformers
+    TrainingArguments (checkpoints under run_dir/checkpoints)."""
     train = config.train
-    precision = resolve_precision(train.precision, config.model.device)
-    micro_batch, accumulation = plan_micro_batches(
-        train.per_device_train_batch_size, train.gradient_accumulation_steps, micro_batch_tokens(config)
-    )
-    use_cpu = config.model.device == "cpu" or not (torch.cuda.is_available() or config.model.device.startswith("cuda"))
-    if precision == "fp16" and use_cpu:
-        raise RunError("train.precision=fp16 needs a CUDA GPU; use bf16 or fp32 on this machine")
     eval_strategy = "no"
     if has_eval:
         eval_strategy = "steps" if train.eval_steps else "epoch"
@@ -261,21 +230,21 @@ def build_training_arguments(config: RunConfig, run_dir: Path, has_eval: bool):
         output_dir=str(run_dir / CHECKPOINTS),
         num_train_epochs=train.num_train_epochs,
         max_steps=train.max_steps,
-        per_device_train_batch_size=micro_batch,
+        per_device_train_batch_size=plan.samples_per_batch,
         per_device_eval_batch_size=train.per_device_train_batch_size,
-        gradient_accumulation_steps=accumulation,
+        gradient_accumulation_steps=plan.accumulation,
         learning_rate=train.learning_rate,
         weight_decay=train.weight_decay,
         warmup_steps=train.warmup_steps,
         lr_scheduler_type=train.lr_scheduler_type,
-        optim=train.optim,
+        optim=plan.optimizer,
         max_grad_norm=train.max_grad_norm,
-        bf16=precision == "bf16",
-        fp16=precision == "fp16",
-        use_cpu=use_cpu,
+        bf16=plan.precision == "bf16",
+        fp16=plan.precision == "fp16",
+        use_cpu=plan.use_cpu,
         # every adapter method uses all its trainable parameters each forward, so DDP need not search for unused ones
         ddp_find_unused_parameters=False,
-        activation_checkpointing=train.gradient_checkpointing,
+        activation_checkpointing=plan.gradient_checkpointing,
         # length_grouped is LoraftTrainer's own sampler
         train_sampling_strategy="random" if train.sampling == "length_grouped" else train.sampling,
         logging_steps=train.logging_steps,
@@ -292,14 +261,6 @@ def build_training_arguments(config: RunConfig, run_dir: Path, has_eval: bool):
         remove_unused_columns=True,
         include_num_input_tokens_seen="non_padding",
     )
-
-
-def micro_batch_tokens(config: RunConfig) -> int:
-    """`train.micro_batch_tokens` resolved for this machine's precision (loraft.batching.micro_batch_budget)."""
-    from loraft.batching import micro_batch_budget
-
-    precision = resolve_precision(config.train.precision, config.model.device)
-    return micro_batch_budget(config.train.micro_batch_tokens, precision, config.data.max_length)
 
 
 def plot_loss(metrics_path: Path, png_path: Path) -> bool:

@@ -2,7 +2,7 @@
 
 Nothing is downloaded. The demo makes everything it needs:
 
-1. A base model (built once, cached under $LORAFT_HOME/demo or ~/.cache/loraft/demo): a byte-level BPE
+1. A base model (built once, cached under $LORAFT_HOME/demo, by default ~/.cache/loraft/demo): a byte-level BPE
    tokenizer that covers Chinese, and a 4-layer BLOOM pretrained from scratch on a generated raw-text
    corpus. The corpus shows five skills (uppercase letters, digits to Chinese numerals, digits read in English,
    antonyms, word-by-word translation) in plain-text forms such as "小写：abc\\n大写：ABC", never in a chat format.

@@ -1,5 +1,5 @@
 """The demo's base model: a byte-level BPE tokenizer that covers Chinese and a tiny BLOOM pretrained from scratch
-on the tasks' raw-text corpus, built once and cached under $LORAFT_HOME/demo (or ~/.cache/loraft/demo)."""
+on the tasks' raw-text corpus, built once and cached under loraft.files.cache_dir("demo") ($LORAFT_HOME/demo)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
 
 from loraft.demo.tasks import TASK_FAMILIES, make_records, pretraining_documents
-from loraft.rundir import staged_directory
+from loraft.files import cache_dir, cache_home, staged_directory
 
 # Bump when anything that shapes the base changes (corpus, tokenizer, model shape, pretraining recipe):
 # a cached base with another version is rebuilt.
@@ -94,9 +94,7 @@ class BaseRecipe:
 
 
 def default_home() -> Path:
-    """loraft's cache root: $LORAFT_HOME, else ~/.cache/loraft."""
-    from loraft.precision import cache_home
-
+    """loraft's cache root (loraft.files.cache_home: $LORAFT_HOME, else ~/.cache/loraft)."""
     return cache_home()
 
 
@@ -230,11 +228,11 @@ def build_demo_base(
     """Build (or reuse) the demo base: tokenizer + pretrained tiny BLOOM, saved with save_pretrained.
 
     The base lives in `<home>/demo/base` and is reused when its stamp matches this version and recipe.
-    It is built in a staged directory (loraft.rundir.staged_directory) and renamed into place, so an interrupted
+    It is built in a staged directory (loraft.files.staged_directory) and renamed into place, so an interrupted
     build never leaves a half-written base behind.
 
     Args:
-        home: loraft's cache root (default: $LORAFT_HOME or ~/.cache/loraft).
+        home: loraft's cache root (default: loraft.files.cache_home(), $LORAFT_HOME or ~/.cache/loraft).
         force: rebuild even when a matching base exists.
         recipe: model shape and pretraining schedule.
         log: where progress lines go.
@@ -244,8 +242,7 @@ def build_demo_base(
     import torch
     from transformers import BloomConfig, BloomForCausalLM
 
-    home = Path(home) if home is not None else default_home()
-    demo_dir = home / "demo"
+    demo_dir = Path(home) / "demo" if home is not None else cache_dir("demo")
     base_dir = demo_dir / "base"
     stamp = _stamp(recipe)
     stamp_path = base_dir / STAMP_FILE

@@ -8,8 +8,11 @@ import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+from transformers import TrainerCallback
+
 from loraft.demo.base import STAMP_FILE, Progress, build_demo_base
 from loraft.demo.tasks import TASK_FAMILIES, TASKS, read_jsonl, write_demo_data
+from loraft.files import write_json_atomically
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"  # package data: wheels ship it
 
@@ -82,23 +85,19 @@ def _sample_chat(heldout: Sequence[dict], before: dict, after: dict, count: int 
     return lines
 
 
-def _progress_callback(total_steps: int, log: Callable[[str], None]):
+class FineTuneProgress(TrainerCallback):
     """A TrainerCallback that prints the fine-tune's Progress lines (step, latest logged loss, ETA)."""
-    from transformers import TrainerCallback
 
-    class FineTuneProgress(TrainerCallback):
-        def __init__(self):
-            self.progress = Progress("fine-tune step", total_steps, log)
-            self.loss = None
+    def __init__(self, total_steps: int, log: Callable[[str], None]):
+        self.progress = Progress("fine-tune step", total_steps, log)
+        self.loss = None
 
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs and "loss" in logs:
-                self.loss = logs["loss"]
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self.loss = logs["loss"]
 
-        def on_step_end(self, args, state, control, **kwargs):
-            self.progress.update(state.global_step, f"loss {self.loss:.3f}" if self.loss is not None else "")
-
-    return FineTuneProgress()
+    def on_step_end(self, args, state, control, **kwargs):
+        self.progress.update(state.global_step, f"loss {self.loss:.3f}" if self.loss is not None else "")
 
 
 def run_demo(
@@ -115,7 +114,7 @@ def run_demo(
     Args:
         workdir: where the demo writes its data (`data/`), run directory (`run/`) and `demo_results.json`.
         overwrite: replace a previous demo run in workdir.
-        home: cache root for the base (default: $LORAFT_HOME or ~/.cache/loraft).
+        home: cache root for the base (default: loraft.files.cache_home(), $LORAFT_HOME or ~/.cache/loraft).
         config_path: the run config (default: configs/demo.yaml); model, data and output paths are filled in.
         seed: seed for the generated instruction set.
         force_base: rebuild the base even when cached.
@@ -128,8 +127,7 @@ def run_demo(
 
     from loraft.config import load_config
     from loraft.errors import RunError
-    from loraft.precision import resolve_device, resolve_precision
-    from loraft.rundir import write_json_atomically
+    from loraft.precision import resolve_device
     from loraft.train import train
 
     workdir = Path(workdir)
@@ -164,13 +162,12 @@ def run_demo(
     log(f"[3/5] before: the base model, same prompts: exact match {before['overall']:.1%} "
         f"({timings['eval_before']:.0f}s)")
 
-    precision = resolve_precision(config.train.precision, config.model.device)
     log(f"[4/5] LoRA fine-tune: r={config.adapter.r} on {config.adapter.target_modules}, "
-        f"{config.train.max_steps} steps x {config.train.per_device_train_batch_size} samples, {precision} on "
-        f"{device.type}")
+        f"{config.train.max_steps} steps x {config.train.per_device_train_batch_size} samples on {device.type} "
+        "(the plan: train.log)")
     step_started = time.time()
     # loraft's training stage, exactly as `loraft train` runs it
-    run_dir = train(config, callbacks=[_progress_callback(config.train.max_steps, log)], progress_bar=False)
+    run_dir = train(config, callbacks=[FineTuneProgress(config.train.max_steps, log)], progress_bar=False)
     timings["finetune"] = time.time() - step_started
 
     tuned = PeftModel.from_pretrained(base, run_dir).eval()

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
+from loraft.files import write_text_atomically
+
 
 # ----------------------------------------------------------------------------------------------- tasks
 @dataclass(frozen=True)
@@ -144,8 +146,6 @@ def make_records(seed: int = 0, train_per_task: int = 400, heldout_per_task: int
 
 
 def _write_jsonl(path: Path, records: Sequence[dict]) -> None:
-    from loraft.rundir import write_text_atomically
-
     write_text_atomically(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 

@@ -2,7 +2,7 @@
 
 These are the only library patches loraft makes; `use_fast_bloom` applies both to one model instance (each
 module's `forward` is replaced, nothing global), `model.attn_implementation=eager` keeps the library's code.
-tests/test_speed_paths.py checks that outputs and gradients equal the library's and that the replaced
+tests/test_fastpaths_bloom.py checks that outputs and gradients equal the library's and that the replaced
 forwards still have the signatures implemented here. Measured gains: docs/benchmarks.md.
 
 Attention: transformers 5 runs BLOOM with eager attention only: it materialises the scores, a float32

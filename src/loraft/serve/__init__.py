@@ -11,9 +11,10 @@ loop keeps answering meanwhile. A generation stops at its stop string, or when i
 Bad requests get a 4xx in OpenAI's error shape, never a 500. On Ctrl-C / SIGTERM, in-flight and queued
 requests get `shutdown_timeout` seconds to finish; then they are cancelled.
 
-    engine.py      the model, its queue, tokenizing off the event loop, stopping criteria
+    engine.py      the model, its queue (QueueFull when it is full), tokenizing off the event loop, stopping criteria
     validation.py  Host, API key, Content-Type, body and field checks -> APIError (a 4xx)
-    app.py         the FastAPI routes and response shapes; `serve` loads a run and runs uvicorn
+    wire.py        OpenAI's wire format: response objects, usage, the server-sent event stream
+    app.py         the FastAPI routes and errors (QueueFull -> 429); `serve` loads a run and runs uvicorn
 """
 
 from loraft.serve.app import ServeSettings, chat_page, create_app, serve

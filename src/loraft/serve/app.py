@@ -1,18 +1,15 @@
-"""The FastAPI application and `serve`, which loads a run and runs it under uvicorn."""
+"""The FastAPI application (routes, errors, queue admission) and `serve`, which loads a run and runs it under
+uvicorn; the response objects and the event stream are in loraft.serve.wire."""
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import threading
-import time
-import uuid
-from contextlib import aclosing
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, AsyncIterator, Optional, Sequence
+from typing import Optional, Sequence
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -22,14 +19,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from loraft.errors import RunError
 from loraft.generate import Answer
 from loraft.serve.engine import (
-    FALLBACK_CONTEXT_LENGTH, Engine, QueuePlace, StopScanner, cut_at_stop, model_context_length,
+    FALLBACK_CONTEXT_LENGTH, Engine, QueueFull, QueuePlace, cut_at_stop, model_context_length,
 )
-from loraft.templates import RAW_TEXT
 from loraft.serve.validation import (
     APIError, HostRule, check_api_key, check_content_type, check_messages, check_model, check_prompt,
     check_sampling, check_stop, check_stream, fit_context, host_rule, is_loopback, read_json_body,
 )
-from loraft.templates import Template
+from loraft.serve.wire import ResponseShape, completion_usage, event_stream, sse
+from loraft.templates import RAW_TEXT, Template
 
 logger = logging.getLogger("loraft")
 
@@ -73,6 +70,13 @@ def shutting_down() -> APIError:
                     error_type="server_error")
 
 
+def queue_full(full: QueueFull) -> APIError:
+    """What a request turned away by a full queue is told: 429, and when to retry."""
+    return APIError(429, f"The server is busy: {full.waiting} requests are queued (limit {full.limit}). "
+                         f"Retry after {full.retry_after} s.", code="queue_full", error_type="rate_limit_error",
+                    headers={"Retry-After": str(full.retry_after)})
+
+
 class GenerationStream(StreamingResponse):
     """A streamed answer that gives up its queue place and stops its generation however the response ends:
     finished, the client gone (Starlette cancels the body), or the server stopping. The body iterator may
@@ -101,7 +105,7 @@ class GenerationStream(StreamingResponse):
             if not sent["start"]:
                 await shutting_down().response()(scope, receive, send)
             elif not sent["end"]:
-                await send({"type": "http.response.body", "body": _sse(shutting_down().body()).encode(),
+                await send({"type": "http.response.body", "body": sse(shutting_down().body()).encode(),
                             "more_body": False})
         finally:
             self.place.release()
@@ -201,18 +205,21 @@ def create_app(engine: Engine, settings: ServeSettings = ServeSettings()):
         return payload
 
     async def generate(request: Request, payload: dict, messages: list[dict], template: Template,
-                       prompt_param: str, shape: "ResponseShape"):
+                       prompt_param: str, shape: ResponseShape):
         sampling = check_sampling(payload, engine.defaults, settings.max_tokens_cap)
         stops = check_stop(payload)
         stream, include_usage = check_stream(payload)
-        place: Optional[QueuePlace] = engine.reserve()
+        try:
+            place: Optional[QueuePlace] = engine.reserve()
+        except QueueFull as full:
+            raise queue_full(full) from None
         cancel = threading.Event()
         try:
             prompt_ids = await engine.tokenize_prompt(messages, template)
             prompt_tokens = len(prompt_ids)
             generation = fit_context(sampling, prompt_tokens, engine.context_length, prompt_param)
             if stream:
-                events = _event_stream(engine, engine.stream(prompt_ids, template, generation, sampling.seed, stops,
+                events = event_stream(engine, engine.stream(prompt_ids, template, generation, sampling.seed, stops,
                                                              place, cancel),
                                        stops, shape, prompt_tokens, include_usage)
                 response = GenerationStream(events, place, cancel, media_type="text/event-stream",
@@ -231,7 +238,7 @@ def create_app(engine: Engine, settings: ServeSettings = ServeSettings()):
         if result is None:  # nobody is there to read this; the access log shows nginx's "client closed request"
             return Response(status_code=499)
         text, stopped = cut_at_stop(result.text, stops)
-        completion_tokens, finish = _usage(engine, result, text, stopped)
+        completion_tokens, finish = completion_usage(engine, result, text, stopped)
         return shape.whole(text, finish, {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                                           "total_tokens": prompt_tokens + completion_tokens})
 
@@ -250,84 +257,6 @@ def create_app(engine: Engine, settings: ServeSettings = ServeSettings()):
                               ResponseShape(engine.model_id, chat=False))
 
     return app
-
-
-class ResponseShape:
-    """OpenAI's response objects for one request: chat.completion(.chunk) or text_completion."""
-
-    def __init__(self, model_id: str, chat: bool):
-        self.model_id, self.chat = model_id, chat
-        self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        self.created = int(time.time())
-
-    def _object(self, kind: str, choices: list, **extra) -> dict:
-        return {"id": self.id, "object": kind, "created": self.created, "model": self.model_id, "choices": choices,
-                **extra}
-
-    def whole(self, text: str, finish: str, usage: dict) -> dict:
-        if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
-            return self._object("chat.completion", [choice], usage=usage)
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
-        return self._object("text_completion", [choice], usage=usage)
-
-    def chunk(self, delta: dict, finish: Optional[str], usage: Optional[dict] = None) -> dict:
-        if usage is not None:
-            choices = []
-        elif self.chat:
-            choices = [{"index": 0, "delta": delta, "finish_reason": finish}]
-        else:
-            choices = [{"index": 0, "text": delta.get("content", ""), "logprobs": None, "finish_reason": finish}]
-        extra = {"usage": usage} if usage is not None else {}
-        return self._object("chat.completion.chunk" if self.chat else "text_completion", choices, **extra)
-
-
-def _usage(engine: Engine, result: Answer, text: str, cut_at_stop: bool) -> tuple[int, str]:
-    """(completion_tokens, finish_reason): the generated token count, or, when a stop string cut the text,
-    the count of the text kept."""
-    if cut_at_stop:
-        return engine.count_tokens(text), "stop"
-    return result.tokens, "stop" if result.ended else "length"
-
-
-def _sse(payload: Any) -> str:
-    return "data: " + (payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)) + "\n\n"
-
-
-async def _event_stream(engine: Engine, pieces: AsyncIterator, stops: Sequence[str], shape: ResponseShape,
-                        prompt_tokens: int, include_usage: bool) -> AsyncIterator[str]:
-    """Server-sent events: an opening role chunk (chat), content chunks, a finish chunk, usage, [DONE]."""
-    if shape.chat:
-        yield _sse(shape.chunk({"role": "assistant", "content": ""}, None))
-    scanner = StopScanner(stops)
-    kept: list[str] = []
-    result = Answer("", 0, False)
-    try:
-        async with aclosing(pieces):
-            async for piece in pieces:
-                if isinstance(piece, Answer):
-                    result = piece
-                    continue
-                text = scanner.feed(piece)
-                if text:
-                    kept.append(text)
-                    yield _sse(shape.chunk({"content": text}, None))
-                if scanner.stopped:
-                    break
-        tail = scanner.flush()
-        if tail:
-            kept.append(tail)
-            yield _sse(shape.chunk({"content": tail}, None))
-    except Exception:  # the status line is sent already: report in-band, as OpenAI does
-        logger.exception("generation failed while streaming")
-        yield _sse(APIError(500, "The server hit an internal error while generating.", error_type="server_error").body())
-        return
-    completion_tokens, finish = _usage(engine, result, "".join(kept), scanner.stopped)
-    yield _sse(shape.chunk({}, finish))
-    if include_usage:
-        yield _sse(shape.chunk({}, None, usage={"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                                                "total_tokens": prompt_tokens + completion_tokens}))
-    yield _sse("[DONE]")
 
 
 def serve(
@@ -375,9 +304,9 @@ def serve(
     if max_body_bytes < 1:
         raise RunError(f"--max-body-bytes must be > 0 (got {max_body_bytes})")
     # the run's own generation.dtype unless --dtype says otherwise; open_run is the check every consumer makes first
-    dtype = resolve_generation(open_run(run_dir, access or RunAccess()).config.generation, {"dtype": dtype},
-                               label=cli_flag).dtype
-    model, tokenizer, template, info = load_run(run_dir, device=device, dtype=dtype, access=access)
+    run = open_run(run_dir, access or RunAccess())
+    dtype = resolve_generation(run.config.generation, {"dtype": dtype}, label=cli_flag).dtype
+    model, tokenizer, template, info = load_run(run, device=device, dtype=dtype)
     if context_length is None and model_context_length(model, tokenizer) is None:
         logger.warning("neither the model's config nor its tokenizer states a context length: prompts are limited "
                        "to %d tokens with the answer (set --context-length to change it)", FALLBACK_CONTEXT_LENGTH)

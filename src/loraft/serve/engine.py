@@ -16,7 +16,6 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from loraft.config import GenerationConfig
 from loraft.generate import Answer, encode_prompt, stream_answer
-from loraft.serve.validation import APIError
 from loraft.templates import Template
 
 # When neither the model's config nor its tokenizer states a context (BLOOM: ALiBi, no position table),
@@ -103,6 +102,14 @@ def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
     return (text[: min(hits)], True) if hits else (text, False)
 
 
+class QueueFull(Exception):
+    """`max_queue` requests wait already; the server answers 429 with Retry-After (loraft.serve.app)."""
+
+    def __init__(self, waiting: int, limit: int, retry_after: int):
+        super().__init__(f"{waiting} requests are queued (limit {limit}); retry after {retry_after} s")
+        self.waiting, self.limit, self.retry_after = waiting, limit, retry_after
+
+
 class QueuePlace:
     """A request's place in the queue, held from admission (before its prompt is tokenized) until it holds
     the model or gives up. Releasing twice is harmless, so every path that may end a request releases it."""
@@ -148,13 +155,14 @@ class Engine:
     # --- admission ---------------------------------------------------------------------------------------
 
     def reserve(self) -> QueuePlace:
-        """A place in the queue, or a 429 with Retry-After when `max_queue` requests wait already."""
+        """A place in the queue.
+
+        Raises:
+            QueueFull: when `max_queue` requests wait already (with the seconds after which to retry).
+        """
         if self.waiting >= self.max_queue:
             # a place frees up when the running generation ends: about one generation from now
-            retry_after = max(1, math.ceil(self.mean_generation_seconds))
-            raise APIError(429, f"The server is busy: {self.waiting} requests are queued (limit {self.max_queue}). "
-                                f"Retry after {retry_after} s.", code="queue_full", error_type="rate_limit_error",
-                           headers={"Retry-After": str(retry_after)})
+            raise QueueFull(self.waiting, self.max_queue, max(1, math.ceil(self.mean_generation_seconds)))
         return QueuePlace(self)
 
     def prompt_token_ids(self, messages: Sequence[dict], template: Template) -> list[int]:

@@ -1,0 +1,316 @@
+"""Every machine- and model-dependent decision of a run, made once, each with its reason.
+
+`make_plan` is a pure function of the config, this machine's capabilities (loraft.precision.machine_capabilities),
+the base model's config (its architecture, read without weights) and the number of processes, plus, when the
+speed choices were measured (loraft.tune), that measurement. It returns a frozen `Plan`: the device, the compute
+precision, how the frozen weights are stored, the sub-batch size, the sampler, whether the fused loss and packing
+apply, the family's speed path and attention, the optimizer, gradient checkpointing, the per-process batch, and
+the dtype chat/generate/serve would use here. Training arguments, the trainer, train.log (`describe`),
+loraft_run.json (`to_dict`) and `loraft plan` all read it; nothing re-derives a decision.
+
+What "trains" needs of a family: nothing (any causal LM trains at transformers' speed). What "trains fast" needs:
+one entry in loraft.fastpaths.REGISTRY with its test shape.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional
+
+from loraft.batching import micro_batch_budget, plan_micro_batches
+from loraft.config import RunConfig
+from loraft.errors import ConfigError
+from loraft.fastpaths import fast_path, patches_on_load
+from loraft.precision import Capabilities, choose_inference_dtype, choose_precision
+
+PROMPT_LEARNING = ("prompt_tuning", "prefix_tuning")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a run will do on this machine; `reasons[name]` says why for each decision."""
+
+    device: str
+    precision: str
+    weights: str
+    micro_batch_tokens: int
+    samples_per_batch: int  # collated per process per forward/backward round (the step's samples, or the config's)
+    accumulation: int
+    sampler: str
+    fused_loss: bool
+    packing: bool
+    model_type: str
+    speed_path: str
+    attention: Optional[str]  # passed to from_pretrained; None = the library's default (or the family's patch)
+    attention_patch: bool  # the family's own attention replaces the default (loraft.fastpaths)
+    optimizer: str
+    gradient_checkpointing: bool
+    world_size: int
+    generation_dtype: str
+    reasons: dict = field(default_factory=dict)
+    capabilities: dict = field(default_factory=dict)
+    tuning: Optional[dict] = None  # the measurement the speed choices came from (loraft.tune), or None
+
+    @property
+    def use_cpu(self) -> bool:
+        """Trainer's `use_cpu`: everything but CUDA trains on the CPU (MPS included, as before the plan)."""
+        return self.device != "cuda"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, payload: dict) -> "Plan":
+        names = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in payload.items() if k in names})
+
+    def describe(self) -> str:
+        """The plan as train.log and `loraft plan` print it: one line per decision, with its reason."""
+        batch = (f"{self.world_size} process(es) x {self.samples_per_batch} sample(s) per batch x "
+                 f"{self.accumulation} accumulated")
+        rows = [
+            ("device", self.device, "device"),
+            ("precision", self.precision, "precision"),
+            ("weights", self.weights, "weights"),
+            ("batch", batch, "batch"),
+            ("sub-batches", f"<= {self.micro_batch_tokens} tokens" if self.micro_batch_tokens else "none",
+             "micro_batch_tokens"),
+            ("sampler", self.sampler, "sampler"),
+            ("fused loss", "yes" if self.fused_loss else "no", "fused_loss"),
+            ("packing", "yes" if self.packing else "no", "packing"),
+            ("speed path", self.speed_path, "speed_path"),
+            ("attention", self.attention_label, "attention"),
+            ("optimizer", self.optimizer, "optimizer"),
+            ("grad checkpointing", "yes" if self.gradient_checkpointing else "no", "gradient_checkpointing"),
+            ("generation dtype", self.generation_dtype, "generation_dtype"),
+        ]
+        lines = [f"  {name:19} {value}" + (f"  ({self.reasons[key]})" if self.reasons.get(key) else "")
+                 for name, value, key in rows]
+        if self.tuning:
+            predicted = self.tuning.get("predicted_step") or {}
+            lines.append(f"  {'measured':19} in {self.tuning.get('seconds')} s at the model's width: a step predicted "
+                         f"{predicted.get('chosen')} s, the reference's path {predicted.get('recipe')} s")
+        return "plan:\n" + "\n".join(lines)
+
+    @property
+    def attention_label(self) -> str:
+        if self.attention_patch:
+            return "loraft patch"
+        return self.attention or "library default"
+
+
+def model_type_of(model_config: Any) -> str:
+    """`model_type` of a transformers config object or a config.json dict."""
+    value = model_config.get("model_type") if isinstance(model_config, dict) else getattr(model_config, "model_type", None)
+    return str(value or "unknown")
+
+
+def world_size_from_env() -> int:
+    """Processes in this run as torchrun / accelerate launch set them (1 without a launcher)."""
+    return max(1, int(os.environ.get("WORLD_SIZE", "1") or 1))
+
+
+def make_plan(config: RunConfig, caps: Capabilities, model_config: Any, world_size: int = 1,
+              tuning: Optional[dict] = None) -> Plan:
+    """Decide everything the run depends on (see the module docstring); a pure function of its arguments.
+
+    Args:
+        tuning: a measurement of the speed choices (loraft.tune.measure/cached), or None for the static defaults.
+    Raises:
+        ConfigError: a setting this machine cannot run (fp16 without CUDA).
+    """
+    train, model = config.train, config.model
+    reasons: dict[str, str] = {}
+    kind = model_type_of(model_config)
+    entry = fast_path(kind)
+    prompt_learning = config.adapter.method in PROMPT_LEARNING
+
+    reasons["device"] = "set in the config (model.device)" if model.device != "auto" else "auto: the first of cuda, mps, cpu here"
+    precision, reasons["precision"] = choose_precision(train.precision, caps)
+    if precision == "fp16" and caps.device != "cuda":
+        raise ConfigError("train.precision=fp16 needs a CUDA GPU; use bf16 or fp32 on this machine")
+
+    if model.quantization != "none":
+        weights = {"nf4": "nf4 (bitsandbytes, double-quantized)", "int8": "int8 (bitsandbytes)"}[model.quantization]
+        reasons["weights"] = f"model.quantization={model.quantization}, computing in {precision}"
+    elif model.dtype != "auto":
+        weights = model.dtype
+        reasons["weights"] = "set in the config (model.dtype)"
+    elif precision in ("bf16", "fp16"):
+        weights = f"frozen linear weights in {precision}, trainable ones fp32"
+        reasons["weights"] = "half the bytes read per matmul; trainable copies start from the exact weights"
+    else:
+        weights = "fp32"
+        reasons["weights"] = "fp32 compute"
+
+    # attention: the family's patch replaces the default implementation unless one is chosen
+    attention, patch = model.attn_implementation, patches_on_load(kind, model.attn_implementation)
+    reasons["attention"] = ("set in the config (model.attn_implementation)" if model.attn_implementation
+                            else "the family's speed path" if patch else "transformers' default for this family")
+    choice = (tuning or {}).get("choice") or {}
+    if patch and choice.get("attention") == "eager":
+        attention, patch = "eager", False
+        reasons["attention"] = "measured faster than the patch on this machine (loraft.tune)"
+
+    budget = micro_batch_budget(train.micro_batch_tokens, precision, config.data.max_length)
+    if train.micro_batch_tokens != "auto":
+        reasons["micro_batch_tokens"] = "set in the config (train.micro_batch_tokens)"
+    elif "micro_batch_tokens" in choice:
+        budget = int(choice["micro_batch_tokens"])
+        reasons["micro_batch_tokens"] = "measured fastest of the candidates on this machine (loraft.tune)"
+    else:
+        reasons["micro_batch_tokens"] = (f"static default for {precision} at max_length {config.data.max_length}"
+                                         + (" (train.autotune=false)" if not train.autotune else ""))
+    samples, accumulation = plan_micro_batches(train.per_device_train_batch_size, train.gradient_accumulation_steps,
+                                               budget)
+    reasons["batch"] = ("the step's samples collated once, run in sub-batches (same step and loss)" if budget
+                        else "the configured batch and accumulation")
+
+    reasons["sampler"] = {"length_grouped": "similar lengths share a step: little padding",
+                          "random": "the reference's order", "sequential": "set in the config",
+                          "group_by_length": "Trainer's"}[train.sampling]
+
+    fused = False
+    if not train.supervised_loss:
+        reasons["fused_loss"] = "off (train.supervised_loss=false)"
+    elif prompt_learning:
+        reasons["fused_loss"] = "prompt and prefix tuning prepend virtual tokens to the logits"
+    elif world_size > 1:
+        reasons["fused_loss"] = f"{world_size} processes: the wrapped model (DDP) must be called whole"
+    elif entry is None or not entry.supervised_loss:
+        reasons["fused_loss"] = f"no speed path registered for model_type {kind}"
+    elif choice.get("fused_loss") is False:
+        reasons["fused_loss"] = "measured slower than the full logits on this machine (loraft.tune)"
+    else:
+        fused = True
+        reasons["fused_loss"] = "lm_head and the loss only at supervised positions, in chunks (same loss)"
+
+    packing = False
+    if not train.packing:
+        reasons["packing"] = "off (train.packing=false; not faster than length-grouped padding on CPUs measured)"
+    elif prompt_learning:
+        reasons["packing"] = "prompt and prefix tuning prepend virtual tokens to every sequence"
+    elif entry is None or entry.packing is None:
+        reasons["packing"] = f"model_type {kind} has no way registered to keep packed samples apart"
+    elif entry.packing == "segments" and not patch:
+        reasons["packing"] = f"{kind} keeps packed samples apart only in loraft's attention patch"
+    else:
+        packing = True
+        reasons["packing"] = f"samples packed into rows, kept apart by {entry.packing}"
+
+    if entry is None:
+        speed_path = "none: trains at transformers' speed"
+        reasons["speed_path"] = f"no loraft.fastpaths entry for model_type {kind}"
+    else:
+        speed_path = f"{kind}: " + (entry.description if patch and entry.description else "fused loss, packing")
+        reasons["speed_path"] = "registered in loraft.fastpaths"
+
+    optimizer = train.optim
+    reasons["optimizer"] = "set in the config (train.optim)"
+    if "optimizer" in choice and train.optim == "adamw_torch_fused":
+        optimizer = choice["optimizer"]
+        reasons["optimizer"] = "measured fastest on this machine (loraft.tune)"
+
+    reasons["gradient_checkpointing"] = "train.gradient_checkpointing"
+    generation_dtype, reasons["generation_dtype"] = choose_inference_dtype(config.generation.dtype, caps)
+    return Plan(
+        device=caps.device, precision=precision, weights=weights, micro_batch_tokens=budget,
+        samples_per_batch=samples, accumulation=accumulation, sampler=train.sampling, fused_loss=fused,
+        packing=packing, model_type=kind, speed_path=speed_path, attention=attention, attention_patch=patch,
+        optimizer=optimizer, gradient_checkpointing=train.gradient_checkpointing, world_size=world_size,
+        generation_dtype=generation_dtype, reasons=reasons, capabilities=caps.to_dict(), tuning=tuning,
+    )
+
+
+# ------------------------------------------------------------------------------------------ gathering the inputs
+def read_model_config(config: RunConfig, offline_shape: bool = False):
+    """The base model's config (architecture only, no weights); with `offline_shape`, a preset's shipped shape
+    where the model itself cannot be read (no hub here). Returns (model_config, where it came from)."""
+    from transformers import AutoConfig
+
+    from loraft.errors import ModelError
+    from loraft.presets import shipped_shape
+
+    model = config.model
+    shape = shipped_shape(model.name_or_path) if offline_shape and not os.path.isdir(model.name_or_path) else None
+    if shape is not None:  # the model's published config, shipped with loraft: no network needed
+        return AutoConfig.from_pretrained(str(shape)), f"{model.name_or_path} (shape shipped with loraft)"
+    try:
+        return AutoConfig.from_pretrained(model.name_or_path, revision=model.revision,
+                                          trust_remote_code=model.trust_remote_code), model.name_or_path
+    except (OSError, ValueError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ModelError(f"{model.name_or_path}: cannot read the model's config ({first})") from None
+
+
+def plan_run(config: RunConfig, model_config: Any, world_size: Optional[int] = None, measure: bool = True,
+             log=None) -> Plan:
+    """The run's plan on this machine: capabilities, then the cached speed measurement, or a new one when
+    `measure` and autotune allow it (one process only: ranks of a multi-process run read the cache)."""
+    from loraft import tune
+    from loraft.precision import machine_capabilities
+
+    world_size = world_size or world_size_from_env()
+    caps = machine_capabilities(config.model.device)
+    precision, _ = choose_precision(config.train.precision, caps)
+    tuning = None
+    if tune.autotune_enabled(config) and config.train.micro_batch_tokens == "auto":
+        tuning = tune.cached(config, precision, model_config)
+        if tuning is None and measure and world_size == 1:
+            tuning = tune.measure(config, precision, model_config, device=_torch_device(caps, config),
+                                  **({"log": log} if log else {}))
+    return make_plan(config, caps, model_config, world_size, tuning)
+
+
+def _torch_device(caps: Capabilities, config: RunConfig) -> str:
+    return config.model.device if config.model.device not in ("auto",) else caps.device
+
+
+# ------------------------------------------------------------------------------------------- memory estimate
+GIB = 1024**3
+RUNTIME_BYTES = 0.6 * GIB  # Python, torch, transformers, the tokenizer: measured RSS after import (docs/benchmarks.md)
+# Activation bytes per token per layer kept for backward, in units of hidden x element size: 34 for a GPT-style
+# block with 16-bit activations (Korthikanti et al. 2022, "Reducing Activation Recomputation"), 17 element-sized
+# tensors of the width; plus eager attention's scores, 5 x heads x sequence per token.
+ACTIVATION_WIDTHS = 17
+
+
+def estimate_memory(plan: Plan, config: RunConfig, model_config: Any, total_params: int, trainable_params: int,
+                    embedding_params: int = 0) -> dict:
+    """Peak memory of a training run, in GiB, from the plan and the parameter counts (how: see each term).
+
+    Terms: the base's weights as stored (fp32 4 bytes; half precision 2 for the linear layers; NF4 ~0.56, int8 1);
+    trainable parameters 16 bytes each (fp32 weight, gradient, AdamW's two moments); activations of the largest
+    sub-batch (ACTIVATION_WIDTHS x hidden per token per layer, plus eager attention's scores); the logits
+    (full: tokens x vocab in fp32, three copies; fused: one chunk); and the runtime.
+    """
+    from loraft.tune import shape_of
+
+    shape = shape_of(model_config)
+    hidden, layers = int(shape["hidden_size"] or 0), int(shape["layers"] or 0)
+    heads, vocab = int(shape["heads"] or 1), int(shape["vocab_size"] or 0)
+    element = 4 if plan.precision == "fp32" else 2
+    per_weight = {"nf4": 0.5625, "int8": 1.0}.get(config.model.quantization)
+    if per_weight is None:
+        per_weight = 4 if plan.precision == "fp32" or config.model.dtype == "fp32" else 2
+    # embeddings are looked up, not multiplied: they stay fp32 unless quantization or model.dtype says otherwise
+    # the base's weights all stay (modules_to_save trains a copy); trainable parameters come on top
+    weights = embedding_params * 4 + max(total_params - embedding_params, 0) * per_weight
+    trainable = trainable_params * 16
+    length = config.data.max_length
+    tokens = plan.micro_batch_tokens or length * plan.samples_per_batch
+    tokens = max(tokens, length)
+    if plan.gradient_checkpointing:
+        activations = tokens * hidden * element * (layers + ACTIVATION_WIDTHS)
+    else:
+        activations = tokens * hidden * element * ACTIVATION_WIDTHS * layers
+    if not plan.attention_patch and plan.attention in (None, "eager"):
+        activations += 5 * heads * length * tokens * element * layers / 2
+    logits = (16 * 1024 * 1024 * 4 * 3) if plan.fused_loss else tokens * vocab * 4 * 3
+    parts = {"weights": weights, "trainable (weights, grads, AdamW)": trainable, "activations": activations,
+             "logits": logits, "runtime": RUNTIME_BYTES}
+    return {"peak_gib": round(sum(parts.values()) / GIB, 2),
+            "parts_gib": {name: round(value / GIB, 2) for name, value in parts.items()},
+            "how": "weights as stored + 16 bytes per trainable parameter + activations of the largest sub-batch + "
+                   "logits + runtime (loraft.plan.estimate_memory)"}

@@ -1,0 +1,295 @@
+"""Speed choices measured on this machine at the model's real width, never guessed: loraft's autotune.
+
+A machine that multiplies bf16 five times faster than fp32 and one that emulates it want different sub-batches;
+an AVX2 CPU at the bloom-1b4-zh shape gained less from sub-batching than a Xeon capped to AVX2 predicted. So
+before the first training of a shape on a machine, `measure` times, on one decoder layer of the base model's
+real width (random weights, the run's precision, frozen weights stored as training stores them), forward and
+backward of one optimizer step's samples (synthetic lengths, 25%-100% of max_length) laid out as:
+
+- the reference recipe's path: one sample at a time, the library's attention, full logits;
+- sub-batches of 1x, 2x and 4x max_length padded tokens (loraft.batching.split_by_tokens), with the family's
+  attention patch where it has one, then the library's attention at the best size;
+
+and, separately, lm_head + cross-entropy per supervised row, full logits against loraft's fused loss (on a slice
+of the vocabulary: the cost is linear in it), and AdamW fused against foreach. Each choice is the measured
+fastest, so the reference's own path wins where nothing beats it. The result is cached per machine and shape
+under $LORAFT_HOME/tuning and stored in the plan; the whole measurement stops adding candidates past
+BUDGET_SECONDS. `train.autotune: false` or $LORAFT_AUTOTUNE=0 skips it (the static defaults).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import os
+import time
+from typing import Any, Callable, Optional
+
+import torch
+
+from loraft.batching import split_by_tokens
+from loraft.config import RunConfig
+from loraft.fastpaths import apply_patch, fast_path
+from loraft.files import cache_dir, write_json_atomically
+from loraft.precision import DTYPES, machine_identity
+
+logger = logging.getLogger("loraft")
+
+TUNE_VERSION = 1
+BUDGET_SECONDS = 60.0
+VOCAB_SLICE = 32768  # lm_head columns timed; the cost scales linearly to the real vocabulary
+HEAD_ROWS = 128
+OPTIMIZER_PARAMETERS = 4 * 1024 * 1024
+# a candidate must beat the one before by this much to replace it: two timings of the same work differ by a few %
+MARGIN = 0.03
+
+
+def autotune_enabled(config: RunConfig) -> bool:
+    """train.autotune, unless $LORAFT_AUTOTUNE says 0/false/off."""
+    return config.train.autotune and os.environ.get("LORAFT_AUTOTUNE", "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+def _config_value(model_config: Any, *names: str, default=None):
+    for name in names:
+        value = model_config.get(name) if isinstance(model_config, dict) else getattr(model_config, name, None)
+        if value is not None:
+            return value
+    return default
+
+
+def shape_of(model_config: Any) -> dict:
+    """The architecture fields the measurement depends on."""
+    return {
+        "model_type": _config_value(model_config, "model_type"),
+        "hidden_size": _config_value(model_config, "hidden_size", "n_embd", "d_model"),
+        "heads": _config_value(model_config, "num_attention_heads", "n_head"),
+        "kv_heads": _config_value(model_config, "num_key_value_heads"),
+        "intermediate_size": _config_value(model_config, "intermediate_size", "n_inner", "ffn_dim"),
+        "vocab_size": _config_value(model_config, "vocab_size"),
+        "layers": _config_value(model_config, "num_hidden_layers", "n_layer"),
+    }
+
+
+def step_lengths(config: RunConfig) -> list[int]:
+    """Synthetic lengths of one optimizer step's samples, as the sampler makes them: length-grouped steps hold
+    similar lengths (55%-65% of max_length), other orders any (evenly from 25% to 100%)."""
+    count = config.train.per_device_train_batch_size * config.train.gradient_accumulation_steps
+    top = config.data.max_length
+    low, high = (0.55, 0.65) if config.train.sampling == "length_grouped" else (0.25, 1.0)
+    if count == 1:
+        return [round(top * high)]
+    return [max(2, round(top * (low + (high - low) * index / (count - 1)))) for index in range(count)]
+
+
+def tuning_key(config: RunConfig, precision: str, model_config: Any) -> dict:
+    """What a measurement's answer depends on: the machine, the shape, the precision and the step's layout."""
+    return {"version": TUNE_VERSION, "machine": machine_identity(), "shape": shape_of(model_config),
+            "precision": precision, "max_length": config.data.max_length, "lengths": step_lengths(config),
+            "attn_implementation": config.model.attn_implementation, "quantization": config.model.quantization}
+
+
+def _cache_path(key: dict):
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return cache_dir("tuning") / f"tune-{digest}.json"
+
+
+def cached(config: RunConfig, precision: str, model_config: Any) -> Optional[dict]:
+    """The cached measurement for this machine and shape, or None."""
+    key = tuning_key(config, precision, model_config)
+    try:
+        result = json.loads(_cache_path(key).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return result if isinstance(result, dict) and result.get("key") == json.loads(json.dumps(key, default=str)) else None
+
+
+def _timed(work: Callable[[], None], repeats: int = 3, enough: float = 1.0) -> float:
+    """The best of up to `repeats` timings of `work`; one timing when it takes `enough` seconds or more (a long
+    measurement averages out the noise a short one suffers, and the whole autotune has a budget)."""
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        work()
+        best = min(best, time.perf_counter() - started)
+        if best >= enough:
+            break
+    return best
+
+
+def _one_layer_model(model_config: Any, precision: str, patched: bool, device: torch.device):
+    """A one-layer copy of the architecture at its real width (small vocabulary), frozen, weights stored as a
+    training run stores them; the input embedding trains, so backward runs through the layer as in training."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = copy.deepcopy(model_config) if not isinstance(model_config, dict) else AutoConfig.for_model(**model_config)
+    config.num_hidden_layers = 1
+    config.vocab_size = 512
+    if not patched:
+        config._attn_implementation = "eager"
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if patched:
+        apply_patch(model)
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+        if precision in ("bf16", "fp16") and parameter.dim() == 2:
+            parameter.data = parameter.data.to(DTYPES[precision])
+    model.get_input_embeddings().weight.data = model.get_input_embeddings().weight.data.float()
+    model.get_input_embeddings().weight.requires_grad_(True)
+    return model.to(device).train()
+
+
+def _step_work(model, lengths: list[int], budget: int, precision: str, device: torch.device) -> Callable[[], None]:
+    """Forward and backward of the step's samples in the sub-batches `budget` makes (0: one sample at a time)."""
+    groups = [[row] for row in range(len(lengths))] if budget <= 0 else split_by_tokens(lengths, budget)
+    generator = torch.Generator().manual_seed(0)
+    batches = []
+    for group in groups:
+        width = max(lengths[row] for row in group)
+        ids = torch.randint(0, 512, (len(group), width), generator=generator)
+        mask = torch.zeros((len(group), width), dtype=torch.long)
+        for index, row in enumerate(group):
+            mask[index, : lengths[row]] = 1
+        batches.append((ids.to(device), mask.to(device)))
+    body = model.base_model
+    autocast = torch.autocast(device.type, dtype=DTYPES[precision], enabled=precision != "fp32")
+
+    def work(first_only: bool = False) -> None:
+        for ids, mask in batches[:1] if first_only else batches:
+            with autocast:
+                hidden = body(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+            hidden.float().square().mean().backward()
+        model.zero_grad(set_to_none=True)
+
+    return work
+
+
+def _head_work(hidden_size: int, vocab: int, precision: str, fused: bool, device: torch.device) -> Callable[[], None]:
+    """lm_head + cross-entropy over HEAD_ROWS supervised rows on a vocabulary slice, backward to the hidden states."""
+    from loraft.loss import supervised_cross_entropy
+
+    generator = torch.Generator().manual_seed(0)
+    weight = (torch.randn(vocab, hidden_size, generator=generator) * 0.02).to(device)
+    if precision != "fp32":
+        weight = weight.to(DTYPES[precision])
+    hidden = torch.randn(1, HEAD_ROWS + 1, hidden_size, generator=generator).to(device).requires_grad_(True)
+    labels = torch.randint(0, vocab, (1, HEAD_ROWS + 1), generator=generator).to(device)
+    autocast = torch.autocast(device.type, dtype=DTYPES[precision], enabled=precision != "fp32")
+
+    def work() -> None:
+        with autocast:
+            if fused:
+                loss = supervised_cross_entropy(hidden, labels, weight)
+            else:
+                logits = torch.nn.functional.linear(hidden, weight).float()
+                loss = torch.nn.functional.cross_entropy(logits[0, :-1], labels[0, 1:])
+        loss.backward()
+        hidden.grad = None
+
+    return work
+
+
+def _optimizer_work(name: str, device: torch.device) -> Callable[[], None]:
+    parameters = [torch.nn.Parameter(torch.zeros(OPTIMIZER_PARAMETERS // 4, device=device)) for _ in range(4)]
+    for parameter in parameters:
+        parameter.grad = torch.full_like(parameter, 1e-3)
+    fused = name == "adamw_torch_fused"
+    optimizer = torch.optim.AdamW(parameters, lr=1e-4, fused=fused, foreach=None if fused else True)
+    return optimizer.step
+
+
+def _predict(measured: dict, layers: int, vocab_scale: float, step_rows: int) -> float:
+    return layers * measured["layout"] + measured["head"] * vocab_scale * step_rows / HEAD_ROWS
+
+
+def measure(config: RunConfig, precision: str, model_config: Any, device: str = "cpu",
+            log: Callable[[str], None] = logger.info) -> dict:
+    """Measure the candidates (see the module docstring), cache the result and return it.
+
+    Returns:
+        {"key", "seconds", "layouts": {label: s}, "head": {"full"|"fused": s}, "optimizer": {name: s},
+         "choice": {"micro_batch_tokens", "attention", "fused_loss", "optimizer"}, "predicted_step": {...}}
+    """
+    key = tuning_key(config, precision, model_config)
+    shape = key["shape"]
+    target = torch.device(device)
+    lengths = step_lengths(config)
+    step = max(config.data.max_length, 256)
+    entry = fast_path(str(shape["model_type"]))
+    has_patch = entry is not None and entry.patch is not None and config.model.attn_implementation in (None, "sdpa")
+    started = time.perf_counter()
+    log(f"autotune: measuring the speed choices at {shape['model_type']} width {shape['hidden_size']} "
+        f"({precision}, once per machine and shape, at most ~{BUDGET_SECONDS:.0f} s)")
+
+    def over_budget() -> bool:
+        return time.perf_counter() - started > BUDGET_SECONDS
+
+    layouts: dict[str, float] = {}
+    models = {"patch": _one_layer_model(model_config, precision, True, target) if has_patch else None,
+              "library": _one_layer_model(model_config, precision, False, target)}
+
+    def timed_layout(attention: str, budget: int) -> float:
+        work = _step_work(models[attention], lengths, budget, precision, target)
+        work(first_only=True)  # warm-up: kernel selection, allocator
+        seconds = _timed(work)
+        layouts[f"{attention}/{budget}"] = round(seconds, 4)
+        return seconds
+
+    # the reference's path first: it is the candidate to beat, and it is measured whatever the budget says
+    default_attention = "patch" if has_patch else "library"
+    recipe = timed_layout("library", 0)
+    best = (recipe, "library", 0)
+    for budget in (0, step, 2 * step, 4 * step):
+        if over_budget():
+            break
+        if (default_attention, budget) == ("library", 0):
+            continue
+        seconds = timed_layout(default_attention, budget)
+        if seconds < best[0] * (1 - MARGIN):
+            best = (seconds, default_attention, budget)
+    if has_patch and best[1] == "patch" and best[2] and not over_budget():
+        seconds = timed_layout("library", best[2])
+        if seconds < best[0] * (1 - MARGIN):
+            best = (seconds, "library", best[2])
+
+    vocab = int(shape["vocab_size"] or VOCAB_SLICE)
+    head: dict[str, float] = {}
+    for name, fused in (("full", False), ("fused", True)):
+        work = _head_work(int(shape["hidden_size"]), min(vocab, VOCAB_SLICE), precision, fused, target)
+        work()
+        head[name] = round(_timed(work), 5)
+    optimizer: dict[str, float] = {}
+    for name in ("adamw_torch_fused", "adamw_torch"):
+        work = _optimizer_work(name, target)
+        work()
+        optimizer[name] = round(_timed(work), 5)
+
+    fused_loss = head["fused"] <= head["full"] * (1 + MARGIN)
+    chosen_optimizer = min(optimizer, key=optimizer.get)
+    if optimizer["adamw_torch_fused"] <= optimizer[chosen_optimizer] * (1 + MARGIN):
+        chosen_optimizer = "adamw_torch_fused"  # Trainer's own default unless the other clearly wins
+    layers = int(shape["layers"] or 1)
+    scale, rows = max(vocab, 1) / min(vocab, VOCAB_SLICE), sum(lengths)
+    predicted = {
+        "recipe": round(_predict({"layout": recipe, "head": head["full"]}, layers, scale, rows), 2),
+        "chosen": round(_predict({"layout": best[0], "head": head["fused" if fused_loss else "full"]}, layers,
+                                 scale, rows), 2),
+    }
+    result = {
+        "key": json.loads(json.dumps(key, default=str)), "seconds": round(time.perf_counter() - started, 1),
+        "layouts": layouts, "head": head, "optimizer": optimizer,
+        "choice": {"micro_batch_tokens": best[2], "attention": "eager" if best[1] == "library" and has_patch
+                   else "patch" if has_patch else "library", "fused_loss": fused_loss, "optimizer": chosen_optimizer},
+        "predicted_step": predicted,
+    }
+    log(f"autotune: {result['seconds']} s; sub-batches {best[2] or 'one sample at a time'}, attention "
+        f"{result['choice']['attention']}, fused loss {'yes' if fused_loss else 'no'}, {chosen_optimizer}; "
+        f"predicted step {predicted['chosen']} s vs the recipe's {predicted['recipe']} s")
+    path = _cache_path(key)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomically(path, result)
+    except OSError:
+        pass  # a read-only cache only costs measuring again next time
+    return result
