@@ -125,7 +125,7 @@ def test_when_every_speed_path_loses_the_reference_path_is_chosen(monkeypatch):
         if what == "patch":
             return 1.5
         if what == "head":
-            return 2.0 if option else 1.0  # the fused loss slower per row than full logits
+            return 2.0 if option else 1.0  # the fused loss twice as slow per row as full logits
         return 1.0 if option == "adamw_torch" else 1.5  # foreach AdamW clearly faster
 
     _patched_measurement(monkeypatch, seconds)
@@ -150,9 +150,13 @@ def test_when_sub_batches_and_the_patch_win_they_are_chosen(monkeypatch):
         return 1.0
 
     _patched_measurement(monkeypatch, seconds)
-    result = tune.measure(_config(), "fp32", BLOOM, log=lambda line: None)
+    result = tune.measure(_config(), "bf16", BLOOM, log=lambda line: None)
     assert result["choice"] == {"micro_batch_tokens": 512, "attention": "patch", "fused_loss": True,
                                 "optimizer": "adamw_torch_fused"}
+    # sub-batches up to the static budget (bf16 at max_length 256: 1,024 tokens), never more memory than that
+    assert set(result["layouts"]) == {"library/0", "patch/0", "patch/256", "patch/512", "patch/1024", "library/512"}
+    fp32 = tune.measure(_config(), "fp32", BLOOM, log=lambda line: None)
+    assert set(fp32["layouts"]) == {"library/0", "patch/0", "patch/256", "library/256"}
 
 
 def test_the_measurement_runs_on_a_tiny_model_and_is_cached(tiny_bloom_dir):

@@ -4,14 +4,17 @@ A machine that multiplies bf16 five times faster than fp32 and one that emulates
 an AVX2 CPU at the bloom-1b4-zh shape gained less from sub-batching than a Xeon capped to AVX2 predicted. So
 before the first training of a shape on a machine, `measure` times, on one decoder layer of the base model's
 real width (random weights, the run's precision, frozen weights stored as training stores them), forward and
-backward of one optimizer step's samples (synthetic lengths, 25%-100% of max_length) laid out as:
+backward of one optimizer step's samples (synthetic lengths as the sampler groups them: `step_lengths`) laid out as:
 
 - the reference recipe's path: one sample at a time, the library's attention, full logits;
-- sub-batches of 1x, 2x and 4x max_length padded tokens (loraft.batching.split_by_tokens), with the family's
-  attention patch where it has one, then the library's attention at the best size;
+- sub-batches (loraft.batching.split_by_tokens) of a quarter, half and all of the static budget
+  (loraft.batching.micro_batch_budget: sized so activation memory stays within the reference's, which no
+  candidate exceeds), with the family's attention patch where it has one, then the library's attention at the
+  best size;
 
-and, separately, lm_head + cross-entropy per supervised row, full logits against loraft's fused loss (on a slice
-of the vocabulary: the cost is linear in it), and AdamW fused against foreach. Each choice is the measured
+and, separately, lm_head + cross-entropy per row, full logits against loraft's fused loss (on a slice of the
+vocabulary: the cost is linear in it; the fused loss computes only supervised rows, taken as at most
+SUPERVISED_SHARE of them), and AdamW fused against foreach. Each choice is the measured
 fastest, so the reference's own path wins where nothing beats it. The result is cached per machine and shape
 under $LORAFT_HOME/tuning and stored in the plan; the whole measurement stops adding candidates past
 BUDGET_SECONDS. `train.autotune: false` or $LORAFT_AUTOTUNE=0 skips it (the static defaults).
@@ -29,7 +32,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from loraft.batching import split_by_tokens
+from loraft.batching import micro_batch_budget, split_by_tokens
 from loraft.config import RunConfig
 from loraft.fastpaths import apply_patch, fast_path
 from loraft.files import cache_dir, write_json_atomically
@@ -41,6 +44,10 @@ TUNE_VERSION = 1
 BUDGET_SECONDS = 60.0
 VOCAB_SLICE = 32768  # lm_head columns timed; the cost scales linearly to the real vocabulary
 HEAD_ROWS = 128
+HEAD_ROUNDS = 3
+# the share of a step's positions the fused loss is assumed to compute: at most this many are supervised in
+# instruction data (the recipe's alpaca-zh samples supervise about 65%: docs/benchmarks.md)
+SUPERVISED_SHARE = 0.9
 OPTIMIZER_PARAMETERS = 4 * 1024 * 1024
 # a candidate must beat the one before by this much to replace it: two timings of the same work differ by a few %
 MARGIN = 0.03
@@ -215,7 +222,6 @@ def measure(config: RunConfig, precision: str, model_config: Any, device: str = 
     shape = key["shape"]
     target = torch.device(device)
     lengths = step_lengths(config)
-    step = max(config.data.max_length, 256)
     entry = fast_path(str(shape["model_type"]))
     has_patch = entry is not None and entry.patch is not None and config.model.attn_implementation in (None, "sdpa")
     started = time.perf_counter()
@@ -240,7 +246,11 @@ def measure(config: RunConfig, precision: str, model_config: Any, device: str = 
     default_attention = "patch" if has_patch else "library"
     recipe = timed_layout("library", 0)
     best = (recipe, "library", 0)
-    for budget in (0, step, 2 * step, 4 * step):
+    # sub-batches only up to the static budget, whose activations stay within the reference's memory; none
+    # smaller than one whole sample of max_length (that is the one-sample path again)
+    cap = micro_batch_budget("auto", precision, config.data.max_length)
+    sizes = sorted({size for size in (cap // 4, cap // 2, cap) if size >= config.data.max_length} | {cap})
+    for budget in [0] + sizes:
         if over_budget():
             break
         if (default_attention, budget) == ("library", 0):
@@ -254,18 +264,23 @@ def measure(config: RunConfig, precision: str, model_config: Any, device: str = 
             best = (seconds, "library", best[2])
 
     vocab = int(shape["vocab_size"] or VOCAB_SLICE)
-    head: dict[str, float] = {}
-    for name, fused in (("full", False), ("fused", True)):
-        work = _head_work(int(shape["hidden_size"]), min(vocab, VOCAB_SLICE), precision, fused, target)
-        work()
-        head[name] = round(_timed(work), 5)
+    # the two losses timed in turns, so a busy moment does not fall on one of them only
+    head_works = {name: _head_work(int(shape["hidden_size"]), min(vocab, VOCAB_SLICE), precision, fused, target)
+                  for name, fused in (("full", False), ("fused", True))}
+    head = {name: float("inf") for name in head_works}
+    for _ in range(HEAD_ROUNDS):
+        for name, work in head_works.items():
+            head[name] = min(head[name], _timed(work, repeats=1))
+    head = {name: round(seconds, 5) for name, seconds in head.items()}
     optimizer: dict[str, float] = {}
     for name in ("adamw_torch_fused", "adamw_torch"):
         work = _optimizer_work(name, target)
         work()
         optimizer[name] = round(_timed(work), 5)
 
-    fused_loss = head["fused"] <= head["full"] * (1 + MARGIN)
+    # per row the two cost about the same; the fused loss computes only the supervised rows (instruction data masks
+    # its prompts), so it pays unless it is clearly slower per row
+    fused_loss = head["fused"] * SUPERVISED_SHARE <= head["full"] * (1 + MARGIN)
     chosen_optimizer = min(optimizer, key=optimizer.get)
     if optimizer["adamw_torch_fused"] <= optimizer[chosen_optimizer] * (1 + MARGIN):
         chosen_optimizer = "adamw_torch_fused"  # Trainer's own default unless the other clearly wins
