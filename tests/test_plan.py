@@ -154,9 +154,21 @@ def test_when_sub_batches_and_the_patch_win_they_are_chosen(monkeypatch):
     assert result["choice"] == {"micro_batch_tokens": 512, "attention": "patch", "fused_loss": True,
                                 "optimizer": "adamw_torch_fused"}
     # sub-batches up to the static budget (bf16 at max_length 256: 1,024 tokens), never more memory than that
-    assert set(result["layouts"]) == {"library/0", "patch/0", "patch/256", "patch/512", "patch/1024", "library/512"}
+    assert set(result["layouts"]) == {f"{name}/{size}" for name in ("library", "patch") for size in (0, 256, 512, 1024)}
     fp32 = tune.measure(_config(), "fp32", BLOOM, log=lambda line: None)
     assert set(fp32["layouts"]) == {"library/0", "patch/0", "patch/256", "library/256"}
+    assert (fp32["choice"]["micro_batch_tokens"], fp32["choice"]["attention"]) == (256, "patch")
+
+
+def test_a_path_within_the_noise_of_the_references_is_not_taken(monkeypatch):
+    def seconds(what, option):
+        if what in ("library", "patch"):
+            return 1.0 if (what, option) == ("library", 0) else 0.98  # 2% faster: within the timing noise
+        return 1.0
+
+    _patched_measurement(monkeypatch, seconds)
+    result = tune.measure(_config(), "fp32", BLOOM, log=lambda line: None)
+    assert (result["choice"]["micro_batch_tokens"], result["choice"]["attention"]) == (0, "eager")
 
 
 def test_the_measurement_runs_on_a_tiny_model_and_is_cached(tiny_bloom_dir):
