@@ -40,7 +40,7 @@ from loraft.precision import DTYPES, machine_identity
 
 logger = logging.getLogger("loraft")
 
-TUNE_VERSION = 1
+TUNE_VERSION = 2
 BUDGET_SECONDS = 60.0
 VOCAB_SLICE = 32768  # lm_head columns timed; the cost scales linearly to the real vocabulary
 HEAD_ROWS = 128
@@ -95,7 +95,8 @@ def tuning_key(config: RunConfig, precision: str, model_config: Any) -> dict:
     """What a measurement's answer depends on: the machine, the shape, the precision and the step's layout."""
     return {"version": TUNE_VERSION, "machine": machine_identity(), "shape": shape_of(model_config),
             "precision": precision, "max_length": config.data.max_length, "lengths": step_lengths(config),
-            "attn_implementation": config.model.attn_implementation, "quantization": config.model.quantization}
+            "attn_implementation": config.model.attn_implementation, "quantization": config.model.quantization,
+            "trains_embedding": trains_input_embedding(config, model_config)}
 
 
 def _cache_path(key: dict):
@@ -126,14 +127,39 @@ def _timed(work: Callable[[], None], repeats: int = 3, enough: float = 1.0) -> f
     return best
 
 
-def _one_layer_model(model_config: Any, precision: str, patched: bool, device: torch.device):
-    """A one-layer copy of the architecture at its real width (small vocabulary), frozen, weights stored as a
-    training run stores them; the input embedding trains, so backward runs through the layer as in training."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def _layer_config(model_config: Any, vocab_size: int):
+    """The architecture with one layer (tied head: only the body runs) and the given vocabulary."""
+    from transformers import AutoConfig
 
     config = copy.deepcopy(model_config) if not isinstance(model_config, dict) else AutoConfig.for_model(**model_config)
     config.num_hidden_layers = 1
-    config.vocab_size = 512
+    config.vocab_size = vocab_size
+    config.tie_word_embeddings = True
+    return config
+
+
+def trains_input_embedding(config: RunConfig, model_config: Any) -> bool:
+    """Whether the adapter trains a copy of the input embedding (modules_to_save), as the recipe does: then every
+    forward/backward also fills its dense gradient at the real vocabulary, a cost per sub-batch."""
+    from transformers import AutoModelForCausalLM
+
+    saved = config.adapter.modules_to_save or []
+    if not saved:
+        return False
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(_layer_config(model_config, 8))
+    embedding = model.get_input_embeddings()
+    name = next((n for n, module in model.named_modules() if module is embedding), "")
+    return any(name == wanted or name.endswith("." + wanted) for wanted in saved)
+
+
+def _one_layer_model(model_config: Any, precision: str, patched: bool, device: torch.device, vocab_size: int = 512):
+    """A one-layer copy of the architecture at its real width, frozen, weights stored as a training run stores
+    them; the input embedding trains (at the real vocabulary where the run trains it), so backward runs through
+    the layer and into the embedding as in training."""
+    from transformers import AutoModelForCausalLM
+
+    config = _layer_config(model_config, vocab_size)
     if not patched:
         config._attn_implementation = "eager"
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -155,7 +181,8 @@ def _step_work(model, lengths: list[int], budget: int, precision: str, device: t
     batches = []
     for group in groups:
         width = max(lengths[row] for row in group)
-        ids = torch.randint(0, 512, (len(group), width), generator=generator)
+        ids = torch.randint(0, min(512, model.get_input_embeddings().num_embeddings), (len(group), width),
+                            generator=generator)
         mask = torch.zeros((len(group), width), dtype=torch.long)
         for index, row in enumerate(group):
             mask[index, : lengths[row]] = 1
@@ -229,11 +256,10 @@ def measure(config: RunConfig, precision: str, model_config: Any, device: str = 
     log(f"autotune: measuring the speed choices at {shape['model_type']} width {shape['hidden_size']} "
         f"({precision}, once per machine and shape, at most ~{BUDGET_SECONDS:.0f} s)")
 
-    def over_budget() -> bool:
-        return time.perf_counter() - started > BUDGET_SECONDS
-
-    models = {"patch": _one_layer_model(model_config, precision, True, target) if has_patch else None,
-              "library": _one_layer_model(model_config, precision, False, target)}
+    vocab = int(shape["vocab_size"] or VOCAB_SLICE)
+    embedding_vocab = vocab if key["trains_embedding"] else 512
+    models = {"patch": _one_layer_model(model_config, precision, True, target, embedding_vocab) if has_patch else None,
+              "library": _one_layer_model(model_config, precision, False, target, embedding_vocab)}
 
     # the reference's path first: the candidate to beat. Sub-batches only up to the static budget, whose
     # activations stay within the reference's memory; none smaller than one whole sample of max_length.
@@ -249,10 +275,12 @@ def measure(config: RunConfig, precision: str, model_config: Any, device: str = 
     # them only; the best of the rounds counts, and rounds stop at the budget (the first always completes)
     best_of = {candidate: float("inf") for candidate in candidates}
     for round_index in range(LAYOUT_ROUNDS):
-        if round_index and over_budget():
-            break
+        round_started = time.perf_counter()
         for candidate, work in works.items():
             best_of[candidate] = min(best_of[candidate], _timed(work, repeats=1))
+        # another round only if it ends within the budget (leaving room for the loss and optimizer timings)
+        if time.perf_counter() + (time.perf_counter() - round_started) - started > 0.85 * BUDGET_SECONDS:
+            break
     layouts = {f"{name}/{budget}": round(seconds, 4) for (name, budget), seconds in best_of.items()}
     recipe = best_of[("library", 0)]
     fastest = min(best_of, key=best_of.get)
@@ -260,7 +288,6 @@ def measure(config: RunConfig, precision: str, model_config: Any, device: str = 
     choice = fastest if best_of[fastest] < recipe * (1 - MARGIN) else ("library", 0)
     best = (best_of[choice], *choice)
 
-    vocab = int(shape["vocab_size"] or VOCAB_SLICE)
     # the two losses timed in turns, so a busy moment does not fall on one of them only
     head_works = {name: _head_work(int(shape["hidden_size"]), min(vocab, VOCAB_SLICE), precision, fused, target)
                   for name, fused in (("full", False), ("fused", True))}
