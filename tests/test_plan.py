@@ -154,8 +154,9 @@ def test_when_sub_batches_and_the_patch_win_they_are_chosen(monkeypatch):
     assert result["choice"] == {"micro_batch_tokens": 512, "attention": "patch", "fused_loss": True,
                                 "optimizer": "adamw_torch_fused"}
     # sub-batches up to the static budget (bf16 at max_length 256: 1,024 tokens), never more memory than that
-    assert set(result["layouts"]) == {f"{name}/{size}" for name in ("library", "patch") for size in (0, 256, 512, 1024)}
-    fp32 = tune.measure(_config(), "fp32", BLOOM, log=lambda line: None)
+    # 256 tokens hold one of these similar-length samples at a time: the one-sample layout, not timed again
+    assert set(result["layouts"]) == {f"{name}/{size}" for name in ("library", "patch") for size in (0, 512, 1024)}
+    fp32 = tune.measure(_config("train.sampling=random"), "fp32", BLOOM, log=lambda line: None)
     assert set(fp32["layouts"]) == {"library/0", "patch/0", "patch/256", "library/256"}
     assert (fp32["choice"]["micro_batch_tokens"], fp32["choice"]["attention"]) == (256, "patch")
 

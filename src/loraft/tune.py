@@ -265,6 +265,8 @@ def measure(config: RunConfig, precision: str, model_config: Any, device: str = 
     # activations stay within the reference's memory; none smaller than one whole sample of max_length.
     cap = micro_batch_budget("auto", precision, config.data.max_length)
     sizes = sorted({size for size in (cap // 4, cap // 2, cap) if size >= config.data.max_length} | {cap})
+    # a size that leaves every sample in a sub-batch of its own is the one-sample layout again: not timed twice
+    sizes = [size for size in sizes if any(len(group) > 1 for group in split_by_tokens(lengths, size))]
     candidates = [("library", 0)] + [(name, budget) for name in (["patch"] if has_patch else []) + ["library"]
                                      for budget in [0] + sizes if (name, budget) != ("library", 0)]
     works = {candidate: _step_work(models[candidate[0]], lengths, candidate[1], precision, target)
