@@ -49,8 +49,10 @@ HEAD_ROUNDS = 3
 # instruction data (the recipe's alpaca-zh samples supervise about 65%: docs/benchmarks.md)
 SUPERVISED_SHARE = 0.9
 OPTIMIZER_PARAMETERS = 4 * 1024 * 1024
-# a candidate must beat the reference's path by this much to replace it: timings of the same work differ by a few %
-MARGIN = 0.03
+# how much faster a candidate must measure to replace the static default (or how much slower the default must
+# measure for the reference's path to replace it): on a shared 2-core machine two timings of the same work
+# differed by up to 20% (docs/benchmarks.md), so a smaller difference is not a measurement of anything
+MARGIN = 0.10
 LAYOUT_ROUNDS = 3
 
 
@@ -285,10 +287,20 @@ def measure(config: RunConfig, precision: str, model_config: Any, device: str = 
             break
     layouts = {f"{name}/{budget}": round(seconds, 4) for (name, budget), seconds in best_of.items()}
     recipe = best_of[("library", 0)]
+    # the static default (the family's attention, the static budget; a budget that leaves every sample alone
+    # computes what the one-sample layout computes) is kept unless the measurement clearly says otherwise:
+    # the reference's path when the default is clearly slower than it, another candidate when clearly faster
+    default_attention = "patch" if has_patch else "library"
+    static = (default_attention, cap)
+    static_seconds = best_of.get(static, best_of[(default_attention, 0)])
     fastest = min(best_of, key=best_of.get)
-    # a path replaces the reference's only when it is clearly faster: timings of the same work differ by a few %
-    choice = fastest if best_of[fastest] < recipe * (1 - MARGIN) else ("library", 0)
-    best = (best_of[choice], *choice)
+    if static_seconds > recipe * (1 + MARGIN):
+        choice = ("library", 0)
+    elif best_of[fastest] < static_seconds * (1 - MARGIN):
+        choice = fastest
+    else:
+        choice = static
+    best = (best_of.get(choice, static_seconds), *choice)
 
     # the two losses timed in turns, so a busy moment does not fall on one of them only
     head_works = {name: _head_work(int(shape["hidden_size"]), min(vocab, VOCAB_SLICE), precision, fused, target)
