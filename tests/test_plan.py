@@ -208,18 +208,22 @@ def test_memory_estimate_adds_up_its_parts():
     assert bf16["parts_gib"]["weights"] < fp32["parts_gib"]["weights"]
 
 
-@pytest.mark.parametrize("preset", ["bloom-1b4-zh-lora", "demo"])
-def test_loraft_plan_prints_the_plan_offline(preset, capsys, monkeypatch):
+@pytest.mark.parametrize("preset, bf16, precision, budget", [
+    ("bloom-1b4-zh-lora", "emulated", "fp32", 256), ("bloom-1b4-zh-lora", "fast", "bf16", 1024),
+    ("demo", "emulated", "fp32", 256), ("demo", "fast", "bf16", 256),
+])
+def test_loraft_plan_prints_the_plan_offline(preset, bf16, precision, budget, capsys, monkeypatch):
     from loraft.cli import main
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("LORAFT_CPU_BF16", bf16)
     assert main(["plan", preset, "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     plan = report["plan"]
     assert report["model"].endswith("(shape shipped with loraft)")
-    assert plan["precision"] == "fp32" and "emulated" in plan["reasons"]["precision"]  # the suite's capability
+    assert plan["precision"] == precision and bf16 in plan["reasons"]["precision"]
     assert plan["fused_loss"] and plan["speed_path"].startswith("bloom: ")
-    assert plan["micro_batch_tokens"] == 256 and not plan["packing"]
+    assert plan["micro_batch_tokens"] == budget and not plan["packing"]
     assert report["memory"]["peak_gib"] > 0 and report["parameters"]["total"] > report["parameters"]["trainable"] > 0
     assert report["autotune"] == "off: the static defaults"  # the suite sets LORAFT_AUTOTUNE=0
     if preset == "bloom-1b4-zh-lora":
