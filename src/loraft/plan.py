@@ -269,7 +269,7 @@ def _torch_device(caps: Capabilities, config: RunConfig) -> str:
 
 # ------------------------------------------------------------------------------------------- memory estimate
 GIB = 1024**3
-RUNTIME_BYTES = 0.6 * GIB  # Python, torch, transformers, the tokenizer: measured RSS after import (docs/benchmarks.md)
+RUNTIME_BYTES = 0.75 * GIB  # Python, torch, transformers, peft, datasets: the demo fine-tune with tiny weights (docs/benchmarks.md)
 # Activation bytes per token per layer kept for backward, in units of hidden x element size: 34 for a GPT-style
 # block with 16-bit activations (Korthikanti et al. 2022, "Reducing Activation Recomputation"), 17 element-sized
 # tensors of the width; plus eager attention's scores, 5 x heads x sequence per token.
