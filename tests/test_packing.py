@@ -9,7 +9,7 @@ import pytest
 import torch
 from test_fastpaths import SHAPES, _model
 
-from loraft.fastpaths import REGISTRY, apply_patch, fast_path, packed_segments, supports_packing
+from loraft.fastpaths import REGISTRY, apply_patch, fast_path, packed_segments
 from loraft.packing import pack_batch, pack_row, plan_rows, unpad
 from loraft.trainer import LoraftTrainer
 
@@ -119,8 +119,6 @@ def test_unregistered_architectures_and_unpatched_bloom_are_not_packed(tmp_path)
     assert set(PACKING) == set(SHAPES)  # every registered architecture packs, each tested above
     model = _model("llama")
     model.config.model_type = "gemma"
-    assert not supports_packing(model)
-    assert not supports_packing(_model("bloom"))  # eager BLOOM (no loraft patch) cannot mask by segments
     # the plan decides it once, from the config and the architecture: such runs train padded
     from loraft.config import load_config
     from loraft.plan import make_plan

@@ -9,7 +9,7 @@ library's own path (same outputs and gradients):
 - `packing`: how packed samples (loraft.packing) are kept from attending to each other: "position_ids" (the
   library builds a block-diagonal mask from restarting positions when no attention mask is given) or "segments"
   (the patch masks across sample ids, for BLOOM, whose alibi ignores positions); None = no packing;
-- `description`: what train.log says the patch does.
+- `description`: what the plan (train.log, `loraft plan`) says the patch does.
 Sub-batching (loraft.batching) needs nothing per architecture. A new family is one entry here (plus its module
 when it has a patch) and one parametrization in the tests.
 """
@@ -30,7 +30,6 @@ class FastPath:
     description: str = ""
     supervised_loss: bool = True
     patch: Optional[Callable[[torch.nn.Module], int]] = None
-    patched: Optional[Callable[[torch.nn.Module], bool]] = None
     packing: Optional[str] = "position_ids"
 
 
@@ -40,15 +39,9 @@ def _bloom_patch(model: torch.nn.Module) -> int:
     return use_fast_bloom(model)
 
 
-def _bloom_patched(model: torch.nn.Module) -> bool:
-    from loraft.fastpaths.bloom import uses_fast_bloom
-
-    return uses_fast_bloom(model)
-
-
 REGISTRY: dict[str, FastPath] = {
     # BLOOM has no SDPA in transformers: loraft provides it on the default implementation
-    "bloom": FastPath("BLOOM SDPA-alibi attention and one-kernel GELU", patch=_bloom_patch, patched=_bloom_patched,
+    "bloom": FastPath("BLOOM SDPA-alibi attention and one-kernel GELU", patch=_bloom_patch,
                       packing="segments"),
     "llama": FastPath(),
     "mistral": FastPath(),
@@ -82,14 +75,6 @@ def apply_patch(model: torch.nn.Module) -> int:
     return entry.patch(model) if entry is not None and entry.patch is not None else 0
 
 
-def describe(model: torch.nn.Module) -> str:
-    """What the architecture's patch does, for train.log, when this model has it applied ("" otherwise)."""
-    entry = fast_path(model)
-    if entry is None or entry.patched is None or not entry.patched(model):
-        return ""
-    return entry.description
-
-
 def supports_supervised_loss(model: torch.nn.Module) -> bool:
     """Whether `model`'s logits are exactly lm_head(last hidden state), so the fused loss may replace them."""
     entry = fast_path(model)
@@ -97,14 +82,6 @@ def supports_supervised_loss(model: torch.nn.Module) -> bool:
         return False
     head = model.get_output_embeddings()
     return isinstance(head, torch.nn.Linear) and head.bias is None and getattr(model, "base_model", None) is not model
-
-
-def supports_packing(model: torch.nn.Module) -> bool:
-    """Whether packed samples can be kept apart in this model (its patch applied where packing needs it)."""
-    entry = fast_path(model)
-    if entry is None or entry.packing is None:
-        return False
-    return entry.packing != "segments" or (entry.patched is not None and entry.patched(model))
 
 
 @contextlib.contextmanager
