@@ -239,6 +239,14 @@ def test_loraft_plan_with_a_bad_config_is_one_sentence(tmp_path, capsys):
     assert capsys.readouterr().err == f"error: {bad}: unknown config key train.nonsense\n"
 
 
+def test_loraft_plan_with_a_missing_model_directory_is_one_sentence(tmp_path, capsys):
+    from loraft.cli import main
+
+    missing = tmp_path / "no-such-model"
+    assert main(["plan", "bloom-1b4-zh-lora", f"model.name_or_path={missing}"]) == 2
+    assert capsys.readouterr().err == f"error: {missing}: model directory not found (model.name_or_path)\n"
+
+
 def test_the_shipped_demo_shape_is_the_demo_base_recipes():
     from loraft.demo import BaseRecipe
     from loraft.presets import shipped_shape

@@ -233,6 +233,8 @@ def read_model_config(config: RunConfig, offline_shape: bool = False):
     from loraft.presets import shipped_shape
 
     model = config.model
+    if model.name_or_path.startswith(("/", "./", "../", "~")) and not os.path.isdir(os.path.expanduser(model.name_or_path)):
+        raise ModelError(f"{model.name_or_path}: model directory not found (model.name_or_path)")
     shape = shipped_shape(model.name_or_path) if offline_shape and not os.path.isdir(model.name_or_path) else None
     if shape is not None:  # the model's published config, shipped with loraft: no network needed
         return AutoConfig.from_pretrained(str(shape)), f"{model.name_or_path} (shape shipped with loraft)"

@@ -34,7 +34,7 @@ import torch
 
 from loraft.batching import micro_batch_budget, split_by_tokens
 from loraft.config import RunConfig
-from loraft.fastpaths import apply_patch, fast_path
+from loraft.fastpaths import apply_patch, patches_on_load
 from loraft.files import cache_dir, write_json_atomically
 from loraft.precision import DTYPES, machine_identity
 
@@ -252,8 +252,7 @@ def measure(config: RunConfig, precision: str, model_config: Any, device: str = 
     shape = key["shape"]
     target = torch.device(device)
     lengths = step_lengths(config)
-    entry = fast_path(str(shape["model_type"]))
-    has_patch = entry is not None and entry.patch is not None and config.model.attn_implementation in (None, "sdpa")
+    has_patch = patches_on_load(str(shape["model_type"]), config.model.attn_implementation)
     started = time.perf_counter()
     log(f"autotune: measuring the speed choices at {shape['model_type']} width {shape['hidden_size']} "
         f"({precision}, once per machine and shape, at most ~{BUDGET_SECONDS:.0f} s)")
