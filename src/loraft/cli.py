@@ -165,6 +165,15 @@ def cmd_merge(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from loraft.export.gguf import export_gguf
+
+    export_gguf(args.run_dir, args.out, outtype=args.outtype, adapter_only=args.adapter_only,
+                llama_cpp=args.llama_cpp, verify=not args.no_verify, overwrite=args.overwrite, access=_access(args),
+                log=lambda line: print(line, file=sys.stderr))
+    return 0
+
+
 def cmd_serve(args) -> int:
     require("serve", "serve", "fastapi", "uvicorn")
     from loraft.serve import serve
@@ -328,6 +337,21 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
     _add_run_access_options(merge)
     merge.set_defaults(handler=cmd_merge)
+
+    export = sub.add_parser("export", help="GGUF for llama.cpp / Ollama with a Modelfile, verified by llama.cpp")
+    export.add_argument("run_dir")
+    export.add_argument("--format", default="gguf", choices=["gguf"], help="output format (default: gguf)")
+    export.add_argument("--outtype", default="f16", choices=["f32", "f16", "bf16", "q8_0", "q4_k_m"],
+                        help="weight type (default: f16; q4_k_m needs llama.cpp's llama-quantize)")
+    export.add_argument("--adapter-only", action="store_true",
+                        help="write the base GGUF and a LoRA adapter GGUF (llama-cli --lora, Ollama ADAPTER)")
+    export.add_argument("--out", help="directory to write (default: RUN-gguf beside the run; empty or absent)")
+    export.add_argument("--llama-cpp", metavar="DIR",
+                        help="a llama.cpp checkout to convert with (default: $LLAMA_CPP_DIR, else a pinned copy)")
+    export.add_argument("--no-verify", action="store_true", help="skip the comparison with llama.cpp")
+    export.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
+    _add_run_access_options(export)
+    export.set_defaults(handler=cmd_export)
 
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server and chat page for a run")
     serve.add_argument("run_dir")

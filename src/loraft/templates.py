@@ -40,6 +40,46 @@ class Segment:
 
 
 @dataclass(frozen=True)
+class Turn:
+    """How a loraft template writes one message: `prefix + content + suffix`. `strip` applies Python's
+    `str.strip()`: "joined" to `prefix + content` (the reference recipe's `"Human: ..."`.strip()), "content" to the
+    content alone (Llama-3's `content | trim`), "" to nothing."""
+
+    prefix: str = ""
+    suffix: str = ""
+    strip: str = ""
+
+    def jinja(self) -> str:
+        """The Jinja expression of this turn (`c` is the message content)."""
+        if self.strip == "joined":
+            return " + ".join([f"({self.prefix!r} + c).strip()"] + ([repr(self.suffix)] if self.suffix else []))
+        content = "c.strip()" if self.strip == "content" else "c"
+        return " + ".join(([repr(self.prefix)] if self.prefix else []) + [content]
+                          + ([repr(self.suffix)] if self.suffix else []))
+
+
+@dataclass(frozen=True)
+class TemplateParts:
+    """What a loraft template is made of, kept as data so other formats (the Ollama Modelfile's Go template, in
+    loraft.export.ollama) are generated from the same parts as the Jinja, not written twice.
+
+    Attributes:
+        system, user: how those messages are written.
+        header: before each assistant content; also the generation prompt.
+        end: the end-of-turn after an assistant's content (supervised with it); None: the EOS token.
+        after: after the end-of-turn (prompt text).
+        default_system: written as a system message when the conversation has none.
+    """
+
+    system: Turn
+    user: Turn
+    header: str
+    end: Optional[str]
+    after: str
+    default_system: Optional[str] = None
+
+
+@dataclass(frozen=True)
 class Template:
     """A prompt format: a Jinja chat template and how its supervised text is found.
 
@@ -49,12 +89,14 @@ class Template:
         jinja: the chat template; it sees `messages`, `add_generation_prompt` and the tokenizer's special tokens.
         special_tokens: values for `eos_token`, `bos_token`, ... (a model template's; loraft's need only eos,
             which `render` is given).
+        parts: a loraft template's parts (the Jinja is generated from them); None for a model's own template.
     """
 
     name: str
     description: str
     jinja: str
     special_tokens: dict = field(default_factory=dict, compare=False)
+    parts: Optional[TemplateParts] = field(default=None, compare=False)
 
     @property
     def marks_generation(self) -> bool:
@@ -181,14 +223,16 @@ def _jinja_render(jinja: str, messages: Sequence[dict], add_generation_prompt: b
                            add_generation_prompt=add_generation_prompt, **tokens), []
 
 
-def _loraft_template(name: str, description: str, system: str, user: str, header: str, end: str, after: str,
-                     default_system: Optional[str] = None) -> Template:
-    """A loraft template from Jinja expressions for each part (`c` is the message content); the assistant's
-    content and `end` are one `{% generation %}` block, so they are what training supervises."""
+def _loraft_template(name: str, description: str, parts: TemplateParts) -> Template:
+    """A loraft template from its parts; the assistant's content and `end` are one `{% generation %}` block, so they
+    are what training supervises."""
+    system, user = parts.system.jinja(), parts.user.jinja()
+    header, after = repr(parts.header), repr(parts.after)
+    end = "eos_token" if parts.end is None else repr(parts.end)
     default = ""
-    if default_system is not None:
+    if parts.default_system is not None:
         default = ("{%- if messages|selectattr('role', 'equalto', 'system')|list|length == 0 -%}"
-                   "{%- set c = " + repr(default_system) + " -%}{{ " + system + " }}{%- endif -%}")
+                   "{%- set c = " + repr(parts.default_system) + " -%}{{ " + system + " }}{%- endif -%}")
     jinja = (
         default
         + "{%- for message in messages -%}{%- set c = message['content'] -%}"
@@ -199,7 +243,7 @@ def _loraft_template(name: str, description: str, system: str, user: str, header
         "{%- endif -%}{%- endfor -%}"
         "{%- if add_generation_prompt -%}{{ " + header + " }}{%- endif -%}"
     )
-    return Template(name=name, description=description, jinja=jinja)
+    return Template(name=name, description=description, jinja=jinja, parts=parts)
 
 
 ALPACA_SYSTEM = (
@@ -210,21 +254,23 @@ TEMPLATES: dict[str, Template] = {t.name: t for t in (
     _loraft_template(
         "human_assistant",
         'The reference recipe: "Human: {instruction}\\n{input}".strip() + "\\n\\nAssistant: ", response + EOS.',
-        "c + '\\n\\n'", "('Human: ' + c).strip() + '\\n\\n'", "'Assistant: '", "eos_token", "''"),
+        TemplateParts(system=Turn(suffix="\n\n"), user=Turn("Human: ", "\n\n", strip="joined"),
+                      header="Assistant: ", end=None, after="")),
     _loraft_template(
         "alpaca",
         "Stanford Alpaca: default system line, '### Instruction:' / '### Response:' blocks, response + EOS.",
-        "c + '\\n\\n'", "'### Instruction:\\n' + c + '\\n\\n'", "'### Response:\\n'", "eos_token", "'\\n\\n'",
-        ALPACA_SYSTEM),
+        TemplateParts(system=Turn(suffix="\n\n"), user=Turn("### Instruction:\n", "\n\n"), header="### Response:\n",
+                      end=None, after="\n\n", default_system=ALPACA_SYSTEM)),
     _loraft_template(
         "chatml",
         "ChatML (Qwen, many others): <|im_start|>role ... <|im_end|>; needs <|im_end|> in the vocabulary.",
-        "'<|im_start|>system\\n' + c + '<|im_end|>\\n'", "'<|im_start|>user\\n' + c + '<|im_end|>\\n'",
-        "'<|im_start|>assistant\\n'", "'<|im_end|>'", "'\\n'"),
+        TemplateParts(system=Turn("<|im_start|>system\n", "<|im_end|>\n"),
+                      user=Turn("<|im_start|>user\n", "<|im_end|>\n"), header="<|im_start|>assistant\n",
+                      end="<|im_end|>", after="\n")),
 )}
 # No template: the text as it is (the server's /v1/completions continues a prompt), answers end with EOS.
 RAW_TEXT = _loraft_template("raw", "No template: the prompt text as it is (for /v1/completions).",
-                            "c", "c", "''", "eos_token", "''")
+                            TemplateParts(system=Turn(), user=Turn(), header="", end=None, after=""))
 
 
 def model_template(tokenizer) -> Template:

@@ -1,0 +1,3 @@
+module loraft/ollamarender
+
+go 1.19
