@@ -128,6 +128,19 @@ def test_merged_f32_and_q8_0_are_verified_by_llama_cpp(qwen_run, llama_cpp_tree,
             > _report(tmp_path / "f32")["verify"]["logprob_max_abs_diff"])
 
 
+def test_q4_k_m_through_llama_quantize_is_verified(qwen_run, llama_cpp_tree, tmp_path):
+    """q4_k_m needs llama.cpp's llama-quantize, which no wheel ships: run where one is found ($LLAMA_QUANTIZE, PATH
+    or the tree's build/bin); CI has none and tests the refusal instead (below)."""
+    quantizer = llamacpp.find_quantize(str(llama_cpp_tree))
+    if quantizer is None:
+        pytest.skip("no llama-quantize ($LLAMA_QUANTIZE, PATH or LLAMA_CPP_DIR/build/bin); the refusal is tested")
+    out = tmp_path / "q4"
+    report = export_gguf(qwen_run, out, outtype="q4_k_m", llama_cpp=str(llama_cpp_tree), log=lambda line: None)
+    assert report["verify"]["passed"] and report["quantizer"] == str(quantizer)
+    assert report["verify"]["logprob_max_abs_diff"] <= TOLERANCES["q4_k_m"]
+    assert (out / "model-q4_k_m.gguf").is_file() and not (out / "model-f16.gguf").exists()
+
+
 def test_adapter_only_is_verified_and_the_base_alone_is_not(qwen_run, llama_cpp_tree, tmp_path):
     out = tmp_path / "adapter"
     report = export_gguf(qwen_run, out, outtype="f32", adapter_only=True, llama_cpp=str(llama_cpp_tree),
@@ -189,7 +202,8 @@ def _bloom_pre_tokenizer():
 
 def test_bloom_pre_tokenizer_fallback_is_proved_by_tokenizing(tmp_path_factory, llama_cpp_tree, tmp_path):
     """A BLOOM vocabulary llama.cpp's hash table does not know (like Langboat/bloom-1b4-zh's) converts as
-    llama.cpp's 'bloom' pre-tokenizer because its structure is BLOOM's, and the export proves the tokenization."""
+    llama.cpp's 'bloom' pre-tokenizer because its structure is BLOOM's, and the export proves the tokenization;
+    with the recipe's adapter, whose trained copy of the tied embedding the merge unties (lm_head keeps its own)."""
     from transformers import BloomConfig
 
     from conftest import save_random_model
@@ -199,8 +213,9 @@ def test_bloom_pre_tokenizer_fallback_is_proved_by_tokenizing(tmp_path_factory, 
     save_random_model(base, tokenizer, BloomConfig(
         vocab_size=len(tokenizer), hidden_size=64, n_layer=2, n_head=4, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    # the recipe's adapter: LoRA on layer 1's query_key_value, the tied word_embeddings trained in full
     run = _train(tmp_path_factory.mktemp("gguf-bloom"), "bloom", base, "human_assistant",
-                 ["adapter.target_modules=[query_key_value,dense]"])
+                 ["adapter.target_modules=.*\\.1.*query_key_value", "adapter.modules_to_save=[word_embeddings]"])
     report = export_gguf(run, tmp_path / "bloom", outtype="f32", llama_cpp=str(llama_cpp_tree), log=lambda line: None)
     assert report["tokenizer"]["kind"] == "fallback" and report["tokenizer"]["pre_tokenizer"] == "bloom"
     assert report["verify"]["passed"]

@@ -123,6 +123,12 @@ class LlamaCpp:
         first = answer["completion_probabilities"][0]
         return {entry["id"]: entry["logprob"] for entry in first["top_logprobs"]}
 
+    def complete(self, ids: Sequence[int], max_tokens: int) -> str:
+        """llama.cpp's greedy continuation of `ids` (it stops at the model's end-of-generation tokens)."""
+        answer = self._post("/completion", {"prompt": list(ids), "n_predict": max_tokens, "temperature": 0,
+                                            "cache_prompt": False})
+        return answer["content"]
+
     def close(self) -> None:
         self.server = None
         import gc
