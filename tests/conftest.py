@@ -72,7 +72,7 @@ CORPUS = [
 def _train_tokenizer(add_bos: bool):
     from loraft.demo import build_tokenizer
 
-    return build_tokenizer(CORPUS * 3, vocab_size=400, split_characters=False, add_bos=add_bos)
+    return build_tokenizer(CORPUS * 3, vocab_size=400, add_bos=add_bos)
 
 
 @pytest.fixture(scope="session")

@@ -44,6 +44,11 @@ def test_the_wheel_ships_every_preset(wheel):
     for preset in preset_names():
         assert f"loraft/configs/{preset}.yaml" in names
     assert "loraft/static/chat.html" in names
+    from loraft.demo import PREBUILT_DIR
+
+    shipped_base = sorted(f"loraft/demo/prebuilt/{item.name}" for item in PREBUILT_DIR.iterdir())
+    assert "loraft/demo/prebuilt/model.safetensors" in shipped_base
+    assert set(shipped_base) <= names
 
 
 def test_a_preset_trains_from_a_wheel_install(wheel, tiny_bloom_dir, alpaca_jsonl, tmp_path):

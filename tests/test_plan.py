@@ -210,7 +210,7 @@ def test_memory_estimate_adds_up_its_parts():
 
 @pytest.mark.parametrize("preset, bf16, precision, budget", [
     ("bloom-1b4-zh-lora", "emulated", "fp32", 256), ("bloom-1b4-zh-lora", "fast", "bf16", 1024),
-    ("demo", "emulated", "fp32", 256), ("demo", "fast", "bf16", 256),
+    ("demo", "emulated", "fp32", 256), ("demo", "fast", "bf16", 320),
 ])
 def test_loraft_plan_prints_the_plan_offline(preset, bf16, precision, budget, capsys, monkeypatch):
     from loraft.cli import main
@@ -247,11 +247,13 @@ def test_loraft_plan_with_a_missing_model_directory_is_one_sentence(tmp_path, ca
     assert capsys.readouterr().err == f"error: {missing}: model directory not found (model.name_or_path)\n"
 
 
-def test_the_shipped_demo_shape_is_the_demo_base_recipes():
-    from loraft.demo import BaseRecipe
+def test_the_shipped_demo_shape_is_the_shipped_demo_base():
+    from loraft.demo import PREBUILT_DIR, BaseRecipe
     from loraft.presets import shipped_shape
 
     shape = json.loads((shipped_shape("loraft/demo-base") / "config.json").read_text())
+    base = json.loads((PREBUILT_DIR / "config.json").read_text())
+    keys = ("model_type", "hidden_size", "n_layer", "n_head", "vocab_size", "bos_token_id", "eos_token_id", "pad_token_id")
+    assert {key: shape[key] for key in keys} == {key: base[key] for key in keys}
     recipe = BaseRecipe()
-    assert (shape["hidden_size"], shape["n_layer"], shape["n_head"], shape["vocab_size"]) == (
-        recipe.hidden_size, recipe.n_layer, recipe.n_head, recipe.vocab_size)
+    assert (shape["hidden_size"], shape["n_layer"], shape["n_head"]) == (recipe.hidden_size, recipe.n_layer, recipe.n_head)

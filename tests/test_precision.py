@@ -130,7 +130,7 @@ def test_training_arguments_follow_the_probe(probe, tmp_path, tiny_bloom_dir):
 def test_demo_pretraining_follows_the_probe(probe, tmp_path):
     from loraft import demo
 
-    recipe = demo.BaseRecipe(vocab_size=600, hidden_size=32, n_layer=1, n_head=2, seq_len=16, batch_size=2,
+    recipe = demo.BaseRecipe(hidden_size=32, n_layer=1, n_head=2, seq_len=16, batch_size=2,
                              steps=1, warmup_steps=1)
     for speedup, expected in ((0.003, "fp32"), (3.0, "bf16 autocast")):
         probe.set(flags=True, speedup=speedup)

@@ -11,6 +11,7 @@ from typing import Callable, Optional, Sequence
 from transformers import TrainerCallback
 
 from loraft.demo.base import STAMP_FILE, Progress, build_demo_base
+from loraft.demo.llama import llama_cpp_step
 from loraft.demo.tasks import TASK_FAMILIES, TASKS, read_jsonl, write_demo_data
 from loraft.files import write_json_atomically
 
@@ -106,7 +107,7 @@ def run_demo(
     home: Optional[Path] = None,
     config_path: Optional[Path] = None,
     seed: int = 0,
-    force_base: bool = False,
+    rebuild_base: bool = False,
     log: Callable[[str], None] = print,
 ) -> dict:
     """The whole demo: base, data, before, LoRA fine-tune, after, table and a short chat.
@@ -114,10 +115,10 @@ def run_demo(
     Args:
         workdir: where the demo writes its data (`data/`), run directory (`run/`) and `demo_results.json`.
         overwrite: replace a previous demo run in workdir.
-        home: cache root for the base (default: loraft.files.cache_home(), $LORAFT_HOME or ~/.cache/loraft).
+        home: cache root for a rebuilt base (default: loraft.files.cache_home(), $LORAFT_HOME or ~/.cache/loraft).
         config_path: the run config (default: configs/demo.yaml); model, data and output paths are filled in.
         seed: seed for the generated instruction set.
-        force_base: rebuild the base even when cached.
+        rebuild_base: pretrain the base anew (into the cache under `home`) instead of using the shipped one.
     Returns:
         {"before", "after", "run_dir", "timings"}; before/after as returned by exact_match.
     """
@@ -136,8 +137,8 @@ def run_demo(
         raise RunError(f"{run_dir}: holds a previous demo run; pass --overwrite to replace it")
     timings: dict[str, float] = {}
     started = time.time()
-    log("[1/5] base model")
-    base_dir = build_demo_base(home, force=force_base, log=log)
+    log("[1/6] base model")
+    base_dir = build_demo_base(home, force=rebuild_base, log=log)
     timings["base"] = time.time() - started
     skills = json.loads((base_dir / STAMP_FILE).read_text(encoding="utf-8")).get("raw_form_accuracy") or {}
     log("  the base's skills asked in their pretraining form (e.g. \"小写：abc\\n大写：\"), held-out inputs: "
@@ -149,7 +150,7 @@ def run_demo(
     config = load_config(config_path or DEFAULT_CONFIG, [
         f"model.name_or_path={base_dir}", f"data.path={train_path}", f"output_dir={run_dir}", "overwrite=true",
     ])
-    log(f"[2/5] data: {len(read_jsonl(train_path))} training and {len(heldout)} held-out records, "
+    log(f"[2/6] data: {len(read_jsonl(train_path))} training and {len(heldout)} held-out records, "
         f"{len(TASK_FAMILIES)} task families ({', '.join(TASKS)}) -> {train_path.parent}")
 
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
@@ -159,10 +160,10 @@ def run_demo(
     step_started = time.time()
     before = exact_match(base, tokenizer, heldout, max_new_tokens)
     timings["eval_before"] = time.time() - step_started
-    log(f"[3/5] before: the base model, same prompts: exact match {before['overall']:.1%} "
+    log(f"[3/6] before: the base model, same prompts: exact match {before['overall']:.1%} "
         f"({timings['eval_before']:.0f}s)")
 
-    log(f"[4/5] LoRA fine-tune: r={config.adapter.r} on {config.adapter.target_modules}, "
+    log(f"[4/6] LoRA fine-tune: r={config.adapter.r} on {config.adapter.target_modules}, "
         f"{config.train.max_steps} steps x {config.train.per_device_train_batch_size} samples on {device.type} "
         "(the plan: train.log)")
     step_started = time.time()
@@ -174,17 +175,22 @@ def run_demo(
     step_started = time.time()
     after = exact_match(tuned, tokenizer, heldout, max_new_tokens)
     timings["eval_after"] = time.time() - step_started
-    timings["demo"] = time.time() - demo_started
-    log(f"[5/5] after: base + LoRA adapter: exact match {after['overall']:.1%} ({timings['eval_after']:.0f}s)")
+    log(f"[5/6] after: base + LoRA adapter: exact match {after['overall']:.1%} ({timings['eval_after']:.0f}s)")
 
     lines = [""] + _results_table(before, after, len(heldout)) + [""] + _sample_chat(heldout, before, after)
-    lines.append(
-        f"times: base {timings['base']:.0f}s, demo {timings['demo']:.0f}s (fine-tune {timings['finetune']:.0f}s, "
-        f"evaluation {timings['eval_before'] + timings['eval_after']:.0f}s)"
-    )
-    lines.append(f"run directory: {run_dir}  (try: loraft chat {run_dir})")
     for line in lines:
         log(line)
-    results = {"before": before, "after": after, "run_dir": str(run_dir), "timings": timings, "base_dir": str(base_dir)}
+    # the same run in llama.cpp: exported to GGUF, verified, asked the first held-out prompt
+    step_started = time.time()
+    llama = llama_cpp_step(run_dir, workdir / "gguf", _conversation(heldout[0]), after["predictions"][0], log)
+    timings["gguf"] = time.time() - step_started
+    log(f"times: base {timings['base']:.0f}s, demo {time.time() - demo_started:.0f}s (fine-tune "
+        f"{timings['finetune']:.0f}s, evaluation {timings['eval_before'] + timings['eval_after']:.0f}s, GGUF export "
+        f"and llama.cpp {timings['gguf']:.0f}s)")
+    log(f"run directory: {run_dir}  (try: loraft chat {run_dir})")
+    timings["demo"] = time.time() - demo_started
+    results = {"before": before, "after": after, "run_dir": str(run_dir), "timings": timings, "base_dir": str(base_dir),
+               "llama_cpp": None if llama is None else {
+                   "answer": llama["llama_cpp_answer"], "verify": llama["report"]["verify"]}}
     write_json_atomically(workdir / "demo_results.json", results)
     return {**results, "run_dir": run_dir}

@@ -185,16 +185,24 @@ def export_gguf(
         merge_run(run_dir, merged_dir, dtype="fp32", access=access)
         fallback = verdict.name if verdict.kind == "fallback" else None
         files: dict = {}
-        convert_type = "f16" if outtype in QUANTIZER_TYPES else outtype
+        # the model file: the merged model, or with --adapter-only the base the adapter applies to
+        source_dir, stem = (work / "base", "base") if adapter_only else (merged_dir, "model")
         if adapter_only:
-            base_dir = work / "base"
-            _save_base(run, base_dir, tokenizer, template)
-            model_path = staging / f"base-{outtype}.gguf"
-            converted = model_path if convert_type == outtype else work / f"base-{convert_type}.gguf"
-            log(f"export: converting the base to {convert_type} with llama.cpp's convert_hf_to_gguf.py")
-            llamacpp.run_converter(converter, "convert_hf_to_gguf.py",
-                                   [str(base_dir), "--outfile", str(converted), "--outtype", convert_type],
-                                   log_path, fallback)
+            _save_base(run, source_dir, tokenizer, template)
+        model_path = staging / f"{stem}-{outtype}.gguf"
+        convert_type = "f16" if outtype in QUANTIZER_TYPES else outtype
+        converted = model_path if convert_type == outtype else work / f"{stem}-{convert_type}.gguf"
+        log(f"export: converting {'the base ' if adapter_only else ''}to {convert_type} with llama.cpp's "
+            "convert_hf_to_gguf.py")
+        llamacpp.run_converter(converter, "convert_hf_to_gguf.py",
+                               [str(source_dir), "--outfile", str(converted), "--outtype", convert_type],
+                               log_path, fallback)
+        if converted != model_path:
+            log(f"export: quantizing to {outtype} with {quantizer}")
+            llamacpp.quantize(quantizer, converted, model_path, QUANTIZER_TYPES[outtype], log_path)
+            report["quantizer"] = str(quantizer)
+        lora_path = None
+        if adapter_only:
             lora_source = work / "adapter"
             lora_source.mkdir()
             for name in ("adapter_model.safetensors", "adapter_model.bin"):
@@ -204,21 +212,9 @@ def export_gguf(
             lora_path = staging / "adapter-f32.gguf"
             log("export: converting the adapter with llama.cpp's convert_lora_to_gguf.py")
             llamacpp.run_converter(converter, "convert_lora_to_gguf.py",
-                                   ["--base", str(base_dir), "--outfile", str(lora_path), "--outtype", "f32",
+                                   ["--base", str(source_dir), "--outfile", str(lora_path), "--outtype", "f32",
                                     str(lora_source)], log_path, fallback)
             files["adapter"] = lora_path.name
-        else:
-            lora_path = None
-            model_path = staging / f"model-{outtype}.gguf"
-            converted = model_path if convert_type == outtype else work / f"model-{convert_type}.gguf"
-            log(f"export: converting to {convert_type} with llama.cpp's convert_hf_to_gguf.py")
-            llamacpp.run_converter(converter, "convert_hf_to_gguf.py",
-                                   [str(merged_dir), "--outfile", str(converted), "--outtype", convert_type],
-                                   log_path, fallback)
-        if converted != model_path:
-            log(f"export: quantizing to {outtype} with {quantizer}")
-            llamacpp.quantize(quantizer, converted, model_path, QUANTIZER_TYPES[outtype], log_path)
-            report["quantizer"] = str(quantizer)
         files["model"] = model_path.name
         report["files"] = {**files, "bytes": {k: (staging / v).stat().st_size for k, v in files.items()}}
 
