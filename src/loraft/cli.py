@@ -6,10 +6,16 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import sys
 from typing import Optional
 
 from loraft.errors import LoraftError, require
+
+# A run stopped on SIGTERM/SIGINT exits 75 (EX_TEMPFAIL in sysexits.h: "try again later"): it saved a checkpoint and
+# is resumable. Unlike 0 a `&&` chain or a job scheduler does not take it for finished; unlike 2 (an error),
+# 1 (a bug) or death by a signal (128+N in a shell) it says that nothing was lost since the checkpoint.
+STOPPED_EXIT_CODE = 75
 
 
 def _data_config(args):
@@ -27,8 +33,17 @@ def cmd_train(args) -> int:
     from loraft.presets import resolve_config_source
     from loraft.train import train
 
+    from loraft.train import TrainingStopped
+
     config = load_config(resolve_config_source(args.config), args.overrides)
-    run_dir = train(config, resume=args.resume)
+    try:
+        run_dir = train(config, resume=args.resume)
+    except TrainingStopped as stopped:
+        if _rank() == 0:
+            command = shlex.join(["loraft", "train", args.config, *args.overrides])
+            print(f"stopped at step {stopped.step}; resume with: {command} --resume" if stopped.checkpoint
+                  else f"stopped before the first checkpoint; start again with: {command}", file=sys.stderr)
+        return STOPPED_EXIT_CODE
     if _rank() == 0:
         print(f"run directory: {run_dir}")
     return 0
@@ -187,9 +202,61 @@ def cmd_serve(args) -> int:
 
 def cmd_demo(args) -> int:
     from loraft.demo import run_demo
+    from loraft.train import TrainingStopped
 
-    run_demo(workdir=args.workdir, overwrite=args.overwrite)
+    try:
+        run_demo(workdir=args.workdir, overwrite=args.overwrite, rebuild_base=args.rebuild_base)
+    except TrainingStopped as stopped:
+        print(f"{stopped}; run loraft demo --overwrite to start it again", file=sys.stderr)
+        return STOPPED_EXIT_CODE
     return 0
+
+
+def cmd_runs(args) -> int:
+    from pathlib import Path
+
+    from loraft.rundir import find_runs, run_state
+
+    root = Path(args.dir)
+    states = []
+    for run_dir in find_runs(root):
+        state = run_state(run_dir)
+        state["name"] = run_dir.name if run_dir == root else str(run_dir.relative_to(root))
+        states.append(state)
+    if args.json:
+        print(json.dumps(states, ensure_ascii=False, indent=2))
+        return 0
+    if not states:
+        print(f"no loraft runs in {root} or two levels below it", file=sys.stderr)
+        return 0
+    width = max(len("NAME"), *(len(state["name"]) for state in states))
+    print(f"{'NAME':{width}}  {'STATUS':11}  {'STEP':>11}  {'LOSS':>8}  STARTED")
+    for state in states:
+        step = "-" if state["step"] is None else str(state["step"])
+        if state["total_steps"]:
+            step += f"/{state['total_steps']}"
+        loss = "-" if state["loss"] is None else f"{state['loss']:.4f}"
+        started = (state["started_at"] or "-")[:19].replace("T", " ")
+        print(f"{state['name']:{width}}  {state['status'] or '-':11}  {step:>11}  {loss:>8}  {started}")
+    return 0
+
+
+def cmd_stop(args) -> int:
+    from pathlib import Path
+
+    from loraft.rundir import stop_run
+
+    state = stop_run(args.run_dir, timeout=args.timeout)
+    run_dir, status = Path(args.run_dir), state["status"]
+    if status == "stopped":
+        print(f"{run_dir}: stopped at step {state['step']}; resume with: loraft train {run_dir / 'config.yaml'} "
+              "--resume")
+    elif status == "finished":
+        print(f"{run_dir}: finished (the stop came during its final save)")
+    else:
+        checkpoint = f"; its newest checkpoint is {state['checkpoint']}" if state["checkpoint"] else ""
+        print(f"{run_dir}: ended {status} at step {state['step']}{checkpoint}")
+    return 0 if status in ("stopped", "finished") else 1
 
 
 def cmd_config(args) -> int:
@@ -375,7 +442,21 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="offline demo: build a tiny Chinese base, fine-tune it, show before/after")
     demo.add_argument("--workdir", default="loraft-demo", help="where the demo writes data and its run")
     demo.add_argument("--overwrite", action="store_true", help="replace a previous demo run in workdir")
+    demo.add_argument("--rebuild-base", action="store_true",
+                      help="pretrain the demo's base model anew (cached) instead of using the one shipped with loraft")
     demo.set_defaults(handler=cmd_demo)
+
+    runs = sub.add_parser("runs", help="list the runs in a directory: status (live or not), step, loss, start time")
+    runs.add_argument("dir", nargs="?", default=".", help="where to look: a run, or runs one or two levels below "
+                      "(default: .)")
+    runs.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+    runs.set_defaults(handler=cmd_runs)
+
+    stop = sub.add_parser("stop", help="stop a running training gracefully: finish the step, checkpoint, exit")
+    stop.add_argument("run_dir")
+    stop.add_argument("--timeout", type=float, default=120.0,
+                      help="seconds to wait for the run to end (default: 120)")
+    stop.set_defaults(handler=cmd_stop)
 
     config = sub.add_parser("config", help="print every config key with its type, default and description")
     config_view = config.add_mutually_exclusive_group()

@@ -1,4 +1,4 @@
-"""The run directory's contract: its paths, status, identity, and the check before it is used.
+"""The run directory's contract: its paths, status, identity, liveness, and the check before it is used.
 
 A finished run directory holds:
     adapter_config.json, adapter_model.safetensors   the adapter, standard peft format
@@ -7,7 +7,9 @@ A finished run directory holds:
     data_report.json                                 what the data stage read, kept, dropped and truncated
     metrics.jsonl, loss.png                          every logged step, and the loss curve
     train.log                                        what loraft decided (e.g. tied embeddings)
-    loraft_run.json                                  status, versions, base model, template, identity, timings
+    loraft_run.json                                  status, versions, base model, template, identity, timings,
+                                                     the training process (pid, host, started_at) and total_steps
+    loraft_run.lock                                  flock'd by the training process (rank 0) for its whole life
     checkpoints/checkpoint-N                         Trainer checkpoints, for --resume
 
 Every file is written to a temporary name and renamed, every directory through a staged directory (both in
@@ -16,15 +18,27 @@ adapter directory made by hand) and it holds the adapter. Anything else is refus
 unfinished or failed run's newest complete checkpoint with `--allow-unfinished`, and modelling code from the base
 model's folder (`trust_remote_code` in the run's config.yaml, which anyone who wrote the folder controls) only
 with `--trust-remote-code` on the command line.
+
+Liveness: the record alone cannot tell a live run from a killed one (a SIGKILL leaves `running`), so the training
+process holds an exclusive flock on `loraft_run.lock` from before its first write to its exit; the OS releases it
+when the process ends, however it ends. `run_state` reads the status a user should see: `running` only while the
+lock is held, `interrupted` when the record says running but the lock is free, `running?` for a run recorded on
+another host (its lock is not visible from here), else the record's own (`finished`, `failed`, `stopped`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
+import os
 import shutil
+import signal
+import socket
 import time
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Optional, Union
 
@@ -36,6 +50,7 @@ from loraft.files import write_json_atomically, write_text_atomically
 logger = logging.getLogger("loraft")
 
 RUN_FILE = "loraft_run.json"
+LOCK_FILE = "loraft_run.lock"
 CHECKPOINTS = "checkpoints"
 # What a run writes into its directory besides checkpoints/: a fresh start clears these of an earlier run.
 RUN_RECORDS = (
@@ -139,6 +154,225 @@ def read_metrics(path: Path) -> list[dict]:
     return records
 
 
+# --------------------------------------------------------------------------------------------------- liveness
+_HELD_LOCKS: set[int] = set()  # this process's lock descriptors, closed in a forked child
+_FORK_HOOK_INSTALLED = False
+
+
+def _close_locks_in_forked_child() -> None:
+    # A forked child (a DataLoader worker, a datasets.map pool) inherits the descriptor and with it the flock;
+    # closing its copy keeps the lock the trainer's alone, released when the trainer ends even if a child lingers.
+    for descriptor in _HELD_LOCKS:
+        with contextlib.suppress(OSError):
+            os.close(descriptor)
+    _HELD_LOCKS.clear()
+
+
+def local_time(seconds: Optional[float] = None) -> str:
+    """A moment as ISO 8601 local time with its UTC offset (the record's `started_at`, `stopped_at`)."""
+    return datetime.fromtimestamp(time.time() if seconds is None else seconds).astimezone().isoformat(
+        timespec="seconds")
+
+
+class RunLock:
+    """The run's liveness: an exclusive flock on `loraft_run.lock`, held by the training process for its life.
+
+    The OS releases a flock when its process ends, however it ends (SIGKILL, a crash, OOM), so a held lock means
+    a live trainer. The file itself is never removed (removing a lock file races with the next taker); its presence
+    means nothing, only the lock does.
+    """
+
+    def __init__(self, run_dir: Union[str, Path]):
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / LOCK_FILE
+        self._descriptor: Optional[int] = None
+
+    def acquire(self, attempts: int = 20) -> "RunLock":
+        """Take the lock, or raise RunError (one sentence) when another process holds it."""
+        global _FORK_HOOK_INSTALLED
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise RunError(f"{self.path}: cannot open the run's lock file ({exc.strerror})") from None
+        for _ in range(attempts):
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                time.sleep(0.05)  # a reader's probe (lock_is_held) holds it for microseconds, a trainer for hours
+        else:
+            os.close(descriptor)
+            raise RunError(_busy_message(self.run_dir))
+        if not _FORK_HOOK_INSTALLED:
+            os.register_at_fork(after_in_child=_close_locks_in_forked_child)
+            _FORK_HOOK_INSTALLED = True
+        _HELD_LOCKS.add(descriptor)
+        self._descriptor = descriptor
+        return self
+
+    def release(self) -> None:
+        """Release the lock (closing the descriptor releases the flock)."""
+        if self._descriptor is not None:
+            _HELD_LOCKS.discard(self._descriptor)
+            os.close(self._descriptor)
+            self._descriptor = None
+
+
+def _busy_message(run_dir: Path) -> str:
+    record = read_record(run_dir)
+    holder = f"pid {record.get('pid')} on {record.get('host')}" if record.get("pid") else "another process"
+    return (f"{run_dir}: a training run is live in it ({holder} holds {LOCK_FILE}); stop it first with "
+            f"`loraft stop {run_dir}`, or choose another output_dir")
+
+
+def lock_is_held(run_dir: Union[str, Path]) -> Optional[bool]:
+    """Whether a live process holds the run's lock: probed with a shared flock, released at once (a shared probe
+    never blocks another reader). None when the lock file exists but cannot be opened here."""
+    try:
+        descriptor = os.open(Path(run_dir) / LOCK_FILE, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return None
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(descriptor)  # releases the probe's shared lock
+    return False
+
+
+def _last_metrics(path: Path, tail_bytes: int = 1 << 16) -> tuple[Optional[int], Optional[float]]:
+    """The last logged step and the last training loss, read from the end of metrics.jsonl (a long run's file is
+    not read whole unless its tail holds no loss)."""
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as handle:
+            start = max(0, size - tail_bytes)
+            handle.seek(start)
+            lines = handle.read().decode("utf-8", errors="replace").splitlines()
+    except OSError:
+        return None, None
+    step = loss = None
+    for line in reversed(lines[1:] if start else lines):  # the tail's first line may be cut
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+            continue
+        step = record["step"] if step is None else step
+        if isinstance(record.get("loss"), (int, float)):
+            loss = record["loss"]
+            break
+    if loss is None and start:
+        return step, _last_metrics(path, size + 1)[1]
+    return step, loss
+
+
+def run_state(run_dir: Union[str, Path]) -> dict:
+    """The run as it is now, for `loraft runs`, `loraft stop` and a UI: the record's status made live.
+
+    `status` is `running` only while the run's lock is held; `interrupted` when the record says running but the
+    lock is free (the process ended without a final status: killed, crashed, the machine went down); `running?`
+    when the record says running on another host, whose lock this host cannot trust (a network file system may not
+    share flocks), so loraft does not guess; else the record's own (`finished`, `failed`, `stopped`, `unreadable`).
+
+    Returns:
+        {"run_dir", "name", "status", "recorded_status", "step" (last logged), "total_steps", "loss" (last logged
+        training loss), "checkpoint" (newest complete one), "started_at", "pid", "host", "base_model"}.
+    """
+    run_dir = Path(run_dir)
+    record = read_record(run_dir)
+    recorded = record.get("status")
+    status = recorded
+    if recorded == "running":
+        host = record.get("host")
+        if host and host != socket.gethostname():
+            status = "running?"
+        else:
+            held = lock_is_held(run_dir)
+            status = "running?" if held is None else "running" if held else "interrupted"
+    step, loss = _last_metrics(run_dir / "metrics.jsonl")
+    if step is None:
+        step = record.get("global_step", record.get("step"))
+    started_at = record.get("started_at")
+    if started_at is None and isinstance(record.get("started"), (int, float)):  # an older loraft's record
+        started_at = local_time(record["started"])
+    checkpoint = last_complete_checkpoint(run_dir / CHECKPOINTS)
+    return {"run_dir": str(run_dir), "name": run_dir.name, "status": status, "recorded_status": recorded,
+            "step": step, "total_steps": record.get("total_steps"), "loss": loss,
+            "checkpoint": checkpoint.name if checkpoint else None, "started_at": started_at,
+            "pid": record.get("pid"), "host": record.get("host"), "base_model": record.get("base_model")}
+
+
+def find_runs(root: Union[str, Path], depth: int = 2) -> list[Path]:
+    """The run directories (holding loraft_run.json) at `root` and up to `depth` levels below it, by path.
+
+    A run's own folders (checkpoints, eval) are not searched; hidden folders neither.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise RunError(f"{root}: directory not found")
+    found, level = [], [root]
+    for current_depth in range(depth + 1):
+        below = []
+        for directory in level:
+            if (directory / RUN_FILE).is_file():
+                found.append(directory)
+            elif current_depth < depth:
+                with contextlib.suppress(OSError):
+                    below += sorted(child for child in directory.iterdir()
+                                    if child.is_dir() and not child.name.startswith("."))
+        level = below
+    return sorted(found)
+
+
+def stop_run(run_dir: Union[str, Path], timeout: float = 120.0, poll_seconds: float = 0.2) -> dict:
+    """Ask a live run on this host to stop (SIGTERM to its training process) and wait until that process ended.
+
+    The trainer finishes its optimizer step, saves a checkpoint and records `stopped`; a signal that arrives during
+    the final save lets the run finish. Calling this again while it stops sends a second SIGTERM: that one aborts
+    at once, and the previous checkpoint stays intact.
+
+    Returns:
+        the run's `run_state` once its lock is free.
+    Raises:
+        RunError (one sentence): not a run, not running, started on another host, still running after `timeout`.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise RunError(f"{run_dir}: run directory not found")
+    if not (run_dir / RUN_FILE).is_file():
+        raise RunError(f"{run_dir}: not a loraft run (no {RUN_FILE})")
+    state = run_state(run_dir)
+    if state["status"] == "running?":
+        raise RunError(f"{run_dir}: {RUN_FILE} says running on host {state['host']!r}, not this host "
+                       f"({socket.gethostname()!r}); run loraft stop there")
+    if state["status"] != "running":
+        raise RunError(f"{run_dir}: the run is not running (status {state['status']}); nothing to stop")
+    pid = state["pid"]
+    if not isinstance(pid, int):
+        raise RunError(f"{run_dir}: {RUN_FILE} has no pid (written by an older loraft); stop its process where it runs")
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        raise RunError(f"{run_dir}: its training process (pid {pid} in {RUN_FILE}) has already ended") from None
+    except PermissionError:
+        raise RunError(f"{run_dir}: not allowed to signal its training process (pid {pid} in {RUN_FILE}, "
+                       "another user's)") from None
+    deadline = time.monotonic() + timeout
+    while lock_is_held(run_dir):
+        if time.monotonic() > deadline:
+            raise RunError(f"{run_dir}: still running {timeout:g} s after SIGTERM to pid {pid} (it stops after its "
+                           "current step and checkpoint); wait longer with --timeout, or run loraft stop again to "
+                           "abort at once")
+        time.sleep(poll_seconds)
+    return run_state(run_dir)
+
+
 def run_identity(config: RunConfig, report: dict) -> dict:
     """What makes a run's function: a resume that changes any of these continues a different training."""
     return {
@@ -150,6 +384,9 @@ def run_identity(config: RunConfig, report: dict) -> dict:
     }
 
 
+_NOT_PREPARED = object()
+
+
 class RunDir:
     """One run directory: its paths, its record (`loraft_run.json`), its identity, and its lifecycle.
 
@@ -159,6 +396,7 @@ class RunDir:
 
     def __init__(self, path: Union[str, Path]):
         self.path = Path(path)
+        self._prepared_status = _NOT_PREPARED  # the status prepare() saw, checked again by start() under the lock
 
     # ---------------------------------------------------------------------------------------------- paths
     @property
@@ -204,16 +442,33 @@ class RunDir:
 
     def mark(self, status: str, **fields) -> None:
         """Update the record's status (and fields), keeping what it already says."""
-        self.write_record({**self.record(), "status": status, **fields})
+        self.update(status=status, **fields)
+
+    def update(self, **fields) -> None:
+        """Update fields of the record (e.g. `total_steps` once known), keeping what it already says."""
+        self.write_record({**self.record(), **fields})
+
+    # ------------------------------------------------------------------------------------------- liveness
+    def lock(self) -> RunLock:
+        """The run's lock (not yet taken): the training process holds it for its whole life."""
+        return RunLock(self.path)
+
+    def state(self) -> dict:
+        """The run as it is now (`run_state`): the record's status made live, step, total_steps, last loss."""
+        return run_state(self.path)
 
     # ------------------------------------------------------------------------------------------- training
     def prepare(self, config: RunConfig, resume: bool) -> Optional[Path]:
-        """Refuse to overwrite a finished run; find the checkpoint to resume from.
+        """Refuse a live run (its lock held) and, unless asked, a finished or foreign one; find the checkpoint to
+        resume from. The status seen here is checked again by `start`, under the lock.
 
         Returns:
             the checkpoint to resume from, or None for a fresh start.
         """
         run_dir, status = self.path, self.status()
+        if lock_is_held(run_dir):
+            raise RunError(_busy_message(run_dir))
+        self._prepared_status = status
         if resume:
             checkpoint = self.last_checkpoint()
             if checkpoint is None:
@@ -225,7 +480,9 @@ class RunDir:
             raise RunError(
                 f"{run_dir}: holds a finished run; choose another output_dir or pass overwrite=true to replace it"
             )
-        if run_dir.is_dir() and any(run_dir.iterdir()) and status is None and not config.overwrite:
+        # the lock file of a process killed before its first record is not a user's file
+        if (run_dir.is_dir() and any(p.name != LOCK_FILE for p in run_dir.iterdir()) and status is None
+                and not config.overwrite):
             raise RunError(f"{run_dir}: exists and is not empty; choose another output_dir or pass overwrite=true")
         if status is not None and status != "finished" and not config.overwrite:
             if self.last_checkpoint() is not None:
@@ -235,17 +492,32 @@ class RunDir:
                 )
         return None
 
-    def start(self, config: RunConfig, resume_from: Optional[Path]) -> None:
-        """Make the directory a running loraft run (rank 0 only): trim a resumed run's metrics to its checkpoint,
-        or clear an earlier run's files before a fresh start, and mark it running before anything else lands."""
+    def start(self, config: RunConfig, resume_from: Optional[Path], total_steps: Optional[int] = None) -> dict:
+        """Make the directory a running loraft run (rank 0 only, holding the run's lock).
+
+        The record says running, with this process, before anything else lands (so `loraft stop` never reads an
+        earlier process's pid beside a held lock); then a resumed run's metrics are trimmed to its checkpoint, or an
+        earlier run's files cleared before a fresh start.
+
+        Returns:
+            this process's fields (`pid`, `host`, `started_at`), which every later record of the run keeps.
+        """
+        process = {"pid": os.getpid(), "host": socket.gethostname(), "started_at": local_time()}
+        previous = self.record()
+        if self._prepared_status is not _NOT_PREPARED and previous.get("status") != self._prepared_status:
+            # another process changed the directory between prepare() and the lock taken before this call
+            raise RunError(f"{self.path}: another process changed the run while this one was starting (status "
+                           f"{self._prepared_status} -> {previous.get('status')}); run the command again")
+        # a resume keeps what check_resume_identity compares; a fresh start keeps nothing of an earlier run
+        kept = {key: previous[key] for key in ("identity", "length") if key in previous} if resume_from else {}
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.write_record({**kept, "status": "running", "base_model": config.model.name_or_path,
+                           "started": time.time(), **process, "total_steps": total_steps})
         if resume_from is not None:
             self.trim_metrics(int(resume_from.name[len("checkpoint-"):]))
-        elif self.status() is not None:  # prepare() allowed a fresh start over an earlier run
+        elif previous.get("status") is not None:  # prepare() allowed a fresh start over an earlier run
             self.clear_previous()
-            self.write_record({"status": "running", "base_model": config.model.name_or_path, "started": time.time()})
-        self.path.mkdir(parents=True, exist_ok=True)
-        if self.status() is None:
-            self.write_record({"status": "running", "base_model": config.model.name_or_path, "started": time.time()})
+        return process
 
     def clear_previous(self) -> None:
         """Remove an earlier run's adapter, records, evaluation and checkpoints before a fresh start here.

@@ -16,7 +16,7 @@ from loraft.config import RunConfig, save_config
 from loraft.errors import LoraftError
 from loraft.files import staged_directory, write_json_atomically
 from loraft.plan import plan_run, read_model_config
-from loraft.rundir import RunDir
+from loraft.rundir import RunDir, local_time
 
 logger = logging.getLogger("loraft")
 
@@ -74,12 +74,29 @@ def _attach_file_log(path: Path) -> logging.Handler:
     return handler
 
 
+class TrainingStopped(Exception):
+    """The run stopped on request (SIGTERM or SIGINT) and is resumable: not an error, and not finished.
+
+    The record says `stopped`, with the step and the checkpoint a `--resume` continues from (None: stopped before
+    its first checkpoint; the same command starts it again).
+    """
+
+    def __init__(self, run_dir: Path, step: int, checkpoint: Optional[Path]):
+        self.run_dir, self.step, self.checkpoint = run_dir, step, checkpoint
+        where = f"at step {step} ({checkpoint.name})" if checkpoint else "before its first checkpoint"
+        super().__init__(f"{run_dir}: stopped {where}")
+
+
 def train(config: RunConfig, resume: bool = False, callbacks: Optional[list] = None, prepared=None,
           progress_bar: bool = True) -> Path:
     """Fine-tune `config.model` on `config.data` with the configured adapter; returns the run directory.
 
     Runs unchanged under torchrun / accelerate launch: data is tokenized once (main process first, then
-    read from the cache by the others) and only rank 0 writes the run directory.
+    read from the cache by the others) and only rank 0 writes the run directory. Rank 0 holds the run's lock
+    (loraft.rundir.RunLock) from before its first write to its end, so readers can tell a live run from a dead one.
+
+    SIGTERM or SIGINT stops the run gracefully (loraft.trainer.StopRequest): the current optimizer step ends, a
+    checkpoint is saved, the record says `stopped` and TrainingStopped is raised; a second signal aborts at once.
 
     Args:
         config: the resolved run config.
@@ -88,6 +105,8 @@ def train(config: RunConfig, resume: bool = False, callbacks: Optional[list] = N
         prepared: already tokenized data (`train`, `eval`, `report`) instead of running the data stage
             (benchmarks/train_speed.py feeds every trainer the same token ids this way).
         progress_bar: Trainer's tqdm bar and log echo; off when a callback reports progress (the demo).
+    Raises:
+        TrainingStopped: the run stopped on a signal, resumable from `checkpoint`.
     """
     from transformers import DataCollatorForSeq2Seq, set_seed
 
@@ -95,7 +114,8 @@ def train(config: RunConfig, resume: bool = False, callbacks: Optional[list] = N
     from loraft.model import count_parameters, load_model_for_training, load_tokenizer
     from loraft.templates import get_template
     # Trainer (and its integrations) imports in seconds: only a run needs it, not `loraft plan`
-    from loraft.trainer import LoraftTrainer, MetricsCallback, NonFiniteTraining, build_training_arguments, plot_loss
+    from loraft.trainer import (GracefulStop, LoraftTrainer, MetricsCallback, NonFiniteTraining, RunRecordCallback,
+                                StopRequest, StopRequested, build_training_arguments, plot_loss)
 
     run = RunDir(config.output_dir)
     run_dir = run.path
@@ -109,103 +129,137 @@ def train(config: RunConfig, resume: bool = False, callbacks: Optional[list] = N
     has_eval = bool(config.data.eval_path) or config.data.eval_fraction > 0
     args = build_training_arguments(config, plan, run_dir, has_eval=has_eval)
     is_main = args.process_index == 0
-    handler = None
-    if is_main:
-        run.start(config, resume_from)
-        handler = _attach_file_log(run.log_file)
-        logger.info("%s", plan.describe())
+    # the lock before the first write (only rank 0 writes, the lock file too): a second trainer here is refused
+    lock = run.lock().acquire() if is_main else None
+    stop = StopRequest(announce=is_main)
+    graceful = GracefulStop(stop)
+    handler, process = None, {}
     started = time.time()
     try:
-        if prepared is None:
-            with args.main_process_first(desc="tokenize the training data"):
-                prepared = prepare_datasets(config, tokenizer)
-        if resume_from is not None:
-            run.check_resume_identity(config, prepared.report)
         if is_main:
-            save_config(config, run.config_file)
-            write_json_atomically(run.data_report_file, prepared.report)
-            run.write_record({"status": "running", "base_model": config.model.name_or_path, "template": template.name,
-                              "started": started, "versions": _versions(), "plan": plan.to_dict(),
-                              **run.identity_fields(config, prepared.report)})
-            logger.info(
-                "data: %s samples kept of %s records (%s dropped, %s truncated)",
-                prepared.report.get("samples_kept"), prepared.report.get("records_read"),
-                sum(prepared.report.get("dropped", {}).values()), prepared.report.get("truncated_samples"),
-            )
-        set_seed(config.train.seed)
-        model, info = load_model_for_training(config, plan, tokenizer)
-        if info["target_matches"]:
-            logger.info("adapter targets %d modules: %s", len(info["target_matches"]), ", ".join(info["target_matches"]))
-        trainable, total = count_parameters(model)
-        logger.info("trainable params: %d of %d (%.4f%%)", trainable, total, 100.0 * trainable / max(total, 1))
-        trainer = LoraftTrainer(
-            model=model,
-            args=args,
-            train_dataset=prepared.train,
-            eval_dataset=prepared.eval,
-            processing_class=tokenizer,
-            data_collator=DataCollatorForSeq2Seq(tokenizer=tokenizer, padding=True),
-            callbacks=([MetricsCallback(run_dir)] if is_main else []) + list(callbacks or []),
-            plan=plan,
-            nonfinite_patience=config.train.nonfinite_patience,
-        )
-        if not progress_bar:
-            from transformers.trainer_callback import PrinterCallback, ProgressCallback
-
-            trainer.remove_callback(ProgressCallback)
-            trainer.remove_callback(PrinterCallback)
-        try:
-            if resume_from is not None and _checkpoint_step(resume_from) >= args.max_steps > 0:
-                # killed after its last checkpoint: only the final save is left. Trainer would train one more
-                # step before it checks max_steps.
-                result = _finish_from_checkpoint(trainer, resume_from)
-            else:
-                result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-        except NonFiniteTraining as exc:
-            checkpoint = run.last_checkpoint()
+            max_steps = config.train.max_steps
+            process = run.start(config, resume_from, total_steps=max_steps if max_steps > 0 else None)
+            handler = _attach_file_log(run.log_file)
+            logger.info("%s", plan.describe())
+        with stop:  # installed after start(): a signal before it leaves the directory as it was
+            if prepared is None:
+                with args.main_process_first(desc="tokenize the training data"):
+                    prepared = prepare_datasets(config, tokenizer)
+            if resume_from is not None:
+                run.check_resume_identity(config, prepared.report)
             if is_main:
-                run.mark("failed", reason=str(exc), last_good_checkpoint=str(checkpoint) if checkpoint else None,
-                         started=started, failed=time.time(), versions=_versions())
-            kept = f"the last good checkpoint is {checkpoint}" if checkpoint else "no checkpoint was written before it"
-            raise NonFiniteTraining(f"{run_dir}: {exc}; status failed, {kept}") from None
-        if trainer.is_world_process_zero():
-            save_adapter(model, run_dir)
-            save_tokenizer_with_template(tokenizer, template, run_dir)
-            plot_loss(run.metrics_file, run.loss_plot)
-            run.write_record(
-                {
-                    "status": "finished",
-                    "base_model": config.model.name_or_path,
-                    "template": template.name,
-                    "adapter_method": config.adapter.method,
-                    "tied_embeddings": info["tied_embeddings"],
-                    "target_matches": info["target_matches"],
-                    "trainable_params": trainable,
-                    "total_params": total,
-                    "plan": plan.to_dict(),
-                    "global_step": result.global_step,
-                    "train_loss": result.training_loss,
-                    "train_metrics": result.metrics,
-                    "resumed_from": str(resume_from) if resume_from else None,
-                    **run.identity_fields(config, prepared.report),
-                    "started": started,
-                    "finished": time.time(),
-                    "versions": _versions(),
-                },
+                save_config(config, run.config_file)
+                write_json_atomically(run.data_report_file, prepared.report)
+                run.write_record({"status": "running", "base_model": config.model.name_or_path,
+                                  "template": template.name, "started": started, **process,
+                                  "total_steps": run.record().get("total_steps"), "versions": _versions(),
+                                  "plan": plan.to_dict(), **run.identity_fields(config, prepared.report)})
+                logger.info(
+                    "data: %s samples kept of %s records (%s dropped, %s truncated)",
+                    prepared.report.get("samples_kept"), prepared.report.get("records_read"),
+                    sum(prepared.report.get("dropped", {}).values()), prepared.report.get("truncated_samples"),
+                )
+            set_seed(config.train.seed)
+            model, info = load_model_for_training(config, plan, tokenizer)
+            if info["target_matches"]:
+                logger.info("adapter targets %d modules: %s", len(info["target_matches"]),
+                            ", ".join(info["target_matches"]))
+            trainable, total = count_parameters(model)
+            logger.info("trainable params: %d of %d (%.4f%%)", trainable, total, 100.0 * trainable / max(total, 1))
+            trainer = LoraftTrainer(
+                model=model,
+                args=args,
+                train_dataset=prepared.train,
+                eval_dataset=prepared.eval,
+                processing_class=tokenizer,
+                data_collator=DataCollatorForSeq2Seq(tokenizer=tokenizer, padding=True),
+                callbacks=([MetricsCallback(run_dir), RunRecordCallback(run_dir)] if is_main else [])
+                + [graceful] + list(callbacks or []),
+                plan=plan,
+                nonfinite_patience=config.train.nonfinite_patience,
             )
-            logger.info("finished: %d steps, train loss %.4f, run dir %s", result.global_step, result.training_loss, run_dir)
-        trainer.accelerator.wait_for_everyone()
+            if not progress_bar:
+                from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+                trainer.remove_callback(ProgressCallback)
+                trainer.remove_callback(PrinterCallback)
+            if stop.signal_name is not None:  # asked without a signal (StopRequest.request) before training began
+                raise StopRequested(stop.signal_name)
+            try:
+                if resume_from is not None and _checkpoint_step(resume_from) >= args.max_steps > 0:
+                    # killed after its last checkpoint: only the final save is left. Trainer would train one more
+                    # step before it checks max_steps.
+                    result = _finish_from_checkpoint(trainer, resume_from)
+                else:
+                    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+            except NonFiniteTraining as exc:
+                checkpoint = run.last_checkpoint()
+                if is_main:
+                    run.mark("failed", reason=str(exc), last_good_checkpoint=str(checkpoint) if checkpoint else None,
+                             started=started, failed=time.time(), versions=_versions())
+                kept = (f"the last good checkpoint is {checkpoint}" if checkpoint
+                        else "no checkpoint was written before it")
+                raise NonFiniteTraining(f"{run_dir}: {exc}; status failed, {kept}") from None
+            if graceful.stopped_at is not None:  # GracefulStop saved the step's checkpoint and ended training
+                stopped = _stopped(run, is_main, run.checkpoints / f"checkpoint-{graceful.stopped_at}", stop)
+                trainer.accelerator.wait_for_everyone()  # the record says stopped before any rank exits
+                raise stopped
+            if trainer.is_world_process_zero():
+                save_adapter(model, run_dir)
+                save_tokenizer_with_template(tokenizer, template, run_dir)
+                plot_loss(run.metrics_file, run.loss_plot)
+                run.write_record(
+                    {
+                        "status": "finished",
+                        "base_model": config.model.name_or_path,
+                        "template": template.name,
+                        "adapter_method": config.adapter.method,
+                        "tied_embeddings": info["tied_embeddings"],
+                        "target_matches": info["target_matches"],
+                        "trainable_params": trainable,
+                        "total_params": total,
+                        "plan": plan.to_dict(),
+                        "global_step": result.global_step,
+                        "total_steps": run.record().get("total_steps"),
+                        "train_loss": result.training_loss,
+                        "train_metrics": result.metrics,
+                        "resumed_from": str(resume_from) if resume_from else None,
+                        **run.identity_fields(config, prepared.report),
+                        "started": started,
+                        **process,
+                        "finished": time.time(),
+                        "versions": _versions(),
+                    },
+                )
+                logger.info("finished: %d steps, train loss %.4f, run dir %s", result.global_step,
+                            result.training_loss, run_dir)
+            trainer.accelerator.wait_for_everyone()
+    except StopRequested:
+        # a signal before this process's first step: the checkpoint it resumed from (if any) is still the last
+        raise _stopped(run, is_main, resume_from, stop) from None
     except LoraftError as exc:
         # bad data, a model that cannot load, ...: the directory says so, and a corrected rerun may start over
-        if is_main and not isinstance(exc, NonFiniteTraining) and run.status() != "finished":
+        # (not when start() itself refused: the directory is then another process's)
+        if is_main and process and not isinstance(exc, NonFiniteTraining) and run.status() != "finished":
             run.mark("failed", reason=str(exc), failed=time.time())
         raise
-    finally:
+    finally:  # the record says finished, stopped or failed before the lock is released
         if handler is not None:
             logger.removeHandler(handler)
             handler.close()
+        if lock is not None:
+            lock.release()
     return run_dir
 
+
+def _stopped(run: RunDir, is_main: bool, checkpoint: Optional[Path], stop) -> TrainingStopped:
+    """Record a graceful stop (rank 0) and return the exception that reports it."""
+    step = _checkpoint_step(checkpoint) if checkpoint else 0
+    if is_main:
+        run.mark("stopped", step=step, checkpoint=str(checkpoint) if checkpoint else None,
+                 stop_signal=stop.signal_name, stopped_at=local_time())
+        logger.info("stopped at step %d (%s)", step, stop.signal_name)
+    return TrainingStopped(run.path, step, checkpoint)
 
 
 def preview_plan(config: RunConfig, measure: bool = False) -> dict:

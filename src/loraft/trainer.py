@@ -5,6 +5,9 @@ atomic checkpoints (written under `.staging/`, then renamed), a length-grouped s
 fused loss (loraft.loss), forward/backward in token-bounded sub-batches (loraft.batching), and a stop on a
 non-finite loss or gradient norm before the optimizer uses it. Each falls back to Trainer's own behaviour
 where it does not apply; tests/test_trainer.py checks each override on its own.
+
+The graceful stop is a callback, not an override: `StopRequest` turns SIGTERM/SIGINT into a request, `GracefulStop`
+ends the current optimizer step, saves a checkpoint through the same atomic path and ends training.
 """
 
 from __future__ import annotations
@@ -15,8 +18,11 @@ import logging
 import math
 import os
 import shutil
+import signal
+import threading
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
@@ -24,7 +30,7 @@ from transformers.trainer_utils import rotate_checkpoints
 
 from loraft.config import RunConfig
 from loraft.errors import RunError
-from loraft.rundir import CHECKPOINTS, read_metrics
+from loraft.rundir import CHECKPOINTS, RunDir, read_metrics
 
 logger = logging.getLogger("loraft")
 
@@ -217,6 +223,99 @@ class MetricsCallback(TrainerCallback):
         record = {"step": state.global_step, "epoch": state.epoch, **logs, "time": time.time()}
         with self.path.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
+
+
+class RunRecordCallback(TrainerCallback):
+    """Keep the run record current while training (rank 0 only): `total_steps` once Trainer has computed it
+    (max_steps, or the epochs' optimizer steps)."""
+
+    def __init__(self, run_dir: Path):
+        self.run = RunDir(run_dir)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero and self.run.record().get("total_steps") != state.max_steps:
+            self.run.update(total_steps=state.max_steps)
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class StopRequested(KeyboardInterrupt):
+    """A stop signal that arrived before training began (data, model loading): raised at once, like Ctrl-C's
+    KeyboardInterrupt, so libraries clean up as they do for one; nothing is lost, no step has run."""
+
+
+class StopRequest:
+    """SIGTERM or SIGINT asks the run to stop; a second signal aborts at once.
+
+    Before training begins, a signal raises StopRequested at once. Once it has begun (`training`, set by
+    GracefulStop), a signal is only noted: GracefulStop ends the current optimizer step, saves a checkpoint and
+    ends training; a signal after the last step lets the final save finish. The first signal puts back the OS's
+    default action for both, so a second one ends the process at once, even inside a long C call: the checkpoint
+    being written is left in `.staging` and the previous one stays intact.
+
+    A context manager: the handlers are installed only in the main thread (Python allows no other; elsewhere
+    `request()` is the only way in) and the previous ones restored on exit.
+    """
+
+    def __init__(self, announce: bool = True):
+        self.signal_name: Optional[str] = None
+        self.training = False
+        self.announce = announce
+        self._previous: dict = {}
+
+    def __enter__(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            for number in STOP_SIGNALS:
+                self._previous[number] = signal.signal(number, self._handle)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+        self._previous.clear()
+
+    def request(self, reason: str = "request") -> None:
+        """Ask for the stop without a signal (another thread, a UI): noted, whatever the phase."""
+        self.signal_name = self.signal_name or reason
+
+    def _handle(self, number, frame) -> None:
+        self.signal_name = signal.Signals(number).name
+        for each in STOP_SIGNALS:
+            signal.signal(each, signal.SIG_DFL)
+        when = "after the current step, with a checkpoint" if self.training else "before training starts"
+        if self.announce:  # os.write: a signal handler must not re-enter a buffered stream tqdm may be writing
+            os.write(2, f"\nloraft: {self.signal_name}: stopping {when}; signal again to abort at once\n".encode())
+        if not self.training:
+            raise StopRequested(self.signal_name)
+
+
+class GracefulStop(TrainerCallback):
+    """Stop at the end of an optimizer step once the StopRequest has a signal: log the step, save a checkpoint
+    (LoraftTrainer's atomic path) and end training; `stopped_at` is then the step.
+
+    Under several processes the ranks agree at every step (one all-reduce of a flag: the maximum), so all stop at
+    the same step even when only one got the signal (`loraft stop` signals rank 0); a rank that stopped alone
+    would leave the others waiting in the next step's collectives.
+    """
+
+    def __init__(self, request: StopRequest):
+        self.request = request
+        self.stopped_at: Optional[int] = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.request.training = True
+
+    def on_step_end(self, args, state, control, **kwargs):
+        requested = self.request.signal_name is not None
+        if args.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            flag = torch.tensor([int(requested)], device=args.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            requested = bool(flag.item())
+        if requested and state.global_step < state.max_steps:  # at max_steps the run finishes anyway
+            control.should_log = control.should_save = control.should_training_stop = True
+            self.stopped_at = state.global_step
+        return control
 
 
 def build_training_arguments(config: RunConfig, plan, run_dir: Path, has_eval: bool):
