@@ -64,7 +64,7 @@ PROBE_CONVERSATIONS = (
 
 
 @contextlib.contextmanager
-def _native_output_to(path: Path):
+def native_output_to(path: Path):
     """llama.cpp logs to the process's stderr from its own threads: send file descriptor 2 to a file."""
     sys.stderr.flush()
     saved = os.dup(2)
@@ -239,7 +239,7 @@ def verify_gguf(gguf_path: Path, reference_dir: Path, outtype: str, log_path: Pa
     """Load `gguf_path` (and `lora_path`) in llama.cpp and compare it with the model in `reference_dir`."""
     tolerance = TOLERANCES[outtype] if tolerance is None else tolerance
     reference = reference or Reference.load(reference_dir)
-    with _native_output_to(log_path):
+    with native_output_to(log_path):
         llama = LlamaCpp(gguf_path, lora_path)
         try:
             result = compare(reference, llama, conversations, strings, tolerance)
