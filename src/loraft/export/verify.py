@@ -29,14 +29,15 @@ from loraft.errors import RunError
 TOP_K = 5  # transformers' top tokens whose log-probabilities are compared
 LOOKUP_K = 50  # llama.cpp's top-N they are looked up in (a quantized file may reorder near-ties)
 
-# Largest |log p(transformers) - log p(llama.cpp)| over the compared tokens, per weight type. Measured on tiny
-# random and fine-tuned models (docs/benchmarks.md, "GGUF export"): f32 differs by float rounding alone
-# (~1e-4), 16-bit weights by their rounding (f16 ~1e-3, bf16 ~1e-2), q8_0 and q4_k_m by their quantization.
-# Each bound leaves a margin over what was measured, and stays far below what a missing or wrongly scaled
-# adapter changes (the negative controls measure that: whole nats).
-TOLERANCES = {"f32": 0.02, "f16": 0.05, "bf16": 0.2, "q8_0": 0.5, "q4_k_m": 1.5}
+# Largest |log p(transformers) - log p(llama.cpp)| over the compared tokens, per weight type. Measured
+# (docs/benchmarks.md, "GGUF export"; benchmarks/gguf_fidelity.py) on the trained demo BLOOM and a tiny Qwen2:
+# f32 0.012 / 0.00001, f16 0.015 / 0.0001, bf16 0.064 / 0.001, q8_0 0.14 / 0.002, q4_k_m 0.40 / 0.002. Even f32 is
+# not exact: llama.cpp's CPU kernels compute differently from PyTorch's, visibly more on the trained BLOOM than on
+# a random Qwen2 (the cause was not isolated). Each bound is about 3x the largest measured, and stays far below
+# what a missing or wrongly scaled adapter changes (the negative controls measured 0.5 to 11 nats).
+TOLERANCES = {"f32": 0.05, "f16": 0.05, "bf16": 0.2, "q8_0": 0.5, "q4_k_m": 1.5}
 TOLERANCE_REASONS = {
-    "f32": "same weights; float rounding only",
+    "f32": "same weights; llama.cpp's kernels differ from PyTorch's",
     "f16": "weights rounded to f16 (11-bit mantissa)",
     "bf16": "weights rounded to bf16 (8-bit mantissa)",
     "q8_0": "8-bit blocks of 32 weights",
