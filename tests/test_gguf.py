@@ -240,8 +240,9 @@ def test_an_unrecognised_pre_tokenizer_is_refused_in_one_sentence(llama_cpp_tree
     assert llamacpp.check_tokenizer(bloom_dir, bloom, converter).name == "bloom"
 
 
-def test_adapter_only_refuses_modules_to_save_dora_and_q4_k_m_without_a_quantizer(qwen_run, llama_cpp_tree,
-                                                                                  tmp_path, monkeypatch):
+def test_refusals_before_any_heavy_work(qwen_run, llama_cpp_tree, tmp_path, monkeypatch):
+    """adapter-only with modules_to_save or DoRA, q4_k_m without a quantizer, an architecture the converter lacks:
+    one sentence each, nothing written; the CLI exits 2."""
     from loraft.cli import main
 
     for change, reason in (({"modules_to_save": ["embed_tokens"]}, "modules_to_save"),
@@ -257,6 +258,11 @@ def test_adapter_only_refuses_modules_to_save_dora_and_q4_k_m_without_a_quantize
     monkeypatch.setenv("PATH", "/nonexistent")
     with pytest.raises(RunError, match="q4_k_m needs llama.cpp's quantizer and none was found"):
         export_gguf(qwen_run, tmp_path / "q4", outtype="q4_k_m", llama_cpp=str(llama_cpp_tree))
+    monkeypatch.undo()
+    monkeypatch.setattr(llamacpp, "supported_architectures", lambda root: frozenset({"LlamaForCausalLM"}))
+    with pytest.raises(RunError, match="converter .* does not support the Qwen2ForCausalLM architecture"):
+        export_gguf(qwen_run, tmp_path / "arch", llama_cpp=str(llama_cpp_tree))
+    assert not (tmp_path / "arch").exists()
     monkeypatch.undo()
     run = tmp_path / "run-modules_to_save"
     assert main(["export", str(run), "--adapter-only", "--llama-cpp", str(llama_cpp_tree)]) == 2

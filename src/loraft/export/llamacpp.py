@@ -65,10 +65,6 @@ class Converter:
     root: Path
     source: str  # "--llama-cpp", "$LLAMA_CPP_DIR" or "llama-cpp-python==X (pip, sha256 checked)"
 
-    @property
-    def vocab_dir(self) -> Path:
-        return self.root / "models"
-
     def script(self, name: str) -> Path:
         return self.root / name
 
