@@ -8,6 +8,7 @@ import logging
 import os
 import shlex
 import sys
+import warnings
 from typing import Optional
 
 from loraft.errors import LoraftError, require
@@ -474,6 +475,8 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    # transformers 5 warns from its own Trainer/peft path about a rename it has not finished; not the user's to act on
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     # bitsandbytes (the qlora extra) warns at import about an optional CPU kernel package loraft does not use
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     # Under torchrun / accelerate launch only rank 0 speaks.
