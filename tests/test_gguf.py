@@ -107,11 +107,12 @@ def test_converter_tree_is_read_without_running_it(llama_cpp_tree):
 
 
 def test_merged_f32_and_q8_0_are_verified_by_llama_cpp(qwen_run, llama_cpp_tree, tmp_path):
-    for outtype in ("f32", "q8_0"):
-        out = tmp_path / outtype
-        report = export_gguf(qwen_run, out, outtype=outtype, llama_cpp=str(llama_cpp_tree), log=lambda line: None)
+    out, reports = tmp_path / "gguf", {}
+    for outtype in ("f32", "q8_0"):  # q8_0 overwrites the f32 export: no stale GGUF may stay beside it
+        report = export_gguf(qwen_run, out, outtype=outtype, llama_cpp=str(llama_cpp_tree), overwrite=outtype != "f32",
+                             log=lambda line: None)
         assert report == _report(out)
-        verify = report["verify"]
+        reports[outtype] = verify = report["verify"]
         assert verify["passed"] and verify["logprob_max_abs_diff"] <= TOLERANCES[outtype]
         assert verify["tokenization"]["equal"] == verify["tokenization"]["strings"] >= 8
         assert all(p["template_text_equal"] and p["chat_tokens_equal"] for p in verify["prompts"])
@@ -122,10 +123,10 @@ def test_merged_f32_and_q8_0_are_verified_by_llama_cpp(qwen_run, llama_cpp_tree,
         assert f"FROM ./model-{outtype}.gguf" in modelfile and "TEMPLATE" in modelfile
         assert 'PARAMETER stop "<|im_end|>"' in modelfile
         assert not any(p.name.startswith(".") for p in out.iterdir())  # no staging or work folder left
+        assert [p.name for p in out.glob("*.gguf")] == [f"model-{outtype}.gguf"]
     # f32 differs from transformers by rounding alone; q8_0 by its quantization, which is larger
-    assert _report(tmp_path / "f32")["verify"]["logprob_max_abs_diff"] < 1e-3
-    assert (_report(tmp_path / "q8_0")["verify"]["logprob_max_abs_diff"]
-            > _report(tmp_path / "f32")["verify"]["logprob_max_abs_diff"])
+    assert reports["f32"]["logprob_max_abs_diff"] < 1e-3
+    assert reports["q8_0"]["logprob_max_abs_diff"] > reports["f32"]["logprob_max_abs_diff"]
 
 
 def test_q4_k_m_through_llama_quantize_is_verified(qwen_run, llama_cpp_tree, tmp_path):

@@ -244,6 +244,9 @@ def export_gguf(
         report["seconds"] = round(time.time() - started, 1)
         write_json_atomically(staging / REPORT_FILE, report)
         shutil.rmtree(work)
+        if overwrite:  # only now that the new export is complete: no GGUF of an earlier export is left beside it
+            for stale in out_dir.glob("*.gguf"):
+                stale.unlink()
     if verify and not report["verify"]["passed"]:
         raise RunError(f"{out_dir / model_path.name}: verification failed (log-prob difference "
                        f"{report['verify']['logprob_max_abs_diff']:.4g} vs tolerance {report['verify']['tolerance']}, "
