@@ -19,6 +19,7 @@ pytest.importorskip("xllamacpp", reason="the gguf extra is not installed (pip in
 pytest.importorskip("sentencepiece", reason="the gguf extra is not installed (pip install 'loraft[gguf]')")
 pytest.importorskip("gguf", reason="the gguf extra is not installed (pip install 'loraft[gguf]')")
 
+from loraft.demo import bloom_pre_tokenizer  # noqa: E402
 from loraft.errors import RunError  # noqa: E402
 from loraft.export import llamacpp  # noqa: E402
 from loraft.export.gguf import export_gguf, llama_cpp_adapter_config  # noqa: E402
@@ -194,14 +195,6 @@ def _bpe_tokenizer(pre_tokenizer, path: Path):
     return wrapped
 
 
-def _bloom_pre_tokenizer():
-    from tokenizers import Regex, pre_tokenizers
-
-    return pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(" ?[^(\\s|[.,!?…。，、।۔،])]+"), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False)])
-
-
 def test_bloom_pre_tokenizer_fallback_is_proved_by_tokenizing(tmp_path_factory, llama_cpp_tree, tmp_path):
     """A BLOOM vocabulary llama.cpp's hash table does not know (like Langboat/bloom-1b4-zh's) converts as
     llama.cpp's 'bloom' pre-tokenizer because its structure is BLOOM's, and the export proves the tokenization;
@@ -211,7 +204,7 @@ def test_bloom_pre_tokenizer_fallback_is_proved_by_tokenizing(tmp_path_factory, 
     from conftest import save_random_model
 
     base = tmp_path_factory.mktemp("bloom-vocab")
-    tokenizer = _bpe_tokenizer(_bloom_pre_tokenizer(), base)
+    tokenizer = _bpe_tokenizer(bloom_pre_tokenizer(), base)
     save_random_model(base, tokenizer, BloomConfig(
         vocab_size=len(tokenizer), hidden_size=64, n_layer=2, n_head=4, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
@@ -237,7 +230,7 @@ def test_an_unrecognised_pre_tokenizer_is_refused_in_one_sentence(llama_cpp_tree
     assert str(tmp_path / "tokenizer.json") in message
     # the same vocabulary with BLOOM's pre-tokenizer is accepted as the fallback
     bloom_dir = tmp_path / "bloom"
-    bloom = _bpe_tokenizer(_bloom_pre_tokenizer(), bloom_dir)
+    bloom = _bpe_tokenizer(bloom_pre_tokenizer(), bloom_dir)
     assert llamacpp.check_tokenizer(bloom_dir, bloom, converter).name == "bloom"
 
 

@@ -6,24 +6,22 @@ Runs when the `gguf` extra is installed; otherwise it prints the install and exp
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 from typing import Callable, Optional
-
-GGUF_MODULES = ("xllamacpp", "sentencepiece", "gguf")
 
 
 def llama_cpp_step(run_dir: Path, out_dir: Path, conversation: list[dict], transformers_answer: str,
                    log: Callable[[str], None], step: str = "[6/6]") -> Optional[dict]:
     """Export `run_dir` to a verified f16 GGUF in `out_dir` and show llama.cpp's greedy answer to `conversation`
     beside transformers'. Returns {"report", "llama_cpp_answer"} or None when skipped or failed."""
+    from loraft.errors import MissingExtraError, RunError, require
+
     command = f"loraft export {run_dir} --format gguf"
-    missing = [name for name in GGUF_MODULES if importlib.util.find_spec(name) is None]
-    if missing:
-        log(f"{step} llama.cpp: the gguf extra is not installed ({', '.join(missing)}); "
-            f"pip install 'loraft[gguf]', then: {command}")
+    try:
+        require("demo's llama.cpp step", "gguf", "xllamacpp", "sentencepiece", "numpy")
+    except MissingExtraError as exc:
+        log(f"{step} llama.cpp: {exc}; then: {command}")
         return None
-    from loraft.errors import RunError
     from loraft.export.gguf import export_gguf
     from loraft.export.verify import LlamaCpp, native_output_to
 
