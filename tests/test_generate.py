@@ -185,3 +185,50 @@ def test_chat_and_generate_use_the_runs_saved_settings(tiny_bloom_dir, tmp_path_
     assert longer.startswith(short) and len(longer) > len(short)
     assert main(["generate", str(run_dir), "--prompt", "你好", "--temperature", "9"]) == 2
     assert capsys.readouterr().err == "error: --temperature: must be less than or equal to 2 (got 9.0)\n"
+
+
+def test_a_checkpoint_or_the_base_alone_can_be_loaded_for_chat(tiny_bloom_dir, tmp_path, capsys):
+    """What `--checkpoint` and `--base` load (chat, serve, the UI's chat beside the adapter): the named checkpoint's
+    adapter, or the base model without any adapter; both with the run's tokenizer and template."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from conftest import write_alpaca
+    from loraft.cli import main
+    from loraft.errors import RunError
+    from loraft.generate import load_run
+    from loraft.rundir import RunAccess, open_run
+    from loraft.serve.app import served_model_id
+
+    data = write_alpaca(tmp_path / "train.jsonl")
+    out = tmp_path / "run"
+    train(load_config(None, [f"model.name_or_path={tiny_bloom_dir}", f"data.path={data}", f"output_dir={out}",
+                             "train.max_steps=4", "train.save_steps=2", "train.learning_rate=0.05",
+                             "train.precision=fp32"]))
+    probe = torch.tensor([[5, 6, 7, 8]])
+
+    def logits(model):
+        with torch.no_grad():
+            return model(input_ids=probe).logits
+
+    opened = open_run(out, RunAccess(checkpoint="checkpoint-2"))
+    assert opened.adapter_dir == out / "checkpoints" / "checkpoint-2"
+    final_model, tokenizer, template, _ = load_run(out, dtype="fp32")
+    checkpoint_model, _, checkpoint_template, _ = load_run(opened, dtype="fp32")
+    base_model, _, base_template, info = load_run(out, dtype="fp32", base_only=True)
+    assert template.name == checkpoint_template.name == base_template.name and info["adapter_dir"] is None
+    plain_base = AutoModelForCausalLM.from_pretrained(str(tiny_bloom_dir), dtype=torch.float32).eval()
+    # loraft loads with its own attention path (fastpaths): equal up to float rounding
+    assert torch.allclose(logits(base_model), logits(plain_base), atol=1e-5)
+    assert not torch.allclose(logits(checkpoint_model), logits(final_model))
+    assert not torch.allclose(logits(checkpoint_model), logits(plain_base))
+    assert served_model_id(out, out) == "run"
+    assert served_model_id(out, opened.adapter_dir) == "run/checkpoint-2"
+    assert served_model_id(out, out, base_only=True) == "run/base"
+
+    capsys.readouterr()
+    with pytest.raises(RunError, match=r"no complete checkpoint checkpoint-3 \(checkpoints: checkpoint-2, "
+                                       r"checkpoint-4\)"):
+        open_run(out, RunAccess(checkpoint="checkpoint-3"))
+    assert main(["chat", str(out), "--checkpoint", "../run"]) == 2
+    assert capsys.readouterr().err == f"error: {out}: '../run' is not a checkpoint name (checkpoint-N)\n"

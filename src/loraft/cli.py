@@ -141,7 +141,7 @@ def _generation_settings(args) -> dict:
 def cmd_chat(args) -> int:
     from loraft.generate import chat
 
-    chat(args.run_dir, _generation_settings(args), system=args.system, access=_access(args))
+    chat(args.run_dir, _generation_settings(args), system=args.system, access=_access(args), base_only=args.base)
     return 0
 
 
@@ -197,7 +197,7 @@ def cmd_serve(args) -> int:
     serve(args.run_dir, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("LORAFT_API_KEY"),
           max_tokens_cap=args.max_tokens_cap, max_body_bytes=args.max_body_bytes, max_queue=args.max_queue,
           allowed_hosts=args.allowed_hosts, shutdown_timeout=args.shutdown_timeout,
-          context_length=args.context_length, dtype=args.dtype, access=_access(args))
+          context_length=args.context_length, dtype=args.dtype, access=_access(args), base_only=args.base)
     return 0
 
 
@@ -310,7 +310,8 @@ def _add_data_options(parser: argparse.ArgumentParser) -> None:
 def _access(args):
     from loraft.rundir import RunAccess
 
-    return RunAccess(allow_unfinished=args.allow_unfinished, trust_remote_code=args.trust_remote_code)
+    return RunAccess(allow_unfinished=args.allow_unfinished, trust_remote_code=args.trust_remote_code,
+                     checkpoint=args.checkpoint)
 
 
 def _add_run_access_options(parser: argparse.ArgumentParser) -> None:
@@ -318,6 +319,8 @@ def _add_run_access_options(parser: argparse.ArgumentParser) -> None:
                         help="use an unfinished or failed run's newest complete checkpoint")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="allow modelling code from the run's base model folder (never taken from the run)")
+    parser.add_argument("--checkpoint", metavar="NAME",
+                        help="use the run's checkpoint NAME (checkpoint-N under checkpoints/) instead of its adapter")
 
 
 def _add_sampling_options(parser: argparse.ArgumentParser) -> None:
@@ -373,6 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat = sub.add_parser("chat", help="chat with a trained run in the terminal")
     chat.add_argument("run_dir")
     chat.add_argument("--system", help="system prompt")
+    chat.add_argument("--base", action="store_true", help="chat with the run's base model, without the adapter")
     _add_sampling_options(chat)
     _add_run_access_options(chat)
     chat.set_defaults(handler=cmd_chat)
@@ -437,6 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"],
                        help="weights dtype (default: the run's generation.dtype)")
     serve.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default: 1 MiB)")
+    serve.add_argument("--base", action="store_true", help="serve the run's base model, without the adapter")
     _add_run_access_options(serve)
     serve.set_defaults(handler=cmd_serve)
 

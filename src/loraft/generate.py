@@ -238,13 +238,14 @@ def stream_answer(model, tokenizer, template: Template, messages: Sequence[dict]
     return AnswerStream(model, tokenizer, template, messages, settings, prompt_ids, stopping_criteria)
 
 
-def load_run(run, device: Optional[str] = None, dtype: Optional[str] = None, access=None):
+def load_run(run, device: Optional[str] = None, dtype: Optional[str] = None, access=None, base_only: bool = False):
     """(model, tokenizer, template, run_info) for a run: a UsableRun its caller opened (loraft.rundir.open_run),
     or a run directory, opened here (then `access` applies: unfinished runs, remote code).
 
     Args:
         dtype: weights dtype (`generation.dtype`: auto, fp32, bf16, fp16), decided by the plan's rule
             (loraft.precision.choose_inference_dtype); None = fp32, as evaluation wants.
+        base_only: the run's base model without the adapter (with the run's tokenizer and template).
     """
     from loraft.model import load_run_model
     from loraft.precision import DTYPES, choose_inference_dtype, machine_capabilities
@@ -253,26 +254,30 @@ def load_run(run, device: Optional[str] = None, dtype: Optional[str] = None, acc
     if not isinstance(run, UsableRun):
         run = open_run(run, access or RunAccess())
     name, _ = choose_inference_dtype(dtype, machine_capabilities(device or run.config.model.device))
-    model, tokenizer = load_run_model(run, dtype=DTYPES[name], device=device)
+    model, tokenizer = load_run_model(run, dtype=DTYPES[name], device=device, adapter=not base_only)
     # the run's tokenizer carries the template it was trained with (a model's own one included)
     template = get_template(run.record.get("template") or run.config.data.template, tokenizer)
-    info = {"config": run.config, **run.record, "adapter_dir": str(run.adapter_dir), "dtype": name}
+    info = {"config": run.config, **run.record, "adapter_dir": None if base_only else str(run.adapter_dir),
+            "dtype": name}
     return model, tokenizer, template, info
 
 
 def chat(run_dir: str | Path, overrides: Overrides = None, system: Optional[str] = None, stdin=None, stdout=None,
-         access=None) -> None:
+         access=None, base_only: bool = False) -> None:
     """Multi-turn chat in the terminal: streams answers, keeps history; /reset clears it, /exit quits.
 
     Args:
         overrides: generation settings over the run's saved `generation.*` (resolve_generation).
+        base_only: chat with the run's base model without the adapter (same template and settings).
     """
     stdin = stdin or sys.stdin
     stdout = stdout or sys.stdout
     run, settings = open_for_generation(run_dir, overrides, access)
-    model, tokenizer, template, _ = load_run(run, dtype=settings.dtype)
+    model, tokenizer, template, _ = load_run(run, dtype=settings.dtype, base_only=base_only)
     history: list[dict] = [{"role": "system", "content": system}] if system else []
-    stdout.write(f"loraft chat: {run_dir} ({template.name} template). /reset clears the history, /exit quits.\n")
+    what = "its base model, without the adapter" if base_only else run.adapter_dir.name
+    stdout.write(f"loraft chat: {run_dir}, {what} ({template.name} template). /reset clears the history, "
+                 "/exit quits.\n")
     while True:
         stdout.write("\nyou> ")
         stdout.flush()

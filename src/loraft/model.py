@@ -347,13 +347,15 @@ def load_model_for_training(config: RunConfig, plan, tokenizer=None):
     return peft_model, info
 
 
-def load_run_model(run, dtype: Optional[torch.dtype] = None, device: Optional[str] = None, quantized: bool = True):
+def load_run_model(run, dtype: Optional[torch.dtype] = None, device: Optional[str] = None, quantized: bool = True,
+                   adapter: bool = True):
     """Load base + adapter from a run directory that its caller opened and checked (`loraft.rundir.open_run`: a
     UsableRun: finished, or allowed; trust_remote_code only as granted). What chat/generate/eval/merge/serve use.
-    A QLoRA run's base loads quantized as it was trained, unless `quantized=False` (merge).
+    A QLoRA run's base loads quantized as it was trained, unless `quantized=False` (merge); `adapter=False` gives the
+    base alone (what the run started from, beside the adapter in a UI), with the same tokenizer and template.
 
     Returns:
-        (peft_model in eval mode, tokenizer carrying the run's chat_template)
+        (peft_model in eval mode (the base model with adapter=False), tokenizer carrying the run's chat_template)
     """
     from peft import PeftModel
 
@@ -362,7 +364,7 @@ def load_run_model(run, dtype: Optional[torch.dtype] = None, device: Optional[st
     target = resolve_device(device or config.model.device)
     model_config = config.model.model_copy(update={"device": str(target)} if quantized else {"quantization": "none"})
     base = load_base_model(model_config, dtype or torch.float32)
-    model = PeftModel.from_pretrained(base, str(run.adapter_dir))
+    model = PeftModel.from_pretrained(base, str(run.adapter_dir)) if adapter else base
     model.eval()
     if model_config.quantization == "none":  # a quantized base was placed on the device as it loaded
         model.to(target)

@@ -66,6 +66,7 @@ class RunAccess:
 
     allow_unfinished: bool = False  # use an unfinished or failed run's newest checkpoint
     trust_remote_code: bool = False  # run modelling code shipped with the base model
+    checkpoint: Optional[str] = None  # use this checkpoint (a name under checkpoints/, e.g. checkpoint-200) instead
 
 
 @dataclass(frozen=True)
@@ -112,6 +113,19 @@ def last_complete_checkpoint(checkpoint_dir: Path) -> Optional[Path]:
     return max(steps)[1] if steps else None
 
 
+def _named_checkpoint(run_dir: Path, name: str) -> Path:
+    """A complete checkpoint of the run by its name (`checkpoint-N`); a checkpoint can be used whatever the status."""
+    checkpoints = run_dir / CHECKPOINTS
+    if not (name.startswith("checkpoint-") and name[11:].isdigit()):
+        raise RunError(f"{run_dir}: {name!r} is not a checkpoint name (checkpoint-N)")
+    path = checkpoints / name
+    if not (path / "trainer_state.json").is_file() or not (path / "adapter_config.json").is_file():
+        found = sorted((c.name for c in checkpoints.iterdir() if c.name.startswith("checkpoint-")),
+                       key=lambda n: int(n[11:]) if n[11:].isdigit() else -1) if checkpoints.is_dir() else []
+        raise RunError(f"{run_dir}: no complete checkpoint {name} (checkpoints: {', '.join(found) or 'none'})")
+    return path
+
+
 def open_run(run_dir: Union[str, Path], access: RunAccess = RunAccess()) -> UsableRun:
     """Check a run directory before any model is loaded; one sentence (RunError) when it cannot be used."""
     run_dir = Path(run_dir)
@@ -120,7 +134,9 @@ def open_run(run_dir: Union[str, Path], access: RunAccess = RunAccess()) -> Usab
     record = read_record(run_dir)
     status = record.get("status")
     has_adapter = (run_dir / "adapter_config.json").is_file()
-    if status in (None, "finished"):
+    if access.checkpoint is not None:
+        adapter_dir = _named_checkpoint(run_dir, access.checkpoint)
+    elif status in (None, "finished"):
         if not has_adapter:
             raise RunError(f"{run_dir}: not a finished loraft run (no adapter_config.json)")
         adapter_dir = run_dir
@@ -330,15 +346,17 @@ def find_runs(root: Union[str, Path], depth: int = 2) -> list[Path]:
     return sorted(found)
 
 
-def stop_run(run_dir: Union[str, Path], timeout: float = 120.0, poll_seconds: float = 0.2) -> dict:
+def stop_run(run_dir: Union[str, Path], timeout: float = 120.0, poll_seconds: float = 0.2, wait: bool = True) -> dict:
     """Ask a live run on this host to stop (SIGTERM to its training process) and wait until that process ended.
 
     The trainer finishes its optimizer step, saves a checkpoint and records `stopped`; a signal that arrives during
     the final save lets the run finish. Calling this again while it stops sends a second SIGTERM: that one aborts
     at once, and the previous checkpoint stays intact.
 
+    Args:
+        wait: False returns as soon as the signal is sent (a UI answers at once and watches the status).
     Returns:
-        the run's `run_state` once its lock is free.
+        the run's `run_state` once its lock is free (with wait=False: right after the signal).
     Raises:
         RunError (one sentence): not a run, not running, started on another host, still running after `timeout`.
     """
@@ -363,6 +381,8 @@ def stop_run(run_dir: Union[str, Path], timeout: float = 120.0, poll_seconds: fl
     except PermissionError:
         raise RunError(f"{run_dir}: not allowed to signal its training process (pid {pid} in {RUN_FILE}, "
                        "another user's)") from None
+    if not wait:
+        return run_state(run_dir)
     deadline = time.monotonic() + timeout
     while lock_is_held(run_dir):
         if time.monotonic() > deadline:

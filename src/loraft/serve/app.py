@@ -259,6 +259,15 @@ def create_app(engine: Engine, settings: ServeSettings = ServeSettings()):
     return app
 
 
+def served_model_id(run_dir: Path, adapter_dir: Path, base_only: bool = False) -> str:
+    """The model id a run is served under: the run's name; `RUN/checkpoint-N` for one of its checkpoints; `RUN/base`
+    for its base model without the adapter."""
+    name = run_dir.resolve().name
+    if base_only:
+        return f"{name}/base"
+    return name if adapter_dir.resolve() == run_dir.resolve() else f"{name}/{adapter_dir.name}"
+
+
 def serve(
     run_dir: str | Path,
     host: str = "127.0.0.1",
@@ -273,6 +282,7 @@ def serve(
     context_length: Optional[int] = None,
     dtype: Optional[str] = None,
     access=None,
+    base_only: bool = False,
 ) -> None:
     """Load a finished run and serve it until Ctrl-C / SIGTERM.
 
@@ -283,7 +293,8 @@ def serve(
         context_length: most prompt + answer tokens; None = the model's (max_position_embeddings, else the
             tokenizer's model_max_length, else 2048).
         dtype: weights dtype (auto, fp32, bf16, fp16); None = the run's `generation.dtype`.
-        access: a loraft.rundir.RunAccess (unfinished runs, remote code); None = neither.
+        access: a loraft.rundir.RunAccess (unfinished runs, a checkpoint, remote code); None = the finished adapter.
+        base_only: serve the run's base model without the adapter, under the model id `RUN/base`.
     """
     import uvicorn
 
@@ -306,11 +317,12 @@ def serve(
     # the run's own generation.dtype unless --dtype says otherwise; open_run is the check every consumer makes first
     run = open_run(run_dir, access or RunAccess())
     dtype = resolve_generation(run.config.generation, {"dtype": dtype}, label=cli_flag).dtype
-    model, tokenizer, template, info = load_run(run, device=device, dtype=dtype)
+    model, tokenizer, template, info = load_run(run, device=device, dtype=dtype, base_only=base_only)
     if context_length is None and model_context_length(model, tokenizer) is None:
         logger.warning("neither the model's config nor its tokenizer states a context length: prompts are limited "
                        "to %d tokens with the answer (set --context-length to change it)", FALLBACK_CONTEXT_LENGTH)
-    engine = Engine(model, tokenizer, template, run_dir.resolve().name, info["config"].generation, info,
+    engine = Engine(model, tokenizer, template, served_model_id(run_dir, run.adapter_dir, base_only),
+                    info["config"].generation, info,
                     max_queue=max_queue, context_length=context_length)
     app = create_app(engine, ServeSettings(api_key=api_key, max_tokens_cap=max_tokens_cap,
                                            max_body_bytes=max_body_bytes, host=host, port=port,
