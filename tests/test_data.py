@@ -340,6 +340,27 @@ def test_preview_marks_the_prompt_and_matches_training(tmp_path, bloom_tokenizer
         }
 
 
+def test_preview_tokens_join_to_the_text_and_mark_the_cut(bloom_tokenizer, alpaca_jsonl, tiny_llama_dir):
+    from loraft.model import load_tokenizer
+
+    for tokenizer in (bloom_tokenizer, load_tokenizer(str(tiny_llama_dir))):
+        whole = preview_samples(str(alpaca_jsonl), DataConfig(), tokenizer, limit=4)
+        for sample in whole:
+            assert len(sample["tokens"]) == len(sample["input_ids"])
+            decoded = tokenizer.decode(sample["input_ids"], skip_special_tokens=False,
+                                       clean_up_tokenization_spaces=False)
+            assert "".join(piece["text"] for piece in sample["tokens"]) == decoded
+            assert [piece["special"] for piece in sample["tokens"]] == [
+                token in tokenizer.all_special_ids for token in sample["input_ids"]]
+            assert sample["tokens"][-1] == {"text": tokenizer.eos_token, "special": True}
+            assert (sample["full_length"], sample["truncated"]) == (len(sample["input_ids"]), False)
+        cut = preview_samples(str(alpaca_jsonl), DataConfig(max_length=20), tokenizer, limit=100)
+        assert any(sample["truncated"] for sample in cut)
+        for sample in cut:
+            assert len(sample["input_ids"]) <= 20
+            assert sample["truncated"] == (sample["full_length"] > 20)
+
+
 def test_eval_fraction_and_eval_path(tmp_path, bloom_tokenizer, alpaca_disk_dir, alpaca_jsonl):
     config = config_for(alpaca_disk_dir, eval_fraction=0.25)
     first = prepare_datasets(config, bloom_tokenizer)

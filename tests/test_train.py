@@ -93,8 +93,11 @@ def test_saved_tokenizer_carries_the_training_template(reference_run):
 
 def test_loss_goes_down(reference_run):
     out, _ = reference_run
-    losses = [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    records = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    losses = [r["loss"] for r in records]
     assert len(losses) == 30
+    # the UI's progress line: supervised tokens per second beside every training loss
+    assert all(r["supervised_tokens_per_second"] > 0 for r in records)
     final = sum(losses[-5:]) / 5
     # a frozen random lm_head bounds how far a tiny model can go; 0.3 nats is far above step noise here
     assert final < losses[0] - 0.3 and final < sum(losses[:5]) / 5

@@ -298,8 +298,10 @@ def preview_samples(path: str, data: DataConfig, tokenizer, limit: int) -> list[
     """The first `limit` kept samples, in source order, exactly as training sees them.
 
     Returns:
-        dicts with source, text, input_ids, attention_mask, labels. `text` decodes input_ids run by run
-        and wraps prompt (label -100) runs in ⟦…⟧; text outside the brackets is supervised.
+        dicts with source, text, input_ids, attention_mask, labels, tokens, full_length, truncated. `text` decodes
+        input_ids run by run and wraps prompt (label -100) runs in ⟦…⟧; text outside the brackets is supervised.
+        `tokens` has one {"text", "special"} per id (token_pieces); `full_length` is the length before the cut to
+        data.max_length, `truncated` whether the cut removed tokens.
     """
     _check_tokenizer(tokenizer)
     conversations = load_conversations(str(path), data)
@@ -311,17 +313,46 @@ def preview_samples(path: str, data: DataConfig, tokenizer, limit: int) -> list[
         if len(samples) >= limit:
             break
         chunk = conversations[start:start + step]
-        for conversation, (input_ids, labels, _) in zip(
+        for conversation, (input_ids, labels, full_length) in zip(
             chunk, _encode(chunk, encoder, template, tokenizer.eos_token, data.max_length)
         ):
             if len(samples) < limit and labels.count(-100) < len(labels):
                 samples.append({
                     "source": conversation["source"], "text": _marked_text(tokenizer, input_ids, labels),
                     "input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels,
+                    "tokens": token_pieces(tokenizer, input_ids), "full_length": full_length,
+                    "truncated": full_length > len(input_ids),
                 })
     if limit > 0:
         _require_samples(str(path), len(samples), len(conversations), data.max_length)
     return samples
+
+
+def token_pieces(tokenizer, input_ids: list[int], context: int = 8) -> list[dict]:
+    """The text each token adds, for showing a sample token by token: [{"text", "special"}] per id.
+
+    A token's text is what decoding it adds after the `context` tokens before it (decoding one token alone loses
+    SentencePiece's leading space). A byte-level token that ends inside a multi-byte character adds "" and the
+    token completing the character carries all of it, so the pieces join to the decoded text.
+    """
+    special_ids = set(tokenizer.all_special_ids)
+
+    def decode(ids: list[int]) -> str:
+        return tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    pieces = []
+    for index, token in enumerate(input_ids):
+        start = max(0, index - context)
+        # an incomplete character at the end decodes to U+FFFD: the token that completes it carries it
+        before = decode(input_ids[start:index]).rstrip("\ufffd")
+        through = decode(input_ids[start:index + 1])
+        if index + 1 < len(input_ids):
+            through = through.rstrip("\ufffd")
+        common = 0
+        while common < min(len(before), len(through)) and before[common] == through[common]:
+            common += 1
+        pieces.append({"text": through[common:], "special": token in special_ids})
+    return pieces
 
 
 def _marked_text(tokenizer, input_ids: list[int], labels: list[int]) -> str:

@@ -61,11 +61,30 @@ class LoraftTrainer(Trainer):
         self.length_grouped = bool(plan and plan.sampler == "length_grouped")
         self.fused_loss = bool(plan and plan.fused_loss)
         self.micro_batch_tokens = plan.micro_batch_tokens if plan else 0
+        # supervised tokens trained on by this process's steps (all ranks: Trainer gathers the count), for the log
+        self._supervised_tokens = 0
+        self._supervised_counted_step = -1
+        self._supervised_since: Optional[float] = None
 
     def training_step(self, model, inputs, num_items_in_batch=None):
+        if num_items_in_batch is not None and self.state.global_step != self._supervised_counted_step:
+            # one count per optimizer step: every accumulated micro-batch receives the whole step's count
+            self._supervised_counted_step = self.state.global_step
+            self._supervised_tokens += int(num_items_in_batch)
+            if self._supervised_since is None:
+                self._supervised_since = time.monotonic()
         loss = self._training_step(model, inputs, num_items_in_batch)
         self._step_loss_finite = self._step_loss_finite and bool(torch.isfinite(loss.detach()).all())
         return loss
+
+    def log(self, logs: dict, *args, **kwargs) -> None:
+        """Trainer's log, with the supervised tokens per second of this process's steps beside each training loss
+        (num_input_tokens_seen counts the prompt tokens too; the supervised ones are what is learnt)."""
+        if "loss" in logs and self._supervised_since is not None:
+            elapsed = time.monotonic() - self._supervised_since
+            if elapsed > 0:
+                logs["supervised_tokens_per_second"] = round(self._supervised_tokens / elapsed, 3)
+        super().log(logs, *args, **kwargs)
 
     # transformers 5 has no public hook that sees the step's gradient norm before the optimizer uses it
     # (on_pre_optimizer_step receives none), so this overrides the private one that computes it
