@@ -260,6 +260,15 @@ def cmd_stop(args) -> int:
     return 0 if status in ("stopped", "finished") else 1
 
 
+def cmd_ui(args) -> int:
+    require("ui", "serve", "fastapi", "uvicorn")
+    from loraft.ui.app import serve_ui
+
+    serve_ui(args.workspace, host=args.host, port=args.port, token=args.token or os.environ.get("LORAFT_UI_TOKEN"),
+             allowed_hosts=args.allowed_hosts)
+    return 0
+
+
 def cmd_config(args) -> int:
     from loraft.config import describe_fields
     from loraft.presets import preset_names, preset_path
@@ -463,6 +472,16 @@ def build_parser() -> argparse.ArgumentParser:
     stop.add_argument("--timeout", type=float, default=120.0,
                       help="seconds to wait for the run to end (default: 120)")
     stop.set_defaults(handler=cmd_stop)
+
+    ui = sub.add_parser("ui", help="the workflow in a browser: runs, live curves, data, eval, merge, export, chat")
+    ui.add_argument("--workspace", default=".", help="the folder whose runs the UI shows and starts (default: .)")
+    ui.add_argument("--host", default="127.0.0.1",
+                    help="address to bind (default: 127.0.0.1; any other needs --token)")
+    ui.add_argument("--port", type=int, default=7860, help="port (default: 7860)")
+    ui.add_argument("--token", help="require the header 'X-Loraft-Token: T' (default: $LORAFT_UI_TOKEN, else none)")
+    ui.add_argument("--allowed-hosts", nargs="*", default=(), metavar="NAME",
+                    help="Host names answered besides the bound address ('*': any)")
+    ui.set_defaults(handler=cmd_ui)
 
     config = sub.add_parser("config", help="print every config key with its type, default and description")
     config_view = config.add_mutually_exclusive_group()

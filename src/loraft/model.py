@@ -36,7 +36,7 @@ def load_tokenizer(name_or_path: str, revision: Optional[str] = None, trust_remo
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # ValueError: transformers' word for a folder with no tokenizer it can build
         raise ModelError(f"{name_or_path}: cannot load a tokenizer ({_first_line(exc)})") from None
     if tokenizer.eos_token is None:
         raise ModelError(f"{name_or_path}: the tokenizer has no EOS token, which every template needs")

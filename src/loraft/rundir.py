@@ -101,16 +101,22 @@ def read_run_status(run_dir: Union[str, Path]) -> Optional[str]:
     return read_record(run_dir).get("status")
 
 
-def last_complete_checkpoint(checkpoint_dir: Path) -> Optional[Path]:
-    """The newest checkpoint-N that was fully written (staging dirs never carry that name)."""
+def complete_checkpoints(checkpoint_dir: Path) -> list[Path]:
+    """The checkpoint-N folders that were fully written (staging dirs never carry that name), by step."""
     if not checkpoint_dir.is_dir():
-        return None
+        return []
     steps = []
     for child in checkpoint_dir.iterdir():
         if child.is_dir() and child.name.startswith("checkpoint-") and child.name[11:].isdigit():
             if (child / "trainer_state.json").is_file():
                 steps.append((int(child.name[11:]), child))
-    return max(steps)[1] if steps else None
+    return [path for _, path in sorted(steps)]
+
+
+def last_complete_checkpoint(checkpoint_dir: Path) -> Optional[Path]:
+    """The newest checkpoint-N that was fully written."""
+    found = complete_checkpoints(checkpoint_dir)
+    return found[-1] if found else None
 
 
 def _named_checkpoint(run_dir: Path, name: str) -> Path:

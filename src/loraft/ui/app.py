@@ -1,0 +1,337 @@
+"""The UI's FastAPI application (the REST API of docs/ui.md, the static page, the chat pages) and `serve_ui`.
+
+Who may ask is checked before any route runs (loraft.ui.requests): the Host header by loraft.serve's rule (DNS
+rebinding), a browser's Origin on anything that changes state (other sites), then the token (`X-Loraft-Token`,
+compared in constant time) on /api/ and the chat API. Every refusal is a 4xx `{"error": one sentence}`; slow work
+(configs, tokenizers, plans, starting processes, reading run directories) runs in worker threads, never on the
+event loop.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import mimetypes
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import yaml
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+import loraft
+from loraft.config import RunConfig
+from loraft.errors import LoraftError, RunError
+from loraft.presets import preset_names
+from loraft.rundir import read_record
+from loraft.serve.app import HostCheck, chat_page
+from loraft.serve.validation import host_rule, is_loopback
+from loraft.ui import jobs, launch
+from loraft.ui.chat import ChatModels, Forward, chat_query
+from loraft.ui.data import DATA_FIELDS, data_check, data_preview
+from loraft.ui.events import run_events
+from loraft.ui.requests import RequestGate, at_least, check_fields, error, lines_query, read_body, read_payload
+from loraft.ui.workspace import LIST_FIELDS, RequestError, Workspace, complete_checkpoints, tail_lines
+
+logger = logging.getLogger("loraft")
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"  # package data (wheels install unpacked)
+# what a browser must be told about the files the page is made of (mimetypes varies by system)
+CONTENT_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
+                 ".css": "text/css; charset=utf-8", ".json": "application/json", ".svg": "image/svg+xml",
+                 ".png": "image/png", ".ico": "image/x-icon", ".woff2": "font/woff2", ".map": "application/json"}
+
+
+@dataclass(frozen=True)
+class UISettings:
+    """Who the UI answers: the token (None: none needed), and the bound address for the Host check (port None
+    checks no port: an in-process client)."""
+
+    token: Optional[str] = None
+    host: str = "127.0.0.1"
+    port: Optional[int] = None
+    allowed_hosts: tuple[str, ...] = ()
+
+
+# ------------------------------------------------------------------------------------------------- runs
+def run_detail(workspace: Workspace, name: str) -> dict:
+    """GET /api/runs/NAME: its state, record, resolved config, plan, data report, failure, checkpoints and the
+    commands that started and would resume it."""
+    run_dir = workspace.run_dir(name)
+    state = workspace.run_state(name)
+    record = read_record(run_dir)
+    try:
+        config = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        config = None
+    try:
+        data_report = json.loads((run_dir / "data_report.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        data_report = None
+    starts = workspace.read_launch(name).get("starts") or []
+    command = next((start.get("argv") for start in starts if start.get("kind") == "train"), None)
+    resume = launch.resume_command(workspace, name)
+    return {
+        "name": name, "state": {key: value for key, value in state.items() if key != "error"}, "record": record,
+        "config": config if isinstance(config, dict) else None, "plan": record.get("plan"),
+        "data_report": data_report if isinstance(data_report, dict) else None,
+        "error": workspace.run_error(name, state), "checkpoints": complete_checkpoints(run_dir),
+        "command": command, "command_text": launch.display_command(command) if command else None,
+        "resume_command": resume, "resume_command_text": launch.display_command(resume),
+    }
+
+
+def run_log(workspace: Workspace, name: str, lines: int) -> dict:
+    run_dir = workspace.run_dir(name)
+    return {"train_log": tail_lines(run_dir / "train.log", lines),
+            "console": tail_lines(workspace.console_log(name), lines)}
+
+
+def listed_state(workspace: Workspace, name: str) -> dict:
+    state = workspace.run_state(name)
+    return {field: state.get(field) for field in LIST_FIELDS}
+
+
+JOB_FIELDS = {"eval": {"kind": (str, True), "data": (str, True), "base": (bool, False), "limit": (int, False)},
+              "merge": {"kind": (str, True), "dtype": (str, False)},
+              "export": {"kind": (str, True), "outtype": (str, False)}}
+
+
+def job_options(workspace: Workspace, values: dict) -> dict:
+    """A job's options checked against the CLI's choices; eval's data resolved in the workspace."""
+    kind = values["kind"]
+    if kind == "eval":
+        at_least(values, "limit", 1)
+        return {**values, "data": workspace.resolve(values["data"], field="data")}
+    if kind == "merge" and values.get("dtype") not in (None, *jobs.MERGE_DTYPES):
+        raise RequestError(400, f"dtype must be one of {', '.join(jobs.MERGE_DTYPES)} (got {values['dtype']!r})")
+    if kind == "export":
+        from loraft.export.gguf import OUTTYPES
+
+        if values.get("outtype") not in (None, *OUTTYPES):
+            raise RequestError(400, f"outtype must be one of {', '.join(OUTTYPES)} (got {values['outtype']!r})")
+    return values
+
+
+# --------------------------------------------------------------------------------------------- the app
+def languages() -> list[str]:
+    """The page's languages: its translation files (en and zh-CN ship)."""
+    folder = STATIC_DIR / "i18n"
+    found = sorted(path.stem for path in folder.glob("*.json")) if folder.is_dir() else []
+    return found or ["en", "zh-CN"]
+
+
+def static_file(relative: str) -> Optional[Path]:
+    """A file of the page under ui/static, or None (outside it, hidden, or missing)."""
+    if not relative or "\0" in relative or any(part.startswith(".") for part in Path(relative).parts):
+        return None
+    root = STATIC_DIR.resolve()
+    path = (root / relative).resolve()
+    return path if root in path.parents and path.is_file() else None
+
+
+def file_response(path: Path) -> FileResponse:
+    media_type = (CONTENT_TYPES.get(path.suffix.lower()) or mimetypes.guess_type(path.name)[0]
+                  or "application/octet-stream")
+    return FileResponse(path, media_type=media_type, headers={"Cache-Control": "no-cache"})
+
+
+def create_app(workspace: Union[str, Path, Workspace], settings: UISettings = UISettings()) -> FastAPI:
+    """The UI's application over `workspace` (see docs/ui.md for every route)."""
+    workspace = workspace if isinstance(workspace, Workspace) else Workspace(workspace)
+    app = FastAPI(title="loraft ui", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.workspace = workspace
+    chats = ChatModels(workspace)
+    app.add_middleware(RequestGate, token=settings.token)
+    rule = host_rule(settings.host, settings.port, settings.allowed_hosts)
+    if rule is not None:  # added last: it runs first, before the token is looked at
+        app.add_middleware(HostCheck, rule=rule)
+
+    @app.exception_handler(RequestError)
+    async def request_error(_request, exc: RequestError):
+        return error(exc.status, exc.message)
+
+    @app.exception_handler(LoraftError)
+    async def loraft_error(_request, exc: LoraftError):
+        return error(400, str(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        if exc.status_code == 404:
+            return error(404, f"{request.url.path}: no such page or API route")
+        if exc.status_code == 405:
+            return error(405, f"{request.method} is not allowed on {request.url.path}")
+        return error(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_request, exc: RequestValidationError):
+        where = ".".join(str(part) for part in exc.errors()[0]["loc"]) if exc.errors() else "the request"
+        return error(400, f"{where} is not valid")
+
+    @app.exception_handler(Exception)
+    async def server_error(_request, exc: Exception):  # our bug: keep the traceback in the log
+        logger.exception("unexpected error while answering a UI request")
+        return error(500, "the UI hit an internal error (a bug in loraft: see the UI's log)")
+
+    # --- the page ---------------------------------------------------------------------------------------
+    @app.get("/")
+    async def index():
+        page = static_file("index.html")
+        if page is None:
+            raise RequestError(404, f"the UI's page is not installed ({STATIC_DIR / 'index.html'} is missing)")
+        return file_response(page)
+
+    @app.get("/static/{relative:path}")
+    async def static(relative: str):
+        path = static_file(relative)
+        if path is None:
+            raise RequestError(404, f"/static/{relative}: no such file")
+        return file_response(path)
+
+    # --- workspace ----------------------------------------------------------------------------------------
+    @app.get("/api/info")
+    async def info():
+        yaml_files = await run_in_threadpool(workspace.yaml_files)
+        return {"workspace": str(workspace.root), "version": loraft.__version__,
+                "token_required": settings.token is not None, "presets": preset_names(), "yaml_files": yaml_files,
+                "languages": languages()}
+
+    @app.get("/api/schema")
+    async def schema():
+        return RunConfig.model_json_schema()
+
+    # --- runs ---------------------------------------------------------------------------------------------
+    @app.get("/api/runs")
+    async def runs():
+        return await run_in_threadpool(workspace.list_runs)
+
+    @app.post("/api/runs", status_code=202)
+    async def new_run(request: Request):
+        values = await read_body(request, {"name": (str, True), "config": (str, True), "overrides": (list, False)})
+        return await run_in_threadpool(launch.start_run, workspace, values["name"], values["config"],
+                                       values["overrides"])
+
+    @app.post("/api/plan")
+    async def plan(request: Request):
+        values = await read_body(request, {"config": (str, True), "overrides": (list, False), "name": (str, False)})
+        return await run_in_threadpool(launch.plan_preview, workspace, values["config"], values["overrides"],
+                                       values["name"])
+
+    @app.get("/api/runs/{name:path}/log")
+    async def log(name: str, request: Request):
+        return await run_in_threadpool(run_log, workspace, name, lines_query(request, 200))
+
+    @app.get("/api/runs/{name:path}/events")
+    async def events(name: str, request: Request):
+        run_dir = await run_in_threadpool(workspace.run_dir, name)
+        header = request.headers.get("last-event-id", "").strip()
+        if header and not (header.isascii() and header.isdigit()):
+            raise RequestError(400, f"Last-Event-ID must be a line number of metrics.jsonl (got {header!r})")
+        stream = run_events(run_dir / "metrics.jsonl", lambda: listed_state(workspace, name), int(header or 0))
+        return StreamingResponse(stream, media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @app.post("/api/runs/{name:path}/stop", status_code=202)
+    async def stop(name: str, request: Request):
+        await read_body(request, {})
+        return await run_in_threadpool(launch.stop_run, workspace, name)
+
+    @app.post("/api/runs/{name:path}/resume", status_code=202)
+    async def resume(name: str, request: Request):
+        await read_body(request, {})
+        return await run_in_threadpool(launch.resume_run, workspace, name)
+
+    @app.post("/api/runs/{name:path}/jobs", status_code=202)
+    async def new_job(name: str, request: Request):
+        payload = await read_payload(request)
+        kind = payload.get("kind")
+        if not isinstance(kind, str) or kind not in JOB_FIELDS:
+            shown = "missing" if kind is None else repr(kind)
+            raise RequestError(400, f"kind must be one of {', '.join(JOB_FIELDS)} (got {shown})")
+        options = await run_in_threadpool(job_options, workspace, check_fields(payload, JOB_FIELDS[kind]))
+        return await run_in_threadpool(jobs.start_job, workspace, name, kind, options)
+
+    @app.get("/api/runs/{name:path}")
+    async def run(name: str):
+        return await run_in_threadpool(run_detail, workspace, name)
+
+    # --- jobs ---------------------------------------------------------------------------------------------
+    @app.get("/api/jobs")
+    async def job_list(request: Request):
+        run_name = request.query_params.get("run")
+        return await run_in_threadpool(jobs.list_jobs, workspace, run_name)
+
+    @app.get("/api/jobs/{job_id}")
+    async def job(job_id: str, request: Request):
+        return await run_in_threadpool(jobs.job_state, workspace, job_id, lines_query(request, 100))
+
+    # --- data ---------------------------------------------------------------------------------------------
+    @app.post("/api/data/check")
+    async def check(request: Request):
+        values = await read_body(request, DATA_FIELDS)
+        at_least(values, "max_length", 2)
+        return await run_in_threadpool(data_check, workspace, values)
+
+    @app.post("/api/data/preview")
+    async def preview(request: Request):
+        values = await read_body(request, {**DATA_FIELDS, "model": (str, True), "limit": (int, False)})
+        at_least(values, "max_length", 2)
+        at_least(values, "limit", 1)
+        return await run_in_threadpool(data_preview, workspace, values)
+
+    # --- chat ---------------------------------------------------------------------------------------------
+    @app.api_route("/chat/{name:path}/v1/{rest:path}", methods=["GET", "POST"])
+    async def chat_api(name: str, rest: str, request: Request):
+        checkpoint, base = chat_query(request.query_params.get("checkpoint"), request.query_params.get("base"))
+        chat_app = await chats.app_for(name, checkpoint, base)
+        return Forward(chat_app, f"/chat/{name}")
+
+    @app.get("/chat/{name:path}/")
+    async def chat(name: str):
+        workspace.run_path(name)  # a malformed name is refused; the page itself holds no data
+        return HTMLResponse(chat_page(), headers={"Cache-Control": "no-cache"})
+
+    @app.get("/chat/{name:path}")
+    async def chat_without_slash(name: str, request: Request):
+        query = f"?{request.url.query}" if request.url.query else ""
+        return RedirectResponse(f"{request.url.path}/{query}", status_code=307)
+
+    return app
+
+
+def serve_ui(workspace: Union[str, Path], host: str = "127.0.0.1", port: int = 7860, token: Optional[str] = None,
+             allowed_hosts: Sequence[str] = (), log=print) -> None:
+    """Run the UI under uvicorn until Ctrl-C; runs it started keep running after it ends.
+
+    Raises:
+        RunError (one sentence): a non-loopback address without a token, a missing workspace, a bad port, or an
+            address that cannot be bound.
+    """
+    import uvicorn
+
+    token = token or None
+    if not is_loopback(host) and token is None:
+        raise RunError(f"loraft ui: refusing to listen on {host} without a token (anyone who reaches it could start "
+                       "runs on this machine); pass --token T or set LORAFT_UI_TOKEN")
+    root = Path(workspace)
+    if not root.is_dir():
+        raise RunError(f"{workspace}: workspace directory not found")
+    if not 0 <= port <= 65535:
+        raise RunError(f"--port must be between 0 and 65535 (got {port})")
+    app = create_app(root, UISettings(token=token, host=host, port=port, allowed_hosts=tuple(allowed_hosts)))
+    # a wildcard bind answers on loopback too; an IPv6 address goes in brackets in a URL
+    shown = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "[::1]"}.get(host, f"[{host}]" if ":" in host else host)
+    log(f"loraft ui: http://{shown}:{port}/  (workspace {root.resolve()}; Ctrl-C stops the UI, not its runs)")
+    # streams of live runs never end on their own: give them a moment at shutdown, not uvicorn's forever
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
+                                           timeout_graceful_shutdown=3))
+    try:
+        server.run()
+    except SystemExit as exc:  # uvicorn exits when it cannot bind
+        if exc.code not in (0, None):
+            raise RunError(f"{host}:{port}: cannot start the UI (is the address in use?)") from None
+        raise

@@ -1,0 +1,75 @@
+"""The data stage from the UI: `loraft data check` and `loraft data preview` on workspace files, with the tokenizer
+of a run, a folder in the workspace, or a hub model."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Optional
+
+from pydantic import ValidationError
+
+from loraft.config import DataConfig
+from loraft.rundir import RUN_FILE, read_record
+from loraft.ui.workspace import RUN_NAME, RequestError, Workspace, complete_checkpoints
+
+HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
+DATA_FIELDS = {"path": (str, True), "model": (str, False), "template": (str, False), "format": (str, False),
+               "max_length": (int, False)}
+
+
+def data_config(workspace: Workspace, values: dict, limit: Optional[int] = None) -> DataConfig:
+    """The DataConfig `loraft data check/preview` builds from the same options (cli._data_config)."""
+    fields = {"path": str(workspace.resolve(values["path"], field="path")), "template": values["template"] or "auto",
+              "max_length": 256 if values["max_length"] is None else values["max_length"],
+              "format": values["format"] or "auto"}
+    if limit:
+        fields["limit"] = limit
+    try:
+        return DataConfig(**fields)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        message = first["msg"].removeprefix("Value error, ")
+        raise RequestError(400, f"{'.'.join(str(part) for part in first['loc'])}: {message}") from None
+
+
+def tokenizer_of(workspace: Workspace, model: str):
+    """The tokenizer of `model`: a run in the workspace (its saved tokenizer, else its newest checkpoint's, else
+    its base model's), a folder in the workspace, or a hub id."""
+    from loraft.model import load_tokenizer
+
+    candidate = Path(model)
+    if candidate.is_absolute() or ".." in candidate.parts or "\0" in model:
+        workspace.resolve(model, field="model")  # refuses it with the sentence every path gets
+    parts = model.split("/")
+    if 0 < len(parts) <= 2 and all(RUN_NAME.fullmatch(part) for part in parts):
+        run_dir = workspace.run_path(model)
+        if (run_dir / RUN_FILE).is_file():
+            folders = [run_dir, *reversed([run_dir / "checkpoints" / name for name in complete_checkpoints(run_dir)])]
+            source = next((str(folder) for folder in folders if (folder / "tokenizer_config.json").is_file()),
+                          read_record(run_dir).get("base_model"))
+            if source:
+                return load_tokenizer(source)
+    if (workspace.root / candidate).exists():
+        return load_tokenizer(str(workspace.resolve(model, field="model")))
+    if not HUB_ID.fullmatch(model):
+        raise RequestError(400, f"model {model!r} is neither a run, a folder in the workspace, nor a hub id")
+    return load_tokenizer(model)
+
+
+def data_check(workspace: Workspace, values: dict) -> dict:
+    """POST /api/data/check: `loraft data check --json`'s report (token lengths when a model is given)."""
+    from loraft.data import check_data
+
+    data = data_config(workspace, values)
+    tokenizer = tokenizer_of(workspace, values["model"]) if values["model"] else None
+    return check_data(data.path, data, tokenizer)
+
+
+def data_preview(workspace: Workspace, values: dict) -> dict:
+    """POST /api/data/preview: the samples `loraft data preview --json` prints for the same options."""
+    from loraft.data import preview_samples
+
+    limit = 5 if values["limit"] is None else values["limit"]
+    data = data_config(workspace, values, limit)
+    return {"samples": preview_samples(data.path, data, tokenizer_of(workspace, values["model"]), limit)}

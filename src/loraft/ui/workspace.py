@@ -1,0 +1,269 @@
+"""The UI's workspace: the one folder every request's paths are confined to, its runs, and the UI's own files.
+
+A request names files relative to the workspace; `Workspace.resolve` refuses anything that could reach outside it
+(absolute paths, `..`, symbolic links leading out). Runs are the run directories `loraft runs WORKSPACE` lists
+(loraft.rundir), plus runs the UI has launched whose trainer has not written its record yet. What the UI itself
+keeps (launch records, submitted YAML, console logs, jobs) lives in `WORKSPACE/.loraft-ui/`, never in a run
+directory: `loraft train` refuses a non-empty directory that holds no run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Optional, Union
+
+from loraft.config import RunConfig
+from loraft.rundir import CHECKPOINTS, RUN_FILE, find_runs, read_record, run_state
+from loraft.rundir import complete_checkpoints as complete_checkpoint_dirs
+
+UI_DIR = ".loraft-ui"
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+# the fields of a run in GET /api/runs (run_state's, without its absolute run_dir)
+LIST_FIELDS = ("name", "status", "step", "total_steps", "loss", "started_at", "checkpoint", "base_model")
+LIVE_STATUSES = ("starting", "running")
+# folders never searched for YAML configs: a run's checkpoints, caches, virtual environments
+SKIPPED_FOLDERS = {CHECKPOINTS, "__pycache__", "node_modules", "site-packages"}
+
+
+class RequestError(Exception):
+    """A request the UI refuses: an HTTP status (4xx) and one sentence, answered as {"error": sentence}."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+def refused(message: str) -> RequestError:
+    """A path or name in a request that the workspace refuses (400)."""
+    return RequestError(400, message)
+
+
+def process_alive(pid: Optional[int], argv: Optional[list[str]]) -> bool:
+    """Whether process `pid` still runs the command `argv` it was started with.
+
+    The command guards against a recycled pid: a UI restarted long after its launch must not take an unrelated
+    process for the trainer it started. A zombie (ended, not yet reaped by its parent) is not alive.
+    """
+    if not isinstance(pid, int) or pid <= 0 or not argv:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: not ours
+        return False
+    proc = Path(f"/proc/{pid}")
+    if not proc.is_dir():  # no /proc (macOS): the signal probe is all there is
+        return True
+    try:
+        stat = (proc / "stat").read_text()
+        running = (proc / "cmdline").read_bytes().decode("utf-8", "surrogateescape").split("\0")[:-1]
+    except OSError:
+        return False  # it ended between the probe and the read
+    return stat.rpartition(")")[2].split()[0] != "Z" and running == list(argv)
+
+
+def tail_lines(path: Path, count: int, max_bytes: int = 1 << 20) -> list[str]:
+    """The last `count` lines of a text file ([] when it is missing), reading at most its last `max_bytes`."""
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as handle:
+            handle.seek(max(0, size - max_bytes))
+            lines = handle.read().decode("utf-8", errors="replace").splitlines()
+    except OSError:
+        return []
+    if size > max_bytes:
+        lines = lines[1:]  # the first line read may be cut
+    return lines[-count:] if count > 0 else []
+
+
+def last_error_line(path: Path) -> Optional[str]:
+    """The one-sentence failure a loraft command printed (`error: ...`) in a console log, else its last line
+    (a traceback's exception); None when the log is empty."""
+    lines = [line.strip() for line in tail_lines(path, 400) if line.strip()]
+    for line in reversed(lines):
+        if line.startswith("error: "):
+            return line[len("error: "):]
+    return lines[-1] if lines else None
+
+
+def complete_checkpoints(run_dir: Path) -> list[str]:
+    """The names of the run's complete checkpoints, by step."""
+    return [path.name for path in complete_checkpoint_dirs(run_dir / CHECKPOINTS)]
+
+
+class Workspace:
+    """The folder the UI serves: request paths resolved inside it, its runs, the UI's own files."""
+
+    def __init__(self, root: Union[str, Path]):
+        self.root = Path(root).resolve()
+        self.ui_dir = self.root / UI_DIR
+
+    # ---------------------------------------------------------------------------------------------- paths
+    def resolve(self, relative: object, field: str = "path", must_exist: bool = True) -> Path:
+        """`relative` as an absolute path inside the workspace.
+
+        Raises:
+            RequestError (400): not a string, empty, NUL, absolute, a `..` component, leading outside the
+                workspace through a symbolic link, or (must_exist) missing.
+        """
+        if not isinstance(relative, str):
+            raise refused(f"{field} must be a string (a path relative to the workspace)")
+        if not relative.strip():
+            raise refused(f"{field} is empty; give a path relative to the workspace")
+        if "\0" in relative:
+            raise refused(f"{field} holds a NUL character")
+        candidate = Path(relative)
+        if candidate.is_absolute() or relative.startswith("~"):
+            raise refused(f"{field} {relative!r} is not relative; give a path inside the workspace {self.root}")
+        if ".." in candidate.parts:
+            raise refused(f"{field} {relative!r} climbs out with '..'; give a path inside the workspace")
+        path = self.root / candidate
+        try:
+            real = path.resolve()
+        except (OSError, RuntimeError):  # a symlink loop
+            raise refused(f"{field} {relative!r} cannot be resolved (a symbolic link loop?)") from None
+        if real != self.root and self.root not in real.parents:
+            raise refused(f"{field} {relative!r} leads outside the workspace through a symbolic link")
+        if must_exist and not real.exists():
+            raise refused(f"{field} {relative!r} does not exist in the workspace {self.root}")
+        return real
+
+    def check_new_name(self, name: object) -> str:
+        """A name for a new run: one folder directly in the workspace (`[A-Za-z0-9][A-Za-z0-9._-]{0,63}`)."""
+        if not isinstance(name, str):
+            raise refused("name must be a string")
+        if not RUN_NAME.fullmatch(name):
+            raise refused(f"name {name!r} is not a run name: use letters, digits, '.', '_' and '-' (at most 64, "
+                          "starting with a letter or digit)")
+        return name
+
+    def run_path(self, name: object) -> Path:
+        """The directory of run `name`: one folder in the workspace, or two (`group/run`, as `loraft runs`
+        lists runs two levels down). Refuses a malformed name (400); the directory need not exist."""
+        if not isinstance(name, str) or not 0 < len(name.split("/")) <= 2 or not all(
+                RUN_NAME.fullmatch(part) for part in name.split("/")):
+            raise refused(f"{name!r} is not a run name: one or two folder names of letters, digits, '.', '_' and '-'")
+        return self.resolve(name, field="run", must_exist=False)
+
+    def run_dir(self, name: object) -> Path:
+        """The directory of an existing run (its record written, or launched by the UI); 404 otherwise."""
+        path = self.run_path(name)
+        if not (path / RUN_FILE).is_file() and not self.launch_file(name).is_file():
+            raise RequestError(404, f"no run named {name!r} in the workspace {self.root}")
+        return path
+
+    # ------------------------------------------------------------------------------------- the UI's files
+    def launch_file(self, name: str) -> Path:
+        """The UI's launch record of run `name` (argv, pid, started_at of each start)."""
+        return self.ui_dir / "runs" / f"{name}.json"
+
+    def console_log(self, name: str) -> Path:
+        """Where the output of the UI's `loraft train` processes of run `name` is appended."""
+        return self.ui_dir / "runs" / f"{name}.console.log"
+
+    def submitted_yaml(self, name: str) -> Path:
+        """The YAML text a run was started with, when it came from the page rather than a file or preset."""
+        return self.ui_dir / "runs" / f"{name}.yaml"
+
+    def jobs_dir(self) -> Path:
+        return self.ui_dir / "jobs"
+
+    def read_launch(self, name: str) -> dict:
+        """The UI's launch record of run `name` ({} when the UI did not start it or the file is unreadable)."""
+        try:
+            record = json.loads(self.launch_file(name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+        return record if isinstance(record, dict) else {}
+
+    def launch_alive(self, name: str, launch: Optional[dict] = None) -> bool:
+        """Whether the newest process the UI started for run `name` is still running."""
+        launch = self.read_launch(name) if launch is None else launch
+        newest = (launch.get("starts") or [{}])[-1]
+        return process_alive(newest.get("pid"), newest.get("argv"))
+
+    def in_workspace(self, config: RunConfig) -> RunConfig:
+        """`config` with a relative model folder made absolute: `loraft train` runs in the workspace, so that is
+        where a relative model.name_or_path is read, never the UI's own working directory."""
+        model = Path(config.model.name_or_path)
+        if model.is_absolute() or not (self.root / model).exists():
+            return config
+        return config.model_copy(update={"model": config.model.model_copy(
+            update={"name_or_path": str(self.root / model)})})
+
+    # --------------------------------------------------------------------------------------------- runs
+    def run_names(self) -> list[str]:
+        """Every run: the run directories at most two levels down, and the UI's launches without a record yet."""
+        names = {run.relative_to(self.root).as_posix() for run in find_runs(self.root) if run != self.root}
+        runs_dir = self.ui_dir / "runs"
+        if runs_dir.is_dir():
+            for launch in runs_dir.rglob("*.json"):
+                name = launch.relative_to(runs_dir).as_posix()[: -len(".json")]
+                if all(RUN_NAME.fullmatch(part) for part in name.split("/")):
+                    names.add(name)
+        return sorted(names)
+
+    def run_state(self, name: str) -> dict:
+        """The run as it is now: rundir.run_state with the workspace-relative name, or for a launch without a
+        record `starting` (its process alive) or `failed` (with `error`: what its console said last)."""
+        path = self.run_path(name)
+        launch = self.read_launch(name)
+        if (path / RUN_FILE).is_file():
+            state = run_state(path)
+            state["name"] = name
+            state.pop("run_dir", None)
+            # a resume the UI started, before its trainer takes the lock: the record still says how it ended
+            if state["status"] in ("stopped", "interrupted", "failed") and launch and self.launch_alive(name, launch):
+                state["status"] = "starting"
+            return state
+        starts = launch.get("starts") or [{}]
+        state = {field: None for field in LIST_FIELDS}
+        state.update(name=name, started_at=starts[-1].get("started_at"), pid=starts[-1].get("pid"),
+                     host=launch.get("host"), recorded_status=None, base_model=launch.get("base_model"))
+        if self.launch_alive(name, launch):
+            state["status"] = "starting"
+        else:
+            state["status"] = "failed"
+            state["error"] = ("stopped before the run began" if launch.get("stop_requested_at")
+                              else last_error_line(self.console_log(name))
+                              or "its loraft train process ended before writing the run's record")
+        return state
+
+    def list_runs(self) -> list[dict]:
+        """GET /api/runs: each run's listed fields, by name."""
+        return [{field: state.get(field) for field in LIST_FIELDS}
+                for state in (self.run_state(name) for name in self.run_names())]
+
+    def run_error(self, name: str, state: dict) -> Optional[str]:
+        """The one-sentence failure of a run: the record's reason, or what its console said last."""
+        if state.get("error"):
+            return state["error"]
+        if state["status"] not in ("failed", "interrupted"):
+            return None
+        reason = read_record(self.run_path(name)).get("reason")
+        if reason:
+            return str(reason)
+        return last_error_line(self.console_log(name)) if state["status"] == "failed" else None
+
+    # --------------------------------------------------------------------------------------------- files
+    def yaml_files(self, max_depth: int = 3, limit: int = 1000) -> list[str]:
+        """Workspace-relative .yaml/.yml files at most `max_depth` folders deep, not in hidden folders or a run's
+        checkpoints, not reached through a symbolic link leaving the workspace."""
+        found: list[str] = []
+        for folder, subfolders, files in os.walk(self.root):
+            depth = len(Path(folder).relative_to(self.root).parts)
+            subfolders[:] = sorted(name for name in subfolders if not name.startswith(".")
+                                   and name not in SKIPPED_FOLDERS and depth + 1 < max_depth)
+            for name in sorted(files):
+                if name.endswith((".yaml", ".yml")) and not name.startswith("."):
+                    path = Path(folder) / name
+                    real = path.resolve()
+                    if self.root in real.parents and real.is_file():
+                        found.append(path.relative_to(self.root).as_posix())
+                        if len(found) >= limit:
+                            return found
+        return found

@@ -1,0 +1,531 @@
+"""The REST API of `loraft ui` (docs/ui.md), through an in-process client, with real `loraft train` and job
+processes started by it.
+
+Every refusal asserts its status and its one sentence. The real run is started first and trains in the background
+(its own process, as the UI starts it) while the tests that need no run go on; the tests that need it wait for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from conftest import write_alpaca
+from loraft.cli import main
+from loraft.errors import RunError
+from loraft.rundir import RunLock
+from loraft.ui.app import UISettings, create_app, serve_ui
+from loraft.ui.events import run_events
+from run_helpers import free_port
+
+RUN_YAML = """\
+model:
+  name_or_path: base
+data:
+  path: data/train.jsonl
+  max_length: 64
+train:
+  max_steps: 3
+  per_device_train_batch_size: 2
+  gradient_accumulation_steps: 1
+  learning_rate: 0.01
+  logging_steps: 1
+  save_steps: 2
+  precision: fp32
+generation:
+  dtype: fp32
+  max_new_tokens: 4
+"""
+LIVE = ("starting", "running")
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory, tiny_bloom_dir) -> Path:
+    """A workspace with data, the tiny BLOOM as `base/` and a config file; runs are relative to it."""
+    root = tmp_path_factory.mktemp("ui-api").resolve()
+    write_alpaca(root / "data" / "train.jsonl", repeat=2)
+    shutil.copytree(tiny_bloom_dir, root / "base")
+    (root / "configs").mkdir()
+    (root / "configs" / "run.yaml").write_text(RUN_YAML, encoding="utf-8")
+    return root
+
+
+@pytest.fixture(scope="module")
+def client(workspace):
+    with TestClient(create_app(workspace), base_url="http://127.0.0.1") as opened:
+        yield opened
+
+
+@pytest.fixture(scope="module")
+def launched(client, workspace):
+    """A real run started through the API (its own process, one thread), not waited for."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("OMP_NUM_THREADS", "1")  # the process the UI starts inherits the UI's environment
+        answer = client.post("/api/runs", json={"name": "tiny", "config": RUN_YAML,
+                                                "overrides": ["train.seed=7"]})
+    assert answer.status_code == 202, answer.text
+    assert answer.json() == {"name": "tiny"}
+    return workspace / "tiny"
+
+
+@pytest.fixture(scope="module")
+def trained(client, launched):
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        state = next(run for run in client.get("/api/runs").json() if run["name"] == "tiny")
+        if state["status"] not in LIVE:
+            break
+        time.sleep(0.5)
+    assert state["status"] == "finished", client.get("/api/runs/tiny/log").json()
+    return launched
+
+
+def assert_refused(response, status: int, sentence: str) -> None:
+    assert response.status_code == status, response.text
+    assert response.json() == {"error": sentence}
+
+
+def fake_run(path: Path, **record) -> Path:
+    path.mkdir(parents=True)
+    (path / "loraft_run.json").write_text(json.dumps(record))
+    return path
+
+
+def dead_pid() -> int:
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return process.pid
+
+
+# --------------------------------------------------------------------------------------------- a launch
+def test_a_launch_answers_at_once_and_is_listed_while_it_starts(client, launched, workspace):
+    state = next(run for run in client.get("/api/runs").json() if run["name"] == "tiny")
+    assert state["status"] in ("starting", "running", "finished")
+    assert set(state) == {"name", "status", "step", "total_steps", "loss", "started_at", "checkpoint", "base_model"}
+    assert (workspace / ".loraft-ui" / "runs" / "tiny.yaml").read_text(encoding="utf-8") == RUN_YAML
+    again = client.post("/api/runs", json={"name": "tiny", "config": RUN_YAML})
+    assert again.status_code == 409 and again.json()["error"] in (  # before or after `loraft train` made the folder
+        f"a run named 'tiny' exists already ({workspace / 'tiny'}); choose another name",
+        "a run named 'tiny' is starting already; choose another name")
+
+
+# ---------------------------------------------------------------------------------------------- refusals
+def test_paths_leaving_the_workspace_are_refused(client, workspace, tmp_path):
+    outside = tmp_path / "secret"
+    outside.mkdir()
+    (outside / "data.jsonl").write_text('{"instruction": "a", "output": "b"}\n')
+    (workspace / "escape").symlink_to(outside, target_is_directory=True)
+    try:
+        cases = {
+            str(outside / "data.jsonl"): f"path {str(outside / 'data.jsonl')!r} is not relative; give a path inside "
+                                         f"the workspace {workspace}",
+            "../secret/data.jsonl": "path '../secret/data.jsonl' climbs out with '..'; give a path inside the "
+                                    "workspace",
+            "data/../../secret/data.jsonl": "path 'data/../../secret/data.jsonl' climbs out with '..'; give a path "
+                                            "inside the workspace",
+            "escape/data.jsonl": "path 'escape/data.jsonl' leads outside the workspace through a symbolic link",
+            "": "path is empty; give a path relative to the workspace",
+            "data/a\0b": "path holds a NUL character",
+            "data/missing.jsonl": f"path 'data/missing.jsonl' does not exist in the workspace {workspace}",
+        }
+        for path, sentence in cases.items():
+            assert_refused(client.post("/api/data/check", json={"path": path}), 400, sentence)
+        assert_refused(client.post("/api/data/preview", json={"path": "data/train.jsonl", "model": "/etc"}), 400,
+                       f"model '/etc' is not relative; give a path inside the workspace {workspace}")
+        assert_refused(client.post("/api/runs", json={"name": "x", "config": "../configs/run.yaml"}), 400,
+                       "config '../configs/run.yaml' climbs out with '..'; give a path inside the workspace")
+    finally:
+        (workspace / "escape").unlink()
+
+
+def test_bad_bodies_are_400s_naming_the_field(client):
+    response = client.post("/api/plan", content=b"{not json", headers={"Content-Type": "application/json"})
+    assert_refused(response, 400, "We could not parse the JSON body of your request: it is not valid JSON.")
+    assert_refused(client.post("/api/plan", content=b"[1]", headers={"Content-Type": "application/json"}), 400,
+                   "The request body must be a JSON object.")
+    assert_refused(client.post("/api/plan", content=b'{"config": "demo"}', headers={"Content-Type": "text/plain"}),
+                   415, "Content-Type must be application/json (got 'text/plain').")
+    assert_refused(client.post("/api/plan", json={"config": "demo", "overides": []}), 400,
+                   "unknown key 'overides' in the request body (known keys: config, overrides, name)")
+    assert_refused(client.post("/api/plan", json={"config": "demo", "overrides": "train.max_steps=3"}), 400,
+                   "overrides must be a list of strings (got a string)")
+    assert_refused(client.post("/api/plan", json={"config": 3}), 400, "config must be a string (got a number)")
+    assert_refused(client.post("/api/plan", json={}), 400, "config is required")
+    assert_refused(client.post("/api/data/preview", json={"path": "data/train.jsonl", "model": "base",
+                                                          "limit": True}), 400,
+                   "limit must be an integer (got a boolean)")
+    assert_refused(client.post("/api/data/check", json={"path": "data/train.jsonl", "max_length": 1}), 400,
+                   "max_length must be >= 2 (got 1)")
+    assert_refused(client.post("/api/data/check", json={"path": "data/train.jsonl", "format": "csvish"}), 400,
+                   "format: Input should be 'auto', 'alpaca', 'messages' or 'sharegpt'")
+    assert_refused(client.post("/api/runs", json={"name": "../up", "config": "demo"}), 400,
+                   "name '../up' is not a run name: use letters, digits, '.', '_' and '-' (at most 64, starting "
+                   "with a letter or digit)")
+    assert_refused(client.post("/api/runs", json={"name": "bad", "config": "model:\n  rank: 3\n"}), 400,
+                   "config with overrides: unknown config key model.rank")
+    assert_refused(client.post("/api/runs", json={"name": "bad", "config": "configs/run.yaml",
+                                                  "overrides": ["output_dir=/tmp/elsewhere"]}), 400,
+                   "overrides: 'output_dir=/tmp/elsewhere' is not allowed; the run's directory is WORKSPACE/NAME, "
+                   "set by its name")
+    assert_refused(client.post("/api/runs", json={"name": "bad", "config": "configs/run.yaml",
+                                                  "overrides": ["--resume"]}), 400,
+                   "override '--resume' must look like key=value (e.g. train.max_steps=3)")
+    assert_refused(client.get("/api/runs/tiny/log?lines=many"), 400,
+                   "lines must be a whole number from 1 to 100000 (got 'many')")
+    assert_refused(client.get("/api/nothing"), 404, "/api/nothing: no such page or API route")
+
+
+def test_unknown_runs_and_jobs_are_404s(client, workspace):
+    sentence = f"no run named 'nope' in the workspace {workspace}"
+    for method, path in (("GET", "/api/runs/nope"), ("GET", "/api/runs/nope/log"), ("GET", "/api/runs/nope/events"),
+                         ("POST", "/api/runs/nope/stop"), ("POST", "/api/runs/nope/resume"),
+                         ("GET", "/chat/nope/v1/models")):
+        assert_refused(client.request(method, path), 404, sentence)
+    assert_refused(client.post("/api/runs/nope/jobs", json={"kind": "merge"}), 404, sentence)
+    assert_refused(client.get("/api/jobs/20250101-000000-merge-abcd"), 404,
+                   "no job '20250101-000000-merge-abcd' in the workspace")
+
+
+def test_the_token_is_required_and_compared_in_constant_time(workspace, monkeypatch):
+    import loraft.ui.requests as requests_module
+
+    compared = []
+    real_compare = requests_module.hmac.compare_digest
+
+    def spy(sent, token):
+        compared.append((sent, token))
+        return real_compare(sent, token)
+
+    monkeypatch.setattr(requests_module.hmac, "compare_digest", spy)
+    with TestClient(create_app(workspace, UISettings(token="s3cret")), base_url="http://127.0.0.1") as guarded:
+        assert_refused(guarded.get("/api/runs"), 401, "this UI needs its token: send it in the X-Loraft-Token header")
+        assert_refused(guarded.get("/api/runs", headers={"X-Loraft-Token": "s3cre"}), 401,
+                       "the X-Loraft-Token header does not match this UI's token")
+        assert compared == [(b"s3cre", b"s3cret")]
+        assert guarded.get("/api/runs", headers={"X-Loraft-Token": "s3cret"}).status_code == 200
+        assert guarded.get("/api/info", headers={"X-Loraft-Token": "s3cret"}).json()["token_required"] is True
+        # the chat API takes it as a bearer key too (the chat page's own key box); the page itself is public
+        assert_refused(guarded.get("/chat/nope/v1/models"), 401,
+                       "this UI needs its token: send it in the X-Loraft-Token header")
+        assert_refused(guarded.get("/chat/nope/v1/models", headers={"Authorization": "Bearer s3cret"}), 404,
+                       f"no run named 'nope' in the workspace {workspace}")
+        assert guarded.get("/chat/nope/").status_code == 200
+        assert guarded.get("/static/app.js").status_code == 200
+
+
+def test_host_and_origin_are_checked_before_anything_else(workspace):
+    app = create_app(workspace, UISettings(token="s3cret", host="127.0.0.1", port=7860))
+    with TestClient(app, base_url="http://127.0.0.1:7860") as ui:
+        refused = ui.get("/api/runs", headers={"Host": "evil.example:7860"})
+        assert refused.status_code == 400
+        assert refused.json()["error"]["message"] == (
+            "Host header 'evil.example:7860' is not allowed: this server answers to 127.0.0.1, [::1], localhost on "
+            "port 7860; add names with --allowed-hosts.")
+        headers = {"X-Loraft-Token": "s3cret"}
+        assert ui.get("/api/runs", headers={**headers, "Host": "localhost:7860"}).status_code == 200
+        assert_refused(ui.post("/api/runs/nope/stop", headers={**headers, "Origin": "http://evil.example"}), 403,
+                       "a request from another site (http://evil.example) is refused: use the UI's own page")
+        assert ui.post("/api/runs/nope/stop", headers={**headers, "Origin": "http://127.0.0.1:7860"}).status_code == 404
+        assert "access-control-allow-origin" not in ui.get("/api/info", headers=headers).headers
+
+
+def test_a_non_loopback_address_without_a_token_refuses_to_start(workspace, monkeypatch, capsys):
+    monkeypatch.delenv("LORAFT_UI_TOKEN", raising=False)
+    port = free_port()
+    assert main(["ui", "--workspace", str(workspace), "--host", "0.0.0.0", "--port", str(port)]) == 2
+    assert capsys.readouterr().err == (
+        "error: loraft ui: refusing to listen on 0.0.0.0 without a token (anyone who reaches it could start runs on "
+        "this machine); pass --token T or set LORAFT_UI_TOKEN\n")
+    with socket.socket() as probe:  # nothing was left listening
+        assert probe.connect_ex(("127.0.0.1", port)) != 0
+    with pytest.raises(RunError, match="^nowhere: workspace directory not found$"):
+        serve_ui("nowhere", token=None)
+
+
+# ------------------------------------------------------------------------------------------- fake runs
+def test_runs_are_listed_with_their_live_status(client, workspace):
+    host = socket.gethostname()
+    fake_run(workspace / "done", status="finished", global_step=4, total_steps=4, base_model="m")
+    fake_run(workspace / "killed", status="running", pid=dead_pid(), host=host, started_at="2025-05-01T10:00:00+02:00")
+    live = fake_run(workspace / "group" / "live", status="running", pid=os.getpid(), host=host)
+    (workspace / "done" / "metrics.jsonl").write_text('{"step": 4, "loss": 1.5}\n')
+    launch_dir = workspace / ".loraft-ui" / "runs"
+    launch_dir.mkdir(parents=True, exist_ok=True)
+    (launch_dir / "ghost.json").write_text(json.dumps({"name": "ghost", "starts": [
+        {"kind": "train", "argv": ["python"], "pid": dead_pid(), "started_at": "2025-05-01T10:00:00+02:00"}]}))
+    (launch_dir / "ghost.console.log").write_text("loading\nerror: data/x.jsonl: data file not found\n")
+    lock = RunLock(live).acquire()
+    try:
+        listed = {run["name"]: run for run in client.get("/api/runs").json()}
+        assert {name: run["status"] for name, run in listed.items() if name != "tiny"} == {
+            "done": "finished", "killed": "interrupted", "group/live": "running", "ghost": "failed"}
+        assert (listed["done"]["step"], listed["done"]["loss"], listed["done"]["base_model"]) == (4, 1.5, "m")
+        detail = client.get("/api/runs/group/live").json()
+        assert detail["state"]["pid"] == os.getpid() and detail["state"]["recorded_status"] == "running"
+        assert client.get("/api/runs/ghost").json()["error"] == "data/x.jsonl: data file not found"
+        assert client.get("/api/runs/ghost/log?lines=1").json() == {
+            "train_log": [], "console": ["error: data/x.jsonl: data file not found"]}
+        assert_refused(client.post("/api/runs/done/resume"), 409, "run 'done' has finished; there is nothing to resume")
+        assert_refused(client.post("/api/runs/group/live/resume"), 409,
+                       "run 'group/live' is running; it cannot be resumed while it runs")
+        assert_refused(client.post("/api/runs/killed/resume"), 409,
+                       "run 'killed' has no complete checkpoint to resume from; start it again under a new name")
+        assert_refused(client.post("/api/runs/done/stop"), 409, f"{workspace / 'done'}: the run is not running "
+                                                                 "(status finished); nothing to stop")
+        assert_refused(client.post("/api/runs/killed/jobs", json={"kind": "merge"}), 409,
+                       "run 'killed' is interrupted; merge needs a finished run")
+        assert_refused(client.post("/api/runs/done/jobs", json={"kind": "merge", "dtype": "fp8"}), 400,
+                       "dtype must be one of bf16, fp16, fp32 (got 'fp8')")
+        assert_refused(client.post("/api/runs/done/jobs", json={"kind": "train"}), 400,
+                       "kind must be one of eval, merge, export (got 'train')")
+        assert_refused(client.post("/api/runs/done/jobs", json={"kind": "eval", "data": "../x"}), 400,
+                       "data '../x' climbs out with '..'; give a path inside the workspace")
+    finally:
+        lock.release()
+        for name in ("done", "killed", "group"):
+            shutil.rmtree(workspace / name)
+        for name in ("ghost.json", "ghost.console.log"):
+            (launch_dir / name).unlink()
+
+
+FAKE_TRAINER = """
+import json, os, socket, sys, time
+from loraft.rundir import RunLock
+lock = RunLock(sys.argv[1]).acquire()
+with open(os.path.join(sys.argv[1], "loraft_run.json"), "w") as record:
+    json.dump({"status": "running", "pid": os.getpid(), "host": socket.gethostname()}, record)
+print("holding the lock", flush=True)
+time.sleep(60)
+"""
+
+
+def test_stop_answers_once_the_signal_is_sent(client, workspace):
+    run_dir = workspace / "stoppable"
+    run_dir.mkdir()
+    trainer = subprocess.Popen([sys.executable, "-c", FAKE_TRAINER, str(run_dir)], stdout=subprocess.PIPE, text=True)
+    early_argv = [sys.executable, "-c", "import time; time.sleep(60)", f"output_dir={workspace / 'early'}"]
+    early = subprocess.Popen(early_argv)
+    launch = workspace / ".loraft-ui" / "runs" / "early.json"
+    launch.parent.mkdir(parents=True, exist_ok=True)
+    launch.write_text(json.dumps({"name": "early", "starts": [{"kind": "train", "argv": early_argv,
+                                                               "pid": early.pid}]}))
+    try:
+        assert trainer.stdout.readline() == "holding the lock\n"
+        answer = client.post("/api/runs/stoppable/stop")
+        assert answer.status_code == 202 and answer.json()["status"] in ("running", "interrupted")
+        assert trainer.wait(timeout=30) == -signal.SIGTERM  # this trainer has no handler: SIGTERM's default action
+        assert client.get("/api/runs/stoppable").json()["state"]["status"] == "interrupted"
+        # a run still starting (no record yet) is ended before it begins
+        assert client.get("/api/runs/early").json()["state"]["status"] == "starting"
+        assert client.post("/api/runs/early/stop").status_code == 202
+        assert early.wait(timeout=30) == -signal.SIGTERM
+        detail = client.get("/api/runs/early").json()
+        assert (detail["state"]["status"], detail["error"]) == ("failed", "stopped before the run began")
+    finally:
+        for process in (trainer, early):
+            process.kill()
+            process.wait()
+        shutil.rmtree(run_dir)
+        launch.unlink()
+
+
+def test_resume_starts_the_cli_resume_command(client, workspace):
+    run_dir = fake_run(workspace / "paused", status="stopped", step=2)
+    (run_dir / "checkpoints" / "checkpoint-2").mkdir(parents=True)
+    (run_dir / "checkpoints" / "checkpoint-2" / "trainer_state.json").write_text("{}")
+    (run_dir / "config.yaml").write_text("bogus: 1\n")  # the resumed process fails at once, with one sentence
+    try:
+        answer = client.post("/api/runs/paused/resume", headers={"Content-Type": "application/json"}, content=b"{}")
+        assert answer.status_code == 202 and answer.json() == {"name": "paused"}
+        detail = client.get("/api/runs/paused").json()
+        launch = json.loads((workspace / ".loraft-ui" / "runs" / "paused.json").read_text())
+        assert launch["starts"][-1]["argv"] == detail["resume_command"] == [
+            sys.executable, "-m", "loraft.cli", "train", str(run_dir / "config.yaml"), "--resume"]
+        deadline = time.monotonic() + 60
+        while client.get("/api/runs/paused").json()["state"]["status"] == "starting" and time.monotonic() < deadline:
+            time.sleep(0.2)
+        log = client.get("/api/runs/paused/log").json()
+        assert log["console"][-1] == f"error: {run_dir / 'config.yaml'}: unknown config key bogus"
+        assert client.get("/api/runs/paused").json()["state"]["status"] == "stopped"
+    finally:
+        shutil.rmtree(run_dir)
+        for leftover in (workspace / ".loraft-ui" / "runs").glob("paused*"):
+            leftover.unlink()
+
+
+# ------------------------------------------------------------------------------------------------ events
+def sse_blocks(text: str) -> list[dict]:
+    blocks = []
+    for block in text.split("\n\n"):
+        if not block or block.startswith(":"):
+            continue
+        fields = dict(line.split(": ", 1) for line in block.split("\n"))
+        blocks.append(fields)
+    return blocks
+
+
+def test_events_replay_after_last_event_id_and_end_with_the_final_state(client, workspace):
+    run_dir = fake_run(workspace / "curve", status="finished", total_steps=3)
+    lines = [json.dumps({"step": step, "loss": 2.0 - step / 10}) for step in (1, 2, 3)]
+    (run_dir / "metrics.jsonl").write_text("\n".join(lines) + "\n" + '{"step": 4, "lo')  # the last one is cut
+    try:
+        response = client.get("/api/runs/curve/events", headers={"Last-Event-ID": "1"})
+        assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+        blocks = sse_blocks(response.text)
+        assert blocks[:2] == [{"event": "metric", "id": "2", "data": lines[1]},
+                              {"event": "metric", "id": "3", "data": lines[2]}]
+        assert blocks[2]["event"] == "state" and json.loads(blocks[2]["data"])["status"] == "finished"
+        assert len(blocks) == 3
+        # a client that holds more lines than the file has now starts over
+        assert [block["event"] for block in sse_blocks(client.get(
+            "/api/runs/curve/events", headers={"Last-Event-ID": "9"}).text)] == ["reset", "metric", "metric",
+                                                                                "metric", "state"]
+        assert_refused(client.get("/api/runs/curve/events", headers={"Last-Event-ID": "two"}), 400,
+                       "Last-Event-ID must be a line number of metrics.jsonl (got 'two')")
+    finally:
+        shutil.rmtree(run_dir)
+
+
+def test_events_send_reset_when_the_file_shrinks(tmp_path):
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("".join(json.dumps({"step": step}) + "\n" for step in (1, 2, 3)))
+    calls = []
+
+    def read_state() -> dict:
+        calls.append(len(calls))
+        if len(calls) == 1:  # a resume trims the file to its checkpoint: a new file, shorter
+            trimmed = tmp_path / "trimmed"
+            trimmed.write_text(json.dumps({"step": 1}) + "\n" + json.dumps({"step": 2, "resumed": True}) + "\n")
+            os.replace(trimmed, metrics)
+        return {"status": "running" if len(calls) < 4 else "finished"}
+
+    async def collect() -> list[str]:
+        return [chunk async for chunk in run_events(metrics, read_state, poll_seconds=0.01, keepalive_seconds=0)]
+
+    chunks = asyncio.run(collect())
+    assert ": keep-alive\n\n" in chunks  # nothing new on the third poll
+    events = [(block["event"], block.get("id"), block["data"]) for block in sse_blocks("".join(chunks))]
+    assert events == [
+        ("metric", "1", '{"step": 1}'), ("metric", "2", '{"step": 2}'), ("metric", "3", '{"step": 3}'),
+        ("state", None, '{"status": "running"}'),
+        ("reset", None, "{}"), ("metric", "1", '{"step": 1}'), ("metric", "2", '{"step": 2, "resumed": true}'),
+        ("state", None, '{"status": "finished"}'),
+    ]
+
+
+# ------------------------------------------------------------------------------------------ data, plan
+def test_data_preview_and_check_answer_what_the_cli_prints(client, workspace, capsys):
+    data = workspace / "data" / "train.jsonl"
+    assert main(["data", "preview", str(data), "--model", str(workspace / "base"), "--max-length", "24",
+                 "--limit", "3", "--json"]) == 0
+    expected = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    answer = client.post("/api/data/preview", json={"path": "data/train.jsonl", "model": "base", "max_length": 24,
+                                                    "limit": 3})
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["samples"] == expected
+    assert main(["data", "check", str(data), "--model", str(workspace / "base"), "--json"]) == 0
+    expected = json.loads(capsys.readouterr().out)
+    report = client.post("/api/data/check", json={"path": "data/train.jsonl", "model": "base"}).json()
+    assert report.pop("cache_hit") is True and expected.pop("cache_hit") is False  # the CLI's tokenization, reused
+    assert report == expected
+    assert_refused(client.post("/api/data/preview", json={"path": "data/train.jsonl", "model": "no such model!"}),
+                   400, "model 'no such model!' is neither a run, a folder in the workspace, nor a hub id")
+
+
+def test_plan_shows_the_exact_command(client, workspace):
+    answer = client.post("/api/plan", json={"config": "configs/run.yaml", "overrides": ["train.max_steps=5"],
+                                            "name": "planned"})
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert body["command"] == [sys.executable, "-m", "loraft.cli", "train", str(workspace / "configs" / "run.yaml"),
+                               "train.max_steps=5", f"output_dir={workspace / 'planned'}"]
+    assert body["command_text"].startswith("loraft train ") and body["command_text"].endswith(
+        f"train.max_steps=5 output_dir={workspace / 'planned'}")
+    assert set(body["plan"]) == {"model", "plan", "parameters", "memory", "autotune"}
+    assert body["plan"]["model"].startswith(str(workspace / "base"))  # the model folder is read in the workspace
+    demo = client.post("/api/plan", json={"config": "demo"}).json()
+    assert f"data.path={workspace / 'demo-data' / 'train.jsonl'}" in demo["command"]
+    assert (workspace / "demo-data" / "heldout.jsonl").is_file()
+    info = client.get("/api/info").json()
+    assert "configs/run.yaml" in info["yaml_files"] and "demo" in info["presets"]
+    assert not any(path.startswith(".loraft-ui") for path in info["yaml_files"])  # hidden folders are skipped
+    assert client.get("/api/schema").json()["properties"]["train"]
+
+
+def test_static_files_are_confined_and_typed(client):
+    page = client.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    script = client.get("/static/app.js")
+    assert script.headers["content-type"].startswith("text/javascript")
+    assert script.headers["x-content-type-options"] == "nosniff"
+    assert_refused(client.get("/static/../app.py"), 404, "/app.py: no such page or API route")
+    assert_refused(client.get("/static/%2E%2E/app.py"), 404, "/static/../app.py: no such file")
+    assert_refused(client.get("/static/nothing.js"), 404, "/static/nothing.js: no such file")
+
+
+# ------------------------------------------------------------------------------------- the real run
+def test_the_launched_run_finishes_with_its_adapter_and_console(client, trained, workspace):
+    assert (trained / "adapter_model.safetensors").is_file() and (trained / "adapter_config.json").is_file()
+    console = (workspace / ".loraft-ui" / "runs" / "tiny.console.log").read_text(encoding="utf-8")
+    assert f"run directory: {trained}" in console
+    detail = client.get("/api/runs/tiny").json()
+    assert detail["command"][:5] == [sys.executable, "-m", "loraft.cli", "train",
+                                     str(workspace / ".loraft-ui" / "runs" / "tiny.yaml")]
+    assert detail["command"][5:] == ["train.seed=7", f"output_dir={trained}"]
+    assert detail["command_text"].startswith("loraft train ")
+    assert detail["config"]["train"]["seed"] == 7 and detail["config"]["output_dir"] == str(trained)
+    assert detail["checkpoints"] == ["checkpoint-2", "checkpoint-3"] and detail["error"] is None
+    assert detail["resume_command"] == [sys.executable, "-m", "loraft.cli", "train", str(trained / "config.yaml"),
+                                        "--resume"]
+    assert_refused(client.post("/api/runs/tiny/resume"), 409, "run 'tiny' has finished; there is nothing to resume")
+    events = sse_blocks(client.get("/api/runs/tiny/events").text)
+    logged = (trained / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    assert [block["data"] for block in events if block["event"] == "metric"] == logged
+    assert json.loads(events[-1]["data"])["status"] == "finished"
+
+
+def test_a_merge_job_runs_to_its_result(client, trained, workspace):
+    answer = client.post("/api/runs/tiny/jobs", json={"kind": "merge"})
+    assert answer.status_code == 202, answer.text
+    job_id = answer.json()["id"]
+    deadline = time.monotonic() + 120
+    while (job := client.get(f"/api/jobs/{job_id}").json())["status"] == "running" and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert job["status"] == "finished", job
+    assert (job["kind"], job["run"], job["exit_code"]) == ("merge", "tiny", 0)
+    assert job["result"] == {"out_dir": "tiny-merged"}
+    assert job["command"] == [sys.executable, "-m", "loraft.cli", "merge", str(trained), "--out",
+                              str(workspace / "tiny-merged"), "--dtype", "fp32"]
+    assert any("merged model:" in line for line in job["console"])
+    assert [listed["id"] for listed in client.get("/api/jobs?run=tiny").json()] == [job_id]
+    assert_refused(client.post("/api/runs/tiny/jobs", json={"kind": "merge"}), 409,
+                   f"{workspace / 'tiny-merged'} exists already; move or delete it to merge run 'tiny' again")
+
+
+def test_chat_with_the_run_and_its_base(client, trained):
+    models = client.get("/chat/tiny/v1/models")
+    assert models.status_code == 200, models.text
+    assert models.json()["data"][0]["id"] == "tiny"
+    answer = client.post("/chat/tiny/v1/chat/completions", json={
+        "model": "tiny", "messages": [{"role": "user", "content": "人工智能是什么"}], "max_tokens": 3,
+        "temperature": 0})
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["choices"][0]["message"]["role"] == "assistant"
+    assert client.get("/chat/tiny/v1/models?base=1").json()["data"][0]["id"] == "tiny/base"
+    assert client.get("/chat/tiny/v1/models?checkpoint=checkpoint-2").json()["data"][0]["id"] == "tiny/checkpoint-2"
+    assert_refused(client.get("/chat/tiny/v1/models?checkpoint=../x"), 400,
+                   "checkpoint must be a checkpoint's name like checkpoint-200 (got '../x')")
+    page = client.get("/chat/tiny/?base=1")
+    assert page.status_code == 200 and "<title>loraft chat</title>" in page.text
+    assert client.get("/chat/tiny", follow_redirects=False).headers["location"] == "/chat/tiny/"
