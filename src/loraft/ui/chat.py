@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import re
+import threading
 from collections import OrderedDict
 from pathlib import Path
 from typing import Optional
@@ -99,6 +100,11 @@ class ChatModels:
             self._loading.pop(key, None)
 
 
+# from_pretrained is not thread-safe: transformers builds a model on the meta device through process-wide patches,
+# so two loads in parallel threads can see each other's meta tensors ("Cannot copy out of meta tensor")
+_LOAD_LOCK = threading.Lock()
+
+
 def load_chat_app(workspace: Workspace, name: str, run_dir: Path, checkpoint: Optional[str], base: bool):
     """loraft.serve's app for a run's model, loaded as `loraft serve` loads it (in a worker thread)."""
     from loraft.generate import load_run
@@ -108,7 +114,8 @@ def load_chat_app(workspace: Workspace, name: str, run_dir: Path, checkpoint: Op
 
     run = open_run(run_dir, RunAccess(allow_unfinished=True, checkpoint=checkpoint))
     run = dataclasses.replace(run, config=workspace.in_workspace(run.config))  # a base model folder in the workspace
-    model, tokenizer, template, info = load_run(run, dtype=run.config.generation.dtype, base_only=base)
+    with _LOAD_LOCK:
+        model, tokenizer, template, info = load_run(run, dtype=run.config.generation.dtype, base_only=base)
     model_id = f"{name}/base" if base else f"{name}/{checkpoint}" if checkpoint else name
     engine = Engine(model, tokenizer, template, model_id, info["config"].generation, info)
     # the UI checks the Host header and its token before a request gets here

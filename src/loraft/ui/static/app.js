@@ -105,6 +105,14 @@ function formatDuration(seconds) {
   return t("time.seconds", { seconds: rest });
 }
 
+/** A recorded time (ISO 8601, as loraft records it) in the reader's language; the raw text when unparsable. */
+function formatTime(text) {
+  if (!text) return DASH;
+  const date = new Date(text);
+  if (Number.isNaN(date.getTime())) return String(text);
+  return new Intl.DateTimeFormat(lang, { dateStyle: "medium", timeStyle: "medium" }).format(date);
+}
+
 function formatValue(value) {
   if (value === null || value === undefined) return DASH;
   if (value === true) return t("common.yes");
@@ -188,6 +196,7 @@ async function api(path, options = {}) {
     throw new ApiError(t("error.unreachable"), 0);
   }
   if (response.status === 401) askForToken();
+  else $("token-box").hidden = true; // the token (or none) is accepted
   if (!response.ok) throw new ApiError(await errorSentence(response), response.status);
   return response.status === 204 ? null : response.json();
 }
@@ -248,7 +257,7 @@ function runsView() {
           el("span", { class: "step", text: `${formatInteger(run.step)} / ${formatInteger(run.total_steps)}` }),
           fraction === null ? null : el("span", { class: "bar" }, el("span", { style: `width:${Math.min(100, fraction * 100).toFixed(1)}%` }))),
         el("td", { class: "loss", text: formatLoss(run.loss) }),
-        el("td", { class: "started", text: run.started_at || DASH }),
+        el("td", { class: "started", title: run.started_at || "", text: formatTime(run.started_at) }),
         el("td", { class: "base-model", text: run.base_model || DASH }),
         el("td", { class: "actions" },
           el("a", { href: "#/run/" + encodeURIComponent(run.name), class: "button small", i18n: "runs.open" })));
@@ -631,7 +640,7 @@ function runView() {
   let byStep = Object.fromEntries(SERIES.map((series) => [series, new Map()]));
   let times = new Map(); // step -> wall time of the training log lines, for the ETA
   let speed = null; // {step, value}: the newest tokens-per-second figure
-  let lastEventId = null, streaming = false, streamDone = false, controller = new AbortController();
+  let lastEventId = null, streaming = false, controller = new AbortController();
   let chart = null, chartTimer = null, resizeObserver = null, shown = { loss: true, eval_loss: true, learning_rate: true, grad_norm: false };
   let poll = null, tick = 0, stopping = false;
 
@@ -875,10 +884,9 @@ function runView() {
   async function startStream() {
     if (streaming || closed) return;
     streaming = true;
-    streamDone = false;
     try {
       while (!closed) {
-        if (await readStream()) { streamDone = true; break; }
+        if (await readStream()) break;
         if (!closed) await sleep(RECONNECT_MS);
       }
     } finally {
@@ -948,7 +956,7 @@ function runView() {
       return el("li", { class: "job", dataset: { job: job.id, kind: job.kind, status: job.status } },
         el("div", { class: "job-head" },
           el("strong", { text: JOB_KEYS[job.kind] ? t(JOB_KEYS[job.kind]) : job.kind }), " ", status,
-          el("span", { class: "muted small", text: " " + [job.started_at, job.ended_at].filter(Boolean).join(" → ") }),
+          el("span", { class: "muted small", text: " " + [job.started_at, job.ended_at].filter(Boolean).map(formatTime).join(" → ") }),
           isNumber(job.exit_code) ? el("span", { class: "muted small", text: " " + t("job.exit_code", { code: job.exit_code }) }) : null),
         job.command ? el("code", { class: "command small", text: shellLine(job.command) }) : null,
         jobResult(job),
@@ -962,7 +970,7 @@ function runView() {
       jobs = [...answer].reverse(); // newest first
       renderJobs();
     } catch (failure) {
-      showError($("job-error"), failure);
+      showError($("run-api-error"), failure); // #job-error is for starting a job
     }
   }
 
@@ -1201,10 +1209,7 @@ function chatView() {
       name = runName;
       $("chat-title").textContent = name;
       $("chat-back").href = "#/run/" + encodeURIComponent(name);
-      // the chat pages (same origin) send the key they keep under loraft-api-key as a Bearer token; the UI's
-      // token is what its chat API asks for, so hand it over instead of asking a second time in each frame
-      const token = localStorage.getItem(TOKEN_STORAGE);
-      if (token) localStorage.setItem("loraft-api-key", token);
+      // the chat pages (same origin) send the UI's token from localStorage themselves (static/chat.html)
       $("chat-base").src = "/chat/" + encodeURIComponent(name) + "/?base=1";
       $("chat-checkpoint").addEventListener("change", showAdapter);
       try {

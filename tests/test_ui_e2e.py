@@ -1,0 +1,384 @@
+"""End to end: the real `loraft ui` process on 127.0.0.1, its page in headless Chromium, and the real training
+processes it starts. The runs must outlive the browser and the UI; the page must re-attach to them.
+
+Training steps are slowed to STEP_SECONDS each (tests/pace_hook, inherited by the runs the UI starts), so that the
+browser or the UI can be killed, or Stop pressed, while a run is in the middle of its steps, on any machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from safetensors.torch import load_file
+
+from browser import Chromium, find_chromium
+from conftest import write_alpaca
+from run_helpers import free_port
+
+HOOK = Path(__file__).parent / "pace_hook"
+MODEL = "models/tiny-bloom"
+STEP_SECONDS = 0.25
+CATALOGS = Path(__file__).resolve().parents[1] / "src" / "loraft" / "ui" / "static" / "i18n"
+SHOTS = os.environ.get("LORAFT_UI_SCREENSHOTS")  # a folder: docs/ui/'s screenshots are taken from these tests
+
+
+class UI:
+    """`loraft ui` (the CLI, as a user starts it) on 127.0.0.1, with the pace hook for the runs it starts."""
+
+    def __init__(self, workspace: Path, log_path: Path, port: int | None = None, token: str | None = None):
+        self.workspace, self.port, self.token = workspace, port or free_port(), token
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        command = [sys.executable, "-m", "loraft.cli", "ui", "--workspace", str(workspace), "--port", str(self.port)]
+        if token:
+            command += ["--token", token]
+        environment = {**os.environ, "PYTHONUNBUFFERED": "1", "LORAFT_TEST_STEP_SECONDS": str(STEP_SECONDS),
+                       "PYTHONPATH": os.pathsep.join([str(HOOK), os.environ.get("PYTHONPATH", "")])}
+        with log_path.open("ab") as log:
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environment)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError("loraft ui exited early:\n" + log_path.read_text(errors="replace"))
+            try:
+                if httpx.get(self.url + "/api/info", headers=self.headers, timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError("loraft ui did not come up:\n" + log_path.read_text(errors="replace"))
+
+    @property
+    def headers(self) -> dict:
+        return {"X-Loraft-Token": self.token} if self.token else {}
+
+    def get(self, path: str):
+        response = httpx.get(self.url + path, headers=self.headers, timeout=30)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    def kill(self) -> None:
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait()
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+RUN_CONFIG = """\
+# a tiny run: fp32 with a fixed sample order, so a stopped and resumed run can be compared bit for bit
+model:
+  name_or_path: {model}
+data:
+  path: data/train.jsonl
+  max_length: 64
+train:
+  max_steps: {steps}
+  per_device_train_batch_size: 2
+  gradient_accumulation_steps: 1
+  learning_rate: 0.01
+  logging_steps: 1
+  save_steps: 1000
+  precision: fp32
+  sampling: random
+generation:
+  dtype: fp32
+  max_new_tokens: 8
+"""
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory, tiny_bloom_dir) -> Path:
+    root = tmp_path_factory.mktemp("ui-workspace")
+    write_alpaca(root / "data" / "train.jsonl", repeat=4)
+    shutil.copytree(tiny_bloom_dir, root / MODEL)  # paths the UI is given are relative to the workspace
+    (root / "short.yaml").write_text(RUN_CONFIG.format(model=MODEL, steps=24), encoding="utf-8")
+    (root / "long.yaml").write_text(RUN_CONFIG.format(model=MODEL, steps=40), encoding="utf-8")
+    return root
+
+
+@pytest.fixture(scope="module")
+def ui(workspace, tmp_path_factory):
+    running = UI(workspace, tmp_path_factory.mktemp("ui-log") / "ui.log")
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def finished_run(ui) -> str:
+    """A run started through the API (as a script would) and finished, for the pages that show one."""
+    response = httpx.post(ui.url + "/api/runs", json={"name": "api-run", "config": "short.yaml"}, timeout=60)
+    assert response.status_code == 202, response.text
+    wait_for_status(ui, "api-run", {"finished"})
+    return "api-run"
+
+
+@pytest.fixture()
+def browser(tmp_path):
+    opened = Chromium(find_chromium(), tmp_path / "profile")
+    opened.page("Page.enable")
+    yield opened
+    opened.close()
+
+
+def open_page(browser: Chromium, url: str) -> None:
+    browser.page("Page.navigate", {"url": url})
+    browser.wait_for(f"location.href === {json.dumps(url)} && document.readyState === 'complete' && "
+                     "window.loraftUI !== undefined")
+
+
+def shoot(browser: Chromium, name: str) -> None:
+    if SHOTS:
+        Path(SHOTS).mkdir(parents=True, exist_ok=True)
+        time.sleep(0.5)  # let the chart draw
+        browser.screenshot(Path(SHOTS) / f"{name}.png")
+
+
+def start_run_from_page(browser: Chromium, ui: UI, name: str, config_file: str) -> None:
+    """The new-run form: a workspace YAML file, a name, Start; the page goes to the run's view."""
+    open_page(browser, ui.url + "/#/new")
+    browser.wait_for(f"[...document.querySelectorAll('#run-config option')].some(o => o.value === "
+                     f"{json.dumps(config_file)})")
+    browser.js(f"const s = document.getElementById('run-config'); s.value = {json.dumps(config_file)}; "
+               "s.dispatchEvent(new Event('change', {bubbles: true})); "
+               f"const n = document.getElementById('run-name'); n.value = {json.dumps(name)}; "
+               "n.dispatchEvent(new Event('input', {bubbles: true}))")
+    # the page shows the exact command it will run before it runs it
+    command = browser.wait_for(f"(() => {{ const c = document.getElementById('plan-command').textContent; "
+                               f"return c.startsWith('loraft train ') && c.includes({json.dumps(config_file + ' ')}) "
+                               f"&& c.includes({json.dumps(name)}) "
+                               "&& c; })()")
+    assert f"output_dir={ui.workspace / name}" in command.replace("'", "")
+    browser.js("document.getElementById('start-run').click()")
+    browser.wait_for(f"document.querySelector('#run-view') && document.querySelector('#run-view').dataset.run === "
+                     f"{json.dumps(name)}")
+
+
+def page_status(browser: Chromium) -> str:
+    return browser.js("document.getElementById('run-status') && document.getElementById('run-status').dataset.status")
+
+
+def wait_for_status(ui: UI, name: str, wanted: set, timeout: float = 240) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = next((run for run in ui.get("/api/runs") if run["name"] == name), None)
+        if state and state["status"] in wanted:
+            return state
+        time.sleep(0.3)
+    raise TimeoutError(f"{name} never reached {wanted}: {state}")
+
+
+def wait_for_step(ui: UI, name: str, step: int, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = next((run for run in ui.get("/api/runs") if run["name"] == name), None)
+        if state and (state.get("step") or 0) >= step:
+            assert state["status"] == "running", state
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"{name} never reached step {step}")
+
+
+def logged_steps(run_dir: Path) -> list[int]:
+    lines = (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    return [record["step"] for record in map(json.loads, lines) if "loss" in record]
+
+
+def test_a_run_started_from_the_page_finishes_after_the_browser_is_killed(ui, browser, workspace):
+    start_run_from_page(browser, ui, "closed-tab", "long.yaml")
+    browser.wait_for("window.loraftUI.points.loss.length >= 2")  # the live curve is drawing
+    shoot(browser, "run-live")
+    browser.process.send_signal(signal.SIGKILL)  # the whole browser, not a polite tab close
+    state = wait_for_status(ui, "closed-tab", {"finished", "failed", "interrupted"})
+    assert state["status"] == "finished" and state["step"] == 40
+    assert (workspace / "closed-tab" / "adapter_model.safetensors").is_file()
+    assert logged_steps(workspace / "closed-tab") == list(range(1, 41))
+
+
+def test_the_page_reattaches_after_the_ui_is_killed_and_replays_every_step(workspace, browser, tmp_path):
+    first = UI(workspace, tmp_path / "ui.log")
+    try:
+        start_run_from_page(browser, first, "ui-killed", "long.yaml")
+        wait_for_step(first, "ui-killed", 3)
+        first.kill()  # SIGKILL: the UI gets no chance to do anything; the run must not notice
+        time.sleep(1.5)  # the page is now without a server: its stream drops and it retries
+        second = UI(workspace, tmp_path / "ui.log", port=first.port)
+        try:
+            assert next(run for run in second.get("/api/runs") if run["name"] == "ui-killed")["status"] in (
+                "running", "finished")
+            browser.wait_for("document.getElementById('run-status').dataset.status === 'finished'", timeout=240)
+            browser.wait_for("window.loraftUI.points.loss.length === 40", timeout=30)
+            steps = browser.js("window.loraftUI.points.loss.map(point => point[0])")
+            assert steps == logged_steps(workspace / "ui-killed") == list(range(1, 41))
+        finally:
+            second.stop()
+    finally:
+        first.stop()
+
+
+def test_stop_and_resume_from_the_page_equal_an_uninterrupted_run(ui, browser, workspace):
+    # the uninterrupted reference, trained by the CLI from the same file
+    subprocess.run([sys.executable, "-m", "loraft.cli", "train", "short.yaml", "output_dir=reference"],
+                   cwd=workspace, check=True, capture_output=True)
+    start_run_from_page(browser, ui, "stop-resume", "short.yaml")
+    wait_for_step(ui, "stop-resume", 3)
+    browser.wait_for("!document.getElementById('stop-run').disabled")
+    browser.js("document.getElementById('stop-run').click()")
+    browser.wait_for("document.getElementById('run-status').dataset.status === 'stopped'", timeout=120)
+    record = json.loads((workspace / "stop-resume" / "loraft_run.json").read_text())
+    assert record["status"] == "stopped" and 3 <= record["step"] < 24
+    assert (workspace / "stop-resume" / "checkpoints" / f"checkpoint-{record['step']}" / "trainer_state.json").is_file()
+    shoot(browser, "run-stopped")
+
+    browser.wait_for("!document.getElementById('resume-run').disabled")
+    browser.js("document.getElementById('resume-run').click()")
+    browser.wait_for("document.getElementById('run-status').dataset.status === 'finished'", timeout=240)
+    resumed = load_file(workspace / "stop-resume" / "adapter_model.safetensors")
+    reference = load_file(workspace / "reference" / "adapter_model.safetensors")
+    assert resumed.keys() == reference.keys()
+    for key in reference:
+        assert resumed[key].equal(reference[key]), key
+    shoot(browser, "run-finished")
+
+
+def test_a_sigkilled_trainer_reads_interrupted_in_the_page(ui, browser, workspace):
+    start_run_from_page(browser, ui, "killed-trainer", "long.yaml")
+    wait_for_step(ui, "killed-trainer", 2)
+    pid = json.loads((workspace / "killed-trainer" / "loraft_run.json").read_text())["pid"]
+    os.kill(pid, signal.SIGKILL)
+    browser.wait_for("document.getElementById('run-status').dataset.status === 'interrupted'", timeout=60)
+    assert browser.js("!document.getElementById('resume-run').disabled") is False  # no checkpoint was written
+    open_page(browser, ui.url + "/#/runs")
+    browser.wait_for("document.querySelector('tr[data-run=\"killed-trainer\"] td.status').dataset.status === "
+                     "'interrupted'")
+    shoot(browser, "runs")
+
+
+def test_the_data_page_highlights_exactly_the_supervised_tokens(ui, browser, workspace):
+    cli = subprocess.run([sys.executable, "-m", "loraft.cli", "data", "preview", "data/train.jsonl", "--model",
+                          MODEL, "--max-length", "24", "--limit", "4", "--json"],
+                         cwd=workspace, check=True, capture_output=True, text=True)
+    expected = [json.loads(line) for line in cli.stdout.splitlines()]
+    open_page(browser, ui.url + "/#/data")
+    browser.wait_for("document.getElementById('data-preview-button') !== null")
+    browser.js(f"""(() => {{
+        const set = (id, value) => {{ const e = document.getElementById(id); e.value = value;
+                                      e.dispatchEvent(new Event('input', {{bubbles: true}})); }};
+        set('data-path', 'data/train.jsonl'); set('data-model', {json.dumps(MODEL)});
+        set('data-max-length', '24'); set('data-limit', '4');
+        document.getElementById('data-preview-button').click(); }})()""")
+    assert len(expected) >= 2  # the others lose every response token to the cut: training drops them, so does preview
+    browser.wait_for(f"document.querySelectorAll('#samples .sample').length === {len(expected)}")
+    shown = browser.js("""[...document.querySelectorAll('#samples .sample')].map(sample => ({
+        supervised: [...sample.querySelectorAll('span.token')].map(t => t.classList.contains('supervised')),
+        special: [...sample.querySelectorAll('span.token')].map(t => t.classList.contains('special')),
+        cut: sample.querySelector('.cut') !== null }))""")
+    assert [s["supervised"] for s in shown] == [[label != -100 for label in e["labels"]] for e in expected]
+    assert [s["special"] for s in shown] == [[t["special"] for t in e["tokens"]] for e in expected]
+    assert [s["cut"] for s in shown] == [e["truncated"] for e in expected] and any(s["cut"] for s in shown)
+    shoot(browser, "data")
+
+    # a file with a bad record: the one sentence naming the record, in the page
+    (workspace / "data" / "bad.jsonl").write_text('{"instruction": "你好", "output": "好"}\n{"instruction": 3}\n',
+                                                  encoding="utf-8")
+    browser.js("const p = document.getElementById('data-path'); p.value = 'data/bad.jsonl'; "
+               "document.getElementById('data-check-button').click()")
+    error = browser.wait_for("document.getElementById('data-error').textContent")
+    assert "bad.jsonl" in error and "line 2" in error
+
+
+def _visible_texts(browser: Chromium) -> list[str]:
+    return browser.js("""(() => { const texts = []; const walk = document.createTreeWalker(document.body,
+        NodeFilter.SHOW_TEXT); while (walk.nextNode()) { const node = walk.currentNode; const box = node.parentElement;
+        if (node.textContent.trim() && box.offsetParent !== null && !box.closest('iframe, script, style'))
+        texts.push(node.textContent.trim()); } return texts; })()""")
+
+
+def test_the_language_switch_changes_every_visible_string(ui, browser, finished_run):
+    english = json.loads((CATALOGS / "en.json").read_text(encoding="utf-8"))
+    chinese = json.loads((CATALOGS / "zh-CN.json").read_text(encoding="utf-8"))
+    translated = {value for key, value in english.items() if chinese[key] != value}
+    for page in ("#/runs", "#/new", "#/data", f"#/run/{finished_run}"):
+        open_page(browser, ui.url + "/" + page)
+        browser.js("window.loraftUI.setLang('en')")
+        time.sleep(1.0)  # the page fetches its data (runs list, schema) and renders it
+        before = _visible_texts(browser)
+        assert any(text in translated for text in before), page
+        browser.js("window.loraftUI.setLang('zh-CN')")
+        browser.wait_for("document.documentElement.lang === 'zh-CN'")
+        time.sleep(0.5)
+        after = _visible_texts(browser)
+        left_in_english = [text for text in after if text in translated]
+        assert not left_in_english, (page, left_in_english)
+        for key, text in browser.js("[...document.querySelectorAll('[data-i18n]')].map(e => [e.dataset.i18n, "
+                                    "e.textContent])"):
+            assert text == chinese[key], key
+        if page == "#/new":
+            shoot(browser, "new-run-zh")
+    browser.js("window.loraftUI.setLang('en')")
+
+
+def test_chat_with_the_run_and_its_base_side_by_side(ui, browser, finished_run):
+    open_page(browser, ui.url + f"/#/chat/{finished_run}")
+    for frame, model in (("chat-adapter", finished_run), ("chat-base", f"{finished_run}/base")):
+        browser.wait_for(  # each frame asked its own model for its name: both are loaded and answering
+            f"(() => {{ const d = document.getElementById({json.dumps(frame)}).contentDocument; "
+            f"const m = d && d.getElementById('model-name'); return m && m.textContent === {json.dumps(model)}; }})()",
+            timeout=120)
+    browser.js("const d = document.getElementById('chat-adapter').contentDocument; "
+               "d.getElementById('prompt').value = '人工智能是什么'; d.getElementById('temperature').value = '0'; "
+               "d.getElementById('send').click()")
+    answer = browser.wait_for("(() => { const d = document.getElementById('chat-adapter').contentDocument; "
+                              "const m = [...d.querySelectorAll('.message.assistant')].pop(); "
+                              "return m && m.dataset.done === 'true' && m.textContent; })()", timeout=120)
+    assert answer
+    shoot(browser, "chat")
+
+
+def test_security_token_host_and_paths(workspace, tmp_path, browser):
+    refused = subprocess.run([sys.executable, "-m", "loraft.cli", "ui", "--workspace", str(workspace), "--host",
+                              "0.0.0.0", "--port", str(free_port())], capture_output=True, text=True, timeout=120,
+                             env={**os.environ, "LORAFT_UI_TOKEN": ""})
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1 and "--token" in refused.stderr
+
+    guarded = UI(workspace, tmp_path / "ui.log", token="s3cret-token")
+    try:
+        assert httpx.get(guarded.url + "/api/runs", timeout=10).status_code == 401
+        assert httpx.get(guarded.url + "/api/runs", headers={"X-Loraft-Token": "wrong"}, timeout=10).status_code == 401
+        assert httpx.get(guarded.url + "/api/runs", headers={"Host": "evil.example"}, timeout=10).status_code in (
+            400, 403, 421)
+        outside = httpx.post(guarded.url + "/api/data/check", headers=guarded.headers, timeout=30,
+                             json={"path": "../" + workspace.name + "/data/train.jsonl"})
+        assert outside.status_code == 400 and "workspace" in outside.json()["error"]
+        (workspace / "escape").symlink_to("/etc", target_is_directory=True)
+        through_link = httpx.post(guarded.url + "/api/data/check", headers=guarded.headers, timeout=30,
+                                  json={"path": "escape/passwd"})
+        assert through_link.status_code == 400 and "workspace" in through_link.json()["error"]
+        assert "access-control-allow-origin" not in {k.lower() for k in through_link.headers}
+
+        # the page asks for the token after the first 401, then shows the runs
+        open_page(browser, guarded.url + "/#/runs")
+        browser.wait_for("getComputedStyle(document.getElementById('token-box')).display !== 'none' && "
+                         "!document.getElementById('token-box').hidden")
+        browser.js("const k = document.getElementById('token'); k.value = 's3cret-token'; "
+                   "k.dispatchEvent(new Event('change', {bubbles: true}))")
+        browser.wait_for("document.getElementById('token-box').hidden && (document.querySelector('tr[data-run]') "
+                         "!== null || !document.getElementById('runs-empty').hidden)", timeout=30)
+    finally:
+        (workspace / "escape").unlink(missing_ok=True)
+        guarded.stop()
