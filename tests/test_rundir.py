@@ -314,3 +314,20 @@ def test_allow_unfinished_without_a_complete_checkpoint_is_one_sentence(tmp_path
     with pytest.raises(RunError) as error:
         run.require_usable(RunAccess(allow_unfinished=True))
     assert str(error.value) == f"{run.path}: the run is failed and has no complete checkpoint to use"
+
+
+def test_a_directory_holding_only_a_detached_starts_console_is_not_a_users_folder(tmp_path):
+    """`loraft ui` creates RUN/console.log before `loraft train` prepares RUN: that file (like the lock file) must
+    not make train refuse the directory, while any other file still does."""
+    from loraft.errors import RunError
+    from loraft.rundir import CONSOLE_FILE, LOCK_FILE, RunDir
+
+    config = load_config(None, [f"output_dir={tmp_path / 'run'}"])
+    run = RunDir(tmp_path / "run")
+    run.path.mkdir()
+    (run.path / CONSOLE_FILE).write_text("[started] loraft train ...\n")
+    (run.path / LOCK_FILE).touch()
+    assert run.prepare(config, resume=False) is None
+    (run.path / "notes.txt").write_text("mine")
+    with pytest.raises(RunError, match="exists and is not empty"):
+        run.prepare(config, resume=False)

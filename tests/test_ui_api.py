@@ -264,7 +264,8 @@ def test_runs_are_listed_with_their_live_status(client, workspace):
     launch_dir.mkdir(parents=True, exist_ok=True)
     (launch_dir / "ghost.json").write_text(json.dumps({"name": "ghost", "starts": [
         {"kind": "train", "argv": ["python"], "pid": dead_pid(), "started_at": "2025-05-01T10:00:00+02:00"}]}))
-    (launch_dir / "ghost.console.log").write_text("loading\nerror: data/x.jsonl: data file not found\n")
+    (workspace / "ghost").mkdir()  # a start that failed before its trainer wrote a record: only its console
+    (workspace / "ghost" / "console.log").write_text("loading\nerror: data/x.jsonl: data file not found\n")
     lock = RunLock(live).acquire()
     try:
         listed = {run["name"]: run for run in client.get("/api/runs").json()}
@@ -293,10 +294,9 @@ def test_runs_are_listed_with_their_live_status(client, workspace):
                        "data '../x' climbs out with '..'; give a path inside the workspace")
     finally:
         lock.release()
-        for name in ("done", "killed", "group"):
+        for name in ("done", "killed", "group", "ghost"):
             shutil.rmtree(workspace / name)
-        for name in ("ghost.json", "ghost.console.log"):
-            (launch_dir / name).unlink()
+        (launch_dir / "ghost.json").unlink()
 
 
 FAKE_TRAINER = """
@@ -477,7 +477,7 @@ def test_static_files_are_confined_and_typed(client):
 # ------------------------------------------------------------------------------------- the real run
 def test_the_launched_run_finishes_with_its_adapter_and_console(client, trained, workspace):
     assert (trained / "adapter_model.safetensors").is_file() and (trained / "adapter_config.json").is_file()
-    console = (workspace / ".loraft-ui" / "runs" / "tiny.console.log").read_text(encoding="utf-8")
+    console = (trained / "console.log").read_text(encoding="utf-8")
     assert f"run directory: {trained}" in console
     detail = client.get("/api/runs/tiny").json()
     assert detail["command"][:5] == [sys.executable, "-m", "loraft.cli", "train",

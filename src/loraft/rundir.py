@@ -51,6 +51,9 @@ logger = logging.getLogger("loraft")
 
 RUN_FILE = "loraft_run.json"
 LOCK_FILE = "loraft_run.lock"
+# The output (stdout and stderr) of a run started detached, by `loraft ui`: appended by every start, written before
+# `loraft train` prepares the directory, so like the lock file it does not make the directory "not empty".
+CONSOLE_FILE = "console.log"
 CHECKPOINTS = "checkpoints"
 # What a run writes into its directory besides checkpoints/: a fresh start clears these of an earlier run.
 RUN_RECORDS = (
@@ -506,8 +509,10 @@ class RunDir:
             raise RunError(
                 f"{run_dir}: holds a finished run; choose another output_dir or pass overwrite=true to replace it"
             )
-        # the lock file of a process killed before its first record is not a user's file
-        if (run_dir.is_dir() and any(p.name != LOCK_FILE for p in run_dir.iterdir()) and status is None
+        # the lock file of a process killed before its first record, and a detached start's console, are not a
+        # user's files
+        if (run_dir.is_dir() and any(p.name not in (LOCK_FILE, CONSOLE_FILE) for p in run_dir.iterdir())
+                and status is None
                 and not config.overwrite):
             raise RunError(f"{run_dir}: exists and is not empty; choose another output_dir or pass overwrite=true")
         if status is not None and status != "finished" and not config.overwrite:

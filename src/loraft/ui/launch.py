@@ -1,8 +1,8 @@
 """Starting, resuming and stopping training runs from the UI: always `python -m loraft.cli train ...`, detached.
 
 A run is started as its own process in a session of its own (closing the page or stopping the UI does not touch
-it), its output appended to `WORKSPACE/.loraft-ui/runs/NAME.console.log`: the run directory must not exist before
-`loraft train` prepares it, so the console log cannot live there. The config is validated here, in-process, before
+it), its output appended to the run directory's `console.log` (never a pipe: nobody has to read it for the run to go
+on). The config is validated here, in-process, before
 anything starts, so a bad key is the request's 400, not a failed run. What the UI started is kept in a launch record
 (`.loraft-ui/runs/NAME.json`: each start's argv, pid and time); the run's status is always read from its directory.
 """

@@ -2,9 +2,9 @@
 
 A request names files relative to the workspace; `Workspace.resolve` refuses anything that could reach outside it
 (absolute paths, `..`, symbolic links leading out). Runs are the run directories `loraft runs WORKSPACE` lists
-(loraft.rundir), plus runs the UI has launched whose trainer has not written its record yet. What the UI itself
-keeps (launch records, submitted YAML, console logs, jobs) lives in `WORKSPACE/.loraft-ui/`, never in a run
-directory: `loraft train` refuses a non-empty directory that holds no run.
+(loraft.rundir), plus runs the UI has launched whose trainer has not written its record yet. A run's console output
+is the run directory's `console.log` (rundir.CONSOLE_FILE, the one file `loraft train` accepts in a directory it has
+not prepared yet); what the UI itself keeps (launch records, submitted YAML, jobs) lives in `WORKSPACE/.loraft-ui/`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 from loraft.config import RunConfig
-from loraft.rundir import CHECKPOINTS, RUN_FILE, find_runs, read_record, run_state
+from loraft.rundir import CHECKPOINTS, CONSOLE_FILE, RUN_FILE, find_runs, read_record, run_state
 from loraft.rundir import complete_checkpoints as complete_checkpoint_dirs
 
 UI_DIR = ".loraft-ui"
@@ -162,8 +162,8 @@ class Workspace:
         return self.ui_dir / "runs" / f"{name}.json"
 
     def console_log(self, name: str) -> Path:
-        """Where the output of the UI's `loraft train` processes of run `name` is appended."""
-        return self.ui_dir / "runs" / f"{name}.console.log"
+        """Where the output of the UI's `loraft train` processes of run `name` is appended: in the run directory."""
+        return self.run_path(name) / CONSOLE_FILE
 
     def submitted_yaml(self, name: str) -> Path:
         """The YAML text a run was started with, when it came from the page rather than a file or preset."""
