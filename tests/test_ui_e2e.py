@@ -332,6 +332,20 @@ def test_the_language_switch_changes_every_visible_string(ui, browser, finished_
             shoot(browser, "new-run-zh")
     browser.js("window.loraftUI.setLang('en')")
 
+    # the chat frames (loraft serve's page) follow the UI's language, live
+    open_page(browser, ui.url + f"/#/chat/{finished_run}")
+    frames = "['chat-adapter', 'chat-base'].map(id => document.getElementById(id).contentWindow)"
+    browser.wait_for(f"{frames}.every(w => w.document.readyState === 'complete' && w.document.querySelector('[data-t]'))")
+    for code in ("zh-CN", "en", "zh-CN"):
+        browser.js(f"window.loraftUI.setLang({json.dumps(code)})")
+        browser.wait_for(f"{frames}.every(w => w.document.documentElement.lang === {json.dumps(code)})")
+        assert browser.js(f"""{frames}.every(w => {{ const words = w.eval('TEXT')[{json.dumps(code)}];
+            return [...w.document.querySelectorAll('[data-t]')].every(e => e.id === 'model-name' ||
+                     e.textContent === words[e.dataset.t]) &&
+                   w.document.getElementById('prompt').placeholder === words.placeholder; }})""")
+    assert browser.js(f"{frames}[0].eval(\"JSON.stringify(Object.keys(TEXT.en)) === "
+                      f"JSON.stringify(Object.keys(TEXT['zh-CN']))\")")
+
 
 def test_chat_with_the_run_and_its_base_side_by_side(ui, browser, finished_run):
     open_page(browser, ui.url + f"/#/chat/{finished_run}")
