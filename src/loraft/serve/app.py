@@ -296,8 +296,6 @@ def serve(
         access: a loraft.rundir.RunAccess (unfinished runs, a checkpoint, remote code); None = the finished adapter.
         base_only: serve the run's base model without the adapter, under the model id `RUN/base`.
     """
-    import uvicorn
-
     from loraft.generate import cli_flag, load_run, resolve_generation
     from loraft.rundir import RunAccess, open_run
 
@@ -332,11 +330,19 @@ def serve(
     logger.info("serving %s as model %r (%s template, %s weights, context %d tokens) at http://%s:%d/", run_dir,
                 engine.model_id, template.name, str(next(model.parameters()).dtype).replace("torch.", ""),
                 engine.context_length, host, port)
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info",
+    run_uvicorn(app, host, port, shutdown_timeout, "info", "the server")
+
+
+def run_uvicorn(app, host: str, port: int, shutdown_timeout: float, log_level: str, what: str) -> None:
+    """Serve `app` under uvicorn until Ctrl-C / SIGTERM (`loraft serve`, `loraft ui`); an address that cannot be
+    bound is one sentence naming `what` could not start."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
                                            timeout_graceful_shutdown=shutdown_timeout))
     try:
         server.run()
     except SystemExit as exc:  # uvicorn exits when it cannot bind
         if exc.code not in (0, None):
-            raise RunError(f"{host}:{port}: cannot start the server (is the address in use?)") from None
+            raise RunError(f"{host}:{port}: cannot start {what} (is the address in use?)") from None
         raise

@@ -28,7 +28,7 @@ from loraft.config import RunConfig
 from loraft.errors import LoraftError, RunError
 from loraft.presets import preset_names
 from loraft.rundir import read_record
-from loraft.serve.app import HostCheck, chat_page
+from loraft.serve.app import HostCheck, chat_page, run_uvicorn
 from loraft.serve.validation import host_rule, is_loopback
 from loraft.ui import jobs, launch
 from loraft.ui.chat import ChatModels, Forward, chat_query
@@ -311,8 +311,6 @@ def serve_ui(workspace: Union[str, Path], host: str = "127.0.0.1", port: int = 7
         RunError (one sentence): a non-loopback address without a token, a missing workspace, a bad port, or an
             address that cannot be bound.
     """
-    import uvicorn
-
     token = token or None
     if not is_loopback(host) and token is None:
         raise RunError(f"loraft ui: refusing to listen on {host} without a token (anyone who reaches it could start "
@@ -327,11 +325,4 @@ def serve_ui(workspace: Union[str, Path], host: str = "127.0.0.1", port: int = 7
     shown = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "[::1]"}.get(host, f"[{host}]" if ":" in host else host)
     log(f"loraft ui: http://{shown}:{port}/  (workspace {root.resolve()}; Ctrl-C stops the UI, not its runs)")
     # streams of live runs never end on their own: give them a moment at shutdown, not uvicorn's forever
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
-                                           timeout_graceful_shutdown=3))
-    try:
-        server.run()
-    except SystemExit as exc:  # uvicorn exits when it cannot bind
-        if exc.code not in (0, None):
-            raise RunError(f"{host}:{port}: cannot start the UI (is the address in use?)") from None
-        raise
+    run_uvicorn(app, host, port, shutdown_timeout=3, log_level="warning", what="the UI")
