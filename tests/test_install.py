@@ -44,6 +44,13 @@ def test_the_wheel_ships_every_preset(wheel):
     for preset in preset_names():
         assert f"loraft/configs/{preset}.yaml" in names
     assert "loraft/static/chat.html" in names
+    # loraft ui's page: every file of src/loraft/ui/static (catalogs and the vendored chart library included)
+    from loraft.ui.app import STATIC_DIR
+
+    page_files = {f"loraft/ui/static/{path.relative_to(STATIC_DIR).as_posix()}" for path in STATIC_DIR.rglob("*")
+                  if path.is_file()}
+    assert {"loraft/ui/static/index.html", "loraft/ui/static/i18n/zh-CN.json",
+            "loraft/ui/static/vendor/uPlot.iife.min.js"} <= page_files <= names
     from loraft.demo import PREBUILT_DIR
 
     shipped_base = sorted(f"loraft/demo/prebuilt/{item.name}" for item in PREBUILT_DIR.iterdir())
