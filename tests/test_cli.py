@@ -55,17 +55,19 @@ def test_unknown_config_key_exits_2(tmp_path, capsys):
     assert capsys.readouterr().err == f"error: {config}: unknown config key train.epochs\n"
 
 
+@pytest.mark.parametrize("command", ["serve", "ui"])
 @pytest.mark.parametrize("hidden, missing", [(["fastapi"], "fastapi"), (["fastapi", "uvicorn"], "fastapi, uvicorn")])
-def test_serve_without_its_extra_exits_2_before_any_work(tmp_path, monkeypatch, capsys, hidden, missing):
+def test_serve_without_its_extra_exits_2_before_any_work(tmp_path, monkeypatch, capsys, hidden, missing, command):
     import sys
 
     for module in hidden:  # a None entry makes importlib.util.find_spec report the module as absent
         monkeypatch.setitem(sys.modules, module, None)
-    # the run directory does not exist either: a check made after loading would report that instead
-    assert main(["serve", str(tmp_path / "no-run")]) == 2
+    # the run directory / workspace does not exist either: a check made after loading would report that instead
+    argv = ["serve", str(tmp_path / "no-run")] if command == "serve" else ["ui", "--workspace", str(tmp_path / "no")]
+    assert main(argv) == 2
     captured = capsys.readouterr()
     assert captured.out == ""
-    assert captured.err == (f"error: loraft serve needs the 'serve' extra ({missing} not installed): "
+    assert captured.err == (f"error: loraft {command} needs the 'serve' extra ({missing} not installed): "
                             "run pip install 'loraft[serve]'\n")
 
 
