@@ -20,13 +20,29 @@ STOPPED_EXIT_CODE = 75
 
 
 def _data_config(args):
-    from loraft.config import DataConfig
+    return _data_settings(args).data
+
+
+def _preference_limits(args):
+    return _data_settings(args).preference
+
+
+def _data_settings(args):
+    """The data flags as a validated config: a bad value is one sentence naming its key."""
+    from loraft.config import config_from_sections
 
     fields = {"path": args.path, "template": args.template, "max_length": args.max_length, "format": args.format,
               "allow_empty_responses": getattr(args, "allow_empty_responses", False)}
     if getattr(args, "limit", None):
         fields["limit"] = args.limit
-    return DataConfig(**fields)
+    limits = {"max_prompt_length": args.max_prompt_length, "max_completion_length": args.max_completion_length}
+    return config_from_sections("command line", data=fields, preference=limits)
+
+
+def _is_preference_data(args) -> bool:
+    from loraft.records import PREFERENCE_FORMATS, source_format
+
+    return source_format(args.path, _data_config(args)) in PREFERENCE_FORMATS
 
 
 def cmd_train(args) -> int:
@@ -71,8 +87,13 @@ def cmd_plan(args) -> int:
 
 def cmd_data_check(args) -> int:
     from loraft.data import check_data, format_report
+    from loraft.preference import check_preferences, format_preference_report
 
     tokenizer = _tokenizer(args.model) if args.model else None
+    if _is_preference_data(args):
+        report = check_preferences(args.path, _data_config(args), tokenizer, _preference_limits(args))
+        print(json.dumps(report, ensure_ascii=False) if args.json else format_preference_report(report))
+        return 0
     report = check_data(args.path, _data_config(args), tokenizer)
     print(json.dumps(report, ensure_ascii=False) if args.json else format_report(report))
     return 0
@@ -80,7 +101,13 @@ def cmd_data_check(args) -> int:
 
 def cmd_data_preview(args) -> int:
     from loraft.data import preview_samples
+    from loraft.preference import format_preview, preview_preferences
 
+    if _is_preference_data(args):
+        for sample in preview_preferences(args.path, _data_config(args), _tokenizer(args.model), args.limit,
+                                          _preference_limits(args)):
+            print(json.dumps(sample, ensure_ascii=False) if args.json else format_preview(sample))
+        return 0
     samples = preview_samples(args.path, _data_config(args), _tokenizer(args.model), args.limit)
     for sample in samples:
         if args.json:
@@ -309,8 +336,15 @@ def _add_data_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--template", default="auto",
                         help="prompt template: a name from `loraft templates`, model (the tokenizer's own "
                         "chat_template) or auto (the tokenizer's own when it has one, else human_assistant; default)")
-    parser.add_argument("--max-length", type=int, default=256, help="truncation length (default: 256)")
-    parser.add_argument("--format", default="auto", choices=["auto", "alpaca", "messages", "sharegpt"])
+    parser.add_argument("--max-length", type=int, default=256,
+                        help="truncation length, data.max_length (default: 256); preference data: prompt + completion")
+    parser.add_argument("--format", default="auto", choices=[
+        "auto", "alpaca", "messages", "sharegpt", "preference_alpaca", "preference_messages", "preference_sharegpt",
+        "unpaired_alpaca", "unpaired_messages", "unpaired_sharegpt"], help="record format (data.format; default: auto)")
+    parser.add_argument("--max-prompt-length", type=int,
+                        help="preference data: keep a longer prompt's last N tokens (preference.max_prompt_length)")
+    parser.add_argument("--max-completion-length", type=int,
+                        help="preference data: cut each completion to N tokens (preference.max_completion_length)")
     parser.add_argument("--allow-empty-responses", action="store_true",
                         help="accept data in which every response is empty (data.allow_empty_responses)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")

@@ -16,7 +16,7 @@ from types import UnionType
 from typing import Any, Literal, Optional, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from loraft.errors import ConfigError
 from loraft.files import write_text_atomically
@@ -53,8 +53,13 @@ class DataConfig(_Section):
         "alpaca_data_zh",
         description="Training data: a save_to_disk directory, a .json/.jsonl/.csv/.parquet file, or a hub dataset id.",
     )
-    format: Literal["auto", "alpaca", "messages", "sharegpt"] = Field(
-        "auto", description="Record format; auto detects alpaca (instruction/input/output), messages or sharegpt."
+    format: Literal["auto", "alpaca", "messages", "sharegpt", "preference_alpaca", "preference_messages",
+                    "preference_sharegpt", "unpaired_alpaca", "unpaired_messages", "unpaired_sharegpt"] = Field(
+        "auto",
+        description="Record format; auto detects alpaca (instruction/input/output), messages or sharegpt, and "
+        "preference data: chosen + rejected make preference_* (DPO pairs), completion + label (a boolean) make "
+        "unpaired_* (KTO); the suffix says where the prompt is: alpaca (instruction/input, optional system and "
+        "history), messages (prompt: a string or a list of {role, content}) or sharegpt (conversations).",
     )
     template: str = Field(
         "auto",
@@ -62,7 +67,11 @@ class DataConfig(_Section):
         "one (instruct models; loss on assistant turns and their end-of-turn token), else human_assistant (the "
         "reference recipe's; bloom-1b4-zh has no chat_template); model = the tokenizer's own, required; or a name.",
     )
-    max_length: int = Field(256, description="Truncate each tokenized sample to this many tokens (as the reference).")
+    max_length: int = Field(
+        256,
+        description="Truncate each tokenized sample to this many tokens (as the reference); preference data: the "
+        "prompt plus each completion, keeping the start (TRL's max_length).",
+    )
     split: Optional[str] = Field(None, description="Split to use when the source holds several (e.g. train).")
     instruction_field: str = Field("instruction", description="Alpaca column holding the instruction.")
     input_field: str = Field("input", description="Alpaca column holding the optional input (may be absent).")
@@ -241,14 +250,51 @@ class GenerationConfig(_Section):
     )
 
 
+class PreferenceConfig(_Section):
+    """Length limits of preference data (preference_* and unpaired_* formats), on top of data.max_length.
+
+    TRL 1.16 has only max_length (prompt + completion, cut keeping the start); both limits here default to off, so
+    loraft cuts exactly where TRL's collator would. They are TRL 0.x's max_prompt_length / max_completion_length."""
+
+    max_prompt_length: Optional[int] = Field(
+        None,
+        description="Cut a longer prompt to its last N tokens (the turn nearest the answer stays), so it leaves "
+        "room for the completion; None = prompts stay whole, as TRL 1.16 keeps them, and a prompt that fills "
+        "data.max_length is refused.",
+    )
+    max_completion_length: Optional[int] = Field(
+        None,
+        description="Cut each completion (chosen, rejected, or a KTO completion) to its first N tokens; None = "
+        "what data.max_length leaves after the prompt, as in TRL 1.16.",
+    )
+
+    @field_validator("max_prompt_length", "max_completion_length")
+    @classmethod
+    def _positive_or_off(cls, value: Optional[int]) -> Optional[int]:
+        if value is not None and value <= 0:
+            raise ValueError(f"must be > 0 or null (got {value})")
+        return value
+
+
 class RunConfig(_Section):
     output_dir: str = Field("runs/lora", description="Run directory: adapter, tokenizer, config, metrics, plots.")
     overwrite: bool = Field(False, description="Allow replacing a finished run in output_dir.")
     model: ModelConfig = Field(default_factory=ModelConfig, description="Base model.")
     data: DataConfig = Field(default_factory=DataConfig, description="Training data and template.")
+    preference: PreferenceConfig = Field(
+        default_factory=PreferenceConfig, description="Length limits of preference (DPO/KTO) data."
+    )
     adapter: AdapterConfig = Field(default_factory=AdapterConfig, description="peft adapter.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Trainer settings.")
     generation: GenerationConfig = Field(default_factory=GenerationConfig, description="Default sampling settings.")
+
+    @model_validator(mode="after")
+    def _prompt_leaves_room(self) -> "RunConfig":
+        limit = self.preference.max_prompt_length
+        if limit is not None and limit >= self.data.max_length:
+            raise ValueError(f"preference.max_prompt_length must be < data.max_length, to leave room for the "
+                             f"completion (got {limit} >= {self.data.max_length})")
+        return self
 
 
 def _parse_value(text: str) -> Any:
@@ -279,6 +325,8 @@ def _describe_validation_error(error: ValidationError, source: str) -> str:
     message = first["msg"]
     if message.startswith("Value error, "):
         message = message[len("Value error, ") :]
+    if not key:  # a check across sections (RunConfig's own validator) names its keys itself
+        return f"{source}: {message}"
     return f"{source}: {key} {message[0].lower() + message[1:]}" if message else f"{source}: invalid {key}"
 
 
@@ -323,6 +371,18 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
         source = f"{source} with overrides"
     try:
         return RunConfig.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_describe_validation_error(exc, source)) from None
+
+
+def config_from_sections(source: str, **sections: dict) -> RunConfig:
+    """A RunConfig from section values (the command line's data flags: `data={...}, preference={...}`).
+
+    Raises:
+        ConfigError: `SOURCE: KEY ...` naming the first invalid key, as load_config does.
+    """
+    try:
+        return RunConfig.model_validate(sections)
     except ValidationError as exc:
         raise ConfigError(_describe_validation_error(exc, source)) from None
 

@@ -66,7 +66,8 @@ def _encode_columns(batch: dict, tokenizer, template: Template, max_length: int)
     return {"input_ids": [r[0] for r in rows], "labels": [r[1] for r in rows], "full_length": [r[2] for r in rows]}
 
 
-def _check_tokenizer(tokenizer) -> None:
+def check_tokenizer(tokenizer) -> None:
+    """Refuse a tokenizer without an EOS token (ModelError): every template ends an answer with it."""
     if tokenizer.eos_token is None:
         raise ModelError("the tokenizer has no eos_token; templates end every response with it")
 
@@ -83,7 +84,7 @@ def tokenize_conversations(conversations: Sequence[Conversation], tokenizer, tem
     """
     from datasets import Dataset
 
-    _check_tokenizer(tokenizer)
+    check_tokenizer(tokenizer)
     if num_proc is not None and num_proc > 1 and len(conversations) > ENCODE_BATCH:
         encoded = Dataset.from_list([{"messages": c["messages"]} for c in conversations]).map(
             _encode_columns, batched=True, batch_size=ENCODE_BATCH, num_proc=num_proc,
@@ -227,7 +228,7 @@ def _tokenized_source(path: str, data: DataConfig, tokenizer) -> tuple[Any, dict
     from datasets import load_from_disk
 
     path = str(path)
-    _check_tokenizer(tokenizer)
+    check_tokenizer(tokenizer)
     template = get_template(data.template, tokenizer)
     entry = _cache_root(data) / _cache_key(path, data, tokenizer, template)
     if (entry / "report.json").exists():
@@ -303,7 +304,7 @@ def preview_samples(path: str, data: DataConfig, tokenizer, limit: int) -> list[
         `tokens` has one {"text", "special"} per id (token_pieces); `full_length` is the length before the cut to
         data.max_length, `truncated` whether the cut removed tokens.
     """
-    _check_tokenizer(tokenizer)
+    check_tokenizer(tokenizer)
     conversations = load_conversations(str(path), data)
     template = get_template(data.template, tokenizer)
     encoder = BatchEncoder(tokenizer)
@@ -318,7 +319,7 @@ def preview_samples(path: str, data: DataConfig, tokenizer, limit: int) -> list[
         ):
             if len(samples) < limit and labels.count(-100) < len(labels):
                 samples.append({
-                    "source": conversation["source"], "text": _marked_text(tokenizer, input_ids, labels),
+                    "source": conversation["source"], "text": marked_text(tokenizer, input_ids, labels),
                     "input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels,
                     "tokens": token_pieces(tokenizer, input_ids), "full_length": full_length,
                     "truncated": full_length > len(input_ids),
@@ -355,7 +356,8 @@ def token_pieces(tokenizer, input_ids: list[int], context: int = 8) -> list[dict
     return pieces
 
 
-def _marked_text(tokenizer, input_ids: list[int], labels: list[int]) -> str:
+def marked_text(tokenizer, input_ids: list[int], labels: list[int]) -> str:
+    """input_ids decoded run by run, prompt (label -100) runs wrapped in ⟦…⟧."""
     pieces, run, run_is_prompt = [], [], None
     for token, label in zip(input_ids + [None], labels + [None]):
         is_prompt = None if token is None else label == -100

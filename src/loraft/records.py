@@ -5,6 +5,14 @@ Sources: a `datasets.save_to_disk` directory (what the reference recipe loads), 
 alpaca (instruction / input / output, optional system and history), messages ({role, content} list) and
 sharegpt ({from, value} list under `conversations`). Every record becomes a Conversation:
 `{"messages": [{"role", "content"}, ...], "source": "<file>, line 3"}` ("record 3" where there are no lines).
+
+Preference data (`load_preferences`) is a prompt in one of those three styles plus completions:
+preference_* records hold `chosen` and `rejected` (DPO pairs: LLaMA-Factory's alpaca and sharegpt ranking formats,
+TRL's conversational and standard preference formats), unpaired_* records a `completion` and a boolean `label`
+(KTO: TRL's unpaired preference format). A completion is a string, an assistant message ({role, content} or
+{from: gpt, value}), or a list holding one (TRL's). Every record becomes a Preference:
+`{"prompt": [messages ending with a user turn], "chosen": str, "rejected": str, "source", "prompt_field"}`, or
+with `"completion": str, "label": bool` in place of chosen and rejected.
 Every error names the file, the line or record, and the field.
 """
 
@@ -24,7 +32,16 @@ SHAREGPT_FIELD = "conversations"
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
 FILE_KINDS = {".json": "json", ".jsonl": "jsonl", ".csv": "csv", ".parquet": "parquet"}
 
+# Preference data: the field holding the prompt in the messages style (TRL's), and the completions' fields.
+PROMPT_FIELD = "prompt"
+PAIRED_FIELDS = ("chosen", "rejected")
+UNPAIRED_FIELDS = ("completion", "label")
+PROMPT_STYLES = ("alpaca", "messages", "sharegpt")
+PREFERENCE_FORMATS = tuple(f"{kind}_{style}" for kind in ("preference", "unpaired") for style in PROMPT_STYLES)
+ASSISTANT_TAGS = ({"role": "assistant"}, {"from": "gpt"})  # how a completion message may say who speaks
+
 Conversation = dict  # {"messages": [{"role": str, "content": str}, ...], "source": "<file>, line 3"}
+Preference = dict  # {"prompt": [...], "chosen": str, "rejected": str} or {... "completion": str, "label": bool}
 Records = list  # [(where, record)] with where "line N" or "record N", 1-based
 
 
@@ -181,10 +198,16 @@ def _detect_format(path: str, data: DataConfig, where: str, record: Any) -> str:
         return data.format
     if not isinstance(record, dict):
         raise DataError(path, f"expected an object with fields, got {_describe(record)}", where=where)
-    for fmt, field in (("alpaca", data.instruction_field), ("messages", data.messages_field),
-                       ("sharegpt", SHAREGPT_FIELD)):
-        if field in record:
-            return fmt
+    kind = ("preference" if any(field in record for field in PAIRED_FIELDS)
+            else "unpaired" if all(field in record for field in UNPAIRED_FIELDS) else None)
+    for style in PROMPT_STYLES:
+        if _prompt_field(style, data, preference=kind is not None) in record:
+            return style if kind is None else f"{kind}_{style}"
+    if kind is not None:
+        fields = ", ".join(_prompt_field(style, data, preference=True) for style in PROMPT_STYLES)
+        message = (f"a {kind} record, but no prompt field ({fields}) among its fields ({_fields(record)}); "
+                   "set data.instruction_field or give the prompt")
+        raise DataError(path, message, where=where)
     raise DataError(
         path,
         f"cannot tell the record format from its fields ({_fields(record)}); expected alpaca "
@@ -192,6 +215,15 @@ def _detect_format(path: str, data: DataConfig, where: str, record: Any) -> str:
         f"({SHAREGPT_FIELD}); set data.format and the data.*_field names",
         where=where,
     )
+
+
+def _prompt_field(style: str, data: DataConfig, preference: bool) -> str:
+    """The field holding a record's prompt (SFT: its conversation) in a prompt style."""
+    if style == "alpaca":
+        return data.instruction_field
+    if style == "sharegpt":
+        return SHAREGPT_FIELD
+    return PROMPT_FIELD if preference else data.messages_field
 
 
 def _string(path: str, where: str, record: dict, field: str, required: bool = True) -> str:
@@ -207,8 +239,14 @@ def _string(path: str, where: str, record: dict, field: str, required: bool = Tr
 
 
 def _alpaca_messages(path: str, where: str, record: dict, data: DataConfig) -> list[dict]:
-    instruction = _string(path, where, record, data.instruction_field)
+    _string(path, where, record, data.instruction_field)  # named first when both it and the output are missing
     output = _string(path, where, record, data.output_field)
+    return _alpaca_prompt(path, where, record, data) + [{"role": "assistant", "content": output}]
+
+
+def _alpaca_prompt(path: str, where: str, record: dict, data: DataConfig) -> list[dict]:
+    """An alpaca record's messages up to its last user turn (system, history, instruction + input)."""
+    instruction = _string(path, where, record, data.instruction_field)
     prompt_input = _string(path, where, record, data.input_field, required=False)
     system = _string(path, where, record, data.system_field, required=False)
     messages = [{"role": "system", "content": system}] if system else []
@@ -224,7 +262,6 @@ def _alpaca_messages(path: str, where: str, record: dict, data: DataConfig) -> l
     # The reference's "\n".join([instruction, input]), without the dangling "\n" of an empty input (which its
     # .strip() removes; a model's own template would keep it)
     messages.append({"role": "user", "content": "\n".join([instruction, prompt_input]) if prompt_input else instruction})
-    messages.append({"role": "assistant", "content": output})
     return messages
 
 
@@ -275,30 +312,54 @@ def load_conversations(path: str, data: DataConfig) -> list[Conversation]:
     return _read_conversations(str(path), data)[0]
 
 
-def _read_conversations(path: str, data: DataConfig) -> tuple[list[Conversation], str, str]:
-    """Conversations plus the source kind and the record format used."""
+def source_format(path: str, data: DataConfig) -> str:
+    """The record format a source is read in: data.format, or detected from its first record."""
+    records = _read_records(str(path), data.model_copy(update={"limit": 1}))[2]
+    if not records:
+        raise DataError(str(path), "holds no records")
+    return _detect_format(str(path), data, *records[0])
+
+
+def _records_in_format(path: str, data: DataConfig) -> tuple[str, str, Records]:
+    """The source kind, the record format and the raw records."""
     kind, header, records = _read_records(path, data)
     if not records:
         raise DataError(path, "holds no records")
     fmt = _detect_format(path, data, *records[0])
-    needed = {"alpaca": [data.instruction_field, data.output_field], "messages": [data.messages_field],
-              "sharegpt": [SHAREGPT_FIELD]}[fmt]
+    kind_of_data, _, style = fmt.rpartition("_")
+    needed = [_prompt_field(style, data, preference=bool(kind_of_data))]
+    needed += {"": [data.output_field] if style == "alpaca" else [], "preference": list(PAIRED_FIELDS),
+               "unpaired": list(UNPAIRED_FIELDS)}[kind_of_data]
     for column in needed if header is not None else []:  # CSV: name a missing column once, not on every row
         if column not in header:
             message = f"no such column in the CSV header (columns: {', '.join(header)})"
             raise DataError(path, message, where="line 1", field=column)
-    conversations = []
     for where, record in records:
         if not isinstance(record, dict):
             raise DataError(path, f"expected an object with fields, got {_describe(record)}", where=where)
+    return kind, fmt, records
+
+
+def _with_system_prompt(messages: list[dict], data: DataConfig) -> list[dict]:
+    if data.system_prompt and not any(message["role"] == "system" for message in messages):
+        messages.insert(0, {"role": "system", "content": data.system_prompt})
+    return messages
+
+
+def _read_conversations(path: str, data: DataConfig) -> tuple[list[Conversation], str, str]:
+    """Conversations plus the source kind and the record format used."""
+    kind, fmt, records = _records_in_format(path, data)
+    if fmt in PREFERENCE_FORMATS:
+        raise DataError(path, f"holds preference records ({fmt}): `loraft data check` and `loraft data preview` "
+                        "read them, training on them is not there yet")
+    conversations = []
+    for where, record in records:
         if fmt == "alpaca":
             messages = _alpaca_messages(path, where, record, data)
         else:
             field = data.messages_field if fmt == "messages" else SHAREGPT_FIELD
             messages = _chat_messages(path, where, record, field, sharegpt=fmt == "sharegpt")
-        if data.system_prompt and not any(message["role"] == "system" for message in messages):
-            messages.insert(0, {"role": "system", "content": data.system_prompt})
-        conversations.append({"messages": messages, "source": f"{path}, {where}"})
+        conversations.append({"messages": _with_system_prompt(messages, data), "source": f"{path}, {where}"})
     return conversations, kind, fmt
 
 
@@ -313,3 +374,109 @@ def read_with_report(path: str, data: DataConfig) -> tuple[list[Conversation], d
         "empty_outputs": sum(m["role"] == "assistant" and m["content"] == "" for m in turns),
         "multi_turn_records": sum(count > 1 for count in answers),
     }
+
+
+# ------------------------------------------------------------------------------ preference records
+
+
+def _preference_prompt(path: str, where: str, record: dict, style: str, data: DataConfig) -> list[dict]:
+    field = _prompt_field(style, data, preference=True)
+    if style == "alpaca":
+        messages = _alpaca_prompt(path, where, record, data)
+    elif style == "messages" and isinstance(record.get(field), str):
+        messages = [{"role": "user", "content": record[field]}]  # TRL's standard format: the text is the user turn
+    elif style == "messages" and field in record and not isinstance(record[field], (list, tuple)):
+        message = f"expected a string or a list of messages, got {_describe(record[field])}"
+        raise DataError(path, message, where=where, field=field)
+    else:
+        messages = chat_turns(path, where, record, field, sharegpt=style == "sharegpt")
+    if not messages or messages[-1]["role"] != "user":
+        problem = f"ends with a message from the {messages[-1]['role']}" if messages else "holds no message"
+        raise DataError(path, f"the prompt {problem}; it must end with the user message the completions answer",
+                        where=where, field=field)
+    return _with_system_prompt(messages, data)
+
+
+def _completion(path: str, where: str, record: dict, field: str) -> str:
+    """A completion's text: a string, the assistant's message, or a list holding it (TRL's conversational)."""
+    if field not in record:
+        raise DataError(path, f"missing (the record has {_fields(record)})", where=where, field=field)
+    value = record[field]
+    if isinstance(value, (list, tuple)) and len(value) == 1 and isinstance(value[0], dict):
+        value = value[0]
+    problem = None
+    if isinstance(value, dict):
+        role_key, content_key, role = ("role", "content", "assistant") if "role" in value else ("from", "value", "gpt")
+        if value.get(role_key) != role:
+            problem = f"expected the assistant's message ({role_key} {role!r}), got {role_key} {value.get(role_key)!r}"
+        elif not isinstance(value.get(content_key), str):
+            problem = f"{content_key!r}: expected a string, got {_describe(value.get(content_key))}"
+        else:
+            value = value[content_key]
+    elif not isinstance(value, str):
+        problem = f"expected a string or the assistant's message (or a list holding it), got {_describe(value)}"
+    if problem is None and not value.strip():
+        problem = "empty: there is no answer to prefer or reject"
+    if problem:
+        raise DataError(path, problem, where=where, field=field)
+    return value
+
+
+def _label(path: str, where: str, record: dict, source_kind: str) -> bool:
+    value = record.get("label")
+    if "label" not in record:
+        raise DataError(path, f"missing (the record has {_fields(record)})", where=where, field="label")
+    if source_kind == "csv" and isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"  # a CSV cell is text
+    if not isinstance(value, bool):
+        meaning = "true: a desirable completion, false: an undesirable one"
+        raise DataError(path, f"expected a boolean ({meaning}), got {_describe(value)}", where=where, field="label")
+    return value
+
+
+def _read_preferences(path: str, data: DataConfig) -> tuple[list[Preference], str, str]:
+    kind, fmt, records = _records_in_format(path, data)
+    if fmt not in PREFERENCE_FORMATS:
+        raise DataError(path, f"holds {fmt} records, not preference records (chosen and rejected, or completion "
+                        "and label)")
+    paired, _, style = fmt.partition("_")
+    preferences = []
+    for where, record in records:
+        item = {"prompt": _preference_prompt(path, where, record, style, data), "source": f"{path}, {where}",
+                "prompt_field": _prompt_field(style, data, preference=True)}
+        if paired == "preference":
+            chosen, rejected = (_completion(path, where, record, field) for field in PAIRED_FIELDS)
+            if chosen == rejected:
+                raise DataError(path, "the same text as 'chosen', so the pair prefers neither", where=where,
+                                field="rejected")
+            item.update(chosen=chosen, rejected=rejected)
+        else:
+            item.update(completion=_completion(path, where, record, "completion"),
+                        label=_label(path, where, record, kind))
+        preferences.append(item)
+    return preferences, kind, fmt
+
+
+def load_preferences(path: str, data: DataConfig) -> list[Preference]:
+    """Read and validate preference records (preference_* or unpaired_* formats), in source order.
+
+    Raises:
+        DataError: naming the file, the line or record, and the field of the first bad record: a missing
+            chosen/rejected/label, chosen identical to rejected, an empty completion, a label that is no boolean.
+    """
+    return read_preferences_with_report(str(path), data)[0]
+
+
+def read_preferences_with_report(path: str, data: DataConfig) -> tuple[list[Preference], dict]:
+    """Preference records and the record-level report (what `loraft data check` shows without a tokenizer)."""
+    preferences, kind, fmt = _read_preferences(str(path), data)
+    turns = [message for preference in preferences for message in preference["prompt"]]
+    report = {
+        "path": str(path), "source_kind": kind, "format": fmt, "records_read": len(preferences),
+        "prompt_roles": {role: sum(m["role"] == role for m in turns) for role in CHAT_ROLES},
+        "multi_turn_records": sum(any(m["role"] == "assistant" for m in p["prompt"]) for p in preferences),
+    }
+    if fmt.startswith("unpaired_"):
+        desirable = sum(preference["label"] for preference in preferences)
+        report["labels"] = {"desirable": desirable, "undesirable": len(preferences) - desirable}
+    return preferences, report
