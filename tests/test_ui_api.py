@@ -27,6 +27,7 @@ from loraft.errors import RunError
 from loraft.rundir import RunLock
 from loraft.ui.app import UISettings, create_app, serve_ui
 from loraft.ui.events import run_events
+from loraft.ui.workspace import Workspace
 from run_helpers import free_port
 
 RUN_YAML = """\
@@ -529,3 +530,32 @@ def test_chat_with_the_run_and_its_base(client, trained):
     page = client.get("/chat/tiny/?base=1")
     assert page.status_code == 200 and "<title>loraft chat</title>" in page.text
     assert client.get("/chat/tiny", follow_redirects=False).headers["location"] == "/chat/tiny/"
+
+
+def test_chat_models_load_what_was_asked_and_an_evicted_one_is_freed(workspace, trained):
+    """The cache hands out the adapter, a checkpoint's adapter or the base alone, and a model it evicts is really
+    gone from memory (FastAPI keeps the route functions, and so the Engine, alive: the Engine must drop it)."""
+    import asyncio
+    import gc
+    import weakref
+
+    from peft import PeftModel
+
+    from loraft.ui.chat import ChatModels
+
+    async def scenario():
+        chats = ChatModels(Workspace(workspace), capacity=1)
+        engine = (await chats.app_for("tiny", "checkpoint-2", False)).state.engine
+        assert isinstance(engine.model, PeftModel) and engine.info["adapter_dir"].endswith("checkpoints/checkpoint-2")
+        weights = weakref.ref(engine.model)
+        base = (await chats.app_for("tiny", None, True)).state.engine
+        assert not isinstance(base.model, PeftModel) and base.info["adapter_dir"] is None
+        assert chats.loaded == [("tiny", None, True)]
+        for _ in range(50):  # the release waits for the engine to be idle: it is
+            await asyncio.sleep(0.05)
+            gc.collect()
+            if weights() is None:
+                break
+        assert weights() is None and engine.model is None
+
+    asyncio.run(scenario())

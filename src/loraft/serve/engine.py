@@ -154,6 +154,18 @@ class Engine:
 
     # --- admission ---------------------------------------------------------------------------------------
 
+    @property
+    def idle(self) -> bool:
+        """Nothing generating and nothing admitted: closing now cuts no request short."""
+        return self.active_generations == 0 and self.waiting == 0
+
+    def close(self) -> None:
+        """Let go of the model and tokenizer (a UI evicting it from its cache). Routes built by create_app keep a
+        reference to this Engine for the process's life (FastAPI caches route functions), so the weights are only
+        freed if the Engine itself drops them."""
+        self.model = self.tokenizer = None
+        self._tokenizer_thread.shutdown(wait=False)
+
     def reserve(self) -> QueuePlace:
         """A place in the queue.
 

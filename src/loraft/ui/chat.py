@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import re
 import threading
 from collections import OrderedDict
@@ -58,6 +59,7 @@ class ChatModels:
         self.workspace, self.capacity = workspace, capacity
         self._loaded: OrderedDict[tuple, tuple[tuple, object]] = OrderedDict()  # key -> (run signature, app)
         self._loading: dict[tuple, asyncio.Task] = {}
+        self._releasing: set[asyncio.Task] = set()  # kept referenced until they end
 
     @staticmethod
     def _signature(run_dir: Path) -> tuple:
@@ -70,7 +72,7 @@ class ChatModels:
         run still training without a checkpoint named, 400 (LoraftError) for what cannot be loaded."""
         run_dir = self.workspace.run_dir(name)
         status = self.workspace.run_state(name)["status"]
-        if checkpoint is None and status in ("starting", "running", "running?"):
+        if checkpoint is None and not base and status in ("starting", "running", "running?"):
             raise RequestError(409, f"run {name!r} is still training; chat with one of its checkpoints "
                                     "(?checkpoint=checkpoint-N)")
         key, signature = (name, checkpoint, base), self._signature(run_dir)
@@ -78,11 +80,12 @@ class ChatModels:
         if entry is not None and entry[0] == signature:
             self._loaded.move_to_end(key)
             return entry[1]
-        self._loaded.pop(key, None)
+        if entry is not None:
+            self._evict(key)  # the run was resumed or trained again since: its model is not the run's any more
         task = self._loading.get(key)
         if task is None:
             while self._loaded and len(self._loaded) + len(self._loading) >= self.capacity:
-                self._loaded.popitem(last=False)  # released once its in-flight requests end
+                self._evict(next(iter(self._loaded)))
             task = asyncio.ensure_future(self._load(key, signature, run_dir))
             task.add_done_callback(lambda done: done.cancelled() or done.exception())  # nobody may be waiting
             self._loading[key] = task
@@ -94,10 +97,35 @@ class ChatModels:
             app = await run_in_threadpool(load_chat_app, self.workspace, key[0], run_dir, key[1], key[2])
             self._loaded[key] = (signature, app)
             while len(self._loaded) > self.capacity:
-                self._loaded.popitem(last=False)
+                self._evict(next(iter(self._loaded)))
             return app
         finally:
             self._loading.pop(key, None)
+
+
+    def _evict(self, key: tuple) -> None:
+        """Forget a loaded model and free its memory once its in-flight requests have ended."""
+        _, app = self._loaded.pop(key)
+        release = asyncio.ensure_future(release_engine(app.state.engine))
+        self._releasing.add(release)
+        release.add_done_callback(self._releasing.discard)
+
+    @property
+    def loaded(self) -> list[tuple]:
+        """The keys of the models loaded now, least recently used first."""
+        return list(self._loaded)
+
+
+async def release_engine(engine, poll_seconds: float = 0.5) -> None:
+    """Close `engine` (its model and tokenizer go) when no request uses it; then return the memory."""
+    while not engine.idle:
+        await asyncio.sleep(poll_seconds)
+    engine.close()
+    gc.collect()
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 # from_pretrained is not thread-safe: transformers builds a model on the meta device through process-wide patches,
