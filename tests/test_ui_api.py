@@ -239,6 +239,37 @@ def test_host_and_origin_are_checked_before_anything_else(workspace):
                        "a request from another site (http://evil.example) is refused: use the UI's own page")
         assert ui.post("/api/runs/nope/stop", headers={**headers, "Origin": "http://127.0.0.1:7860"}).status_code == 404
         assert "access-control-allow-origin" not in ui.get("/api/info", headers=headers).headers
+        # a GET that another site's page makes (an <img> pointing at the chat API would load a model)
+        for path in ("/api/runs", "/chat/nope/v1/models"):
+            assert_refused(ui.get(path, headers={**headers, "Sec-Fetch-Site": "cross-site"}), 403,
+                           "a request from another site is refused: use the UI's own page")
+        assert ui.get("/api/runs", headers={**headers, "Sec-Fetch-Site": "same-origin"}).status_code == 200
+        assert ui.get("/", headers={"Sec-Fetch-Site": "cross-site"}).status_code == 200  # the page holds no data
+
+
+def test_a_config_reaches_nothing_outside_the_workspace_and_runs_no_model_code(client, workspace):
+    def plan(yaml_text):
+        return client.post("/api/plan", json={"config": yaml_text, "name": "x"})
+
+    assert_refused(plan("model:\n  name_or_path: base\n  trust_remote_code: true\n"), 400,
+                   "model.trust_remote_code: the UI does not run code shipped with a model; train such a model with "
+                   "`loraft train` on the command line")
+    assert_refused(plan("model:\n  name_or_path: /etc\n"), 400,
+                   f"model.name_or_path '/etc' is not relative; give a path inside the workspace {workspace}")
+    assert_refused(plan("data:\n  path: ../secret.jsonl\n"), 400,
+                   "data.path '../secret.jsonl' climbs out with '..'; give a path inside the workspace")
+    assert_refused(plan("data:\n  path: data/train.jsonl\n  cache_dir: /tmp/elsewhere\n"), 400,
+                   f"data.cache_dir '/tmp/elsewhere' is not relative; give a path inside the workspace {workspace}")
+    assert_refused(client.post("/api/data/check", json={"path": "x" * 300}), 400,
+                   f"path '{'x' * 300}' cannot be read (File name too long)")
+    assert_refused(client.post("/api/plan", json={"config": "configs/dir.yaml"}), 400,
+                   "config 'configs/dir.yaml' does not exist in the workspace " + str(workspace))
+    (workspace / "folder.yaml").mkdir()
+    try:
+        assert_refused(client.post("/api/plan", json={"config": "folder.yaml"}), 400,
+                       f"{workspace / 'folder.yaml'}: cannot read the config file (Is a directory)")
+    finally:
+        (workspace / "folder.yaml").rmdir()
 
 
 def test_a_non_loopback_address_without_a_token_refuses_to_start(workspace, monkeypatch, capsys):

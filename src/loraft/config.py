@@ -349,6 +349,8 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
             raise ConfigError(f"{path}: config file not found") from None
         except UnicodeDecodeError:
             raise ConfigError(f"{path}: config file is not UTF-8 text") from None
+        except OSError as exc:  # a folder, no permission
+            raise ConfigError(f"{path}: cannot read the config file ({exc.strerror})") from None
         try:
             loaded = yaml.safe_load(text)
         except yaml.YAMLError as exc:

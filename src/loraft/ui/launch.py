@@ -149,8 +149,35 @@ def train_command(workspace: Workspace, config: object, overrides: object, name:
             resolved = _load(Path(scratch.name), every_override, "config")
         finally:
             os.unlink(scratch.name)
+    _confine(workspace, resolved, set_by_ui={item.partition("=")[0] for item in extra})
     argv = [*LORAFT_CLI, "train", config_arg, *every_override]
     return TrainCommand(argv=argv, config=resolved, yaml_text=yaml_text, source=source)
+
+
+# the config keys that name files or folders on this machine (the rest are numbers, names and choices)
+PATH_KEYS = ("model.name_or_path", "data.path", "data.eval_path", "data.cache_dir")
+
+
+def _confine(workspace: Workspace, config: RunConfig, set_by_ui: set) -> None:
+    """What a request's config may reach: paths inside the workspace (a relative name that is no folder there is a
+    hub id), and no model's own code, which would run in the UI (its plan) and in the run."""
+    if config.model.trust_remote_code:
+        raise refused("model.trust_remote_code: the UI does not run code shipped with a model; train such a model "
+                      "with `loraft train` on the command line")
+    for key in PATH_KEYS:
+        if key in set_by_ui:  # the demo's base and data, which loraft itself names
+            continue
+        section, field = key.split(".")
+        value = getattr(getattr(config, section), field)
+        if value is None:
+            continue
+        path = Path(value)
+        try:
+            in_workspace = (workspace.root / path).exists()
+        except OSError:
+            in_workspace = True  # let resolve say what is wrong with it
+        if path.is_absolute() or ".." in path.parts or in_workspace or key == "data.cache_dir":
+            workspace.resolve(value, field=key, must_exist=False)
 
 
 def plan_preview(workspace: Workspace, config: object, overrides: object, name: Optional[str]) -> dict:

@@ -49,9 +49,14 @@ class RequestGate:
 
         path, headers = scope["path"], dict(scope["headers"])
         problem = None
+        guarded = path.startswith("/api/") or CHAT_API.match(path)
         if scope["method"] not in ("GET", "HEAD"):
             problem = self.cross_site(headers)
-        if problem is None and self.token is not None and (path.startswith("/api/") or CHAT_API.match(path)):
+        # a GET from another site's page (an <img> or <script> pointing here) could still load models or read
+        # nothing but cost memory: browsers name where a request comes from, and only the UI's own pages may ask
+        if problem is None and guarded and headers.get(b"sec-fetch-site", b"none") not in (b"same-origin", b"none"):
+            problem = 403, "a request from another site is refused: use the UI's own page"
+        if problem is None and self.token is not None and guarded:
             problem = self.refusal(headers, chat=path.startswith("/chat/"))
         if problem is not None:
             await error(problem[0], problem[1])(scope, receive, send_with_headers)

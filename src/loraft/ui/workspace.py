@@ -128,7 +128,11 @@ class Workspace:
             raise refused(f"{field} {relative!r} cannot be resolved (a symbolic link loop?)") from None
         if real != self.root and self.root not in real.parents:
             raise refused(f"{field} {relative!r} leads outside the workspace through a symbolic link")
-        if must_exist and not real.exists():
+        try:
+            exists = real.exists()
+        except OSError as exc:  # a name too long for the file system, a folder that cannot be read
+            raise refused(f"{field} {relative!r} cannot be read ({exc.strerror})") from None
+        if must_exist and not exists:
             raise refused(f"{field} {relative!r} does not exist in the workspace {self.root}")
         return real
 
