@@ -169,7 +169,9 @@ def test_bad_bodies_are_400s_naming_the_field(client):
     assert_refused(client.post("/api/data/check", json={"path": "data/train.jsonl", "max_length": 1}), 400,
                    "max_length must be >= 2 (got 1)")
     assert_refused(client.post("/api/data/check", json={"path": "data/train.jsonl", "format": "csvish"}), 400,
-                   "format: Input should be 'auto', 'alpaca', 'messages' or 'sharegpt'")
+                   "format: Input should be 'auto', 'alpaca', 'messages', 'sharegpt', 'preference_alpaca', "
+                   "'preference_messages', 'preference_sharegpt', 'unpaired_alpaca', 'unpaired_messages' or "
+                   "'unpaired_sharegpt'")
     assert_refused(client.post("/api/runs", json={"name": "../up", "config": "demo"}), 400,
                    "name '../up' is not a run name: use letters, digits, '.', '_' and '-' (at most 64, starting "
                    "with a letter or digit)")

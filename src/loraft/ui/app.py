@@ -73,7 +73,7 @@ def run_detail(workspace: Workspace, name: str) -> dict:
     except (OSError, ValueError):
         data_report = None
     starts = workspace.read_launch(name).get("starts") or []
-    command = next((start.get("argv") for start in starts if start.get("kind") == "train"), None)
+    command = next((start.get("argv") for start in reversed(starts) if start.get("kind") == "train"), None)
     resume = launch.resume_command(workspace, name)
     return {
         "name": name, "state": {key: value for key, value in state.items() if key != "error"}, "record": record,

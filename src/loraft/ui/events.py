@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 from typing import AsyncIterator, Callable, Optional
 
+from starlette.concurrency import run_in_threadpool
+
 from loraft.ui.workspace import LIVE_STATUSES
 
 POLL_SECONDS = 0.5
@@ -95,14 +97,14 @@ async def run_events(metrics_file: Path, read_state: Callable[[], dict], last_ev
             skip = 0
         return events + [sse("metric", text, number) for number, text in lines if number > skip and text.strip()]
 
-    while True:
-        events = new_lines()
-        state = read_state()
+    while True:  # file reads and the lock probe in a worker thread: the event loop serves every other request
+        events = await run_in_threadpool(new_lines)
+        state = await run_in_threadpool(read_state)
         ended = state.get("status") not in LIVE_STATUSES
         if ended:
             # the record is final: whatever the run logged is in the file now
-            events += new_lines()
-            state = read_state()
+            events += await run_in_threadpool(new_lines)
+            state = await run_in_threadpool(read_state)
             ended = state.get("status") not in LIVE_STATUSES
         if state != sent_state:
             events.append(sse("state", json.dumps(state, ensure_ascii=False)))

@@ -19,13 +19,13 @@ from pathlib import Path
 from typing import Optional
 
 from loraft.errors import RunError
-from loraft.files import write_json_atomically
+from loraft.files import write_json_atomically, write_text_atomically
 from loraft.rundir import local_time, open_run
-from loraft.ui.launch import display_command, spawn_detached
+from loraft.ui.launch import _LAUNCH_LOCK, LORAFT_CLI, display_command, spawn_detached
 from loraft.ui.workspace import RequestError, Workspace, last_error_line, process_alive, tail_lines
 
-LORAFT_CLI = [sys.executable, "-m", "loraft.cli"]
 JOB_KINDS = ("eval", "merge", "export")
+EVAL_METRICS = "metrics.json"  # an eval job's copy of RUN/eval/metrics.json, taken when it ends
 MERGE_DTYPES = ("bf16", "fp16", "fp32")  # `loraft merge --dtype` choices
 JOB_ID = re.compile(r"[0-9]{8}-[0-9]{6}-[a-z]+-[0-9a-f]{4}")
 
@@ -68,20 +68,21 @@ def start_job(workspace: Workspace, name: str, kind: str, options: dict) -> dict
         open_run(run_dir)
     except RunError as exc:
         raise RequestError(409, str(exc)) from None
-    for job in list_jobs(workspace, run=name):
-        if job["kind"] == kind and job["status"] == "running":
-            raise RequestError(409, f"a {kind} job of run {name!r} is running already (job {job['id']})")
-    args, out = job_command(kind, run_dir, options)
-    if out is not None and out.exists():
-        raise RequestError(409, f"{out} exists already; move or delete it to {kind} run {name!r} again")
-    job_id = f"{datetime.now():%Y%m%d-%H%M%S}-{kind}-{secrets.token_hex(2)}"
-    job_dir = workspace.jobs_dir() / job_id
-    job_dir.mkdir(parents=True)
-    process_argv = [sys.executable, "-m", "loraft.ui.jobs", str(job_dir), "--", *args]
-    process = spawn_detached(process_argv, workspace.root, job_dir / "console.log")
-    write_json_atomically(job_dir / "job.json", {
-        "id": job_id, "kind": kind, "run": name, "argv": [*LORAFT_CLI, *args], "started_at": local_time(),
-        "pid": process.pid, "process_argv": process_argv, "out_dir": str(out) if out else None})
+    with _LAUNCH_LOCK:  # the check that no such job runs and the start that makes one, together
+        for job in list_jobs(workspace, run=name):
+            if job["kind"] == kind and job["status"] == "running":
+                raise RequestError(409, f"a {kind} job of run {name!r} is running already (job {job['id']})")
+        args, out = job_command(kind, run_dir, options)
+        if out is not None and out.exists():
+            raise RequestError(409, f"{out} exists already; move or delete it to {kind} run {name!r} again")
+        job_id = f"{datetime.now():%Y%m%d-%H%M%S}-{kind}-{secrets.token_hex(2)}"
+        job_dir = workspace.jobs_dir() / job_id
+        job_dir.mkdir(parents=True)
+        process_argv = [sys.executable, "-m", "loraft.ui.jobs", str(job_dir), "--", *args]
+        process = spawn_detached(process_argv, workspace.root, job_dir / "console.log")
+        write_json_atomically(job_dir / "job.json", {
+            "id": job_id, "kind": kind, "run": name, "argv": [*LORAFT_CLI, *args], "started_at": local_time(),
+            "pid": process.pid, "process_argv": process_argv, "out_dir": str(out) if out else None})
     return {"id": job_id}
 
 
@@ -95,9 +96,8 @@ def _read_json(path: Path) -> Optional[dict]:
 
 def _result(workspace: Workspace, job: dict) -> Optional[object]:
     """A finished job's outcome: eval's metrics, the merged model's folder, or the export's report."""
-    if job.get("kind") == "eval":
-        run_dir = workspace.run_path(job["run"])
-        return _read_json(run_dir / "eval" / "metrics.json")
+    if job.get("kind") == "eval":  # this job's own copy: a later eval of the run rewrites RUN/eval
+        return _read_json(workspace.jobs_dir() / job["id"] / EVAL_METRICS)
     out_dir = Path(job["out_dir"]) if job.get("out_dir") else None
     if out_dir is None or not out_dir.is_dir():
         return None
@@ -164,6 +164,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     job_dir, args = Path(argv[0]), argv[2:]
     exit_code = subprocess.call([*LORAFT_CLI, *args], stdin=subprocess.DEVNULL)
+    if exit_code == 0 and args[:1] == ["eval"]:  # keep what this eval measured: the next one rewrites RUN/eval
+        metrics = Path(args[1]) / "eval" / "metrics.json"
+        write_text_atomically(job_dir / EVAL_METRICS, metrics.read_text(encoding="utf-8"))
     write_json_atomically(job_dir / "result.json", {"exit_code": exit_code, "ended_at": local_time()})
     return exit_code
 

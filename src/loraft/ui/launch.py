@@ -46,6 +46,13 @@ def display_command(argv: list[str]) -> str:
     return shlex.join(argv)
 
 
+def _child_environment() -> dict:
+    """The UI's environment for what it starts, without the UI's token: a run has no use for it, and its
+    environment is readable by anything that can read /proc/PID/environ."""
+    environment = {key: value for key, value in os.environ.items() if key != "LORAFT_UI_TOKEN"}
+    return {**environment, "PYTHONUNBUFFERED": "1"}
+
+
 def spawn_detached(argv: list[str], cwd: Path, log_path: Path) -> subprocess.Popen:
     """Start `argv` in a session of its own, its output appended to `log_path`, reaped by a daemon thread.
 
@@ -58,7 +65,7 @@ def spawn_detached(argv: list[str], cwd: Path, log_path: Path) -> subprocess.Pop
         log.write(f"\n[{local_time()}] {display_command(argv)}\n".encode("utf-8", "surrogateescape"))
         log.flush()
         process = subprocess.Popen(argv, cwd=cwd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                   start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                   start_new_session=True, env=_child_environment())
     threading.Thread(target=process.wait, name=f"loraft-ui-reap-{process.pid}", daemon=True).start()
     return process
 
@@ -194,7 +201,8 @@ def plan_preview(workspace: Workspace, config: object, overrides: object, name: 
 
 def _record_start(workspace: Workspace, name: str, kind: str, argv: list[str], pid: int,
                   fields: Optional[dict] = None) -> None:
-    launch = workspace.read_launch(name)
+    # a new run (its name may be a deleted run's) starts a new record; a resume adds to its run's
+    launch = workspace.read_launch(name) if kind != "train" else {}
     launch.update({"name": name, "host": socket.gethostname(), **(fields or {})})
     launch.pop("stop_requested_at", None)
     launch["starts"] = [*launch.get("starts", []), {"kind": kind, "argv": argv, "pid": pid,
@@ -278,7 +286,10 @@ def _signal(name: str, pid: object) -> None:
     if not isinstance(pid, int) or pid <= 0:
         raise RequestError(409, f"run {name!r}: no process to stop")
     try:
-        os.kill(pid, signal.SIGTERM)
+        if os.getpgid(pid) == pid:  # it leads a session of its own (spawn_detached): its children too
+            os.killpg(pid, signal.SIGTERM)
+        else:
+            os.kill(pid, signal.SIGTERM)
     except ProcessLookupError:
         raise RequestError(409, f"run {name!r}: its process (pid {pid}) has already ended") from None
     except PermissionError:
