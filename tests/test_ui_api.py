@@ -592,3 +592,14 @@ def test_chat_models_load_what_was_asked_and_an_evicted_one_is_freed(workspace, 
         assert weights() is None and engine.model is None
 
     asyncio.run(scenario())
+
+
+def test_a_token_a_browser_cannot_send_refuses_to_start(workspace):
+    with pytest.raises(RunError, match=r"^loraft ui: the token must be printable ASCII \(a browser cannot send other "
+                                       r"characters in a header\)$"):
+        serve_ui(workspace, token="密钥")
+
+
+def test_a_preview_larger_than_the_page_draws_is_refused(client):
+    assert_refused(client.post("/api/data/preview", json={"path": "data/train.jsonl", "model": "base", "limit": 201}),
+                   400, "limit must be at most 200 (got 201)")

@@ -61,7 +61,7 @@ class LoraftTrainer(Trainer):
         self.length_grouped = bool(plan and plan.sampler == "length_grouped")
         self.fused_loss = bool(plan and plan.fused_loss)
         self.micro_batch_tokens = plan.micro_batch_tokens if plan else 0
-        # supervised tokens trained on by this process's steps (all ranks: Trainer gathers the count), for the log
+        # supervised tokens trained on since the last log (all ranks: Trainer gathers the count), and since when
         self._supervised_tokens = 0
         self._supervised_counted_step = -1
         self._supervised_since: Optional[float] = None
@@ -79,11 +79,15 @@ class LoraftTrainer(Trainer):
 
     def log(self, logs: dict, *args, **kwargs) -> None:
         """Trainer's log, with the supervised tokens per second of this process's steps beside each training loss
-        (num_input_tokens_seen counts the prompt tokens too; the supervised ones are what is learnt)."""
+        (num_input_tokens_seen counts the prompt tokens too; the supervised ones are what is learnt), measured over
+        the steps since the previous log."""
         if "loss" in logs and self._supervised_since is not None:
-            elapsed = time.monotonic() - self._supervised_since
+            # over the steps since the previous log: the speed now, not an average since the start
+            now = time.monotonic()
+            elapsed = now - self._supervised_since
             if elapsed > 0:
                 logs["supervised_tokens_per_second"] = round(self._supervised_tokens / elapsed, 3)
+            self._supervised_tokens, self._supervised_since = 0, now
         super().log(logs, *args, **kwargs)
 
     # transformers 5 has no public hook that sees the step's gradient norm before the optimizer uses it

@@ -312,6 +312,10 @@ def serve_ui(workspace: Union[str, Path], host: str = "127.0.0.1", port: int = 7
             address that cannot be bound.
     """
     token = token or None
+    if token is not None and not (token.isascii() and token.isprintable()):
+        # a browser's fetch cannot carry other characters in a header: the page could never send it
+        raise RunError("loraft ui: the token must be printable ASCII (a browser cannot send other characters in "
+                       "a header)")
     if not is_loopback(host) and token is None:
         raise RunError(f"loraft ui: refusing to listen on {host} without a token (anyone who reaches it could start "
                        "runs on this machine); pass --token T or set LORAFT_UI_TOKEN")

@@ -66,10 +66,15 @@ def data_check(workspace: Workspace, values: dict) -> dict:
     return check_data(data.path, data, tokenizer)
 
 
+MAX_PREVIEW = 200
+
+
 def data_preview(workspace: Workspace, values: dict) -> dict:
     """POST /api/data/preview: the samples `loraft data preview --json` prints for the same options."""
     from loraft.data import preview_samples
 
     limit = 5 if values["limit"] is None else values["limit"]
+    if limit > MAX_PREVIEW:  # each sample is drawn token by token in the page
+        raise RequestError(400, f"limit must be at most {MAX_PREVIEW} (got {limit})")
     data = data_config(workspace, values, limit)
     return {"samples": preview_samples(data.path, data, tokenizer_of(workspace, values["model"]), limit)}

@@ -221,7 +221,8 @@ class Workspace:
             state["name"] = name
             state.pop("run_dir", None)
             # a resume the UI started, before its trainer takes the lock: the record still says how it ended
-            if state["status"] in ("stopped", "interrupted", "failed") and launch and self.launch_alive(name, launch):
+            if (state["status"] in ("stopped", "interrupted", "failed") and launch
+                    and (launch.get("starts") or [{}])[-1].get("kind") == "resume" and self.launch_alive(name, launch)):
                 state["status"] = "starting"
             return state
         starts = launch.get("starts") or [{}]

@@ -763,7 +763,7 @@ function runView() {
     setStatus($("run-status"), state.status);
     const active = ACTIVE_STATUSES.includes(state.status);
     if (!active) stopping = false;
-    $("stop-run").disabled = state.status !== "running" || stopping;
+    $("stop-run").disabled = !["running", "starting"].includes(state.status) || stopping;
     const hasCheckpoint = Boolean(state.checkpoint) || Boolean(detail && detail.checkpoints && detail.checkpoints.length);
     $("resume-run").disabled = !["stopped", "interrupted", "failed"].includes(state.status) || !hasCheckpoint;
     renderProgress();
