@@ -417,16 +417,26 @@ def test_events_replay_after_last_event_id_and_end_with_the_final_state(client, 
         response = client.get("/api/runs/curve/events", headers={"Last-Event-ID": "1"})
         assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
         blocks = sse_blocks(response.text)
-        assert blocks[:2] == [{"event": "metric", "id": "2", "data": lines[1]},
-                              {"event": "metric", "id": "3", "data": lines[2]}]
+        tag = f"{(run_dir / 'metrics.jsonl').stat().st_ino:x}"  # which file the line numbers count in
+        assert blocks[:2] == [{"event": "metric", "id": f"2-{tag}", "data": lines[1]},
+                              {"event": "metric", "id": f"3-{tag}", "data": lines[2]}]
         assert blocks[2]["event"] == "state" and json.loads(blocks[2]["data"])["status"] == "finished"
         assert len(blocks) == 3
         # a client that holds more lines than the file has now starts over
         assert [block["event"] for block in sse_blocks(client.get(
             "/api/runs/curve/events", headers={"Last-Event-ID": "9"}).text)] == ["reset", "metric", "metric",
                                                                                 "metric", "state"]
+        assert [block["event"] for block in sse_blocks(client.get(  # the same file: nothing new to replay
+            "/api/runs/curve/events", headers={"Last-Event-ID": f"3-{tag}"}).text)] == ["state"]
+        # a resume replaced the file (trimmed, then grown past the client's line): the client starts over
+        replaced = run_dir / "metrics.new"
+        replaced.write_text("\n".join(lines) + "\n")
+        os.replace(replaced, run_dir / "metrics.jsonl")
+        assert [block["event"] for block in sse_blocks(client.get(
+            "/api/runs/curve/events", headers={"Last-Event-ID": f"2-{tag}"}).text)] == ["reset", "metric", "metric",
+                                                                                    "metric", "state"]
         assert_refused(client.get("/api/runs/curve/events", headers={"Last-Event-ID": "two"}), 400,
-                       "Last-Event-ID must be a line number of metrics.jsonl (got 'two')")
+                       "Last-Event-ID must be an id this stream sent, LINE-FILE (got 'two')")
     finally:
         shutil.rmtree(run_dir)
 
@@ -449,7 +459,10 @@ def test_events_send_reset_when_the_file_shrinks(tmp_path):
 
     chunks = asyncio.run(collect())
     assert ": keep-alive\n\n" in chunks  # nothing new on the third poll
-    events = [(block["event"], block.get("id"), block["data"]) for block in sse_blocks("".join(chunks))]
+    blocks = sse_blocks("".join(chunks))
+    events = [(block["event"], block["id"].split("-")[0] if "id" in block else None, block["data"]) for block in blocks]
+    files = [block["id"].split("-")[1] for block in blocks if "id" in block]
+    assert len(set(files[:3])) == len(set(files[3:])) == 1 and files[0] != files[3]  # the rewrite is a new file
     assert events == [
         ("metric", "1", '{"step": 1}'), ("metric", "2", '{"step": 2}'), ("metric", "3", '{"step": 3}'),
         ("state", None, '{"status": "running"}'),

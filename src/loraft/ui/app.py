@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import mimetypes
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -38,6 +39,7 @@ from loraft.ui.requests import RequestGate, at_least, check_fields, error, lines
 from loraft.ui.workspace import LIST_FIELDS, RequestError, Workspace, complete_checkpoints, tail_lines
 
 logger = logging.getLogger("loraft")
+EVENT_FILE_TAG = re.compile(r"[0-9a-f]{1,16}")
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"  # package data (wheels install unpacked)
 # what a browser must be told about the files the page is made of (mimetypes varies by system)
@@ -229,9 +231,11 @@ def create_app(workspace: Union[str, Path, Workspace], settings: UISettings = UI
     async def events(name: str, request: Request):
         run_dir = await run_in_threadpool(workspace.run_dir, name)
         header = request.headers.get("last-event-id", "").strip()
-        if header and not (header.isascii() and header.isdigit()):
-            raise RequestError(400, f"Last-Event-ID must be a line number of metrics.jsonl (got {header!r})")
-        stream = run_events(run_dir / "metrics.jsonl", lambda: listed_state(workspace, name), int(header or 0))
+        line, _, file_tag = header.partition("-")  # LINE-FILE as the stream sent it; a bare LINE too
+        if header and not (line.isascii() and line.isdigit() and (not file_tag or EVENT_FILE_TAG.fullmatch(file_tag))):
+            raise RequestError(400, f"Last-Event-ID must be an id this stream sent, LINE-FILE (got {header!r})")
+        stream = run_events(run_dir / "metrics.jsonl", lambda: listed_state(workspace, name), int(line or 0),
+                            file_tag or None)
         return StreamingResponse(stream, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 

@@ -25,7 +25,7 @@ POLL_SECONDS = 0.5
 KEEPALIVE_SECONDS = 15.0
 
 
-def sse(event: str, data: str, event_id: Optional[int] = None) -> str:
+def sse(event: str, data: str, event_id: Optional[str] = None) -> str:
     """One server-sent event (`data` holds no newline: a JSON line)."""
     return f"event: {event}\n" + (f"id: {event_id}\n" if event_id is not None else "") + f"data: {data}\n\n"
 
@@ -74,28 +74,36 @@ class MetricsReader:
 
 
 async def run_events(metrics_file: Path, read_state: Callable[[], dict], last_event_id: int = 0,
-                     poll_seconds: float = POLL_SECONDS,
+                     last_file: Optional[str] = None, poll_seconds: float = POLL_SECONDS,
                      keepalive_seconds: float = KEEPALIVE_SECONDS) -> AsyncIterator[str]:
     """The event stream of one run (see the module doc).
 
     Args:
         read_state: the run's state as GET /api/runs lists it (a dict with `status`).
         last_event_id: the last line the client has; lines up to it are not sent again.
+        last_file: the file those lines came from (the id's part after `-`): a resume replaces metrics.jsonl
+            (trimmed to its checkpoint), and a client that was away meanwhile starts over even if the new file has
+            grown past its line number.
     """
     reader = MetricsReader(metrics_file)
     skip, sent_state, first = last_event_id, None, True
     last_sent = time.monotonic()
 
+    def file_tag() -> str:  # the file's inode, in hex: which metrics.jsonl a line number belongs to
+        return f"{reader.identity[1]:x}" if reader.identity else "0"
+
     def new_lines() -> list[str]:
         nonlocal skip, first
         shrank, lines = reader.read()  # after a shrink: the whole new file, numbered from 1
         # a client that holds more lines than the file has (trimmed while it was away) starts over too
-        shrank, first = shrank or (first and skip > reader.count), False
+        replaced = first and last_file is not None and reader.identity is not None and file_tag() != last_file
+        shrank, first = shrank or replaced or (first and skip > reader.count), False
         events = []
         if shrank:
             events.append(sse("reset", "{}"))
             skip = 0
-        return events + [sse("metric", text, number) for number, text in lines if number > skip and text.strip()]
+        return events + [sse("metric", text, f"{number}-{file_tag()}") for number, text in lines
+                         if number > skip and text.strip()]
 
     while True:  # file reads and the lock probe in a worker thread: the event loop serves every other request
         events = await run_in_threadpool(new_lines)
