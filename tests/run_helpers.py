@@ -50,32 +50,39 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """A server started by `command(port)` in a child process on 127.0.0.1; up once /health answers."""
+    """A server started by `command(port)` in a child process on 127.0.0.1; up once `ready_path` answers 200.
 
-    def __init__(self, command, log_path: Path, stop_timeout: float = 60):
+    Args:
+        port: the port to bind (a restarted server takes its predecessor's); None = a free one.
+        headers: sent with the readiness probe (a token).
+        environment: added to this process's environment for the child.
+    """
+
+    def __init__(self, command, log_path: Path, stop_timeout: float = 60, port: int | None = None,
+                 ready_path: str = "/health", headers: dict | None = None, environment: dict | None = None):
         import os
         import subprocess
         import time
 
         import httpx
 
-        self.port = free_port()
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path, self.stop_timeout = log_path, stop_timeout
-        self.log = log_path.open("wb")
+        self.log = log_path.open("ab")  # a restarted server appends to its predecessor's log
         self.process = subprocess.Popen(command(self.port), stdout=self.log, stderr=subprocess.STDOUT,
-                                        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                        env={**os.environ, "PYTHONUNBUFFERED": "1", **(environment or {})})
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError("serve exited early:\n" + log_path.read_text(errors="replace"))
+                raise RuntimeError("the server exited early:\n" + log_path.read_text(errors="replace"))
             try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                if httpx.get(self.url + ready_path, headers=headers, timeout=2).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass
             time.sleep(0.25)
-        raise RuntimeError("serve did not come up:\n" + log_path.read_text(errors="replace"))
+        raise RuntimeError("the server did not come up:\n" + log_path.read_text(errors="replace"))
 
     def rss_bytes(self) -> int:
         for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():

@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 
 from browser import Chromium, find_chromium
 from conftest import write_alpaca
-from run_helpers import free_port
+from run_helpers import ServerProcess, free_port
 
 HOOK = Path(__file__).parent / "pace_hook"
 MODEL = "models/tiny-bloom"
@@ -31,31 +31,18 @@ CATALOGS = Path(__file__).resolve().parents[1] / "src" / "loraft" / "ui" / "stat
 SHOTS = os.environ.get("LORAFT_UI_SCREENSHOTS")  # a folder: docs/ui/'s screenshots are taken from these tests
 
 
-class UI:
+class UI(ServerProcess):
     """`loraft ui` (the CLI, as a user starts it) on 127.0.0.1, with the pace hook for the runs it starts."""
 
     def __init__(self, workspace: Path, log_path: Path, port: int | None = None, token: str | None = None):
-        self.workspace, self.port, self.token = workspace, port or free_port(), token
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        command = [sys.executable, "-m", "loraft.cli", "ui", "--workspace", str(workspace), "--port", str(self.port)]
-        if token:
-            command += ["--token", token]
-        environment = {**os.environ, "PYTHONUNBUFFERED": "1", "LORAFT_TEST_STEP_SECONDS": str(STEP_SECONDS),
-                       "PYTHONPATH": os.pathsep.join([str(HOOK), os.environ.get("PYTHONPATH", "")])}
-        with log_path.open("ab") as log:
-            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environment)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError("loraft ui exited early:\n" + log_path.read_text(errors="replace"))
-            try:
-                if httpx.get(self.url + "/api/info", headers=self.headers, timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError("loraft ui did not come up:\n" + log_path.read_text(errors="replace"))
+        self.workspace, self.token = workspace, token
+        extra = ["--token", token] if token else []
+        super().__init__(
+            lambda port: [sys.executable, "-m", "loraft.cli", "ui", "--workspace", str(workspace), "--port", str(port),
+                          *extra],
+            log_path, stop_timeout=30, port=port, ready_path="/api/info", headers=self.headers,
+            environment={"LORAFT_TEST_STEP_SECONDS": str(STEP_SECONDS),
+                         "PYTHONPATH": os.pathsep.join([str(HOOK), os.environ.get("PYTHONPATH", "")])})
 
     @property
     def headers(self) -> dict:
@@ -69,15 +56,6 @@ class UI:
     def kill(self) -> None:
         self.process.send_signal(signal.SIGKILL)
         self.process.wait()
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
 
 
 RUN_CONFIG = """\
