@@ -134,11 +134,11 @@ def test_unpaired_formats_read_kto_records(tmp_path):
         "desirable": 1, "undesirable": 1}
 
 
-def test_training_on_preference_data_says_it_is_not_there_yet(pairs_jsonl):
+def test_sft_on_preference_data_names_the_objectives(pairs_jsonl):
     with pytest.raises(DataError) as error:
         load_conversations(str(pairs_jsonl), DataConfig())
-    assert str(error.value) == (f"{pairs_jsonl}: holds preference records (preference_alpaca): `loraft data check` "
-                                "and `loraft data preview` read them, training on them is not there yet")
+    assert str(error.value) == (f"{pairs_jsonl}: holds preference records (preference_alpaca), not instruction "
+                                "data: train on them with train.objective=dpo, kto or orpo")
     assert set(PREFERENCE_FORMATS) == {f"{kind}_{style}" for kind in ("preference", "unpaired")
                                        for style in ("alpaca", "messages", "sharegpt")}
 

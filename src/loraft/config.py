@@ -41,6 +41,12 @@ class ModelConfig(_Section):
         "in the run's precision) or 8 bits while the adapter trains; none = as loaded. Needs the qlora extra.",
     )
     revision: Optional[str] = Field(None, description="Hub revision (branch, tag or commit) of the base model.")
+    adapter_from: Optional[str] = Field(
+        None,
+        description="A finished loraft run directory (an SFT run) whose adapter this run continues training, on the "
+        "same base model; its adapter settings replace this config's adapter section. Preference objectives use its "
+        "frozen copy as the reference model. None = a fresh adapter (the reference is then the base, adapter off).",
+    )
     attn_implementation: Optional[str] = Field(
         None,
         description="Attention implementation (eager, sdpa, flash_attention_2); None = sdpa where available "
@@ -145,7 +151,21 @@ class AdapterConfig(_Section):
         return value
 
 
+OBJECTIVES = ("sft", "dpo", "kto", "orpo")
+# TRL 1.16's DPOConfig.loss_type values (trl/trainer/dpo_config.py) and KTOConfig's
+DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+                  "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
+KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
+
+
 class TrainConfig(_Section):
+    objective: Literal["sft", "dpo", "kto", "orpo"] = Field(
+        "sft",
+        description="What is learnt: sft (supervised fine-tuning on instruction data, the reference recipe), or "
+        "preference tuning on preference data with TRL's trainers: dpo (chosen/rejected pairs, against a frozen "
+        "reference), kto (unpaired completions with a boolean label, against a reference) or orpo (pairs, "
+        "reference-free; TRL experimental). See the preference section.",
+    )
     num_train_epochs: float = Field(1.0, description="Epochs over the training data.")
     max_steps: int = Field(-1, description="Stop after this many optimizer steps (-1 = run the epochs).")
     per_device_train_batch_size: int = Field(1, description="Samples per micro-batch on each device.")
@@ -251,10 +271,32 @@ class GenerationConfig(_Section):
 
 
 class PreferenceConfig(_Section):
-    """Length limits of preference data (preference_* and unpaired_* formats), on top of data.max_length.
+    """Preference tuning (train.objective dpo, kto or orpo): the loss's settings, passed to TRL's trainer, and the
+    length limits of preference data (preference_* and unpaired_* formats), on top of data.max_length.
 
     TRL 1.16 has only max_length (prompt + completion, cut keeping the start); both limits here default to off, so
     loraft cuts exactly where TRL's collator would. They are TRL 0.x's max_prompt_length / max_completion_length."""
+
+    beta: float = Field(
+        0.1, gt=0,
+        description="How far the policy may move from the reference (DPO/KTO), or the odds-ratio weight (ORPO, "
+        "TRL's lambda); TRL's default 0.1. For the ipo loss, the regularisation tau.",
+    )
+    loss_type: Optional[str] = Field(
+        None,
+        description="The loss variant, as TRL names it: dpo: sigmoid (the DPO paper's), hinge, ipo, exo_pair, "
+        "nca_pair, robust, bco_pair, sppo_hard, aot, aot_unpaired, apo_zero, apo_down, discopop, sft or "
+        "sigmoid_norm; kto: kto or apo_zero_unpaired; None = the objective's default (sigmoid, kto); orpo has one.",
+    )
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=0.5,
+        description="DPO robust/exo_pair losses: the probability that a preference label is flipped (TRL's "
+        "label_smoothing).",
+    )
+    desirable_weight: float = Field(1.0, gt=0, description="KTO: weight of the losses of desirable (label true) "
+                                    "completions, to balance unequal counts.")
+    undesirable_weight: float = Field(1.0, gt=0, description="KTO: weight of the losses of undesirable (label "
+                                      "false) completions.")
 
     max_prompt_length: Optional[int] = Field(
         None,
@@ -282,7 +324,7 @@ class RunConfig(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig, description="Base model.")
     data: DataConfig = Field(default_factory=DataConfig, description="Training data and template.")
     preference: PreferenceConfig = Field(
-        default_factory=PreferenceConfig, description="Length limits of preference (DPO/KTO) data."
+        default_factory=PreferenceConfig, description="Preference tuning (DPO/KTO/ORPO): the loss and the length limits of preference data."
     )
     adapter: AdapterConfig = Field(default_factory=AdapterConfig, description="peft adapter.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Trainer settings.")
@@ -295,6 +337,24 @@ class RunConfig(_Section):
             raise ValueError(f"preference.max_prompt_length must be < data.max_length, to leave room for the "
                              f"completion (got {limit} >= {self.data.max_length})")
         return self
+
+    @model_validator(mode="after")
+    def _loss_type_fits(self) -> "RunConfig":
+        objective, loss_type = self.train.objective, self.preference.loss_type
+        if loss_type is None:
+            return self
+        allowed = {"dpo": DPO_LOSS_TYPES, "kto": KTO_LOSS_TYPES}.get(objective, ())
+        if loss_type not in allowed:
+            if not allowed:
+                raise ValueError(f"preference.loss_type {loss_type!r} does not apply to train.objective={objective} "
+                                 "(it has one loss); leave it null")
+            raise ValueError(f"preference.loss_type {loss_type!r} is not one of train.objective={objective}'s: "
+                             + ", ".join(allowed))
+        return self
+
+    def loss_type(self) -> Optional[str]:
+        """The preference loss in use: the configured one or the objective's default (None for sft and orpo)."""
+        return self.preference.loss_type or {"dpo": "sigmoid", "kto": "kto"}.get(self.train.objective)
 
 
 def _parse_value(text: str) -> Any:

@@ -253,14 +253,28 @@ def _tokenized_source(path: str, data: DataConfig, tokenizer) -> tuple[Any, dict
 # ------------------------------------------------------------------------------------ entry points
 
 
+def split_eval(train, fraction: float, seed: int, path: str):
+    """A seeded split of `fraction` of the tokenized samples for evaluation: (train, eval, the report's eval entry)."""
+    import numpy as np
+
+    eval_count = int(-(-len(train) * fraction // 1))
+    if eval_count >= len(train):
+        raise DataError(path, f"eval_fraction {fraction} of {len(train)} samples leaves none to train on")
+    # Our own seeded permutation: train_test_split on a cached dataset writes index files into the
+    # shared cache entry, and refuses keep_in_memory=True there (datasets 5.2).
+    order = np.random.default_rng(seed).permutation(len(train))
+    eval_dataset = train.select(order[:eval_count], keep_in_memory=True)
+    train = train.select(order[eval_count:], keep_in_memory=True)
+    entry = {"source": "eval_fraction", "eval_fraction": fraction, "seed": seed, "samples_kept": eval_count}
+    return train, eval_dataset, entry
+
+
 def prepare_datasets(config: RunConfig, tokenizer) -> PreparedData:
     """Tokenized train (and eval) datasets for a run, and the data report for the run directory.
 
     The eval set comes from data.eval_path, else from a seeded split of data.eval_fraction of the
     tokenized training samples. Under torchrun, call it inside main_process_first; the cache is race-safe.
     """
-    import numpy as np
-
     data = config.data
     train, report = _tokenized_source(data.path, data, tokenizer)
     validate_source(data.path, report, data)
@@ -268,19 +282,7 @@ def prepare_datasets(config: RunConfig, tokenizer) -> PreparedData:
     if data.eval_path:
         eval_dataset, report["eval"] = _tokenized_source(data.eval_path, data, tokenizer)
     elif data.eval_fraction > 0:
-        eval_count = int(-(-len(train) * data.eval_fraction // 1))
-        if eval_count >= len(train):
-            message = f"eval_fraction {data.eval_fraction} of {len(train)} samples leaves none to train on"
-            raise DataError(data.path, message)
-        # Our own seeded permutation: train_test_split on a cached dataset writes index files into the
-        # shared cache entry, and refuses keep_in_memory=True there (datasets 5.2).
-        order = np.random.default_rng(config.train.seed).permutation(len(train))
-        eval_dataset = train.select(order[:eval_count], keep_in_memory=True)
-        train = train.select(order[eval_count:], keep_in_memory=True)
-        report["eval"] = {
-            "source": "eval_fraction", "eval_fraction": data.eval_fraction, "seed": config.train.seed,
-            "samples_kept": eval_count,
-        }
+        train, eval_dataset, report["eval"] = split_eval(train, data.eval_fraction, config.train.seed, data.path)
     report["train_samples"] = len(train)
     report["eval_samples"] = len(eval_dataset) if eval_dataset is not None else 0
     return PreparedData(train=train, eval=eval_dataset, report=report)

@@ -327,9 +327,14 @@ def format_inspection(report: dict) -> str:
     return "\n".join(lines)
 
 
-def load_model_for_training(config: RunConfig, plan, tokenizer=None):
-    """Base model + fresh adapter for `config`, as `plan` (loraft.plan) decided; returns (peft_model, info).
+def load_model_for_training(config: RunConfig, plan, tokenizer=None, attach: bool = True):
+    """Base model + adapter for `config`, as `plan` (loraft.plan) decided; returns (model, info).
 
+    The adapter is a fresh one, or with `model.adapter_from` that finished run's adapter, loaded trainable: the
+    run continues training it (its adapter settings are the run's: loraft.train puts them in the config).
+    `attach=False` and no adapter_from: the base is returned, with the fresh adapter's peft config as
+    info["peft_config"], for a trainer that wraps the model itself (TRL's DPO/KTO: its reference is then the base
+    with the adapter off, not a copy of a fresh adapter); call cast_for_plan on the wrapped model.
     Under bf16/fp16 precision the base loads in fp32 (trainable copies such as modules_to_save start from
     the exact weights), then the frozen linear weights are stored in the compute dtype (cast_frozen_weights).
     """
@@ -341,10 +346,29 @@ def load_model_for_training(config: RunConfig, plan, tokenizer=None):
     if plan.fused_loss and not supports_supervised_loss(base):
         raise ModelError(f"{config.model.name_or_path}: the plan chose the fused loss, but this model's lm_head is "
                          "not a plain linear layer; set train.supervised_loss=false")
-    peft_model, info = attach_adapter(base, config.adapter, tokenizer, config.model.name_or_path)
+    if config.model.adapter_from:
+        from peft import PeftModel
+
+        tied = tied_embedding_note(base, config.adapter)
+        model = PeftModel.from_pretrained(base, config.model.adapter_from, is_trainable=True)
+        info = {"target_matches": target_matches(base, config.adapter), "tied_embeddings": tied,
+                "continued_from": config.model.adapter_from}
+    elif not attach:
+        matched = check_targets(base, config.adapter)
+        info = {"target_matches": matched, "tied_embeddings": tied_embedding_note(base, config.adapter),
+                "peft_config": build_peft_config(config.adapter, tokenizer, config.model.name_or_path)}
+        return base, info
+    else:
+        model, info = attach_adapter(base, config.adapter, tokenizer, config.model.name_or_path)
+    cast_for_plan(model, config, plan, info)
+    return model, info
+
+
+def cast_for_plan(model, config: RunConfig, plan, info: dict) -> None:
+    """Store the frozen linear weights of the adapted `model` in the plan's half precision (see
+    load_model_for_training); records what was cast in info["cast_frozen_weights"]."""
     if plan.precision in ("bf16", "fp16") and config.model.dtype == "auto" and config.model.quantization == "none":
-        info["cast_frozen_weights"] = cast_frozen_weights(peft_model, compute)
-    return peft_model, info
+        info["cast_frozen_weights"] = cast_frozen_weights(model, DTYPES[plan.precision])
 
 
 def load_run_model(run, dtype: Optional[torch.dtype] = None, device: Optional[str] = None, quantized: bool = True,

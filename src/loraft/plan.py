@@ -199,6 +199,23 @@ def make_plan(config: RunConfig, caps: Capabilities, model_config: Any, world_si
         packing = True
         reasons["packing"] = f"samples packed into rows, kept apart by {entry.packing}"
 
+    if train.objective != "sft":  # TRL's trainer computes the loss: loraft's batch layout and loss do not apply
+        samples, accumulation = train.per_device_train_batch_size, train.gradient_accumulation_steps
+        budget, fused, packing = 0, False, False
+        trl = f"train.objective={train.objective}: TRL's trainer"
+        reasons["micro_batch_tokens"] = f"{trl} runs the configured batch and accumulation"
+        reasons["batch"] = "the configured batch and accumulation"
+        reasons["fused_loss"] = f"{trl} computes the completions' log-probabilities with its own fused lm_head"
+        reasons["packing"] = f"{trl} pads each batch"
+        sampler = "sequential" if train.objective == "kto" else ("random" if train.sampling == "length_grouped"
+                                                                    else train.sampling)
+        reasons["sampler"] = ("KTO estimates its KL term from batch neighbours: TRL requires the sequential order "
+                              "(loraft shuffles the data once, seeded)" if train.objective == "kto"
+                              else reasons["sampler"] if sampler == train.sampling
+                              else "random: length grouping is loraft's SFT sampler")
+    else:
+        sampler = train.sampling
+
     if entry is None:
         speed_path = "none: trains at transformers' speed"
         reasons["speed_path"] = f"no loraft.fastpaths entry for model_type {kind}"
@@ -216,7 +233,7 @@ def make_plan(config: RunConfig, caps: Capabilities, model_config: Any, world_si
     generation_dtype, reasons["generation_dtype"] = choose_inference_dtype(config.generation.dtype, caps)
     return Plan(
         device=caps.device, precision=precision, weights=weights, micro_batch_tokens=budget,
-        samples_per_batch=samples, accumulation=accumulation, sampler=train.sampling, fused_loss=fused,
+        samples_per_batch=samples, accumulation=accumulation, sampler=sampler, fused_loss=fused,
         packing=packing, model_type=kind, speed_path=speed_path, attention=attention, attention_patch=patch,
         optimizer=optimizer, gradient_checkpointing=train.gradient_checkpointing, world_size=world_size,
         generation_dtype=generation_dtype, reasons=reasons, capabilities=caps.to_dict(), tuning=tuning,
@@ -257,7 +274,8 @@ def plan_run(config: RunConfig, model_config: Any, world_size: Optional[int] = N
     caps = machine_capabilities(config.model.device)
     precision, _ = choose_precision(config.train.precision, caps)
     tuning = None
-    if tune.autotune_enabled(config) and config.train.micro_batch_tokens == "auto":
+    # the speed measurement chooses SFT's sub-batches and loss; a preference objective uses neither
+    if tune.autotune_enabled(config) and config.train.micro_batch_tokens == "auto" and config.train.objective == "sft":
         tuning = tune.cached(config, precision, model_config)
         if tuning is None and measure and world_size == 1:
             tuning = tune.measure(config, precision, model_config, device=_torch_device(caps, config),

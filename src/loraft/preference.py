@@ -20,8 +20,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-from loraft.config import DataConfig, PreferenceConfig
-from loraft.data import PROMPT_CLOSE, PROMPT_OPEN, check_tokenizer, marked_text, token_pieces
+from loraft.config import DataConfig, PreferenceConfig, RunConfig
+from loraft.data import (PROMPT_CLOSE, PROMPT_OPEN, PreparedData, check_tokenizer, marked_text, split_eval,
+                         token_pieces)
 from loraft.encode import BatchEncoder, encode_rendered
 from loraft.errors import DataError, TemplateError
 from loraft.records import PAIRED_FIELDS, Preference, read_preferences_with_report
@@ -164,6 +165,66 @@ def prepare_preferences(path: str, data: DataConfig, tokenizer, limits: Optional
     dataset, tokens_report = tokenize_preferences(preferences, tokenizer, get_template(data.template, tokenizer),
                                                   data.max_length, limits)
     return dataset, {**report, **tokens_report}
+
+
+def _fingerprint(path: str, data: DataConfig, tokenizer, limits: PreferenceConfig) -> str:
+    """What the tokenized preference data depends on (the SFT data's cache key, plus the preference limits)."""
+    import hashlib
+
+    from loraft.data import _cache_key
+
+    key = _cache_key(path, data, tokenizer, get_template(data.template, tokenizer))
+    return hashlib.sha256(f"{key}|{limits.max_prompt_length}|{limits.max_completion_length}".encode()).hexdigest()[:32]
+
+
+def _for_objective(dataset, report: dict, objective: str, path: str, seed: int):
+    """The dataset in the columns the objective's trainer takes: DPO and ORPO need pairs; KTO takes unpaired
+    completions, or pairs split into a desirable chosen and an undesirable rejected (TRL's unpair_preference_dataset),
+    shuffled once with the run's seed (its trainer reads them in order: the KL term pairs batch neighbours)."""
+    paired = "chosen_ids" in dataset.column_names
+    if objective in ("dpo", "orpo") and not paired:
+        raise DataError(path, f"holds unpaired records (completion and label): train.objective={objective} needs "
+                        "chosen/rejected pairs; train.objective=kto trains on unpaired records")
+    if objective != "kto":
+        return dataset
+    if paired:
+        from datasets import Dataset
+
+        count = len(dataset)
+        dataset = Dataset.from_dict({
+            "prompt_ids": dataset["prompt_ids"] * 2,
+            "completion_ids": dataset["chosen_ids"] + dataset["rejected_ids"],
+            "label": [True] * count + [False] * count,
+        })
+        report["unpaired_from_pairs"] = count
+    return dataset.shuffle(seed=seed, keep_in_memory=True).flatten_indices(keep_in_memory=True)
+
+
+def prepare_preference_datasets(config: RunConfig, tokenizer) -> PreparedData:
+    """Tokenized train (and eval) preference data for a run with a preference objective, and the data report
+    (its `fingerprint` is what a resume compares), like data.prepare_datasets for SFT.
+
+    Raises:
+        DataError: a bad record (file, record, field), or records the objective cannot train on.
+    """
+    data, limits, objective = config.data, config.preference, config.train.objective
+    train, report = prepare_preferences(data.path, data, tokenizer, limits)
+    report["fingerprint"] = _fingerprint(data.path, data, tokenizer, limits)
+    if len(train) == 0:
+        raise DataError(data.path, "holds no preference records")
+    eval_dataset = None
+    if data.eval_path:
+        eval_dataset, report["eval"] = prepare_preferences(data.eval_path, data, tokenizer, limits)
+        eval_dataset = _for_objective(eval_dataset, report["eval"], objective, data.eval_path, config.train.seed)
+    elif data.eval_fraction > 0:
+        train, eval_dataset, report["eval"] = split_eval(train, data.eval_fraction, config.train.seed, data.path)
+        eval_dataset = _for_objective(eval_dataset, report["eval"], objective, data.path, config.train.seed)
+    train = _for_objective(train, report, objective, data.path, config.train.seed)
+    report["train_samples"] = len(train)
+    report["eval_samples"] = len(eval_dataset) if eval_dataset is not None else 0
+    # the run record's data line reads these as the SFT report names them
+    report.setdefault("samples_kept", len(train))
+    return PreparedData(train=train, eval=eval_dataset, report=report)
 
 
 def check_preferences(path: str, data: DataConfig, tokenizer=None, limits: Optional[PreferenceConfig] = None) -> dict:

@@ -350,8 +350,8 @@ def _read_conversations(path: str, data: DataConfig) -> tuple[list[Conversation]
     """Conversations plus the source kind and the record format used."""
     kind, fmt, records = _records_in_format(path, data)
     if fmt in PREFERENCE_FORMATS:
-        raise DataError(path, f"holds preference records ({fmt}): `loraft data check` and `loraft data preview` "
-                        "read them, training on them is not there yet")
+        raise DataError(path, f"holds preference records ({fmt}), not instruction data: train on them with "
+                        "train.objective=dpo, kto or orpo")
     conversations = []
     for where, record in records:
         if fmt == "alpaca":

@@ -410,7 +410,21 @@ def run_identity(config: RunConfig, report: dict) -> dict:
         "data.template": report.get("template") or config.data.template, "data.max_length": config.data.max_length,
         "the training data (its content, tokenizer or field mapping)": report.get("fingerprint"),
         "adapter": config.adapter.model_dump(), "train.seed": config.train.seed,
+        "train.objective": config.train.objective,
+        "preference": (config.preference.model_dump(exclude={"max_prompt_length", "max_completion_length"})
+                       if config.train.objective != "sft" else None),  # the limits are in the data fingerprint
+        "model.adapter_from": adapter_source_identity(config.model.adapter_from),
     }
+
+
+def adapter_source_identity(run_dir: Optional[str]) -> Optional[dict]:
+    """Which finished run an adapter_from names: its path and when it started and finished (a run trained again
+    in the same directory is another source)."""
+    if not run_dir:
+        return None
+    record = read_record(run_dir)
+    return {"path": str(Path(run_dir).resolve()), "started": record.get("started"),
+            "finished": record.get("finished")}
 
 
 _NOT_PREPARED = object()
@@ -590,9 +604,9 @@ class RunDir:
         current = run_identity(config, report)
         for key, old in saved["identity"].items():
             new = current.get(key)
-            if key == "adapter" and old != new:
+            if isinstance(old, dict) and isinstance(new, dict) and old != new:  # name the setting that changed
                 changed = sorted(name for name in set(old) | set(new) if old.get(name) != new.get(name))
-                key, old, new = f"adapter.{changed[0]}", old.get(changed[0]), new.get(changed[0])
+                key, old, new = f"{key}.{changed[0]}", old.get(changed[0]), new.get(changed[0])
             if old != new:
                 raise RunError(f"{self.path}: --resume refused: {key} changed ({old!r} -> {new!r}) since the "
                                "checkpoint was trained; start a new output_dir, or pass overwrite=true to train "

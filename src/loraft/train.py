@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 from loraft.config import RunConfig, save_config
-from loraft.errors import LoraftError
+from loraft.errors import ConfigError, LoraftError
 from loraft.files import staged_directory, write_json_atomically
 from loraft.plan import plan_run, read_model_config
 from loraft.rundir import RunDir, local_time
@@ -22,8 +22,11 @@ logger = logging.getLogger("loraft")
 
 
 def save_adapter(model, run_dir: Path) -> None:
-    """Write the peft adapter into the run directory, staged and then renamed into place."""
-    with staged_directory(run_dir, merge=True, label="adapter") as staging:
+    """Write the peft adapter into the run directory, staged and then renamed into place (the trained adapter
+    only: not a preference run's frozen reference copy)."""
+    from loraft.preference_trainer import trained_adapter_only
+
+    with staged_directory(run_dir, merge=True, label="adapter") as staging, trained_adapter_only(model):
         model.save_pretrained(str(staging))
 
 
@@ -74,6 +77,27 @@ def _attach_file_log(path: Path) -> logging.Handler:
     return handler
 
 
+def continue_from(config: RunConfig) -> RunConfig:
+    """The config with `model.adapter_from` resolved: that finished run's adapter settings replace the adapter
+    section (the run continues training that adapter). One sentence when it is no finished run of the same base."""
+    from loraft.rundir import open_run
+
+    if not config.model.adapter_from:
+        return config
+    source = open_run(config.model.adapter_from)
+    if source.status != "finished" or source.adapter_dir != source.run_dir:
+        raise ConfigError(f"model.adapter_from {config.model.adapter_from}: the run is {source.status}, not "
+                          "finished; a run continues only a finished run's adapter")
+    base = source.config.model
+    if (base.name_or_path, base.revision) != (config.model.name_or_path, config.model.revision):
+        raise ConfigError(f"model.adapter_from {config.model.adapter_from}: its adapter was trained on "
+                          f"{base.name_or_path}, this run's model.name_or_path is {config.model.name_or_path}")
+    if source.config.adapter != config.adapter:
+        logger.info("adapter settings from %s (model.adapter_from): %s", config.model.adapter_from,
+                    source.config.adapter.model_dump())
+    return config.model_copy(update={"adapter": source.config.adapter.model_copy()})
+
+
 class TrainingStopped(Exception):
     """The run stopped on request (SIGTERM or SIGINT) and is resumable: not an error, and not finished.
 
@@ -117,6 +141,12 @@ def train(config: RunConfig, resume: bool = False, callbacks: Optional[list] = N
     from loraft.trainer import (GracefulStop, LoraftTrainer, MetricsCallback, NonFiniteTraining, RunRecordCallback,
                                 StopRequest, StopRequested, build_training_arguments, plot_loss)
 
+    preference = config.train.objective != "sft"
+    if preference:
+        from loraft.preference_trainer import check_objective
+
+        check_objective(config)
+    config = continue_from(config)
     run = RunDir(config.output_dir)
     run_dir = run.path
     resume_from = run.prepare(config, resume)
@@ -127,7 +157,12 @@ def train(config: RunConfig, resume: bool = False, callbacks: Optional[list] = N
     plan = plan_run(config, model_config)
     # The arguments also set up the distributed state, so build them before touching the data.
     has_eval = bool(config.data.eval_path) or config.data.eval_fraction > 0
-    args = build_training_arguments(config, plan, run_dir, has_eval=has_eval)
+    if preference:
+        from loraft.preference_trainer import build_preference_trainer, preference_arguments
+
+        args = preference_arguments(config, plan, run_dir, has_eval=has_eval)
+    else:
+        args = build_training_arguments(config, plan, run_dir, has_eval=has_eval)
     is_main = args.process_index == 0
     # the lock before the first write (only rank 0 writes, the lock file too): a second trainer here is refused
     lock = run.lock().acquire() if is_main else None
@@ -144,14 +179,20 @@ def train(config: RunConfig, resume: bool = False, callbacks: Optional[list] = N
         with stop:  # installed after start(): a signal before it leaves the directory as it was
             if prepared is None:
                 with args.main_process_first(desc="tokenize the training data"):
-                    prepared = prepare_datasets(config, tokenizer)
+                    if preference:
+                        from loraft.preference import prepare_preference_datasets
+
+                        prepared = prepare_preference_datasets(config, tokenizer)
+                    else:
+                        prepared = prepare_datasets(config, tokenizer)
             if resume_from is not None:
                 run.check_resume_identity(config, prepared.report)
             if is_main:
                 save_config(config, run.config_file)
                 write_json_atomically(run.data_report_file, prepared.report)
                 run.write_record({"status": "running", "base_model": config.model.name_or_path,
-                                  "template": template.name, "started": started, **process,
+                                  "template": template.name, "objective": config.train.objective,
+                                  "adapter_from": config.model.adapter_from, "started": started, **process,
                                   "total_steps": run.record().get("total_steps"), "versions": _versions(),
                                   "plan": plan.to_dict(), **run.identity_fields(config, prepared.report)})
                 logger.info(
@@ -160,24 +201,32 @@ def train(config: RunConfig, resume: bool = False, callbacks: Optional[list] = N
                     sum(prepared.report.get("dropped", {}).values()), prepared.report.get("truncated_samples"),
                 )
             set_seed(config.train.seed)
-            model, info = load_model_for_training(config, plan, tokenizer)
+            # DPO/KTO without adapter_from: TRL wraps the base itself, so its reference is the adapter switched off
+            model, info = load_model_for_training(config, plan, tokenizer,
+                                                  attach=config.train.objective not in ("dpo", "kto"))
             if info["target_matches"]:
                 logger.info("adapter targets %d modules: %s", len(info["target_matches"]),
                             ", ".join(info["target_matches"]))
+            trainer_callbacks = (([MetricsCallback(run_dir), RunRecordCallback(run_dir)] if is_main else [])
+                                 + [graceful] + list(callbacks or []))
+            if preference:
+                trainer = build_preference_trainer(config, plan, args, model, info, tokenizer, prepared,
+                                                   trainer_callbacks)
+                model = trainer.model
+            else:
+                trainer = LoraftTrainer(
+                    model=model,
+                    args=args,
+                    train_dataset=prepared.train,
+                    eval_dataset=prepared.eval,
+                    processing_class=tokenizer,
+                    data_collator=DataCollatorForSeq2Seq(tokenizer=tokenizer, padding=True),
+                    callbacks=trainer_callbacks,
+                    plan=plan,
+                    nonfinite_patience=config.train.nonfinite_patience,
+                )
             trainable, total = count_parameters(model)
             logger.info("trainable params: %d of %d (%.4f%%)", trainable, total, 100.0 * trainable / max(total, 1))
-            trainer = LoraftTrainer(
-                model=model,
-                args=args,
-                train_dataset=prepared.train,
-                eval_dataset=prepared.eval,
-                processing_class=tokenizer,
-                data_collator=DataCollatorForSeq2Seq(tokenizer=tokenizer, padding=True),
-                callbacks=([MetricsCallback(run_dir), RunRecordCallback(run_dir)] if is_main else [])
-                + [graceful] + list(callbacks or []),
-                plan=plan,
-                nonfinite_patience=config.train.nonfinite_patience,
-            )
             if not progress_bar:
                 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
@@ -213,6 +262,8 @@ def train(config: RunConfig, resume: bool = False, callbacks: Optional[list] = N
                         "status": "finished",
                         "base_model": config.model.name_or_path,
                         "template": template.name,
+                        "objective": config.train.objective,
+                        "adapter_from": config.model.adapter_from,
                         "adapter_method": config.adapter.method,
                         "tied_embeddings": info["tied_embeddings"],
                         "target_matches": info["target_matches"],

@@ -39,56 +39,25 @@ class NonFiniteTraining(RunError):
     """Training met a NaN/inf loss or gradient norm more often in a row than train.nonfinite_patience allows."""
 
 
-class LoraftTrainer(Trainer):
-    """Trainer with atomic checkpoints, length-grouped sampling and the supervised-only loss.
+class RunGuarantees:
+    """What every trainer of a loraft run has, whatever computes its loss (LoraftTrainer for SFT, TRL's preference
+    trainers in loraft.preference_trainer): atomic checkpoints and the stop on a non-finite loss or gradient norm.
 
+    Mixed in before a transformers Trainer subclass: `class T(RunGuarantees, SomeTrainer)`.
     Trainer writes checkpoint-N in place, so a crash mid-save leaves a half-written checkpoint that
     `resume_from_checkpoint` would pick. Writing under `.staging/` and renaming avoids that.
-    The sampler and the loss are loraft's faster equivalents (loraft.batching, loraft.loss), measured in
-    docs/benchmarks.md; each falls back to Trainer's own where it does not apply.
     """
 
-    def __init__(self, *args, plan=None, nonfinite_patience: int = 0, **kwargs):
-        """Args:
-            plan: the run's loraft.plan.Plan: its sampler, sub-batch size, fused loss and packing (None: Trainer's
-                own behaviour for all four).
-        """
+    def __init__(self, *args, nonfinite_patience: int = 0, **kwargs):
         super().__init__(*args, **kwargs)
-        self.packing = bool(plan and plan.packing)
         self.nonfinite_patience = nonfinite_patience
         self._nonfinite_steps = 0
         self._step_loss_finite = True
-        self.length_grouped = bool(plan and plan.sampler == "length_grouped")
-        self.fused_loss = bool(plan and plan.fused_loss)
-        self.micro_batch_tokens = plan.micro_batch_tokens if plan else 0
-        # supervised tokens trained on since the last log (all ranks: Trainer gathers the count), and since when
-        self._supervised_tokens = 0
-        self._supervised_counted_step = -1
-        self._supervised_since: Optional[float] = None
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        if num_items_in_batch is not None and self.state.global_step != self._supervised_counted_step:
-            # one count per optimizer step: every accumulated micro-batch receives the whole step's count
-            self._supervised_counted_step = self.state.global_step
-            self._supervised_tokens += int(num_items_in_batch)
-            if self._supervised_since is None:
-                self._supervised_since = time.monotonic()
-        loss = self._training_step(model, inputs, num_items_in_batch)
+        loss = super().training_step(model, inputs, num_items_in_batch)
         self._step_loss_finite = self._step_loss_finite and bool(torch.isfinite(loss.detach()).all())
         return loss
-
-    def log(self, logs: dict, *args, **kwargs) -> None:
-        """Trainer's log, with the supervised tokens per second of this process's steps beside each training loss
-        (num_input_tokens_seen counts the prompt tokens too; the supervised ones are what is learnt), measured over
-        the steps since the previous log."""
-        if "loss" in logs and self._supervised_since is not None:
-            # over the steps since the previous log: the speed now, not an average since the start
-            now = time.monotonic()
-            elapsed = now - self._supervised_since
-            if elapsed > 0:
-                logs["supervised_tokens_per_second"] = round(self._supervised_tokens / elapsed, 3)
-            self._supervised_tokens, self._supervised_since = 0, now
-        super().log(logs, *args, **kwargs)
 
     # transformers 5 has no public hook that sees the step's gradient norm before the optimizer uses it
     # (on_pre_optimizer_step receives none), so this overrides the private one that computes it
@@ -116,6 +85,80 @@ class LoraftTrainer(Trainer):
         logger.warning("step %d: non-finite loss or gradient norm; its update uses zeroed gradients", step)
         model.zero_grad()
         return grad_norm
+
+    # no public hook chooses where a checkpoint is written before it is final (on_save runs after the write)
+    def _save_checkpoint(self, model, trial):
+        final_root = self.args.output_dir
+        staging_root = os.path.join(final_root, ".staging")
+        name = f"checkpoint-{self.state.global_step}"
+        self.args.output_dir = staging_root
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.output_dir = final_root
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            target = os.path.join(final_root, name)
+            if os.path.exists(target):
+                shutil.rmtree(target)
+            os.replace(os.path.join(staging_root, name), target)
+            shutil.rmtree(staging_root, ignore_errors=True)
+            if self.state.best_model_checkpoint and self.state.best_model_checkpoint.startswith(staging_root):
+                self.state.best_model_checkpoint = self.state.best_model_checkpoint.replace(
+                    staging_root, final_root, 1
+                )
+            rotate_checkpoints(
+                output_dir=final_root,
+                save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=False,
+            )
+        self.accelerator.wait_for_everyone()
+
+
+class LoraftTrainer(RunGuarantees, Trainer):
+    """Trainer with the run's guarantees (RunGuarantees), length-grouped sampling and the supervised-only loss.
+
+    The sampler and the loss are loraft's faster equivalents (loraft.batching, loraft.loss), measured in
+    docs/benchmarks.md; each falls back to Trainer's own where it does not apply.
+    """
+
+    def __init__(self, *args, plan=None, **kwargs):
+        """Args:
+            plan: the run's loraft.plan.Plan: its sampler, sub-batch size, fused loss and packing (None: Trainer's
+                own behaviour for all four).
+        """
+        super().__init__(*args, **kwargs)
+        self.packing = bool(plan and plan.packing)
+        self.length_grouped = bool(plan and plan.sampler == "length_grouped")
+        self.fused_loss = bool(plan and plan.fused_loss)
+        self.micro_batch_tokens = plan.micro_batch_tokens if plan else 0
+        # supervised tokens trained on since the last log (all ranks: Trainer gathers the count), and since when
+        self._supervised_tokens = 0
+        self._supervised_counted_step = -1
+        self._supervised_since: Optional[float] = None
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if num_items_in_batch is not None and self.state.global_step != self._supervised_counted_step:
+            # one count per optimizer step: every accumulated micro-batch receives the whole step's count
+            self._supervised_counted_step = self.state.global_step
+            self._supervised_tokens += int(num_items_in_batch)
+            if self._supervised_since is None:
+                self._supervised_since = time.monotonic()
+        return self._training_step(model, inputs, num_items_in_batch)
+
+    def log(self, logs: dict, *args, **kwargs) -> None:
+        """Trainer's log, with the supervised tokens per second of this process's steps beside each training loss
+        (num_input_tokens_seen counts the prompt tokens too; the supervised ones are what is learnt), measured over
+        the steps since the previous log."""
+        if "loss" in logs and self._supervised_since is not None:
+            # over the steps since the previous log: the speed now, not an average since the start
+            now = time.monotonic()
+            elapsed = now - self._supervised_since
+            if elapsed > 0:
+                logs["supervised_tokens_per_second"] = round(self._supervised_tokens / elapsed, 3)
+            self._supervised_tokens, self._supervised_since = 0, now
+        super().log(logs, *args, **kwargs)
 
     def _training_step(self, model, inputs, num_items_in_batch=None):
         """Forward/backward the step's batch in sub-batches of at most micro_batch_tokens padded tokens.
@@ -203,35 +246,6 @@ class LoraftTrainer(Trainer):
             # the same normalisation as the model's own loss: over the optimizer step when Trainer counted it
             count = num_items_in_batch if self.model_accepts_loss_kwargs else None
             return supervised_cross_entropy(hidden, labels, head.weight, count)
-
-    # no public hook chooses where a checkpoint is written before it is final (on_save runs after the write)
-    def _save_checkpoint(self, model, trial):
-        final_root = self.args.output_dir
-        staging_root = os.path.join(final_root, ".staging")
-        name = f"checkpoint-{self.state.global_step}"
-        self.args.output_dir = staging_root
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            self.args.output_dir = final_root
-        self.accelerator.wait_for_everyone()
-        if self.args.should_save:
-            target = os.path.join(final_root, name)
-            if os.path.exists(target):
-                shutil.rmtree(target)
-            os.replace(os.path.join(staging_root, name), target)
-            shutil.rmtree(staging_root, ignore_errors=True)
-            if self.state.best_model_checkpoint and self.state.best_model_checkpoint.startswith(staging_root):
-                self.state.best_model_checkpoint = self.state.best_model_checkpoint.replace(
-                    staging_root, final_root, 1
-                )
-            rotate_checkpoints(
-                output_dir=final_root,
-                save_total_limit=self.args.save_total_limit,
-                best_model_checkpoint=self.state.best_model_checkpoint,
-                use_mtime=False,
-            )
-        self.accelerator.wait_for_everyone()
 
 
 class MetricsCallback(TrainerCallback):
@@ -341,14 +355,21 @@ class GracefulStop(TrainerCallback):
         return control
 
 
-def build_training_arguments(config: RunConfig, plan, run_dir: Path, has_eval: bool):
+def build_training_arguments(config: RunConfig, plan, run_dir: Path, has_eval: bool, arguments_class=None,
+                             **extra):
     """Translate `train.*` and the run's plan (precision, device, batch layout, optimizer) into transformers
-    TrainingArguments (checkpoints under run_dir/checkpoints)."""
+    TrainingArguments (checkpoints under run_dir/checkpoints).
+
+    Args:
+        arguments_class: a TrainingArguments subclass (TRL's DPOConfig, ...; default TrainingArguments itself).
+        extra: its own fields (beta, loss_type, ...), or overrides of the ones set here.
+    """
     train = config.train
     eval_strategy = "no"
     if has_eval:
         eval_strategy = "steps" if train.eval_steps else "epoch"
-    return TrainingArguments(
+    sampling = "random" if plan.sampler == "length_grouped" else plan.sampler
+    arguments = dict(
         output_dir=str(run_dir / CHECKPOINTS),
         num_train_epochs=train.num_train_epochs,
         max_steps=train.max_steps,
@@ -368,7 +389,7 @@ def build_training_arguments(config: RunConfig, plan, run_dir: Path, has_eval: b
         ddp_find_unused_parameters=False,
         activation_checkpointing=plan.gradient_checkpointing,
         # length_grouped is LoraftTrainer's own sampler
-        train_sampling_strategy="random" if train.sampling == "length_grouped" else train.sampling,
+        train_sampling_strategy=sampling,
         logging_steps=train.logging_steps,
         logging_first_step=True,
         save_strategy="steps",
@@ -383,6 +404,8 @@ def build_training_arguments(config: RunConfig, plan, run_dir: Path, has_eval: b
         remove_unused_columns=True,
         include_num_input_tokens_seen="non_padding",
     )
+    arguments.update(extra)
+    return (arguments_class or TrainingArguments)(**arguments)
 
 
 def plot_loss(metrics_path: Path, png_path: Path) -> bool:

@@ -1,0 +1,311 @@
+"""Preference tuning (train.objective dpo, kto, orpo) on tiny random models: TRL's losses on loraft's data, with the
+run directory's guarantees.
+
+Invariants, not stored numbers: the first DPO loss is ln 2 (policy = reference); loraft's DPO loss and gradients
+equal TRL's DPOTrainer run directly on the same conversations; the reference keeps one copy of the base weights;
+KTO and ORPO lower their loss; a SIGKILLed DPO run resumes to a bit-equal adapter; two processes log one
+process's losses.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import TrainerCallback
+
+from conftest import write_alpaca
+from loraft.config import load_config, save_config
+from loraft.errors import ConfigError, DataError, RunError
+from loraft.train import train
+
+PAIRS = [
+    {"instruction": "请计算 12 加 30 等于多少", "input": "", "chosen": "答案是 42。", "rejected": "今天天气很好"},
+    {"instruction": "北京是哪个国家的首都", "input": "", "chosen": "北京是中国的首都。", "rejected": "ABC"},
+    {"instruction": "把字母变成大写：abc", "input": "", "chosen": "ABC", "rejected": "abc"},
+    {"instruction": "写一首关于春天的诗", "input": "", "chosen": "春眠不觉晓，处处闻啼鸟。", "rejected": "1 2 3"},
+]
+HOOK = Path(__file__).parent / "kill_hook"
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    return [json.loads(line) for line in lines if '"loss"' in line]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, tiny_bloom_dir):
+    root = tmp_path_factory.mktemp("preference")
+    _write_jsonl(root / "pairs.jsonl", PAIRS * 4)
+    return root
+
+
+def _overrides(model_dir: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    return [f"model.name_or_path={model_dir}", f"data.path={data}", f"output_dir={out}", "train.max_steps=4",
+            "train.logging_steps=1", "train.save_steps=2", "train.precision=fp32", "train.learning_rate=0.01",
+            "train.per_device_train_batch_size=2", "train.gradient_accumulation_steps=1",
+            "train.sampling=sequential", "adapter.target_modules=[query_key_value]", *extra]
+
+
+@pytest.fixture(scope="module")
+def sft_run(workdir, tiny_bloom_dir) -> Path:
+    data = write_alpaca(workdir / "alpaca.jsonl", repeat=2)
+    return train(load_config(None, _overrides(tiny_bloom_dir, data, workdir / "sft")), progress_bar=False)
+
+
+class Capture(TrainerCallback):
+    """The model training sees, and the gradients of the first optimizer step (before the update)."""
+
+    def __init__(self):
+        self.model, self.trainer_model, self.gradients = None, None, None
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.model = model
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        model = model or self.model
+        if self.gradients is None:
+            self.gradients = {name: parameter.grad.detach().clone() for name, parameter in model.named_parameters()
+                              if parameter.requires_grad and parameter.grad is not None}
+
+
+def test_first_dpo_loss_is_ln2_from_scratch_and_from_sft(workdir, tiny_bloom_dir, sft_run):
+    for name, extra in (("dpo-scratch", ()), ("dpo-from-sft", (f"model.adapter_from={sft_run}",))):
+        run = train(load_config(None, _overrides(tiny_bloom_dir, workdir / "pairs.jsonl", workdir / name,
+                                                 "train.objective=dpo", *extra)), progress_bar=False)
+        logged = _metrics(run)
+        # sigmoid loss with policy = reference: -log sigmoid(0) = ln 2, exactly up to float rounding
+        assert logged[0]["loss"] == pytest.approx(math.log(2), abs=1e-6), name
+        assert logged[-1]["loss"] < logged[0]["loss"], name
+        assert {"rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins"} <= set(logged[-1])
+        record = json.loads((run / "loraft_run.json").read_text())
+        assert record["status"] == "finished" and record["objective"] == "dpo"
+        assert record["identity"]["train.objective"] == "dpo"
+        assert (run / "loss.png").is_file()
+
+
+def test_dpo_from_sft_continues_its_adapter_and_saves_only_that(workdir, tiny_bloom_dir, sft_run):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    run = workdir / "dpo-from-sft"  # trained by the ln 2 test
+    if not (run / "adapter_model.safetensors").is_file():
+        pytest.skip("needs test_first_dpo_loss_is_ln2_from_scratch_and_from_sft")
+    sft, dpo = load_file(sft_run / "adapter_model.safetensors"), load_file(run / "adapter_model.safetensors")
+    assert set(sft) == set(dpo)  # the same adapter (no "ref" copy saved), trained further
+    assert any(not torch.equal(sft[name], dpo[name]) for name in sft)
+    for checkpoint in (run / "checkpoints").glob("checkpoint-*"):
+        assert set(load_file(checkpoint / "adapter_model.safetensors")) == set(sft)
+        assert not (checkpoint / "ref").exists()
+    config = load_config(run / "config.yaml")
+    assert config.model.adapter_from == str(sft_run)
+    assert config.adapter == load_config(sft_run / "config.yaml").adapter
+    record = json.loads((run / "loraft_run.json").read_text())
+    assert record["identity"]["model.adapter_from"]["path"] == str(sft_run.resolve())
+    # plain peft loads it
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_bloom_dir), str(run))
+    assert model(torch.tensor([[5, 6, 7]])).logits.shape[-1] == model.config.vocab_size
+
+
+def _base_storage(model) -> tuple[int, int]:
+    """(numel of the distinct storages of frozen base parameters, numel of the base model's parameters)."""
+    seen, frozen = set(), 0
+    for name, parameter in model.named_parameters():
+        if "lora_" in name or "modules_to_save" in name:
+            continue
+        pointer = parameter.untyped_storage().data_ptr()
+        if pointer not in seen:
+            seen.add(pointer)
+            frozen += parameter.numel()
+    base = model.get_base_model()
+    total = sum(p.numel() for n, p in base.named_parameters() if "lora_" not in n and "modules_to_save" not in n)
+    return frozen, total
+
+
+@pytest.mark.parametrize("from_sft", [False, True], ids=["scratch", "from-sft"])
+def test_the_reference_keeps_one_copy_of_the_base_weights(workdir, tiny_bloom_dir, sft_run, from_sft):
+    capture = Capture()
+    extra = (f"model.adapter_from={sft_run}",) if from_sft else ()
+    train(load_config(None, _overrides(tiny_bloom_dir, workdir / "pairs.jsonl", workdir / f"storage-{from_sft}",
+                                       "train.objective=dpo", "train.max_steps=1", *extra)),
+          callbacks=[capture], progress_bar=False)
+    model = capture.model
+    frozen, total = _base_storage(model)
+    assert frozen == total  # every base weight once, shared by the policy and the reference
+    # the reference: with adapter_from the SFT adapter's frozen copy beside the trained one, else the adapter off
+    assert ("ref" in model.peft_config) is from_sft
+    if from_sft:
+        reference = {n: p for n, p in model.named_parameters() if ".ref." in n}
+        assert reference and not any(p.requires_grad for p in reference.values())
+        sft = load_file(sft_run / "adapter_model.safetensors")
+        lora_a = next(n for n in reference if "lora_A" in n)
+        saved = next(v for k, v in sft.items() if k.endswith(lora_a.split("transformer.", 1)[1].replace(".ref", "")))
+        assert torch.equal(reference[lora_a].detach(), saved)
+
+
+def _trl_dpo_direct(model_dir: Path, rows: list[dict], out: Path, capture: Capture, template_jinja: str):
+    """TRL's DPOTrainer as its documentation shows, on the conversations in TRL's conversational format, with the
+    run's template as the tokenizer's chat_template: returns its train dataset (token ids) and log history."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    from loraft.config import AdapterConfig
+    from loraft.model import build_peft_config
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.chat_template = template_jinja
+    dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": row["instruction"]}],
+                                  "chosen": [{"role": "assistant", "content": row["chosen"]}],
+                                  "rejected": [{"role": "assistant", "content": row["rejected"]}]} for row in rows])
+    args = DPOConfig(output_dir=str(out), max_steps=1, per_device_train_batch_size=4, learning_rate=0.01,
+                     bf16=False, use_cpu=True, logging_steps=1, save_strategy="no", report_to="none",
+                     train_sampling_strategy="sequential", seed=42, max_length=256)
+    adapter = AdapterConfig(target_modules=["query_key_value"])
+    trainer = DPOTrainer(model=AutoModelForCausalLM.from_pretrained(model_dir), args=args, train_dataset=dataset,
+                         processing_class=tokenizer, peft_config=build_peft_config(adapter), callbacks=[capture])
+    trainer.train()
+    return trainer.train_dataset, trainer.state.log_history
+
+
+def test_dpo_loss_and_gradients_equal_trls_dpotrainer(workdir, tiny_bloom_dir):
+    from loraft.model import load_tokenizer
+    from loraft.preference import prepare_preference_datasets
+    from loraft.templates import get_template
+
+    config = load_config(None, _overrides(tiny_bloom_dir, workdir / "pairs.jsonl", workdir / "parity",
+                                          "train.objective=dpo", "train.max_steps=1",
+                                          "train.per_device_train_batch_size=4"))
+    ours = Capture()
+    run = train(config, callbacks=[ours], progress_bar=False)
+    theirs = Capture()
+    tokenizer = load_tokenizer(str(tiny_bloom_dir))
+    template = get_template(config.data.template, tokenizer)
+    trl_data, history = _trl_dpo_direct(tiny_bloom_dir, PAIRS * 4, workdir / "trl-direct", theirs, template.jinja)
+    # the same token ids: loraft's encoding of the pairs is what TRL makes of the same conversations
+    prepared = prepare_preference_datasets(config, tokenizer)
+    for column in ("prompt_ids", "chosen_ids", "rejected_ids"):
+        assert prepared.train[column] == trl_data[column], column
+    trl_loss = next(entry["loss"] for entry in history if "loss" in entry)
+    assert _metrics(run)[0]["loss"] == pytest.approx(trl_loss, abs=1e-5)
+    assert set(ours.gradients) == set(theirs.gradients) and ours.gradients
+    for name, gradient in ours.gradients.items():
+        torch.testing.assert_close(gradient, theirs.gradients[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("objective", ["kto", "orpo"])
+def test_kto_and_orpo_train_and_lower_their_loss(workdir, tiny_bloom_dir, objective):
+    data = workdir / "pairs.jsonl"
+    if objective == "kto":  # KTO from unpaired records: desirable and undesirable completions
+        rows = [{"prompt": pair["instruction"], "completion": pair[side], "label": side == "chosen"}
+                for pair in PAIRS * 2 for side in ("chosen", "rejected")]
+        data = _write_jsonl(workdir / "unpaired.jsonl", rows)
+    run = train(load_config(None, _overrides(tiny_bloom_dir, data, workdir / objective, f"train.objective={objective}",
+                                             "train.max_steps=6")), progress_bar=False)
+    logged = _metrics(run)
+    assert len(logged) == 6 and logged[-1]["loss"] < logged[0]["loss"]
+    assert any(key.startswith("rewards/") or key == "kl" for key in logged[-1])
+    assert json.loads((run / "loraft_run.json").read_text())["status"] == "finished"
+
+
+@pytest.mark.parametrize("fmt", ["preference_messages", "preference_sharegpt", "unpaired_sharegpt"])
+def test_each_preference_format_trains(workdir, tiny_bloom_dir, fmt):
+    if fmt == "preference_messages":
+        rows = [{"prompt": [{"role": "user", "content": p["instruction"]}],
+                 "chosen": [{"role": "assistant", "content": p["chosen"]}],
+                 "rejected": [{"role": "assistant", "content": p["rejected"]}]} for p in PAIRS]
+    elif fmt == "preference_sharegpt":
+        rows = [{"conversations": [{"from": "human", "value": p["instruction"]}],
+                 "chosen": {"from": "gpt", "value": p["chosen"]}, "rejected": {"from": "gpt", "value": p["rejected"]}}
+                for p in PAIRS]
+    else:
+        rows = [{"conversations": [{"from": "human", "value": p["instruction"]}],
+                 "completion": {"from": "gpt", "value": p[side]}, "label": side == "chosen"}
+                for p in PAIRS for side in ("chosen", "rejected")]
+    data = _write_jsonl(workdir / f"{fmt}.jsonl", rows)
+    objective = "kto" if fmt.startswith("unpaired") else "dpo"
+    run = train(load_config(None, _overrides(tiny_bloom_dir, data, workdir / fmt, f"train.objective={objective}",
+                                             "train.max_steps=2")), progress_bar=False)
+    assert json.loads((run / "data_report.json").read_text())["format"] == fmt
+    assert (run / "adapter_model.safetensors").is_file()
+
+
+def test_refusals_are_one_sentence(workdir, tiny_bloom_dir, sft_run, tiny_llama_dir):
+    unpaired = _write_jsonl(workdir / "refuse-unpaired.jsonl",
+                            [{"prompt": "a", "completion": "b", "label": True}, {"prompt": "c", "completion": "d",
+                                                                                  "label": False}])
+    with pytest.raises(DataError, match="train.objective=dpo needs chosen/rejected pairs"):
+        train(load_config(None, _overrides(tiny_bloom_dir, unpaired, workdir / "r1", "train.objective=dpo")))
+    with pytest.raises(ConfigError, match="KTO estimates its KL term"):
+        train(load_config(None, _overrides(tiny_bloom_dir, unpaired, workdir / "r2", "train.objective=kto",
+                                           "train.per_device_train_batch_size=1")))
+    with pytest.raises(ConfigError, match="its adapter was trained on"):
+        train(load_config(None, _overrides(tiny_llama_dir, workdir / "pairs.jsonl", workdir / "r3",
+                                           "train.objective=dpo", f"model.adapter_from={sft_run}")))
+    with pytest.raises(DataError, match="train on them with train.objective=dpo, kto or orpo"):
+        train(load_config(None, _overrides(tiny_bloom_dir, workdir / "pairs.jsonl", workdir / "r4")))
+
+
+def test_resume_with_another_sft_run_is_refused(workdir, tiny_bloom_dir, sft_run):
+    import shutil
+
+    other = workdir / "sft-copy"
+    shutil.copytree(sft_run, other)
+    record = json.loads((other / "loraft_run.json").read_text())
+    record["finished"] = record["finished"] + 1  # another training of the same directory
+    (other / "loraft_run.json").write_text(json.dumps(record))
+    out = workdir / "identity"
+    config = load_config(None, _overrides(tiny_bloom_dir, workdir / "pairs.jsonl", out, "train.objective=dpo",
+                                          "train.max_steps=2", f"model.adapter_from={other}"))
+    train(config, progress_bar=False)
+    run_record = json.loads((out / "loraft_run.json").read_text())
+    run_record["status"] = "interrupted"  # as if killed after its checkpoint-2
+    (out / "loraft_run.json").write_text(json.dumps(run_record))
+    record["finished"] += 1
+    (other / "loraft_run.json").write_text(json.dumps(record))
+    with pytest.raises(RunError, match=r"--resume refused: model.adapter_from.finished changed"):
+        train(config.model_copy(update={"train": config.train.model_copy(update={"max_steps": 4})}), resume=True)
+
+
+def test_sigkilled_dpo_run_resumes_to_a_bit_equal_adapter(workdir, tiny_bloom_dir, sft_run):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(HOOK), os.environ.get("PYTHONPATH")]))}
+    env.pop("KILL_ON", None)
+
+    def run(name: str, resume: bool = False, kill_on: str = None) -> subprocess.CompletedProcess:
+        path = workdir / f"{name}.yaml"
+        save_config(load_config(None, _overrides(tiny_bloom_dir, workdir / "pairs.jsonl", workdir / name,
+                                                 "train.objective=dpo", "train.max_steps=6",
+                                                 f"model.adapter_from={sft_run}")), path)
+        command = [sys.executable, "-m", "loraft.cli", "train", str(path)] + (["--resume"] if resume else [])
+        return subprocess.run(command, env={**env, "KILL_ON": kill_on} if kill_on else env, capture_output=True,
+                              text=True, timeout=600)
+
+    assert run("resume-reference").returncode == 0
+    killed = run("resume-killed", kill_on="os.rename|checkpoints/checkpoint-4")  # inside the second checkpoint
+    assert killed.returncode == -signal.SIGKILL
+    checkpoints = sorted(p.name for p in (workdir / "resume-killed" / "checkpoints").glob("checkpoint-*"))
+    assert checkpoints == ["checkpoint-2"]
+    resumed = run("resume-killed", resume=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    expected = load_file(workdir / "resume-reference" / "adapter_model.safetensors")
+    got = load_file(workdir / "resume-killed" / "adapter_model.safetensors")
+    assert set(got) == set(expected)
+    for name in expected:
+        assert torch.equal(got[name], expected[name]), name
+    steps = [record["step"] for record in _metrics(workdir / "resume-killed")]
+    assert sorted(set(steps)) == list(range(1, 7))
