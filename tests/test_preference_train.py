@@ -309,3 +309,35 @@ def test_sigkilled_dpo_run_resumes_to_a_bit_equal_adapter(workdir, tiny_bloom_di
         assert torch.equal(got[name], expected[name]), name
     steps = [record["step"] for record in _metrics(workdir / "resume-killed")]
     assert sorted(set(steps)) == list(range(1, 7))
+
+
+def test_two_process_dpo_logs_the_losses_of_one_process(workdir, tiny_bloom_dir, sft_run):
+    """torchrun: 2 ranks x 1 pair against 1 process x 2 pairs, in order (each step sees the same pairs)."""
+    import socket
+
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_gloo_available()):
+        pytest.skip("needs torch.distributed with the gloo backend")
+    common = ("train.objective=dpo", "train.max_steps=3", "train.learning_rate=0.05", f"model.adapter_from={sft_run}")
+    single = train(load_config(None, _overrides(tiny_bloom_dir, workdir / "pairs.jsonl", workdir / "dpo-1",
+                                                *common)), progress_bar=False)
+    out = workdir / "dpo-2"
+    config_path = workdir / "dpo-2.yaml"
+    save_config(load_config(None, _overrides(tiny_bloom_dir, workdir / "pairs.jsonl", out, *common,
+                                             "train.per_device_train_batch_size=1")), config_path)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "LORAFT_HOME": str(workdir / "home-2")}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+               "--master-port", str(port), "-m", "loraft.cli", "train", str(config_path)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    expected, logged = _metrics(single), _metrics(out)
+    assert [r["step"] for r in logged] == [r["step"] for r in expected] == [1, 2, 3]
+    for one, many in zip(expected, logged):
+        assert many["loss"] == pytest.approx(one["loss"], rel=1e-4), many["step"]
+        assert many["rewards/margins"] == pytest.approx(one["rewards/margins"], rel=1e-3, abs=1e-6), many["step"]
+    assert logged[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert json.loads((out / "loraft_run.json").read_text())["status"] == "finished"

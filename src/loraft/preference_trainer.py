@@ -97,7 +97,10 @@ def orpo_columns(dataset):
 
 def check_objective(config: RunConfig) -> None:
     """Settings a preference objective cannot run with, in one sentence each (before anything loads)."""
+    from loraft.errors import require
+
     objective, train = config.train.objective, config.train
+    require(f"train with train.objective={objective}", "preference", "trl")
     if objective == "kto" and train.per_device_train_batch_size < 2 and config.loss_type() == "kto":
         raise ConfigError("train.objective=kto needs train.per_device_train_batch_size >= 2: KTO estimates its KL "
                           "term from the other completions of the batch (got 1)")
