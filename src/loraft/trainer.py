@@ -1,10 +1,11 @@
 """The Trainer loraft runs, its callbacks, and the mapping of `train.*` onto TrainingArguments.
 
-`LoraftTrainer` is transformers' Trainer with four changes, each measured or needed for a guarantee:
-atomic checkpoints (written under `.staging/`, then renamed), a length-grouped sampler, the supervised-only
-fused loss (loraft.loss), forward/backward in token-bounded sub-batches (loraft.batching), and a stop on a
-non-finite loss or gradient norm before the optimizer uses it. Each falls back to Trainer's own behaviour
-where it does not apply; tests/test_trainer.py checks each override on its own.
+`RunGuarantees` is what every trainer of a run has, whatever computes its loss: atomic checkpoints (written under
+`.staging/`, then renamed) and a stop on a non-finite loss or gradient norm before the optimizer uses it. SFT's
+`LoraftTrainer` is transformers' Trainer with those plus three changes, each measured: a length-grouped sampler,
+the supervised-only fused loss (loraft.loss) and forward/backward in token-bounded sub-batches (loraft.batching).
+Each falls back to Trainer's own behaviour where it does not apply; tests/test_trainer.py checks each override on
+its own. The preference objectives mix RunGuarantees into TRL's trainers (loraft.preference_trainer).
 
 The graceful stop is a callback, not an override: `StopRequest` turns SIGTERM/SIGINT into a request, `GracefulStop`
 ends the current optimizer step, saves a checkpoint through the same atomic path and ends training.
@@ -408,14 +409,21 @@ def build_training_arguments(config: RunConfig, plan, run_dir: Path, has_eval: b
     return (arguments_class or TrainingArguments)(**arguments)
 
 
+REWARD_CURVES = (("rewards/chosen", "chosen reward"), ("rewards/rejected", "rejected reward"),
+                 ("rewards/margins", "margin"))
+
+
 def plot_loss(metrics_path: Path, png_path: Path) -> bool:
-    """Draw training (and eval) loss against optimizer step; returns False when nothing was logged."""
+    """Draw training (and eval) loss against optimizer step, and for a preference run (TRL's `rewards/*` logged)
+    a second panel with the chosen and rejected rewards, their margin and the reward accuracy; returns False when
+    nothing was logged."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     train_points, eval_points = [], []
+    rewards: dict[str, list] = {key: [] for key, _ in REWARD_CURVES + (("rewards/accuracies", ""),)}
     for record in read_metrics(metrics_path):
         if "loss" in record:
             train_points.append((record["step"], record["loss"]))
@@ -424,9 +432,15 @@ def plot_loss(metrics_path: Path, png_path: Path) -> bool:
             train_points.append((record["step"], record["train_loss"]))
         if "eval_loss" in record:
             eval_points.append((record["step"], record["eval_loss"]))
+        for key, points in rewards.items():
+            if key in record and "loss" in record:
+                points.append((record["step"], record[key]))
     if not train_points and not eval_points:
         return False
-    figure, axis = plt.subplots(figsize=(7, 4), dpi=100)
+    has_rewards = any(rewards.values())
+    figure, axes = plt.subplots(2 if has_rewards else 1, 1, figsize=(7, 7 if has_rewards else 4), dpi=100,
+                                squeeze=False)
+    axis = axes[0][0]
     if train_points:
         axis.plot(*zip(*train_points), marker="o", markersize=3, label="train loss")
     if eval_points:
@@ -436,6 +450,21 @@ def plot_loss(metrics_path: Path, png_path: Path) -> bool:
     axis.set_title(f"loraft: {png_path.parent.name}")
     axis.grid(alpha=0.3)
     axis.legend()
+    if has_rewards:
+        axis = axes[1][0]
+        for key, label in REWARD_CURVES:
+            if rewards[key]:
+                axis.plot(*zip(*rewards[key]), marker="o", markersize=3, label=label)
+        axis.set_xlabel("optimizer step")
+        axis.set_ylabel("implicit reward")
+        axis.grid(alpha=0.3)
+        if rewards["rewards/accuracies"]:
+            accuracy = axis.twinx()
+            accuracy.plot(*zip(*rewards["rewards/accuracies"]), color="grey", linestyle="--", label="reward accuracy")
+            accuracy.set_ylim(-0.05, 1.05)
+            accuracy.set_ylabel("reward accuracy")
+            accuracy.legend(loc="lower right")
+        axis.legend(loc="upper left")
     figure.tight_layout()
     tmp = png_path.with_suffix(".tmp.png")
     figure.savefig(tmp)
