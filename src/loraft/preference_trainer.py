@@ -104,9 +104,6 @@ def check_objective(config: RunConfig) -> None:
     if objective == "kto" and train.per_device_train_batch_size < 2 and config.loss_type() == "kto":
         raise ConfigError("train.objective=kto needs train.per_device_train_batch_size >= 2: KTO estimates its KL "
                           "term from the other completions of the batch (got 1)")
-    if config.adapter.method != "lora" and objective != "orpo":
-        raise ConfigError(f"train.objective={objective} computes its reference by switching the adapter off; "
-                          f"adapter.method={config.adapter.method} is not supported there, use lora")
 
 
 def preference_arguments(config: RunConfig, plan, run_dir: Path, has_eval: bool):
