@@ -262,6 +262,17 @@ def test_a_config_reaches_nothing_outside_the_workspace_and_runs_no_model_code(c
                    "data.path '../secret.jsonl' climbs out with '..'; give a path inside the workspace")
     assert_refused(plan("data:\n  path: data/train.jsonl\n  cache_dir: /tmp/elsewhere\n"), 400,
                    f"data.cache_dir '/tmp/elsewhere' is not relative; give a path inside the workspace {workspace}")
+    # the run a preference run continues from is a folder on this machine, never a hub id: always confined
+    assert_refused(plan("model:\n  name_or_path: base\n  adapter_from: ../sft\n"), 400,
+                   "model.adapter_from '../sft' climbs out with '..'; give a path inside the workspace")
+    assert_refused(plan("model:\n  name_or_path: base\n  adapter_from: /tmp/sft\n"), 400,
+                   f"model.adapter_from '/tmp/sft' is not relative; give a path inside the workspace {workspace}")
+    (workspace / "sft-elsewhere").symlink_to("/tmp", target_is_directory=True)
+    try:
+        assert_refused(plan("model:\n  name_or_path: base\n  adapter_from: sft-elsewhere/run\n"), 400,
+                       "model.adapter_from 'sft-elsewhere/run' leads outside the workspace through a symbolic link")
+    finally:
+        (workspace / "sft-elsewhere").unlink()
     assert_refused(client.post("/api/data/check", json={"path": "x" * 300}), 400,
                    f"path '{'x' * 300}' cannot be read (File name too long)")
     assert_refused(client.post("/api/plan", json={"config": "configs/dir.yaml"}), 400,
@@ -441,6 +452,22 @@ def test_events_replay_after_last_event_id_and_end_with_the_final_state(client, 
         shutil.rmtree(run_dir)
 
 
+def test_events_carry_a_preference_runs_rewards(client, workspace):
+    """The reward charts are drawn from the metric events: TRL's rewards/* keys arrive as the trainer logged them."""
+    run_dir = fake_run(workspace / "dpo-curve", status="finished", total_steps=2)
+    lines = [json.dumps({"step": step, "loss": 0.69 - step / 100, "rewards/chosen": step / 10,
+                         "rewards/rejected": -step / 10, "rewards/accuracies": step / 2, "rewards/margins": step / 5,
+                         "logps/chosen": -12.5, "logps/rejected": -14.0}) for step in (1, 2)]
+    (run_dir / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    try:
+        blocks = sse_blocks(client.get("/api/runs/dpo-curve/events").text)
+        metrics = [json.loads(block["data"]) for block in blocks if block["event"] == "metric"]
+        assert [block["data"] for block in blocks if block["event"] == "metric"] == lines
+        assert [metric["rewards/margins"] for metric in metrics] == [0.2, 0.4]
+    finally:
+        shutil.rmtree(run_dir)
+
+
 def test_events_send_reset_when_the_file_shrinks(tmp_path):
     metrics = tmp_path / "metrics.jsonl"
     metrics.write_text("".join(json.dumps({"step": step}) + "\n" for step in (1, 2, 3)))
@@ -488,6 +515,71 @@ def test_data_preview_and_check_answer_what_the_cli_prints(client, workspace, ca
     assert report == expected
     assert_refused(client.post("/api/data/preview", json={"path": "data/train.jsonl", "model": "no such model!"}),
                    400, "model 'no such model!' is neither a run, a folder in the workspace, nor a hub id")
+
+
+PREFERENCE_PAIRS = [  # LLaMA-Factory's alpaca ranking format
+    {"instruction": "人工智能是什么", "input": "", "chosen": "人工智能是计算机科学的一个分支。", "rejected": "不知道。"},
+    {"instruction": "请把下面的句子翻译成英文", "input": "今天天气很好", "chosen": "The weather is nice today.",
+     "rejected": "今天天气很好"},
+]
+UNPAIRED = [  # KTO: one completion and its label
+    {"prompt": "人工智能是什么", "completion": "人工智能是计算机科学的一个分支。", "label": True},
+    {"prompt": "你好", "completion": "不知道。", "label": False},
+]
+
+
+def write_jsonl(path: Path, records: list) -> Path:
+    path.write_text("".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records), encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("records, limits", [(PREFERENCE_PAIRS, {"max_prompt_length": 20, "max_completion_length": 3}),
+                                            (UNPAIRED, {})], ids=["pairs", "unpaired"])
+def test_preference_data_previews_and_checks_as_loraft_preference_does(client, workspace, records, limits):
+    from loraft.config import DataConfig, PreferenceConfig
+    from loraft.model import load_tokenizer
+    from loraft.preference import check_preferences, preview_preferences
+
+    path = write_jsonl(workspace / "data" / "preferences.jsonl", records)
+    tokenizer = load_tokenizer(str(workspace / "base"))
+    data = DataConfig(path=str(path), max_length=64, limit=2)
+    expected = preview_preferences(str(path), data, tokenizer, 2, PreferenceConfig(**limits))
+    answer = client.post("/api/data/preview", json={"path": "data/preferences.jsonl", "model": "base",
+                                                    "max_length": 64, "limit": 2, **limits})
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["preference"] is True
+    samples = answer.json()["samples"]
+    sides = ("chosen", "rejected") if "chosen" in records[0] else ("completion",)
+    for side in sides:  # what the page highlights: the supervised span of each completion
+        assert [sample[side]["labels"] for sample in samples] == [sample[side]["labels"] for sample in expected]
+    assert samples == json.loads(json.dumps(expected))
+    if limits:  # the cuts were made: a prompt kept its end, a completion its start
+        assert samples[1]["prompt_truncated"] and all(samples[1][side]["truncated"] for side in sides)
+    else:
+        assert [sample["label"] for sample in samples] == [True, False]
+
+    report = client.post("/api/data/check", json={"path": "data/preferences.jsonl", "model": "base",
+                                                  "max_length": 64, **limits})
+    assert report.status_code == 200, report.text
+    assert report.json() == check_preferences(str(path), DataConfig(path=str(path), max_length=64), tokenizer,
+                                              PreferenceConfig(**limits))
+    assert client.post("/api/data/check", json={"path": "data/preferences.jsonl"}).json()["records_read"] == 2
+
+
+def test_bad_preference_records_and_limits_are_one_sentence(client, workspace):
+    write_jsonl(workspace / "data" / "bad-pairs.jsonl", [PREFERENCE_PAIRS[0], {"instruction": "你好", "chosen": "好"}])
+    for route, body in (("check", {}), ("preview", {"model": "base"})):
+        assert_refused(client.post(f"/api/data/{route}", json={"path": "data/bad-pairs.jsonl", **body}), 400,
+                       f"{workspace / 'data' / 'bad-pairs.jsonl'}, line 2, field 'rejected': missing (the record has "
+                       "instruction, chosen)")
+    assert_refused(client.post("/api/data/check", json={"path": "data/train.jsonl", "max_prompt_length": 0}), 400,
+                   "max_prompt_length: must be > 0 or null (got 0)")
+    assert_refused(client.post("/api/data/check", json={"path": "data/train.jsonl", "max_length": 24,
+                                                        "max_prompt_length": 24}), 400,
+                   "preference.max_prompt_length must be < data.max_length, to leave room for the completion (got "
+                   "24 >= 24)")
+    assert_refused(client.post("/api/data/check", json={"path": "data/train.jsonl", "max_completion_length": "4"}),
+                   400, "max_completion_length must be an integer (got a string)")
 
 
 def test_plan_shows_the_exact_command(client, workspace):

@@ -281,6 +281,76 @@ def test_the_data_page_highlights_exactly_the_supervised_tokens(ui, browser, wor
     assert "bad.jsonl" in error and "line 2" in error
 
 
+PAIRS = [  # DPO pairs in LLaMA-Factory's alpaca ranking format; the second one's answers are cut
+    {"instruction": "人工智能是什么", "input": "", "chosen": "人工智能是计算机科学的一个分支。", "rejected": "不知道。"},
+    {"instruction": "请把下面的句子翻译成英文", "input": "今天天气很好", "chosen": "The weather is nice today.",
+     "rejected": "今天天气很好"},
+]
+
+
+def completion_cut(record: dict, side: str) -> bool:
+    """Whether the length limits cut this side's completion (a cut prompt is marked in the prompt)."""
+    kept = len(record[side]["input_ids"]) - record[side]["labels"].count(-100)
+    return record[side]["full_length"] - record["prompt_length"] > kept
+
+
+def test_the_data_page_shows_preference_records_side_by_side(ui, browser, workspace):
+    (workspace / "data" / "pairs.jsonl").write_text(
+        "".join(json.dumps(pair, ensure_ascii=False) + "\n" for pair in PAIRS), encoding="utf-8")
+    cli = subprocess.run([sys.executable, "-m", "loraft.cli", "data", "preview", "data/pairs.jsonl", "--model", MODEL,
+                          "--max-length", "64", "--max-prompt-length", "20", "--max-completion-length", "4",
+                          "--limit", "2", "--json"], cwd=workspace, check=True, capture_output=True, text=True)
+    expected = [json.loads(line) for line in cli.stdout.splitlines()]
+    open_page(browser, ui.url + "/#/data")
+    browser.wait_for("document.getElementById('data-max-completion-length') !== null")
+    browser.js(f"""(() => {{
+        const set = (id, value) => {{ const e = document.getElementById(id); e.value = value;
+                                      e.dispatchEvent(new Event('input', {{bubbles: true}})); }};
+        set('data-path', 'data/pairs.jsonl'); set('data-model', {json.dumps(MODEL)});
+        set('data-max-length', '64'); set('data-max-prompt-length', '20'); set('data-max-completion-length', '4');
+        set('data-limit', '2');
+        document.getElementById('data-preview-button').click(); }})()""")
+    browser.wait_for("document.querySelectorAll('#samples .sample.preference').length === 2")
+    # each side drawn as the prompt's tokens (once, for both) then its own: the highlight is its labels
+    shown = browser.js("""[...document.querySelectorAll('#samples .sample')].map(sample => {
+        const flags = side => [...sample.querySelectorAll(`[data-side="${side}"] span.token`)].map(
+            t => t.classList.contains('supervised'));
+        return { chosen: flags('prompt').concat(flags('chosen')), rejected: flags('prompt').concat(flags('rejected')),
+                 prompt_cut: sample.querySelector('[data-side="prompt"] .cut') !== null,
+                 cut: ['chosen', 'rejected'].map(side =>
+                     sample.querySelector(`[data-side="${side}"] .cut`) !== null) }; })""")
+    assert [s["chosen"] for s in shown] == [[label != -100 for label in e["chosen"]["labels"]] for e in expected]
+    assert [s["rejected"] for s in shown] == [[label != -100 for label in e["rejected"]["labels"]] for e in expected]
+    assert [s["cut"] for s in shown] == [[completion_cut(e, side) for side in ("chosen", "rejected")] for e in expected]
+    assert any(any(s["cut"]) for s in shown)
+    assert [s["prompt_cut"] for s in shown] == [e["prompt_truncated"] for e in expected] == [False, True]
+    browser.js("document.getElementById('data-check-button').click()")
+    report = browser.wait_for("(() => { const r = document.querySelector('#data-report dl.facts'); "
+                              "return r && r.textContent.includes('preference_alpaca') && r.textContent; })()")
+    assert "2 chosen/rejected pairs" in report
+
+
+def test_a_preference_runs_rewards_are_charted_and_an_sft_run_has_none(ui, browser, workspace):
+    for name, extra in (("fake-dpo", lambda step: {"rewards/chosen": step / 10, "rewards/rejected": -step / 20,
+                                                    "rewards/margins": step / 10 + step / 20,
+                                                    "rewards/accuracies": min(1.0, step / 3)}),
+                        ("fake-sft", lambda step: {})):
+        run_dir = workspace / name
+        run_dir.mkdir()
+        (run_dir / "loraft_run.json").write_text(json.dumps({"status": "finished", "total_steps": 3}))
+        (run_dir / "metrics.jsonl").write_text("".join(
+            json.dumps({"step": step, "loss": 0.7 - step / 10, **extra(step)}) + "\n" for step in (1, 2, 3)))
+    open_page(browser, ui.url + "/#/run/fake-dpo")
+    browser.wait_for("window.loraftUI.points['rewards/margins'].length === 3 && "
+                     "!document.getElementById('reward-panel').hidden")
+    assert browser.js("['rewards-chart', 'accuracy-chart'].every(id => "
+                      "document.querySelector(`#${id} canvas`) !== null)")
+    assert browser.js("window.loraftUI.points['rewards/accuracies'].map(point => point[1])") == [1 / 3, 2 / 3, 1.0]
+    open_page(browser, ui.url + "/#/run/fake-sft")
+    browser.wait_for("window.loraftUI.points.loss.length === 3")
+    assert browser.js("document.getElementById('reward-panel').hidden") is True
+
+
 def _visible_texts(browser: Chromium) -> list[str]:
     return browser.js("""(() => { const texts = []; const walk = document.createTreeWalker(document.body,
         NodeFilter.SHOW_TEXT); while (walk.nextNode()) { const node = walk.currentNode; const box = node.parentElement;

@@ -1,5 +1,6 @@
 """The data stage from the UI: `loraft data check` and `loraft data preview` on workspace files, with the tokenizer
-of a run, a folder in the workspace, or a hub model."""
+of a run, a folder in the workspace, or a hub model. Preference records (DPO pairs, KTO unpaired completions) go to
+loraft.preference, as the CLI sends them."""
 
 from __future__ import annotations
 
@@ -9,28 +10,39 @@ from typing import Optional
 
 from pydantic import ValidationError
 
-from loraft.config import DataConfig
+from loraft.config import RunConfig
 from loraft.rundir import RUN_FILE, read_record
 from loraft.ui.workspace import RUN_NAME, RequestError, Workspace, complete_checkpoints
 
 HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
 DATA_FIELDS = {"path": (str, True), "model": (str, False), "template": (str, False), "format": (str, False),
-               "max_length": (int, False)}
+               "max_length": (int, False), "max_prompt_length": (int, False), "max_completion_length": (int, False)}
 
 
-def data_config(workspace: Workspace, values: dict, limit: Optional[int] = None) -> DataConfig:
-    """The DataConfig `loraft data check/preview` builds from the same options (cli._data_config)."""
+def data_settings(workspace: Workspace, values: dict, limit: Optional[int] = None) -> RunConfig:
+    """The `data` and `preference` sections `loraft data check/preview` build from the same options
+    (cli._data_settings), validated by the one RunConfig schema; a bad value is a 400 naming the request's key."""
     fields = {"path": str(workspace.resolve(values["path"], field="path")), "template": values["template"] or "auto",
               "max_length": 256 if values["max_length"] is None else values["max_length"],
               "format": values["format"] or "auto"}
     if limit:
         fields["limit"] = limit
+    limits = {key: values.get(key) for key in ("max_prompt_length", "max_completion_length")}
     try:
-        return DataConfig(**fields)
+        return RunConfig.model_validate({"data": fields, "preference": limits})
     except ValidationError as exc:
+        # not config_from_sections: its sentence names the config key (data.format); the request's key is `format`
         first = exc.errors()[0]
         message = first["msg"].removeprefix("Value error, ")
-        raise RequestError(400, f"{'.'.join(str(part) for part in first['loc'])}: {message}") from None
+        key = ".".join(str(part) for part in first["loc"][1:])
+        raise RequestError(400, f"{key}: {message}" if key else message) from None
+
+
+def is_preference_data(settings: RunConfig) -> bool:
+    """Whether the source holds preference records (data.format, or detected from its first record)."""
+    from loraft.records import PREFERENCE_FORMATS, source_format
+
+    return source_format(settings.data.path, settings.data) in PREFERENCE_FORMATS
 
 
 def tokenizer_of(workspace: Workspace, model: str):
@@ -58,11 +70,16 @@ def tokenizer_of(workspace: Workspace, model: str):
 
 
 def data_check(workspace: Workspace, values: dict) -> dict:
-    """POST /api/data/check: `loraft data check --json`'s report (token lengths when a model is given)."""
+    """POST /api/data/check: `loraft data check --json`'s report (token lengths when a model is given); for
+    preference records check_preferences' report."""
     from loraft.data import check_data
+    from loraft.preference import check_preferences
 
-    data = data_config(workspace, values)
+    settings = data_settings(workspace, values)
+    data = settings.data
     tokenizer = tokenizer_of(workspace, values["model"]) if values["model"] else None
+    if is_preference_data(settings):
+        return check_preferences(data.path, data, tokenizer, settings.preference)
     return check_data(data.path, data, tokenizer)
 
 
@@ -70,11 +87,18 @@ MAX_PREVIEW = 200
 
 
 def data_preview(workspace: Workspace, values: dict) -> dict:
-    """POST /api/data/preview: the samples `loraft data preview --json` prints for the same options."""
+    """POST /api/data/preview: the samples `loraft data preview --json` prints for the same options
+    (preview_samples, or preview_preferences for preference records), and whether they are preference records."""
     from loraft.data import preview_samples
+    from loraft.preference import preview_preferences
 
     limit = 5 if values["limit"] is None else values["limit"]
     if limit > MAX_PREVIEW:  # each sample is drawn token by token in the page
         raise RequestError(400, f"limit must be at most {MAX_PREVIEW} (got {limit})")
-    data = data_config(workspace, values, limit)
-    return {"samples": preview_samples(data.path, data, tokenizer_of(workspace, values["model"]), limit)}
+    settings = data_settings(workspace, values, limit)
+    data = settings.data
+    tokenizer = tokenizer_of(workspace, values["model"])
+    if is_preference_data(settings):
+        return {"preference": True,
+                "samples": preview_preferences(data.path, data, tokenizer, limit, settings.preference)}
+    return {"preference": False, "samples": preview_samples(data.path, data, tokenizer, limit)}

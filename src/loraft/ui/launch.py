@@ -162,7 +162,8 @@ def train_command(workspace: Workspace, config: object, overrides: object, name:
 
 
 # the config keys that name files or folders on this machine (the rest are numbers, names and choices)
-PATH_KEYS = ("model.name_or_path", "data.path", "data.eval_path", "data.cache_dir")
+PATH_KEYS = ("model.name_or_path", "model.adapter_from", "data.path", "data.eval_path", "data.cache_dir")
+LOCAL_ONLY = ("model.adapter_from", "data.cache_dir")  # never a hub id: always a path, so always confined
 
 
 def _confine(workspace: Workspace, config: RunConfig, set_by_ui: set) -> None:
@@ -183,7 +184,7 @@ def _confine(workspace: Workspace, config: RunConfig, set_by_ui: set) -> None:
             in_workspace = (workspace.root / path).exists()
         except OSError:
             in_workspace = True  # let resolve say what is wrong with it
-        if path.is_absolute() or ".." in path.parts or in_workspace or key == "data.cache_dir":
+        if path.is_absolute() or ".." in path.parts or in_workspace or key in LOCAL_ONLY:
             workspace.resolve(value, field=key, must_exist=False)
 
 

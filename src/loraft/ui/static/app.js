@@ -291,10 +291,16 @@ function runsView() {
 
 const SECTION_KEYS = {
   run: "section.run", model: "section.model", data: "section.data", adapter: "section.adapter",
-  train: "section.train", generation: "section.generation",
+  train: "section.train", preference: "section.preference", generation: "section.generation",
 };
-const SECTION_ORDER = ["model", "data", "adapter", "train", "generation", "run"];
+const SECTION_ORDER = ["model", "data", "adapter", "train", "preference", "generation", "run"];
 const SET_BY_THE_UI = ["output_dir"]; // the run's name decides output_dir (WORKSPACE/NAME)
+
+/** A property that is a string or null (Optional[str]: a path, a name, a loss variant). */
+function isOptionalString(property) {
+  const types = (property.anyOf || []).map((option) => option.type).sort();
+  return types.length === 2 && types[0] === "null" && types[1] === "string";
+}
 
 /** How a schema property is edited: enum/bool as a select, numbers as number inputs, the rest as YAML text. */
 function widgetFor(property) {
@@ -303,6 +309,7 @@ function widgetFor(property) {
   if (property.type === "integer") return { kind: "number", step: "1" };
   if (property.type === "number") return { kind: "number", step: "any" };
   if (property.type === "string") return { kind: "string" };
+  if (isOptionalString(property)) return { kind: "optional_string" }; // text, or null to unset it
   return { kind: "yaml" }; // unions (str or list, int or "auto", optional values) and lists are typed as YAML
 }
 
@@ -324,7 +331,8 @@ function defaultText(value) {
 const YAML_AMBIGUOUS = /^(?:true|false|yes|no|on|off|y|n|null|~)$|^[-+.]?\d|^[\s[\]{}&*!|>'"%@`#,?:-]|:\s|\s#|\s$/i;
 
 function overrideValue(raw, kind) {
-  return kind === "string" && YAML_AMBIGUOUS.test(raw) ? JSON.stringify(raw) : raw;
+  if (kind === "optional_string" && /^(?:null|~)$/i.test(raw)) return raw; // unset it
+  return (kind === "string" || kind === "optional_string") && YAML_AMBIGUOUS.test(raw) ? JSON.stringify(raw) : raw;
 }
 
 function buildSchemaForm(container, schema) {
@@ -580,6 +588,7 @@ function renderPlan(report) {
 /** `loraft data check --json`'s report, readably. */
 function renderDataReport(report) {
   if (!report || typeof report !== "object") return el("p", { class: "muted", i18n: "report.missing" });
+  if (report.prompt_roles) return renderPreferenceReport(report);
   const rows = [
     [t("report.source"), t("report.source_value", { path: report.path, kind: formatValue(report.source_kind), format: formatValue(report.format) })],
     [t("report.records"), formatInteger(report.records_read)],
@@ -610,6 +619,34 @@ function renderDataReport(report) {
   return factList(rows);
 }
 
+/** check_preferences' report (preference records), readably: records, prompts, and with a tokenizer the cuts,
+ * the tokens per part and the lengths of prompt + longest completion. */
+function renderPreferenceReport(report) {
+  const labels = report.labels;
+  const rows = [
+    [t("report.source"), t("report.source_value", { path: report.path, kind: formatValue(report.source_kind), format: formatValue(report.format) })],
+    [t("report.records"), labels
+      ? t("report.unpaired_value", { records: formatInteger(report.records_read), desirable: formatInteger(labels.desirable), undesirable: formatInteger(labels.undesirable) })
+      : t("report.pairs_value", { records: formatInteger(report.records_read) })],
+    [t("report.prompt_turns"), t("report.turns_value", {
+      system: formatInteger(report.prompt_roles.system), user: formatInteger(report.prompt_roles.user), assistant: formatInteger(report.prompt_roles.assistant) })],
+    [t("report.multi_turn"), formatInteger(report.multi_turn_records)],
+  ];
+  if ("samples" in report) {
+    const limit = (value) => (value === null || value === undefined ? t("report.off") : formatValue(value));
+    const part = ([name, count]) => `${SIDE_KEYS[name] ? t(SIDE_KEYS[name]) : name} ${formatInteger(count)}`;
+    const lengths = report.length_percentiles || {};
+    rows.push(
+      [t("report.tokenizer"), t("report.preference_tokenizer_value", { tokenizer: formatValue(report.tokenizer), template: formatValue(report.template),
+        max_length: formatValue(report.max_length), max_prompt_length: limit(report.max_prompt_length), max_completion_length: limit(report.max_completion_length) })],
+      [t("report.truncated_prompts"), formatInteger(report.truncated_prompts)],
+      [t("report.truncated_completions"), Object.entries(report.truncated_completions || {}).map(part).join(" · ")],
+      [t("report.tokens"), Object.entries(report.tokens || {}).map(part).join(" · ")],
+      [t("report.preference_lengths"), `p50 ${formatValue(lengths.p50)} · p90 ${formatValue(lengths.p90)} · p99 ${formatValue(lengths.p99)} · max ${formatValue(lengths.max)}`]);
+  }
+  return factList(rows);
+}
+
 // ============================================================ #/run/NAME
 
 const SERIES = ["loss", "eval_loss", "learning_rate", "grad_norm"];
@@ -620,12 +657,26 @@ const SERIES_STYLE = {
   learning_rate: { stroke: "#2b8a3e", width: 1.5, scale: "lr", dash: [6, 4] },
   grad_norm: { stroke: "#9c36b5", width: 1, scale: "loss" },
 };
+// a preference run (DPO, KTO, ORPO) logs TRL's implicit rewards too: two more charts, shown once one is logged
+const REWARD_SERIES = ["rewards/chosen", "rewards/rejected", "rewards/margins"];
+const ACCURACY_SERIES = ["rewards/accuracies"]; // DPO and ORPO; KTO logs none
+const REWARD_KEYS = {
+  "rewards/chosen": "series.rewards_chosen", "rewards/rejected": "series.rewards_rejected",
+  "rewards/margins": "series.rewards_margins", "rewards/accuracies": "series.reward_accuracy",
+};
+const REWARD_STYLE = {
+  "rewards/chosen": { stroke: "#2b8a3e", width: 2 },
+  "rewards/rejected": { stroke: "#c92a2a", width: 2 },
+  "rewards/margins": { stroke: "#2f6fec", width: 1.5, dash: [6, 4] },
+  "rewards/accuracies": { stroke: "#9c36b5", width: 2 },
+};
+const ALL_SERIES = [...SERIES, ...REWARD_SERIES, ...ACCURACY_SERIES];
 const ETA_WINDOW = 6; // logged steps the speed is measured over
 
 let points = emptyPoints();
 
 function emptyPoints() {
-  return Object.fromEntries(SERIES.map((series) => [series, []]));
+  return Object.fromEntries(ALL_SERIES.map((series) => [series, []]));
 }
 
 /** JSON as Python writes it: a non-finite loss is written as a bare NaN/Infinity, which JSON.parse refuses. */
@@ -637,17 +688,18 @@ function parseMetricJson(text) {
 
 function runView() {
   let root, name, closed = false, detail = null, state = null, jobs = [];
-  let byStep = Object.fromEntries(SERIES.map((series) => [series, new Map()]));
+  let byStep = Object.fromEntries(ALL_SERIES.map((series) => [series, new Map()]));
   let times = new Map(); // step -> wall time of the training log lines, for the ETA
   let speed = null; // {step, value}: the newest tokens-per-second figure
   let lastEventId = null, streaming = false, controller = new AbortController();
   let chart = null, chartTimer = null, resizeObserver = null, shown = { loss: true, eval_loss: true, learning_rate: true, grad_norm: false };
   let poll = null, tick = 0, stopping = false;
+  let rewardCharts = null; // {rewards, accuracy}: uPlot charts, made when the first reward arrives
 
   // ---------- points and chart
 
   function clearPoints() {
-    byStep = Object.fromEntries(SERIES.map((series) => [series, new Map()]));
+    byStep = Object.fromEntries(ALL_SERIES.map((series) => [series, new Map()]));
     times = new Map();
     speed = null;
     points = emptyPoints();
@@ -661,13 +713,15 @@ function runView() {
       byStep.loss.set(step, line.loss);
       if (isNumber(line.time)) times.set(step, line.time);
     }
-    for (const series of ["eval_loss", "learning_rate", "grad_norm"]) if (series in line) byStep[series].set(step, line[series]);
+    for (const series of ["eval_loss", "learning_rate", "grad_norm", ...REWARD_SERIES, ...ACCURACY_SERIES]) {
+      if (series in line) byStep[series].set(step, line[series]);
+    }
     const tokensPerSecond = isNumber(line.supervised_tokens_per_second) ? line.supervised_tokens_per_second : line.train_tokens_per_second;
     if (isNumber(tokensPerSecond) && (!speed || step >= speed.step)) speed = { step, value: tokensPerSecond };
   }
 
   function rebuildPoints() {
-    points = Object.fromEntries(SERIES.map((series) => [series, [...byStep[series].entries()].sort((a, b) => a[0] - b[0])]));
+    points = Object.fromEntries(ALL_SERIES.map((series) => [series, [...byStep[series].entries()].sort((a, b) => a[0] - b[0])]));
   }
 
   function chartData() {
@@ -711,6 +765,61 @@ function runView() {
     }, chartData(), container);
   }
 
+  // ---------- reward charts (preference runs): their panel is made here, after the curves' panel
+
+  function rewardPanel() {
+    const box = (id, title) => el("div", { class: "reward-chart", id: id + "-box" }, el("h3", { i18n: title }), el("div", { id: id + "-chart" }));
+    return el("div", { class: "panel", id: "reward-panel", hidden: true },
+      el("div", { class: "reward-charts" }, box("rewards", "run.rewards_chart"), box("accuracy", "run.accuracy_chart")));
+  }
+
+  function seriesData(names) {
+    const steps = [...new Set(names.flatMap((series) => [...byStep[series].keys()]))].sort((a, b) => a - b);
+    return [steps, ...names.map((series) => steps.map((step) => (isNumber(byStep[series].get(step)) ? byStep[series].get(step) : null)))];
+  }
+
+  function rewardChart(container, names, axisKey, range) {
+    const digits = range ? 3 : 4;
+    return new uPlot({
+      width: Math.max(240, container.clientWidth), height: 220,
+      scales: { x: { time: false }, y: range ? { range } : {} },
+      series: [
+        { label: t("run.step_axis"), value: (u, v) => (v === null ? DASH : formatInteger(v)) },
+        ...names.map((series) => Object.assign({ label: t(REWARD_KEYS[series]), spanGaps: true,
+          value: (u, v) => (v === null ? DASH : formatDecimal(v, digits)) }, REWARD_STYLE[series])),
+      ],
+      axes: [{ label: t("run.step_axis"), labelSize: 18 }, { label: t(axisKey), labelSize: 18 }],
+      legend: { live: true },
+    }, seriesData(names), container);
+  }
+
+  function destroyRewardCharts() {
+    if (!rewardCharts) return;
+    rewardCharts.rewards.destroy();
+    rewardCharts.accuracy.destroy();
+    rewardCharts = null;
+  }
+
+  /** Show the reward charts when a reward is logged (an SFT run logs none: the page is as it was), and draw them. */
+  function drawRewards(rebuild) {
+    const panel = $("reward-panel");
+    if (!panel) return;
+    const hasRewards = [...REWARD_SERIES, ...ACCURACY_SERIES].some((series) => byStep[series].size > 0);
+    panel.hidden = !hasRewards;
+    $("accuracy-box").hidden = !ACCURACY_SERIES.some((series) => byStep[series].size > 0);
+    if (rebuild || !hasRewards) destroyRewardCharts();
+    if (!hasRewards) return;
+    if (!rewardCharts) {
+      rewardCharts = {
+        rewards: rewardChart($("rewards-chart"), REWARD_SERIES, "run.reward_axis"),
+        accuracy: rewardChart($("accuracy-chart"), ACCURACY_SERIES, "run.accuracy_axis", [0, 1]),
+      };
+    } else {
+      rewardCharts.rewards.setData(seriesData(REWARD_SERIES));
+      rewardCharts.accuracy.setData(seriesData(ACCURACY_SERIES));
+    }
+  }
+
   // events come in bursts (a replay sends the whole file): draw once per burst; a timer, not an animation frame,
   // so a background tab still keeps its points
   function scheduleChart() {
@@ -720,6 +829,7 @@ function runView() {
       if (closed) return;
       rebuildPoints();
       if (chart) chart.setData(chartData());
+      drawRewards(false);
       $("chart-empty").hidden = points.loss.length + points.eval_loss.length > 0;
       renderProgress();
     }, 50);
@@ -1061,10 +1171,17 @@ function runView() {
         });
       });
       buildChart();
+      $("chart").closest(".panel").after(rewardPanel());
       resizeObserver = new ResizeObserver(() => {
         if (chart) chart.setSize({ width: Math.max(300, $("chart").clientWidth), height: 280 });
+        if (rewardCharts) {
+          rewardCharts.rewards.setSize({ width: Math.max(240, $("rewards-chart").clientWidth), height: 220 });
+          rewardCharts.accuracy.setSize({ width: Math.max(240, $("accuracy-chart").clientWidth), height: 220 });
+        }
       });
       resizeObserver.observe($("chart"));
+      resizeObserver.observe($("rewards-chart"));
+      resizeObserver.observe($("accuracy-chart"));
       poll = poller(pollTick, POLL_MS);
       startStream();
     },
@@ -1075,6 +1192,7 @@ function runView() {
       if (resizeObserver) resizeObserver.disconnect();
       clearTimeout(chartTimer);
       if (chart) chart.destroy();
+      destroyRewardCharts();
     },
     relabel() {
       if (state) setStatus($("run-status"), state.status);
@@ -1082,6 +1200,7 @@ function runView() {
       renderJobs();
       renderProgress();
       buildChart();
+      drawRewards(true); // a chart's series and axis names are given when it is made: made again, as buildChart
     },
   };
 }
@@ -1095,32 +1214,89 @@ function visibleToken(text) {
   return String(text).replace(/[ \n\t\r]/g, (char) => VISIBLE_WHITESPACE[char]);
 }
 
-function renderSample(sample, index) {
-  const ids = sample.input_ids || [];
-  const labels = sample.labels || [];
-  const tokens = sample.tokens || ids.map((id) => ({ text: String(id), special: false }));
-  const supervised = labels.filter((label) => label !== -100).length;
-  const head = el("div", { class: "sample-head" },
-    el("strong", { text: t("data.sample_title", { number: index + 1 }) }), " ",
-    el("span", { class: "muted", text: sample.source || "" }), " ",
-    el("span", { class: "small", text: t("data.sample_counts", { tokens: formatInteger(ids.length), supervised: formatInteger(supervised) }) }));
+/** Token spans of ids[from..to) (tokens as `tokens` pieces): supervised ones (a label that is not -100)
+ * highlighted, special ones marked, each with its index in the whole sequence. */
+function tokenSpans(tokens, ids, labels, from = 0, to = ids.length) {
   const body = el("div", { class: "tokens" });
-  tokens.forEach((token, i) => {
+  for (let i = from; i < to; i++) {
+    const token = tokens[i] || { text: String(ids[i]), special: false };
     const classes = ["token"];
     if (labels[i] !== undefined && labels[i] !== -100) classes.push("supervised");
     if (token.special) classes.push("special");
     body.append(el("span", { class: classes.join(" "), dataset: { index: String(i) }, title: `#${i} · id ${ids[i]}`, text: visibleToken(token.text) }));
     if (String(token.text).includes("\n")) body.append(el("br")); // keep the sample's own line breaks
-  });
-  if (sample.truncated) {
-    const cut = (isNumber(sample.full_length) ? sample.full_length : ids.length) - ids.length;
-    body.append(el("span", { class: "cut", dataset: { cut: String(cut) }, text: t(cut === 1 ? "data.cut_one" : "data.cut", { count: formatInteger(cut) }) }));
   }
+  return body;
+}
+
+/** The mark of `count` tokens cut (at the end; from the start: `where` "start"). */
+function cutMark(count, where) {
+  const key = where === "start" ? (count === 1 ? "data.cut_start_one" : "data.cut_start") : (count === 1 ? "data.cut_one" : "data.cut");
+  return el("span", { class: "cut", dataset: { cut: String(count), where: where || "end" }, text: t(key, { count: formatInteger(count) }) });
+}
+
+const sampleTokens = (sample) => sample.tokens || (sample.input_ids || []).map((id) => ({ text: String(id), special: false }));
+
+function renderSample(sample, index) {
+  const ids = sample.input_ids || [];
+  const labels = sample.labels || [];
+  const supervised = labels.filter((label) => label !== -100).length;
+  const head = el("div", { class: "sample-head" },
+    el("strong", { text: t("data.sample_title", { number: index + 1 }) }), " ",
+    el("span", { class: "muted", text: sample.source || "" }), " ",
+    el("span", { class: "small", text: t("data.sample_counts", { tokens: formatInteger(ids.length), supervised: formatInteger(supervised) }) }));
+  const body = tokenSpans(sampleTokens(sample), ids, labels);
+  if (sample.truncated) body.append(cutMark((isNumber(sample.full_length) ? sample.full_length : ids.length) - ids.length));
   return el("div", { class: "sample", dataset: { index: String(index) } }, head, body);
 }
 
+const PREFERENCE_SIDES = ["chosen", "rejected", "completion"];
+const SIDE_KEYS = { prompt: "data.prompt", chosen: "data.chosen", rejected: "data.rejected", completion: "data.completion" };
+
+/** A preference record (preview_preferences' sample): the prompt once, then each completion (chosen and rejected,
+ * or the one KTO completion with its label), token by token as renderSample draws an SFT sample. Each side holds
+ * the prompt's tokens too (labelled -100): they are drawn once, from the first side. */
+function renderPreference(sample, index) {
+  const names = PREFERENCE_SIDES.filter((name) => sample[name] && typeof sample[name] === "object");
+  const first = sample[names[0]] || {};
+  const promptTokens = (first.labels || []).filter((label) => label === -100).length;
+  const head = el("div", { class: "sample-head" },
+    el("strong", { text: t("data.sample_title", { number: index + 1 }) }), " ",
+    el("span", { class: "muted", text: sample.source || "" }), " ",
+    el("span", { class: "small", text: t("data.prompt_tokens", { tokens: formatInteger(promptTokens) }) }));
+  const prompt = tokenSpans(sampleTokens(first), first.input_ids || [], first.labels || [], 0, promptTokens);
+  if (sample.prompt_truncated) prompt.prepend(cutMark(sample.prompt_length - promptTokens, "start"));
+  const parts = [el("div", { class: "side", dataset: { side: "prompt" } }, el("div", { class: "side-label", i18n: SIDE_KEYS.prompt }), prompt)];
+  for (const name of names) {
+    const side = sample[name];
+    const ids = side.input_ids || [];
+    const labels = side.labels || [];
+    const body = tokenSpans(sampleTokens(side), ids, labels, promptTokens, ids.length);
+    // what the cut took from this completion: its own length before the cut less what is left of it
+    const fullCompletion = (isNumber(side.full_length) ? side.full_length : ids.length) - (isNumber(sample.prompt_length) ? sample.prompt_length : promptTokens);
+    const cut = fullCompletion - (ids.length - promptTokens);
+    if (cut > 0) body.append(cutMark(cut));
+    const label = name === "completion" && typeof sample.label === "boolean"
+      ? el("span", { class: "label-badge " + (sample.label ? "good" : "bad"), i18n: sample.label ? "data.desirable" : "data.undesirable" }) : null;
+    parts.push(el("div", { class: "side", dataset: { side: name } },
+      el("div", { class: "side-label" }, el("span", { i18n: SIDE_KEYS[name] }), " ", label,
+        el("span", { class: "muted small", text: " " + t("data.side_tokens", { tokens: formatInteger(ids.length - promptTokens) }) })),
+      body));
+  }
+  return el("div", { class: "sample preference", dataset: { index: String(index) } }, head, ...parts);
+}
+
+/** The preference length limits on the data form: made here, next to max_length (index.html has the rest). */
+function preferenceLimitFields() {
+  const fields = [["data-max-prompt-length", "data.max_prompt_length"], ["data-max-completion-length", "data.max_completion_length"]];
+  return fields.map(([id, label]) => el("div", { class: "field" },
+    el("label", { for: id, i18n: label }),
+    el("input", { id, type: "number", min: "1", step: "1", placeholder: t("data.no_limit"), title: t("data.preference_limit_help"),
+                  dataset: { i18nPlaceholder: "data.no_limit", i18nTitle: "data.preference_limit_help" } })));
+}
+
 function dataView() {
-  let root, report = null, samples = null;
+  let root, report = null, samples = null, preference = false;
 
   function request(withLimit) {
     const body = {
@@ -1129,10 +1305,28 @@ function dataView() {
       format: $("data-format").value,
       max_length: parseInt($("data-max-length").value, 10) || 256,
     };
+    for (const key of ["max_prompt_length", "max_completion_length"]) {
+      const value = parseInt($("data-" + key.replace(/_/g, "-")).value, 10);
+      if (Number.isInteger(value)) body[key] = value; // empty: no limit (the server says what is wrong with 0)
+    }
     const model = $("data-model").value.trim();
     if (model) body.model = model;
     if (withLimit) body.limit = parseInt($("data-limit").value, 10) || 5;
     return body;
+  }
+
+  /** The format choices are the config schema's (data.format), preference formats included. */
+  async function fillFormats() {
+    try {
+      const schema = await api("/api/schema");
+      const property = ((schema.$defs || {}).DataConfig || {}).properties || {};
+      const formats = property.format && property.format.enum;
+      if (!Array.isArray(formats) || !$("data-format")) return;
+      const select = $("data-format");
+      const chosen = select.value;
+      select.replaceChildren(...formats.map((format) => el("option", { value: format, text: format })));
+      select.value = formats.includes(chosen) ? chosen : formats[0];
+    } catch (failure) { /* the page's own choices stay */ }
   }
 
   async function run(kind) {
@@ -1147,7 +1341,9 @@ function dataView() {
       if (kind === "check") {
         report = await api("/api/data/check", { method: "POST", body });
       } else {
-        samples = (await api("/api/data/preview", { method: "POST", body })).samples || [];
+        const answer = await api("/api/data/preview", { method: "POST", body });
+        samples = answer.samples || [];
+        preference = Boolean(answer.preference);
       }
       render();
     } catch (failure) {
@@ -1163,15 +1359,17 @@ function dataView() {
   function render() {
     $("data-report").replaceChildren(...(report ? [el("div", { class: "panel" }, el("h3", { i18n: "data.report" }), renderDataReport(report))] : []));
     $("samples-legend").hidden = !samples;
-    $("samples").replaceChildren(...(samples || []).map(renderSample));
+    $("samples").replaceChildren(...(samples || []).map(preference ? renderPreference : renderSample));
     if (samples && !samples.length) $("samples").append(el("p", { class: "empty", i18n: "data.no_samples" }));
   }
 
   return {
     mount(viewRoot) {
       root = viewRoot;
+      $("data-max-length").closest(".field").after(...preferenceLimitFields());
       $("data-form").addEventListener("submit", (event) => { event.preventDefault(); run("check"); });
       $("data-preview-button").addEventListener("click", () => run("preview"));
+      fillFormats();
     },
     unmount() {},
     relabel() { render(); },
