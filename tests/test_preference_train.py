@@ -344,3 +344,17 @@ def test_two_process_dpo_logs_the_losses_of_one_process(workdir, tiny_bloom_dir,
         assert many["rewards/margins"] == pytest.approx(one["rewards/margins"], rel=1e-3, abs=1e-6), many["step"]
     assert logged[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert json.loads((out / "loraft_run.json").read_text())["status"] == "finished"
+
+
+def test_non_finite_dpo_loss_stops_and_keeps_the_last_good_checkpoint(workdir, tiny_bloom_dir):
+    from loraft.trainer import NonFiniteTraining
+    from test_rundir import PoisonAfter
+
+    run_dir = workdir / "nonfinite"
+    config = load_config(None, _overrides(tiny_bloom_dir, workdir / "pairs.jsonl", run_dir, "train.objective=dpo",
+                                          "train.max_steps=6"))
+    with pytest.raises(NonFiniteTraining, match="training stopped at step 3: the loss is not finite"):
+        train(config, callbacks=[PoisonAfter(2)], progress_bar=False)
+    record = json.loads((run_dir / "loraft_run.json").read_text())
+    assert record["status"] == "failed" and record["last_good_checkpoint"].endswith("checkpoint-2")
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["checkpoint-2"]

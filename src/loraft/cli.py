@@ -434,11 +434,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_access_options(generate)
     generate.set_defaults(handler=cmd_generate)
 
-    evaluate = sub.add_parser("eval", help="score a run on held-out data: loss, perplexity, exact match, ROUGE, BLEU")
+    evaluate = sub.add_parser("eval", help="score a run on held-out data: loss, perplexity, exact match, ROUGE, BLEU; "
+                              "preference accuracy on preference records")
     evaluate.add_argument("run_dir")
-    evaluate.add_argument("--data", required=True, help="held-out records (any format `loraft data check` reads)")
+    evaluate.add_argument("--data", required=True,
+                          help="held-out records (any format `loraft data check` reads); preference records "
+                          "(chosen/rejected, or completion/label) are scored by preference accuracy")
     evaluate.add_argument("--limit", type=int, help="evaluate only the first N records")
-    evaluate.add_argument("--base", action="store_true", help="also score the base model with the same template")
+    evaluate.add_argument("--base", action="store_true",
+                          help="also score the base model with the same template (preference records: the run's "
+                          "starting point, its model.adapter_from run if it has one)")
     evaluate.add_argument("--batch-size", type=int, default=8)
     evaluate.add_argument("--max-new-tokens", type=int, help="most tokens per answer (default: the run's setting)")
     _add_run_access_options(evaluate)

@@ -6,6 +6,8 @@ report: ROUGE-1/2/L F1 and BLEU-4 (NLTK's `sentence_bleu` with smoothing method 
 and over characters, plus teacher-forced loss and perplexity on the references with the training masks.
 With `base=True` the same records are scored with the adapter switched off, so the table shows before
 and after. Results go to `RUN_DIR/eval/predictions.jsonl` and `RUN_DIR/eval/metrics.json`.
+Preference records (chosen/rejected pairs, or unpaired completions with a label) get preference accuracy
+instead: loraft.evaluate_preference.
 """
 
 from __future__ import annotations
@@ -193,6 +195,24 @@ def reference_loss(model, tokenizer, samples: Sequence[dict], batch_size: int = 
 # --- the stage ---------------------------------------------------------------------------------------
 
 
+def held_out_format(data_path: str | Path, data_config) -> str:
+    """The record format of held-out data: detected from its first record with the run's field names, or the run's
+    own data.format where that reads the same kind of records (SFT or preference); a DPO run's preference_alpaca
+    does not read SFT records, nor an SFT run's alpaca preference pairs."""
+    from loraft.records import PREFERENCE_FORMATS, source_format
+
+    configured = data_config.format
+    try:
+        detected = source_format(str(data_path), data_config.model_copy(update={"format": "auto"}))
+    except DataError:
+        if configured == "auto":
+            raise
+        return configured  # its own reader names the bad record and field
+    if configured == "auto" or (configured in PREFERENCE_FORMATS) != (detected in PREFERENCE_FORMATS):
+        return detected
+    return configured
+
+
 def load_eval_records(data_path: str | Path, data_config, limit: Optional[int] = None) -> list[dict]:
     """Held-out conversations split into the prompt (all but the last turn) and the reference answer."""
     from loraft.records import load_conversations
@@ -242,13 +262,15 @@ def evaluate(
     Args:
         run_dir: a finished run directory.
         data_path: held-out records in any format the data stage reads; the last assistant turn of each
-            record is the reference answer.
+            record is the reference answer. Preference records are scored by evaluate_preference instead.
         limit: evaluate only the first N records.
-        base: also score the base model (adapter disabled) with the same template and records.
+        base: also score the base model (adapter disabled) with the same template and records; on preference
+            records the run's starting point (its model.adapter_from run, else the base).
         batch_size: prompts per generation / loss batch.
         max_new_tokens: most tokens per answer (default: the run's generation.max_new_tokens).
     Returns:
-        the metrics written to metrics.json: {"adapter": {...}, "base": {...} (with base), ...}.
+        the metrics written to metrics.json: {"adapter": {...}, "base": {...} (with base), ...}, or on preference
+        records {..., "preference": {"adapter": {...}, "reference": {...} (with base)}}.
     """
     from loraft.generate import cli_flag, load_run, resolve_generation
 
@@ -261,9 +283,17 @@ def evaluate(
         raise RunError(f"--max-new-tokens must be > 0 (got {max_new_tokens})")
     from loraft.rundir import RunAccess, open_run
 
+    from loraft.records import PREFERENCE_FORMATS
+
     run = open_run(run_dir, access or RunAccess())
+    data_config = run.config.data.model_copy(update={"format": held_out_format(data_path, run.config.data)})
+    if data_config.format in PREFERENCE_FORMATS:
+        from loraft.evaluate_preference import evaluate_preferences
+
+        return evaluate_preferences(run, data_path, data_config, run_dir / EVAL_DIR, limit=limit, base=base,
+                                    batch_size=batch_size, device=device, access=access)
     # Read the data before loading the model, so a bad file fails in a second.
-    records = load_eval_records(data_path, run.config.data, limit)
+    records = load_eval_records(data_path, data_config, limit)
     model, tokenizer, template, info = load_run(run, device=device)
     config = info["config"]
     samples, token_report = tokenize_references(
@@ -329,6 +359,10 @@ TABLE_ROWS = [
 
 def format_table(metrics: dict) -> str:
     """The metrics as a plain-text table: one row per metric, base and adapter side by side."""
+    if "preference" in metrics:
+        from loraft.evaluate_preference import format_preference_table
+
+        return format_preference_table(metrics)
     columns = (["base"] if "base" in metrics else []) + ["adapter"]
     lines = [f"{metrics['records']} records from {metrics['data']} ({metrics['template']} template, greedy)",
              f"{'metric':16}" + "".join(f"{name:>12}" for name in columns)]

@@ -95,7 +95,9 @@ def continue_from(config: RunConfig) -> RunConfig:
     if source.config.adapter != config.adapter:
         logger.info("adapter settings from %s (model.adapter_from): %s", config.model.adapter_from,
                     source.config.adapter.model_dump())
-    return config.model_copy(update={"adapter": source.config.adapter.model_copy()})
+    # absolute, so the saved config names the same run from any directory (eval, chat and a resume read it)
+    model = config.model.model_copy(update={"adapter_from": str(Path(config.model.adapter_from).resolve())})
+    return config.model_copy(update={"adapter": source.config.adapter.model_copy(), "model": model})
 
 
 class TrainingStopped(Exception):
