@@ -351,6 +351,34 @@ def test_a_preference_runs_rewards_are_charted_and_an_sft_run_has_none(ui, brows
     assert browser.js("document.getElementById('reward-panel').hidden") is True
 
 
+def test_a_preference_eval_job_shows_its_accuracies(ui, browser, workspace):
+    """An eval job on preference records (metrics as `loraft eval` writes them) shows the run beside its starting
+    point, each with its measure, not the SFT rows."""
+    run_dir = workspace / "fake-dpo-eval"
+    run_dir.mkdir()
+    (run_dir / "loraft_run.json").write_text(json.dumps({"status": "finished", "total_steps": 1}))
+    (run_dir / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 0.69}) + "\n")
+    job_dir = workspace / ".loraft-ui" / "jobs" / "20261130-120000-eval-abcd"
+    job_dir.mkdir(parents=True)
+    (job_dir / "job.json").write_text(json.dumps({"id": job_dir.name, "kind": "eval", "run": "fake-dpo-eval",
+                                                  "argv": ["eval"],
+                                                  "started_at": "2026-11-30 12:00:00"}))
+    (job_dir / "result.json").write_text(json.dumps({"exit_code": 0, "ended_at": "2026-11-30 12:00:05"}))
+    column = {"pairs": 4, "margin": 0.5, "reward_chosen": 0.3, "reward_rejected": -0.2, "logprob_accuracy": 0.75}
+    (job_dir / "metrics.json").write_text(json.dumps({
+        "records": 4, "data": "prefs.jsonl", "objective": "dpo", "preference": {
+            "adapter": {**column, "measure": "implicit reward", "accuracy": 1.0},
+            "reference": {**column, "measure": "log-probability", "accuracy": 0.25}}}))
+    open_page(browser, ui.url + "/#/run/fake-dpo-eval")
+    browser.wait_for("document.querySelector('li.job .eval-table') !== null")
+    rows = browser.js("[...document.querySelectorAll('li.job .eval-table tr')].map(row => "
+                      "[...row.children].map(cell => cell.textContent))")
+    assert rows[0][1:] == ["Starting point", "Adapter"]
+    assert rows[1] == ["measure", "log-probability", "implicit reward"]
+    assert rows[2] == ["preference accuracy", "0.2500", "1.0000"]
+    assert "exact match %" not in [row[0] for row in rows]
+
+
 def _visible_texts(browser: Chromium) -> list[str]:
     return browser.js("""(() => { const texts = []; const walk = document.createTreeWalker(document.body,
         NodeFilter.SHOW_TEXT); while (walk.nextNode()) { const node = walk.currentNode; const box = node.parentElement;

@@ -1015,7 +1015,31 @@ function runView() {
     ["ROUGE-L", ["chars", "rouge-l"], 2, "eval.chars"], ["BLEU-4", ["chars", "bleu-4"], 2, "eval.chars"],
   ];
 
+  const PREFERENCE_ROWS = [
+    ["eval.preference_accuracy", "accuracy"], ["eval.margin", "margin"], ["eval.reward_chosen", "reward_chosen"],
+    ["eval.reward_rejected", "reward_rejected"], ["eval.logprob_accuracy", "logprob_accuracy"],
+    ["eval.label_accuracy", "label_accuracy"],
+  ];
+
+  // `loraft eval` on preference records: the run and (with --base) its starting point, each by its own measure
+  function preferenceEvalTable(result) {
+    const scores = result.preference;
+    const columns = ["reference", "adapter"].filter((column) => scores[column]);
+    const table = el("table", { class: "grid eval-table" },
+      el("tr", {}, el("th", { i18n: "eval.metric" }), ...columns.map((column) => el("th", { i18n: column === "reference" ? "eval.reference" : "eval.adapter" }))),
+      el("tr", {}, el("th", { i18n: "eval.measure" }), ...columns.map((column) => el("td", { text: formatValue(scores[column].measure) }))));
+    for (const [label, key] of PREFERENCE_ROWS) {
+      const values = columns.map((column) => scores[column][key]);
+      if (values.every((value) => value === undefined || value === null)) continue;
+      table.append(el("tr", {}, el("th", { i18n: label }), ...values.map((value) => el("td", { text: formatDecimal(value, 4) }))));
+    }
+    const about = t("eval.preference_about", { records: formatValue(result.records), data: formatValue(result.data),
+                                                objective: formatValue(result.objective) });
+    return el("div", {}, el("p", { class: "muted small", text: about }), table);
+  }
+
   function evalTable(result) {
+    if (result.preference) return preferenceEvalTable(result);
     const columns = ["base", "adapter"].filter((column) => result[column]);
     const table = el("table", { class: "grid eval-table" },
       el("tr", {}, el("th", { i18n: "eval.metric" }), ...columns.map((column) => el("th", { i18n: column === "base" ? "eval.base" : "eval.adapter" }))));
