@@ -358,3 +358,28 @@ def test_non_finite_dpo_loss_stops_and_keeps_the_last_good_checkpoint(workdir, t
     record = json.loads((run_dir / "loraft_run.json").read_text())
     assert record["status"] == "failed" and record["last_good_checkpoint"].endswith("checkpoint-2")
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["checkpoint-2"]
+
+
+def test_a_dpo_run_merges_and_generates_like_any_run(workdir, tiny_bloom_dir, sft_run, tmp_path):
+    """Downstream takes a preference run as it takes an SFT run: merged logits equal the adapter's, and
+    `loraft generate` answers with the saved template."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from loraft.cli import main
+    from loraft.export.merge import merge_run
+
+    run = train(load_config(None, _overrides(tiny_bloom_dir, workdir / "pairs.jsonl", workdir / "downstream",
+                                             "train.objective=dpo", "train.max_steps=2",
+                                             f"model.adapter_from={sft_run}")), progress_bar=False)
+    merged = merge_run(run, tmp_path / "merged")
+    probe = torch.tensor([[5, 6, 7, 8, 9]])
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_bloom_dir), str(run)).eval()
+    with torch.no_grad():
+        expected = adapted(probe).logits
+        got = AutoModelForCausalLM.from_pretrained(merged).eval()(probe).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    prompts = _write_jsonl(tmp_path / "prompts.jsonl", [{"instruction": "请计算 12 加 30 等于多少", "input": ""}])
+    assert main(["generate", str(run), "--input", str(prompts), "--output", str(tmp_path / "answers.jsonl"),
+                 "--max-new-tokens", "4"]) == 0
+    assert (tmp_path / "answers.jsonl").read_text(encoding="utf-8").strip()

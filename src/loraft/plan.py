@@ -321,15 +321,24 @@ def estimate_memory(plan: Plan, config: RunConfig, model_config: Any, total_para
     length = config.data.max_length
     tokens = plan.micro_batch_tokens or length * plan.samples_per_batch
     tokens = max(tokens, length)
+    reference = 0
+    if config.train.objective != "sft":
+        # TRL forwards chosen and rejected as one batch of two sequences per pair; TRL's fused lm_head computes
+        # log-probabilities in chunks; with adapter_from the reference is a frozen copy of the adapter (~ trainable / 4)
+        tokens *= 2
+        reference = trainable_params * 4 if config.model.adapter_from else 0
     if plan.gradient_checkpointing:
         activations = tokens * hidden * element * (layers + ACTIVATION_WIDTHS)
     else:
         activations = tokens * hidden * element * ACTIVATION_WIDTHS * layers
     if not plan.attention_patch and plan.attention in (None, "eager"):
         activations += 5 * heads * length * tokens * element * layers / 2
-    logits = (16 * 1024 * 1024 * 4 * 3) if plan.fused_loss else tokens * vocab * 4 * 3
+    chunked = plan.fused_loss or config.train.objective != "sft"
+    logits = (16 * 1024 * 1024 * 4 * 3) if chunked else tokens * vocab * 4 * 3
     parts = {"weights": weights, "trainable (weights, grads, AdamW)": trainable, "activations": activations,
              "logits": logits, "runtime": RUNTIME_BYTES}
+    if reference:
+        parts["reference adapter"] = reference
     return {"peak_gib": round(sum(parts.values()) / GIB, 2),
             "parts_gib": {name: round(value / GIB, 2) for name, value in parts.items()},
             "how": "weights as stored + 16 bytes per trainable parameter + activations of the largest sub-batch + "

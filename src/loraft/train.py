@@ -332,6 +332,8 @@ def preview_plan(config: RunConfig, measure: bool = False) -> dict:
     if plan.tuning is not None:
         autotune = f"measured in {plan.tuning['seconds']} s (cached): " + ", ".join(
             f"{key} {value}" for key, value in plan.tuning["choice"].items())
+    elif config.train.objective != "sft":
+        autotune = f"not used: train.objective={config.train.objective} (TRL's trainer runs the configured batch)"
     elif not tune.autotune_enabled(config):
         autotune = "off: the static defaults"
     elif config.train.micro_batch_tokens != "auto":
