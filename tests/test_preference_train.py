@@ -332,7 +332,13 @@ def test_two_process_dpo_logs_the_losses_of_one_process(workdir, tiny_bloom_dir,
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "LORAFT_HOME": str(workdir / "home-2")}
+    audit = workdir / "dpo-2-writes"
+    audit.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "LORAFT_HOME": str(workdir / "home-2"),
+           # tests/write_audit logs each rank's writes under the run directory
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parent / "write_audit"),
+                                                       os.environ.get("PYTHONPATH")])),
+           "WRITE_AUDIT_DIR": str(out.resolve()), "WRITE_AUDIT_LOG_DIR": str(audit)}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
                "--master-port", str(port), "-m", "loraft.cli", "train", str(config_path)]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
@@ -344,6 +350,11 @@ def test_two_process_dpo_logs_the_losses_of_one_process(workdir, tiny_bloom_dir,
         assert many["rewards/margins"] == pytest.approx(one["rewards/margins"], rel=1e-3, abs=1e-6), many["step"]
     assert logged[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert json.loads((out / "loraft_run.json").read_text())["status"] == "finished"
+    # only rank 0 writes the run directory: rank 1 makes the staged checkpoint folders for its RNG state (torch.save,
+    # unseen by the audit), nothing else
+    writes = [set((audit / f"rank{rank}.txt").read_text().splitlines()) for rank in range(2)]
+    assert {"open metrics.jsonl", "open train.log"} <= writes[0]
+    assert all(write.startswith("os.mkdir checkpoints") for write in writes[1]), writes[1]
 
 
 def test_non_finite_dpo_loss_stops_and_keeps_the_last_good_checkpoint(workdir, tiny_bloom_dir):
