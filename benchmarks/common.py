@@ -118,6 +118,16 @@ def parameter_counts(shape: Shape) -> dict:
     return {"total": total, "body_matmul": body, "head_matmul": head}
 
 
+def draw_prompt_length(rng) -> int:
+    """An alpaca-zh-like prompt length with its template: log-normal, median 30 tokens, within 10-150."""
+    return int(np.clip(round(rng.lognormal(math.log(30), 0.7)), 10, 150))
+
+
+def draw_response_length(rng) -> int:
+    """An alpaca-zh-like response length with its EOS: log-normal, median 60 tokens, within 5-250."""
+    return int(np.clip(round(rng.lognormal(math.log(60), 0.9)), 5, 250))
+
+
 def make_samples(count: int, shape: Shape, seed: int = 0, max_length: int = 256) -> list[dict]:
     """alpaca-zh-like token-id samples, processed exactly like the reference's `preprocess_function`.
 
@@ -127,8 +137,8 @@ def make_samples(count: int, shape: Shape, seed: int = 0, max_length: int = 256)
     rng = np.random.default_rng(seed)
     samples = []
     for _ in range(count):
-        prompt_length = int(np.clip(round(rng.lognormal(math.log(30), 0.7)), 10, 150))
-        response_length = int(np.clip(round(rng.lognormal(math.log(60), 0.9)), 5, 250))
+        prompt_length = draw_prompt_length(rng)
+        response_length = draw_response_length(rng)
         prompt = rng.integers(10, shape.vocab, prompt_length).tolist()
         response = rng.integers(10, shape.vocab, response_length - 1).tolist() + [EOS_ID]
         input_ids = (prompt + response)[:max_length]
@@ -242,3 +252,117 @@ def load_average() -> float:
 
 def write_json(path: Path, payload: dict) -> None:
     path.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+
+
+# ----------------------------------------------------- pieces of a timed training run (train_speed, dpo_speed)
+
+RECIPE_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "bloom-1b4-zh-lora.yaml"
+SUPERVISED_COUNTS = ("samples", "tokens", "supervised", "padded")
+
+
+def count_supervised(batch) -> dict:
+    """What a collated SFT batch holds: samples, non-padding tokens, supervised targets, padded positions."""
+    labels = batch["labels"]
+    mask = batch.get("attention_mask")
+    return {
+        "samples": labels.shape[0], "padded": labels.numel(),
+        "tokens": int(mask.sum()) if mask is not None else labels.numel(),
+        # a causal LM predicts label t from position t-1: the first label of a row is never a target
+        "supervised": int((labels[:, 1:] != -100).sum()),
+    }
+
+
+class StepClock:
+    """Counts what each collated batch holds (`count`: batch -> {key: number}, summed per step over `keys`), and
+    timestamps every optimizer step and logged loss; `callback` is the TrainerCallback to pass the trainer."""
+
+    def __init__(self, count=count_supervised, keys=SUPERVISED_COUNTS):
+        from transformers import TrainerCallback
+
+        clock = self
+        self.count, self.keys = count, keys
+        # collated batches not yet attributed to a step: accelerate's loader collates one batch ahead
+        self.queue: list[dict] = []
+        self.steps: list[dict] = []
+        self.losses: list[dict] = []
+        self.start = None
+
+        class Callback(TrainerCallback):
+            def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
+                clock.start = time.perf_counter()
+                # accelerate's DataLoaderShard may wrap the torch DataLoader that does the collating
+                loader = getattr(train_dataloader, "base_dataloader", train_dataloader)
+                loader.collate_fn = clock.wrap(loader.collate_fn)
+
+            def on_step_end(self, args, state, control, **kwargs):
+                last = state.global_step >= state.max_steps
+                taken = clock.queue if last else clock.queue[: args.gradient_accumulation_steps]
+                clock.queue = [] if last else clock.queue[args.gradient_accumulation_steps :]
+                counts = {key: sum(batch[key] for batch in taken) for key in clock.keys}
+                clock.steps.append({"step": state.global_step, "time": time.perf_counter() - clock.start,
+                                    "cpu_time": time.process_time(), **counts})
+
+            def on_log(self, args, state, control, logs=None, **kwargs):
+                if logs and "loss" in logs:
+                    clock.losses.append({"step": state.global_step, "loss": logs["loss"]})
+
+        self.callback = Callback()
+
+    def wrap(self, collate):
+        def counted(features):
+            batch = collate(features)
+            self.queue.append(self.count(batch))
+            return batch
+
+        return counted
+
+
+def peft_config(shape: Shape):
+    """The reference recipe's LoraConfig for `shape` (peft's defaults r=8, alpha=8, dropout 0, as the recipe)."""
+    from peft import LoraConfig, TaskType
+
+    return LoraConfig(task_type=TaskType.CAUSAL_LM, target_modules=shape.target_modules,
+                      modules_to_save=list(shape.modules_to_save))
+
+
+def recipe_config(shape: Shape, model_dir: Path, out_dir: Path, overrides=()):
+    """The recipe's loraft config (configs/bloom-1b4-zh-lora.yaml) on the benchmark model with `shape`'s adapter
+    targets, logging every step and no checkpoint within the run, then `overrides`."""
+    from loraft.config import load_config
+
+    return load_config(RECIPE_CONFIG, [
+        f"model.name_or_path={model_dir}", f"output_dir={out_dir}", "overwrite=true",
+        f"adapter.target_modules={shape.target_modules}",
+        f"adapter.modules_to_save=[{','.join(shape.modules_to_save)}]",
+        "train.logging_steps=1", "train.save_steps=100000", *overrides,
+    ])
+
+
+def measured_run(run, dtypes=("fp32", "bf16")) -> dict:
+    """Call `run()` between two readings of the GEMM peaks in `dtypes` and of the load average (how much of a shared
+    machine it got); returns its wall time, peak RSS (and GPU memory) and those readings. An emulated bf16 reading
+    takes about a minute on a CPU without bf16 instructions: leave bf16 out where nothing runs in it."""
+    import torch
+
+    load_before = load_average()
+    peaks_before = {dtype: gemm_peak(dtype, repeats=3) for dtype in dtypes}
+    started = time.perf_counter()
+    run()
+    wall = time.perf_counter() - started
+    peaks_after = {dtype: gemm_peak(dtype, repeats=3) for dtype in dtypes}
+    peak_gpu = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+    result = {"wall_s": wall, "peak_rss_gib": peak_rss_gib(), "peak_gpu_gib": peak_gpu,
+              "load_average": [load_before, load_average()]}
+    if "bf16" in dtypes:
+        result["gemm_bf16_gflops"] = [peaks_before["bf16"], peaks_after["bf16"]]
+    result["gemm_peaks"] = {dtype: (peaks_before[dtype] + peaks_after[dtype]) / 2 for dtype in dtypes}
+    if "fp32" in dtypes:
+        result["gemm_fp32_gflops"] = [peaks_before["fp32"], peaks_after["fp32"]]
+    return result
+
+
+def command_line(script: str) -> str:
+    """How this benchmark was invoked, with the script's path relative to the working directory where it can be."""
+    path = Path(script)
+    shown = path.relative_to(Path.cwd()).as_posix() if path.is_relative_to(Path.cwd()) else script
+    return "python " + " ".join([shown] + sys.argv[1:])

@@ -32,7 +32,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -43,56 +42,6 @@ STEP_SAMPLES = 8  # the reference's per-device batch 1 x grad-accum 8
 
 
 # ----------------------------------------------------------------------------------------------- worker side
-
-
-class _Clock:
-    """Counts what each collated batch supervises, and timestamps every optimizer step and logged loss."""
-
-    def __init__(self):
-        from transformers import TrainerCallback
-
-        clock = self
-        # collated batches not yet attributed to a step: accelerate's loader collates one batch ahead
-        self.queue: list[dict] = []
-        self.steps: list[dict] = []
-        self.losses: list[dict] = []
-        self.start = None
-
-        class Callback(TrainerCallback):
-            def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
-                clock.start = time.perf_counter()
-                # accelerate's DataLoaderShard may wrap the torch DataLoader that does the collating
-                loader = getattr(train_dataloader, "base_dataloader", train_dataloader)
-                loader.collate_fn = clock.wrap(loader.collate_fn)
-
-            def on_step_end(self, args, state, control, **kwargs):
-                last = state.global_step >= state.max_steps
-                taken = clock.queue if last else clock.queue[: args.gradient_accumulation_steps]
-                clock.queue = [] if last else clock.queue[args.gradient_accumulation_steps :]
-                counts = {key: sum(batch[key] for batch in taken) for key in ("samples", "tokens", "supervised", "padded")}
-                clock.steps.append({"step": state.global_step, "time": time.perf_counter() - clock.start,
-                                    "cpu_time": time.process_time(), **counts})
-
-            def on_log(self, args, state, control, logs=None, **kwargs):
-                if logs and "loss" in logs:
-                    clock.losses.append({"step": state.global_step, "loss": logs["loss"]})
-
-        self.callback = Callback()
-
-    def wrap(self, collate):
-        def counted(features):
-            batch = collate(features)
-            labels = batch["labels"]
-            mask = batch.get("attention_mask")
-            self.queue.append({
-                "samples": labels.shape[0], "padded": labels.numel(),
-                "tokens": int(mask.sum()) if mask is not None else labels.numel(),
-                # a causal LM predicts label t from position t-1: the first label of a row is never a target
-                "supervised": int((labels[:, 1:] != -100).sum()),
-            })
-            return batch
-
-        return counted
 
 
 def _dataset(path: Path, variant: str):
@@ -108,13 +57,6 @@ def _dataset(path: Path, variant: str):
     return data
 
 
-def _peft_config(shape: common.Shape):
-    from peft import LoraConfig, TaskType
-
-    return LoraConfig(task_type=TaskType.CAUSAL_LM, target_modules=shape.target_modules,
-                      modules_to_save=list(shape.modules_to_save))
-
-
 def run_reference(model_dir, data, out_dir, shape, callbacks):
     from peft import get_peft_model
     from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer,
@@ -122,7 +64,7 @@ def run_reference(model_dir, data, out_dir, shape, callbacks):
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir)  # low_cpu_mem_usage is the default in transformers 5
-    model = get_peft_model(model, _peft_config(shape))
+    model = get_peft_model(model, common.peft_config(shape))
     args = TrainingArguments(
         output_dir=str(out_dir), num_train_epochs=1, per_device_train_batch_size=1, gradient_accumulation_steps=8,
         logging_steps=1, save_strategy="no", report_to="none", use_cpu=True,
@@ -143,33 +85,24 @@ def run_trl(model_dir, data, out_dir, shape, callbacks):
         completion_only_loss=True, max_length=256,
     )
     trainer = SFTTrainer(model=str(model_dir), args=args, train_dataset=data, processing_class=tokenizer,
-                         peft_config=_peft_config(shape), callbacks=callbacks)
+                         peft_config=common.peft_config(shape), callbacks=callbacks)
     trainer.train()
 
 
 def run_loraft(model_dir, data, out_dir, shape, callbacks, overrides=()):
     from types import SimpleNamespace
 
-    from loraft.config import load_config
     from loraft.train import train
 
-    root = Path(__file__).resolve().parents[1]
-    config = load_config(root / "configs" / "bloom-1b4-zh-lora.yaml", [
-        f"model.name_or_path={model_dir}", f"output_dir={out_dir}", "overwrite=true",
-        f"adapter.target_modules={shape.target_modules}",
-        f"adapter.modules_to_save=[{','.join(shape.modules_to_save)}]",
-        "train.logging_steps=1", "train.save_steps=100000", *overrides,
-    ])
+    config = common.recipe_config(shape, model_dir, out_dir, overrides)
     prepared = SimpleNamespace(train=data, eval=None, report={"source": "benchmark token ids"})
     train(config, callbacks=callbacks, prepared=prepared)
 
 
 def worker(args) -> None:
-    import torch
-
     shape = common.SHAPES[args.shape]
     data = _dataset(Path(args.data), args.worker)
-    clock = _Clock()
+    clock = common.StepClock()
     out_dir = Path(args.out).with_suffix("")
     if args.worker.startswith("loraft:"):  # an ablation: loraft with these overrides
         extra = [item for item in args.worker.split(":", 1)[1].split(";") if item]
@@ -181,21 +114,9 @@ def worker(args) -> None:
         "loraft-fp32": lambda *a: run_loraft(*a, overrides=["train.sampling=random", "train.precision=fp32",
                                                             *args.loraft_override]),
     }[args.worker]
-    load_before = common.load_average()
-    # how much of the (shared) machine this run got: GEMM peaks right before and right after it
-    peaks_before = {dtype: common.gemm_peak(dtype, repeats=3) for dtype in ("fp32", "bf16")}
-    started = time.perf_counter()
-    runner(Path(args.model_dir), data, out_dir, shape, [clock.callback])
-    wall = time.perf_counter() - started
-    peaks_after = {dtype: common.gemm_peak(dtype, repeats=3) for dtype in ("fp32", "bf16")}
-    peak_gpu = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
-    common.write_json(Path(args.out), {
-        "variant": args.worker, "steps": clock.steps, "losses": clock.losses, "wall_s": wall,
-        "peak_rss_gib": common.peak_rss_gib(), "peak_gpu_gib": peak_gpu,
-        "load_average": [load_before, common.load_average()],
-        "gemm_bf16_gflops": [peaks_before["bf16"], peaks_after["bf16"]],
-        "gemm_peaks": {dtype: (peaks_before[dtype] + peaks_after[dtype]) / 2 for dtype in ("fp32", "bf16")},
-    })
+    measured = common.measured_run(lambda: runner(Path(args.model_dir), data, out_dir, shape, [clock.callback]))
+    common.write_json(Path(args.out), {"variant": args.worker, "steps": clock.steps, "losses": clock.losses,
+                                       **measured})
 
 
 # ----------------------------------------------------------------------------------------------- parent side
@@ -325,8 +246,7 @@ def main(argv=None) -> int:
               f"peak RSS {s['peak_rss_gib']:.2f} GiB, MFU fp32 {s['mfu_fp32']:.0%} bf16 {s['mfu_bf16']:.0%}", flush=True)
 
     report = {
-        "command": "python " + " ".join([Path(__file__).relative_to(Path.cwd()).as_posix()
-                                         if Path(__file__).is_relative_to(Path.cwd()) else __file__] + sys.argv[1:]),
+        "command": common.command_line(__file__),
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "machine": common.machine(), "shape": shape.name, "shape_note": shape.note, "params": counts,
         "data": data_stats, "gemm_peak_gflops": peaks, "results": summaries,
