@@ -284,33 +284,54 @@ def test_resume_with_another_sft_run_is_refused(workdir, tiny_bloom_dir, sft_run
         train(config.model_copy(update={"train": config.train.model_copy(update={"max_steps": 4})}), resume=True)
 
 
-def test_sigkilled_dpo_run_resumes_to_a_bit_equal_adapter(workdir, tiny_bloom_dir, sft_run):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(HOOK), os.environ.get("PYTHONPATH")]))}
-    env.pop("KILL_ON", None)
+@pytest.fixture(scope="module")
+def dpo_process(workdir, tiny_bloom_dir, sft_run):
+    """`loraft train` of a 6-step DPO run from the SFT run in its own process (one thread, as every run it is
+    compared with), with tests/kill_hook (KILL_ON=...) or tests/signal_hook (SIGNAL_ON=...) loaded."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    for name in ("KILL_ON", "SIGNAL_ON"):
+        env.pop(name, None)
+    # one sitecustomize is imported: the hook the run asks for
+    hooks = {"KILL_ON": HOOK, "SIGNAL_ON": Path(__file__).parent / "signal_hook"}
 
-    def run(name: str, resume: bool = False, kill_on: str = None) -> subprocess.CompletedProcess:
+    def run(name: str, resume: bool = False, **hook) -> subprocess.CompletedProcess:
         path = workdir / f"{name}.yaml"
         save_config(load_config(None, _overrides(tiny_bloom_dir, workdir / "pairs.jsonl", workdir / name,
                                                  "train.objective=dpo", "train.max_steps=6",
                                                  f"model.adapter_from={sft_run}")), path)
         command = [sys.executable, "-m", "loraft.cli", "train", str(path)] + (["--resume"] if resume else [])
-        return subprocess.run(command, env={**env, "KILL_ON": kill_on} if kill_on else env, capture_output=True,
-                              text=True, timeout=600)
+        paths = [str(hooks[name]) for name in hook] + [os.environ.get("PYTHONPATH", "")]
+        run_env = {**env, **hook, "PYTHONPATH": os.pathsep.join(filter(None, paths))}
+        return subprocess.run(command, env=run_env, capture_output=True, text=True, timeout=600)
 
-    assert run("resume-reference").returncode == 0
-    killed = run("resume-killed", kill_on="os.rename|checkpoints/checkpoint-4")  # inside the second checkpoint
-    assert killed.returncode == -signal.SIGKILL
-    checkpoints = sorted(p.name for p in (workdir / "resume-killed" / "checkpoints").glob("checkpoint-*"))
-    assert checkpoints == ["checkpoint-2"]
-    resumed = run("resume-killed", resume=True)
+    reference = run("resume-reference")
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    return run, load_file(workdir / "resume-reference" / "adapter_model.safetensors")
+
+
+@pytest.mark.parametrize("interruption", ["sigkill", "graceful-stop"])
+def test_an_interrupted_dpo_run_resumes_to_a_bit_equal_adapter(workdir, dpo_process, interruption):
+    run, expected = dpo_process
+    name = f"resume-{interruption}"
+    if interruption == "sigkill":  # killed inside the second checkpoint's move into place
+        interrupted = run(name, KILL_ON="os.rename|checkpoints/checkpoint-4")
+        assert interrupted.returncode == -signal.SIGKILL
+        kept = ["checkpoint-2"]
+    else:  # `loraft stop`'s SIGTERM as checkpoint-2 lands: the next step ends with a checkpoint
+        from loraft.cli import STOPPED_EXIT_CODE
+
+        interrupted = run(name, SIGNAL_ON="SIGTERM@os.rename|checkpoints/checkpoint-2")
+        assert interrupted.returncode == STOPPED_EXIT_CODE, interrupted.stderr[-3000:]
+        assert json.loads((workdir / name / "loraft_run.json").read_text())["status"] == "stopped"
+        kept = ["checkpoint-2", "checkpoint-3"]
+    assert sorted(p.name for p in (workdir / name / "checkpoints").glob("checkpoint-*")) == kept
+    resumed = run(name, resume=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    expected = load_file(workdir / "resume-reference" / "adapter_model.safetensors")
-    got = load_file(workdir / "resume-killed" / "adapter_model.safetensors")
+    got = load_file(workdir / name / "adapter_model.safetensors")
     assert set(got) == set(expected)
-    for name in expected:
-        assert torch.equal(got[name], expected[name]), name
-    steps = [record["step"] for record in _metrics(workdir / "resume-killed")]
+    for key in expected:
+        assert torch.equal(got[key], expected[key]), key
+    steps = [record["step"] for record in _metrics(workdir / name)]
     assert sorted(set(steps)) == list(range(1, 7))
 
 
