@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import os
 import signal
 import subprocess
@@ -415,3 +416,34 @@ def test_a_dpo_run_merges_and_generates_like_any_run(workdir, tiny_bloom_dir, sf
     assert main(["generate", str(run), "--input", str(prompts), "--output", str(tmp_path / "answers.jsonl"),
                  "--max-new-tokens", "4"]) == 0
     assert (tmp_path / "answers.jsonl").read_text(encoding="utf-8").strip()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.objective=orpo", "preference.loss_type=ipo"], "preference.loss_type 'ipo' does not apply to "
+                                                           "train.objective=orpo (it has one loss); leave it null"),
+    (["train.objective=kto", "preference.loss_type=ipo"], "preference.loss_type 'ipo' is not one of "
+                                                          "train.objective=kto's: kto, apo_zero_unpaired"),
+    (["train.objective=kto", "preference.loss_type=[kto]"], "a list of losses is DPO's"),
+    (["train.objective=dpo", "preference.loss_type=[sigmoid,sft]", "preference.loss_weights=[1.0]"],
+     "preference.loss_weights has 1 weights for 2 loss types"),
+    (["train.objective=dpo", "preference.loss_weights=[1.0]"], "preference.loss_weights weighs a list"),
+    (["preference.beta=0"], "preference.beta input should be greater than 0"),
+])
+def test_preference_settings_are_checked_at_load(overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(None, overrides)
+
+
+def test_a_list_of_dpo_losses_reaches_trl_with_its_weights(tmp_path):
+    from loraft.preference_trainer import preference_arguments
+    from loraft.plan import Plan
+
+    config = load_config(None, ["train.objective=dpo", "preference.loss_type=[sigmoid,sft]",
+                                "preference.loss_weights=[1.0,0.5]", "train.precision=fp32"])
+    plan = Plan(device="cpu", precision="fp32", weights="fp32", micro_batch_tokens=0, samples_per_batch=1,
+                accumulation=8, sampler="random", fused_loss=False, packing=False, model_type="bloom",
+                speed_path="", attention=None, attention_patch=False, optimizer="adamw_torch",
+                gradient_checkpointing=False, world_size=1, generation_dtype="fp32")
+    args = preference_arguments(config, plan, tmp_path, has_eval=False)
+    assert args.loss_type == ["sigmoid", "sft"] and args.loss_weights == [1.0, 0.5]
+    assert args.gradient_checkpointing is False and args.bf16 is False  # the plan's, not TRL's defaults

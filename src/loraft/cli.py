@@ -229,13 +229,15 @@ def cmd_serve(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from loraft.demo import run_demo
+    from loraft.demo import run_demo, run_preference_demo
     from loraft.train import TrainingStopped
 
+    stage = run_preference_demo if args.stage == "preference" else run_demo
     try:
-        run_demo(workdir=args.workdir, overwrite=args.overwrite, rebuild_base=args.rebuild_base)
+        stage(workdir=args.workdir, overwrite=args.overwrite, rebuild_base=args.rebuild_base)
     except TrainingStopped as stopped:
-        print(f"{stopped}; run loraft demo --overwrite to start it again", file=sys.stderr)
+        again = " --stage preference" if args.stage == "preference" else ""
+        print(f"{stopped}; run loraft demo{again} --overwrite to start it again", file=sys.stderr)
         return STOPPED_EXIT_CODE
     return 0
 
@@ -495,7 +497,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="offline demo: build a tiny Chinese base, fine-tune it, show before/after")
     demo.add_argument("--workdir", default="loraft-demo", help="where the demo writes data and its run")
-    demo.add_argument("--overwrite", action="store_true", help="replace a previous demo run in workdir")
+    demo.add_argument("--stage", choices=("sft", "preference"), default="sft",
+                      help="sft: the LoRA fine-tune (run/); preference: DPO on generated pairs from the sft stage's "
+                      "run (preference-run/), running the sft stage first where workdir has no finished one")
+    demo.add_argument("--overwrite", action="store_true", help="replace a previous demo run of this stage in workdir")
     demo.add_argument("--rebuild-base", action="store_true",
                       help="pretrain the demo's base model anew (cached) instead of using the one shipped with loraft")
     demo.set_defaults(handler=cmd_demo)

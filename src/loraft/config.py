@@ -282,11 +282,16 @@ class PreferenceConfig(_Section):
         description="How far the policy may move from the reference (DPO/KTO), or the odds-ratio weight (ORPO, "
         "TRL's lambda); TRL's default 0.1. For the ipo loss, the regularisation tau.",
     )
-    loss_type: Optional[str] = Field(
+    loss_type: Optional[Union[str, list[str]]] = Field(
         None,
         description="The loss variant, as TRL names it: dpo: sigmoid (the DPO paper's), hinge, ipo, exo_pair, "
         "nca_pair, robust, bco_pair, sppo_hard, aot, aot_unpaired, apo_zero, apo_down, discopop, sft or "
-        "sigmoid_norm; kto: kto or apo_zero_unpaired; None = the objective's default (sigmoid, kto); orpo has one.",
+        "sigmoid_norm, or a list of them summed with loss_weights (e.g. [sigmoid, sft]: DPO plus the chosen "
+        "answers' NLL, TRL's RPO); kto: kto or apo_zero_unpaired; None = the objective's default (sigmoid, kto); "
+        "orpo has one.",
+    )
+    loss_weights: Optional[list[float]] = Field(
+        None, description="DPO with a list of loss types: the weight of each (None = 1.0 each), as TRL's loss_weights."
     )
     label_smoothing: float = Field(
         0.0, ge=0, lt=0.5,
@@ -341,19 +346,33 @@ class RunConfig(_Section):
     @model_validator(mode="after")
     def _loss_type_fits(self) -> "RunConfig":
         objective, loss_type = self.train.objective, self.preference.loss_type
+        weights = self.preference.loss_weights
+        if weights is not None and (objective != "dpo" or not isinstance(loss_type, list)):
+            raise ValueError("preference.loss_weights weighs a list of DPO loss types (train.objective=dpo, "
+                             "preference.loss_type: [..]); leave it null otherwise")
         if loss_type is None:
             return self
         allowed = {"dpo": DPO_LOSS_TYPES, "kto": KTO_LOSS_TYPES}.get(objective, ())
-        if loss_type not in allowed:
+        if isinstance(loss_type, list):
+            if objective != "dpo" or not loss_type:
+                raise ValueError(f"preference.loss_type: a list of losses is DPO's (train.objective=dpo); "
+                                 f"train.objective={objective} takes one name")
+            if weights is not None and len(weights) != len(loss_type):
+                raise ValueError(f"preference.loss_weights has {len(weights)} weights for {len(loss_type)} loss "
+                                 "types")
+        for name in loss_type if isinstance(loss_type, list) else [loss_type]:
+            if name in allowed:
+                continue
             if not allowed:
-                raise ValueError(f"preference.loss_type {loss_type!r} does not apply to train.objective={objective} "
+                raise ValueError(f"preference.loss_type {name!r} does not apply to train.objective={objective} "
                                  "(it has one loss); leave it null")
-            raise ValueError(f"preference.loss_type {loss_type!r} is not one of train.objective={objective}'s: "
+            raise ValueError(f"preference.loss_type {name!r} is not one of train.objective={objective}'s: "
                              + ", ".join(allowed))
         return self
 
-    def loss_type(self) -> Optional[str]:
-        """The preference loss in use: the configured one or the objective's default (None for sft and orpo)."""
+    def loss_type(self) -> Optional[Union[str, list[str]]]:
+        """The preference loss in use: the configured one (or list, DPO) or the objective's default (None for sft
+        and orpo)."""
         return self.preference.loss_type or {"dpo": "sigmoid", "kto": "kto"}.get(self.train.objective)
 
 

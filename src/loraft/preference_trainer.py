@@ -115,7 +115,9 @@ def preference_arguments(config: RunConfig, plan, run_dir: Path, has_eval: bool)
     extra = dict(beta=preference.beta, max_length=config.data.max_length, gradient_checkpointing=plan.gradient_checkpointing,
                  disable_dropout=True, dataset_num_proc=None)
     if config.train.objective == "dpo":
-        extra.update(loss_type=[config.loss_type()], label_smoothing=preference.label_smoothing)
+        loss_type = config.loss_type()
+        extra.update(loss_type=loss_type if isinstance(loss_type, list) else [loss_type],
+                     loss_weights=preference.loss_weights, label_smoothing=preference.label_smoothing)
     elif config.train.objective == "kto":
         extra.update(loss_type=config.loss_type(), desirable_weight=preference.desirable_weight,
                      undesirable_weight=preference.undesirable_weight)

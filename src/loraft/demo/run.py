@@ -89,8 +89,8 @@ def _sample_chat(heldout: Sequence[dict], before: dict, after: dict, count: int 
 class FineTuneProgress(TrainerCallback):
     """A TrainerCallback that prints the fine-tune's Progress lines (step, latest logged loss, ETA)."""
 
-    def __init__(self, total_steps: int, log: Callable[[str], None]):
-        self.progress = Progress("fine-tune step", total_steps, log)
+    def __init__(self, total_steps: int, log: Callable[[str], None], label: str = "fine-tune step"):
+        self.progress = Progress(label, total_steps, log)
         self.loss = None
 
     def on_log(self, args, state, control, logs=None, **kwargs):
