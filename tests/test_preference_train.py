@@ -447,3 +447,18 @@ def test_a_list_of_dpo_losses_reaches_trl_with_its_weights(tmp_path):
     args = preference_arguments(config, plan, tmp_path, has_eval=False)
     assert args.loss_type == ["sigmoid", "sft"] and args.loss_weights == [1.0, 0.5]
     assert args.gradient_checkpointing is False and args.bf16 is False  # the plan's, not TRL's defaults
+
+
+def test_dpo_under_bf16_stores_frozen_weights_in_bf16_and_trains(workdir, tiny_bloom_dir):
+    """The branch fp32 machines do not take: train.precision=bf16 (the plan's pick on AMX/Zen 4 and CUDA)."""
+    capture = Capture()
+    run = train(load_config(None, _overrides(tiny_bloom_dir, workdir / "pairs.jsonl", workdir / "dpo-bf16",
+                                             "train.objective=dpo", "train.precision=bf16", "train.max_steps=3")),
+                callbacks=[capture], progress_bar=False)
+    frozen = [p for n, p in capture.model.named_parameters() if "query_key_value.base_layer" in n]
+    assert frozen and all(p.dtype == torch.bfloat16 for p in frozen)
+    trained = [p for p in capture.model.parameters() if p.requires_grad]
+    assert trained and all(p.dtype == torch.float32 for p in trained)
+    logged = _metrics(run)
+    assert logged[0]["loss"] == pytest.approx(math.log(2), abs=1e-2)  # bf16 autocast rounds the log-probs
+    assert json.loads((run / "loraft_run.json").read_text())["plan"]["precision"] == "bf16"
