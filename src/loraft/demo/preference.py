@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from loraft.demo.run import FineTuneProgress, exact_match, run_demo
+from loraft.demo.run import FineTuneProgress, _sample_chat, exact_match, run_demo
 from loraft.demo.tasks import TASK_FAMILIES, _write_jsonl, make_records, read_jsonl
 from loraft.files import write_json_atomically
 
@@ -131,18 +131,8 @@ def _results_table(before: dict, after: dict, accuracy: dict, heldout_count: int
 
 def _samples(heldout: Sequence[dict], before: dict, after: dict, count: int = 3) -> list[str]:
     """The first held-out prompt of `count` task families, with both runs' greedy answers."""
-    lines = ["sample answers (held-out prompts, greedy):"]
-    shown: set[str] = set()
-    for index, pair in enumerate(heldout):
-        if pair["task"] in shown or len(shown) == count:
-            continue
-        shown.add(pair["task"])
-        lines.append(f"  Human: {pair['instruction']}")
-        lines.append(f"         {pair['input']}")
-        lines.append(f"  Assistant (SFT):       {before['predictions'][index].strip()!r}")
-        lines.append(f"  Assistant (SFT + DPO): {after['predictions'][index].strip()!r}")
-        lines.append("")
-    return lines
+    return _sample_chat(heldout, before, after, count, title="sample answers (held-out prompts, greedy):",
+                        labels=("SFT", "SFT + DPO"))
 
 
 # ------------------------------------------------------------------------------------------ the stage

@@ -70,9 +70,12 @@ def _results_table(before: dict, after: dict, heldout_count: int) -> list[str]:
     return lines
 
 
-def _sample_chat(heldout: Sequence[dict], before: dict, after: dict, count: int = 3) -> list[str]:
+def _sample_chat(heldout: Sequence[dict], before: dict, after: dict, count: int = 3,
+                 title: str = "sample chat (held-out prompts, greedy):",
+                 labels: tuple[str, str] = ("base", "base + LoRA")) -> list[str]:
     """The first held-out prompt of `count` different task families, with both models' answers."""
-    lines = ["sample chat (held-out prompts, greedy):"]
+    lines = [title]
+    width = max(map(len, labels))
     shown: set[str] = set()
     for index, record in enumerate(heldout):
         if record["task"] in shown or len(shown) == count:
@@ -80,8 +83,8 @@ def _sample_chat(heldout: Sequence[dict], before: dict, after: dict, count: int 
         shown.add(record["task"])
         lines.append(f"  Human: {record['instruction']}")
         lines.append(f"         {record['input']}")
-        lines.append(f"  Assistant (base):        {before['predictions'][index].strip()!r}")
-        lines.append(f"  Assistant (base + LoRA): {after['predictions'][index].strip()!r}")
+        for label, result in zip(labels, (before, after)):
+            lines.append(f"  Assistant ({label}):{' ' * (width - len(label) + 1)}{result['predictions'][index].strip()!r}")
         lines.append("")
     return lines
 
