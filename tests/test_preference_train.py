@@ -462,3 +462,12 @@ def test_dpo_under_bf16_stores_frozen_weights_in_bf16_and_trains(workdir, tiny_b
     logged = _metrics(run)
     assert logged[0]["loss"] == pytest.approx(math.log(2), abs=1e-2)  # bf16 autocast rounds the log-probs
     assert json.loads((run / "loraft_run.json").read_text())["plan"]["precision"] == "bf16"
+
+
+@pytest.mark.parametrize("objective", ["kto", "orpo"])
+def test_kto_and_orpo_continue_an_sft_run(workdir, tiny_bloom_dir, sft_run, objective):
+    run = train(load_config(None, _overrides(tiny_bloom_dir, workdir / "pairs.jsonl", workdir / f"{objective}-from-sft",
+                                             f"train.objective={objective}", "train.max_steps=2",
+                                             f"model.adapter_from={sft_run}")), progress_bar=False)
+    assert set(load_file(run / "adapter_model.safetensors")) == set(load_file(sft_run / "adapter_model.safetensors"))
+    assert json.loads((run / "loraft_run.json").read_text())["adapter_from"] == str(sft_run.resolve())

@@ -192,8 +192,8 @@ def _for_objective(dataset, report: dict, objective: str, path: str, seed: int):
 
         count = len(dataset)
         dataset = Dataset.from_dict({
-            "prompt_ids": dataset["prompt_ids"] * 2,
-            "completion_ids": dataset["chosen_ids"] + dataset["rejected_ids"],
+            "prompt_ids": list(dataset["prompt_ids"]) * 2,
+            "completion_ids": list(dataset["chosen_ids"]) + list(dataset["rejected_ids"]),
             "label": [True] * count + [False] * count,
         })
         report["unpaired_from_pairs"] = count
