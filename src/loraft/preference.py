@@ -200,6 +200,30 @@ def _for_objective(dataset, report: dict, objective: str, path: str, seed: int):
     return dataset.shuffle(seed=seed, keep_in_memory=True).flatten_indices(keep_in_memory=True)
 
 
+def _cached_preferences(path: str, data: DataConfig, tokenizer, limits: PreferenceConfig):
+    """prepare_preferences through the tokenized-data cache SFT uses (loraft.data): under torchrun rank 0
+    tokenizes and the other ranks read its entry, so the data is prepared once. Returns (dataset, report with
+    `fingerprint`)."""
+    import json
+
+    from datasets import load_from_disk
+
+    from loraft.data import _cache_root, _store
+
+    fingerprint = _fingerprint(path, data, tokenizer, limits)
+    entry = _cache_root(data) / f"preference-{fingerprint}"
+    if (entry / "report.json").exists():
+        report = json.loads((entry / "report.json").read_text(encoding="utf-8"))
+        return load_from_disk(str(entry)), {**report, "cache_hit": True}
+    dataset, report = prepare_preferences(path, data, tokenizer, limits)
+    report["fingerprint"] = fingerprint
+    try:
+        _store(entry, dataset, report)
+    except OSError:
+        return dataset, {**report, "cache_hit": False}
+    return load_from_disk(str(entry)), {**report, "cache_hit": False}
+
+
 def prepare_preference_datasets(config: RunConfig, tokenizer) -> PreparedData:
     """Tokenized train (and eval) preference data for a run with a preference objective, and the data report
     (its `fingerprint` is what a resume compares), like data.prepare_datasets for SFT.
@@ -208,13 +232,12 @@ def prepare_preference_datasets(config: RunConfig, tokenizer) -> PreparedData:
         DataError: a bad record (file, record, field), or records the objective cannot train on.
     """
     data, limits, objective = config.data, config.preference, config.train.objective
-    train, report = prepare_preferences(data.path, data, tokenizer, limits)
-    report["fingerprint"] = _fingerprint(data.path, data, tokenizer, limits)
+    train, report = _cached_preferences(data.path, data, tokenizer, limits)
     if len(train) == 0:
         raise DataError(data.path, "holds no preference records")
     eval_dataset = None
     if data.eval_path:
-        eval_dataset, report["eval"] = prepare_preferences(data.eval_path, data, tokenizer, limits)
+        eval_dataset, report["eval"] = _cached_preferences(data.eval_path, data, tokenizer, limits)
         eval_dataset = _for_objective(eval_dataset, report["eval"], objective, data.eval_path, config.train.seed)
     elif data.eval_fraction > 0:
         train, eval_dataset, report["eval"] = split_eval(train, data.eval_fraction, config.train.seed, data.path)
