@@ -376,10 +376,34 @@ class RunConfig(_Section):
         return self.preference.loss_type or {"dpo": "sigmoid", "kto": "kto"}.get(self.train.objective)
 
 
+class ConfigLoader(yaml.SafeLoader):
+    """YAML as a config reads it: no key is a date, so `2026-02-31` stays text (safe_load builds a date, or raises a
+    bare ValueError for an impossible one); a number past Python's 4300-digit conversion limit is a YAML error at its
+    line, not a ValueError from int()."""
+
+    def construct_yaml_int(self, node):
+        try:
+            return super().construct_yaml_int(node)
+        except ValueError:
+            raise yaml.constructor.ConstructorError(None, None, "a number too long to read", node.start_mark) from None
+
+
+ConfigLoader.add_constructor("tag:yaml.org,2002:int", ConfigLoader.construct_yaml_int)
+# resolvers are kept per first character: drop the timestamp one, so a date-like value is a string
+ConfigLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+
+
+def parse_yaml(text: str) -> Any:
+    """A YAML document read as loraft reads configs (ConfigLoader). Raises yaml.YAMLError."""
+    return yaml.load(text, Loader=ConfigLoader)  # noqa: S506 - ConfigLoader is a SafeLoader
+
+
 def _parse_value(text: str) -> Any:
     """Parse a command-line override value as YAML (numbers, booleans, lists, null), else keep the string."""
     try:
-        return yaml.safe_load(text)
+        return parse_yaml(text)
     except yaml.YAMLError:
         return text
 
@@ -431,11 +455,13 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
         except OSError as exc:  # a folder, no permission
             raise ConfigError(f"{path}: cannot read the config file ({exc.strerror})") from None
         try:
-            loaded = yaml.safe_load(text)
+            loaded = parse_yaml(text)
         except yaml.YAMLError as exc:
             line = getattr(getattr(exc, "problem_mark", None), "line", None)
             where = f" line {line + 1}" if line is not None else ""
-            raise ConfigError(f"{path}:{where} is not valid YAML") from None
+            # a value YAML reads but cannot build (ConfigLoader's number too long) says which
+            problem = f" ({exc.problem})" if isinstance(exc, yaml.constructor.ConstructorError) and exc.problem else ""
+            raise ConfigError(f"{path}:{where} is not valid YAML{problem}") from None
         if loaded is None:
             # an empty file is a mistake (or a cut-off write), not a request for the defaults
             raise ConfigError(f"{path}: config file is empty; give at least one key, or a preset such as "
