@@ -103,6 +103,24 @@ def test_bad_files(tmp_path):
         load_config(tmp_path / "missing.yaml")
 
 
+def test_configs_read_no_dates_and_no_number_too_long_to_read(tmp_path):
+    """A date-like value stays text (so where a number belongs it is the schema's sentence, not a ValueError from
+    datetime), and a number past Python's 4300-digit limit is a YAML error at its line."""
+    dated = tmp_path / "dated.yaml"
+    dated.write_text("train:\n  seed: 2026-02-31\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as error:
+        load_config(dated)
+    assert str(error.value) == (f"{dated}: train.seed input should be a valid integer, unable to parse string as an "
+                                "integer")
+    assert load_config(None, ["data.system_prompt=2026-02-03"]).data.system_prompt == "2026-02-03"
+    long = tmp_path / "long.yaml"
+    long.write_text("train:\n  max_steps: " + "9" * 5000 + "\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as error:
+        load_config(long)
+    assert str(error.value) == f"{long}: line 2 is not valid YAML (a number too long to read)"
+    assert load_config(None, ["train.max_steps=0x10"]).train.max_steps == 16  # other YAML integers as before
+
+
 def test_every_field_has_a_description():
     rows = describe_fields()
     assert len(rows) > 40

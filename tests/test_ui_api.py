@@ -23,9 +23,12 @@ from fastapi.testclient import TestClient
 
 from conftest import write_alpaca
 from loraft.cli import main
+from loraft.config import load_config
 from loraft.errors import RunError
 from loraft.rundir import RunLock
-from loraft.ui.app import UISettings, create_app, serve_ui
+from loraft.ui.app import create_app
+from loraft.ui.requests import UISettings
+from loraft.ui.start import serve_ui
 from loraft.ui.events import run_events
 from loraft.ui.workspace import Workspace
 from run_helpers import free_port
@@ -129,8 +132,8 @@ def test_paths_leaving_the_workspace_are_refused(client, workspace, tmp_path):
     (workspace / "escape").symlink_to(outside, target_is_directory=True)
     try:
         cases = {
-            str(outside / "data.jsonl"): f"path {str(outside / 'data.jsonl')!r} is not relative; give a path inside "
-                                         f"the workspace {workspace}",
+            str(outside / "data.jsonl"): f"path {str(outside / 'data.jsonl')!r} is outside the workspace "
+                                         f"{workspace}; give a path inside it",
             "../secret/data.jsonl": "path '../secret/data.jsonl' climbs out with '..'; give a path inside the "
                                     "workspace",
             "data/../../secret/data.jsonl": "path 'data/../../secret/data.jsonl' climbs out with '..'; give a path "
@@ -143,7 +146,7 @@ def test_paths_leaving_the_workspace_are_refused(client, workspace, tmp_path):
         for path, sentence in cases.items():
             assert_refused(client.post("/api/data/check", json={"path": path}), 400, sentence)
         assert_refused(client.post("/api/data/preview", json={"path": "data/train.jsonl", "model": "/etc"}), 400,
-                       f"model '/etc' is not relative; give a path inside the workspace {workspace}")
+                       f"model '/etc' is outside the workspace {workspace}; give a path inside it")
         assert_refused(client.post("/api/runs", json={"name": "x", "config": "../configs/run.yaml"}), 400,
                        "config '../configs/run.yaml' climbs out with '..'; give a path inside the workspace")
     finally:
@@ -257,16 +260,17 @@ def test_a_config_reaches_nothing_outside_the_workspace_and_runs_no_model_code(c
                    "model.trust_remote_code: the UI does not run code shipped with a model; train such a model with "
                    "`loraft train` on the command line")
     assert_refused(plan("model:\n  name_or_path: /etc\n"), 400,
-                   f"model.name_or_path '/etc' is not relative; give a path inside the workspace {workspace}")
-    assert_refused(plan("data:\n  path: ../secret.jsonl\n"), 400,
+                   f"model.name_or_path '/etc' is outside the workspace {workspace}; give a path inside it")
+    assert_refused(plan("model:\n  name_or_path: base\ndata:\n  path: ../secret.jsonl\n"), 400,
                    "data.path '../secret.jsonl' climbs out with '..'; give a path inside the workspace")
-    assert_refused(plan("data:\n  path: data/train.jsonl\n  cache_dir: /tmp/elsewhere\n"), 400,
-                   f"data.cache_dir '/tmp/elsewhere' is not relative; give a path inside the workspace {workspace}")
+    assert_refused(plan("model:\n  name_or_path: base\ndata:\n  path: data/train.jsonl\n  cache_dir: /tmp/elsewhere\n"),
+                   400,
+                   f"data.cache_dir '/tmp/elsewhere' is outside the workspace {workspace}; give a path inside it")
     # the run a preference run continues from is a folder on this machine, never a hub id: always confined
     assert_refused(plan("model:\n  name_or_path: base\n  adapter_from: ../sft\n"), 400,
                    "model.adapter_from '../sft' climbs out with '..'; give a path inside the workspace")
     assert_refused(plan("model:\n  name_or_path: base\n  adapter_from: /tmp/sft\n"), 400,
-                   f"model.adapter_from '/tmp/sft' is not relative; give a path inside the workspace {workspace}")
+                   f"model.adapter_from '/tmp/sft' is outside the workspace {workspace}; give a path inside it")
     (workspace / "sft-elsewhere").symlink_to("/tmp", target_is_directory=True)
     try:
         assert_refused(plan("model:\n  name_or_path: base\n  adapter_from: sft-elsewhere/run\n"), 400,
@@ -385,24 +389,33 @@ def test_stop_answers_once_the_signal_is_sent(client, workspace):
         launch.unlink()
 
 
-def test_resume_starts_the_cli_resume_command(client, workspace):
+def test_resume_checks_the_runs_config_and_launches_the_checked_copy(client, workspace):
     run_dir = fake_run(workspace / "paused", status="stopped", step=2)
     (run_dir / "checkpoints" / "checkpoint-2").mkdir(parents=True)
     (run_dir / "checkpoints" / "checkpoint-2" / "trainer_state.json").write_text("{}")
-    (run_dir / "config.yaml").write_text("bogus: 1\n")  # the resumed process fails at once, with one sentence
-    try:
+    (run_dir / "config.yaml").write_text("bogus: 1\n")
+    launch_file = workspace / ".loraft-ui" / "runs" / "paused.json"
+    try:  # a config that does not load is the request's sentence, and nothing starts
+        assert_refused(client.post("/api/runs/paused/resume"), 400,
+                       f"{run_dir / 'config.yaml'}: unknown config key bogus")
+        assert not launch_file.exists()
+        # one that loads resumes from the UI's own copy of it; the user is shown the CLI's resume command
+        (run_dir / "config.yaml").write_text(RUN_YAML + f"output_dir: {run_dir}\n")
         answer = client.post("/api/runs/paused/resume", headers={"Content-Type": "application/json"}, content=b"{}")
-        assert answer.status_code == 202 and answer.json() == {"name": "paused"}
+        assert answer.status_code == 202 and answer.json() == {"name": "paused"}, answer.text
         detail = client.get("/api/runs/paused").json()
-        launch = json.loads((workspace / ".loraft-ui" / "runs" / "paused.json").read_text())
-        assert launch["starts"][-1]["argv"] == detail["resume_command"] == [
+        checked = workspace / ".loraft-ui" / "runs" / "paused.checked.yaml"
+        start = json.loads(launch_file.read_text())["starts"][-1]
+        assert start["argv"] == detail["launched_command"] == [
+            sys.executable, "-m", "loraft.cli", "train", str(checked), "--resume"]
+        assert start["command"] == detail["resume_command"] == [
             sys.executable, "-m", "loraft.cli", "train", str(run_dir / "config.yaml"), "--resume"]
+        assert load_config(checked) == load_config(run_dir / "config.yaml")
         deadline = time.monotonic() + 60
         while client.get("/api/runs/paused").json()["state"]["status"] == "starting" and time.monotonic() < deadline:
             time.sleep(0.2)
-        log = client.get("/api/runs/paused/log").json()
-        assert log["console"][-1] == f"error: {run_dir / 'config.yaml'}: unknown config key bogus"
-        assert client.get("/api/runs/paused").json()["state"]["status"] == "stopped"
+        console = "\n".join(client.get("/api/runs/paused/log").json()["console"])
+        assert f"train {checked} --resume" in console  # the launched process read the checked copy
     finally:
         shutil.rmtree(run_dir)
         for leftover in (workspace / ".loraft-ui" / "runs").glob("paused*"):
@@ -514,7 +527,7 @@ def test_data_preview_and_check_answer_what_the_cli_prints(client, workspace, ca
     report.pop("cache_hit"), expected.pop("cache_hit")  # whether an earlier test tokenized the same file first
     assert report == expected
     assert_refused(client.post("/api/data/preview", json={"path": "data/train.jsonl", "model": "no such model!"}),
-                   400, "model 'no such model!' is neither a run, a folder in the workspace, nor a hub id")
+                   400, f"model 'no such model!' does not exist in the workspace {workspace}")
 
 
 PREFERENCE_PAIRS = [  # LLaMA-Factory's alpaca ranking format

@@ -291,10 +291,12 @@ def cmd_stop(args) -> int:
 
 def cmd_ui(args) -> int:
     require("ui", "serve", "fastapi", "uvicorn")
-    from loraft.ui.app import serve_ui
+    from loraft.ui.start import serve_ui
 
     serve_ui(args.workspace, host=args.host, port=args.port, token=args.token or os.environ.get("LORAFT_UI_TOKEN"),
-             allowed_hosts=args.allowed_hosts)
+             allowed_hosts=args.allowed_hosts, kernel_confinement=not args.no_kernel_confinement,
+             allow_hub=args.allow_hub, time_limit=args.time_limit, max_runs=args.max_runs, max_jobs=args.max_jobs,
+             max_streams=args.max_streams, max_chat_loads=args.max_chat_loads)
     return 0
 
 
@@ -525,6 +527,21 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--token", help="require the header 'X-Loraft-Token: T' (default: $LORAFT_UI_TOKEN, else none)")
     ui.add_argument("--allowed-hosts", nargs="*", default=(), metavar="NAME",
                     help="Host names answered besides the bound address ('*': any)")
+    ui.add_argument("--allow-hub", action="store_true",
+                    help="let a model or data name that is no file in the workspace be a hub id (downloads)")
+    ui.add_argument("--time-limit", type=float, default=120.0, metavar="S",
+                    help="seconds one plan, data check, preview or config check may take (default: 120)")
+    ui.add_argument("--max-runs", type=int, default=4, metavar="N",
+                    help="runs starting or running at once (default: 4; 0: the UI starts none)")
+    ui.add_argument("--max-jobs", type=int, default=4, metavar="N",
+                    help="eval, merge and export jobs running at once (default: 4)")
+    ui.add_argument("--max-streams", type=int, default=64, metavar="N",
+                    help="live-curve event streams open at once (default: 64)")
+    ui.add_argument("--max-chat-loads", type=int, default=2, metavar="N",
+                    help="chat models loading at once (default: 2)")
+    ui.add_argument("--no-kernel-confinement", action="store_true",
+                    help="do not ask the kernel (Landlock) to confine the UI and its runs to the workspace and "
+                         "caches; paths are still checked before use")
     ui.set_defaults(handler=cmd_ui)
 
     config = sub.add_parser("config", help="print every config key with its type, default and description")

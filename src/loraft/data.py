@@ -183,9 +183,12 @@ def _source_fingerprint(path: str, data: DataConfig) -> str:
     local = Path(path).expanduser()
     digest = hashlib.sha256()
     if local.is_file():
-        with open(local, "rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
+        try:
+            with open(local, "rb") as handle:
+                for chunk in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(chunk)
+        except OSError as exc:  # no permission, or loraft ui's kernel confinement: as records.py says it
+            raise DataError(path, f"cannot be read ({exc.strerror or exc})") from None
     elif local.is_dir():  # save_to_disk shards can be GBs: names, sizes and mtimes identify a save
         for file in sorted(p for p in local.rglob("*") if p.is_file()):
             stat = file.stat()

@@ -60,6 +60,15 @@ def _fields(record: dict) -> str:
     return ", ".join(name if isinstance(name, str) and name.isprintable() else repr(name) for name in record) or "none"
 
 
+def _read_bytes(path: str, local: Path) -> bytes:
+    """The file's bytes; a file that exists but cannot be opened (no permission, or kernel confinement: loraft ui's
+    Landlock) is one sentence naming it."""
+    try:
+        return local.read_bytes()
+    except OSError as exc:
+        raise DataError(path, f"cannot be read ({exc.strerror or exc})") from None
+
+
 def _decode_utf8(path: str, raw: bytes) -> str:
     try:
         return raw.decode("utf-8-sig")
@@ -184,7 +193,7 @@ def _read_records(path: str, data: DataConfig) -> tuple[str, Optional[list[str]]
             raise DataError(path, f"not a readable Parquet file ({exc})") from None
         table = table if data.limit is None else table.slice(0, data.limit)
         return kind, None, _numbered(table.to_pylist())
-    text = _decode_utf8(path, local.read_bytes())
+    text = _decode_utf8(path, _read_bytes(path, local))
     if kind == "csv":
         return (kind, *_read_csv(path, text, data.limit))
     return kind, None, (_read_jsonl if kind == "jsonl" else _read_json)(path, text, data.limit)
@@ -299,7 +308,7 @@ def chat_turns(path: str, where: str, record: dict, field: str = "messages", sha
 
 def read_json_records(path: str) -> Records:
     """(where, record) pairs of a .json array or a .jsonl file (the same reader as training data)."""
-    text = _decode_utf8(path, Path(path).read_bytes())
+    text = _decode_utf8(path, _read_bytes(path, Path(path)))
     return _read_json(path, text, None) if str(path).endswith(".json") else _read_jsonl(path, text, None)
 
 

@@ -333,14 +333,24 @@ def run_state(run_dir: Union[str, Path]) -> dict:
             "pid": record.get("pid"), "host": record.get("host"), "base_model": record.get("base_model")}
 
 
-def find_runs(root: Union[str, Path], depth: int = 2) -> list[Path]:
+def find_runs(root: Union[str, Path], depth: int = 2, within: Optional[Path] = None) -> list[Path]:
     """The run directories (holding loraft_run.json) at `root` and up to `depth` levels below it, by path.
 
-    A run's own folders (checkpoints, eval) are not searched; hidden folders neither.
+    A run's own folders (checkpoints, eval) are not searched; hidden folders neither; with `within` (a resolved
+    folder), neither is a folder whose real path (symbolic links followed) lies outside it.
     """
     root = Path(root)
     if not root.is_dir():
         raise RunError(f"{root}: directory not found")
+
+    def searched(child: Path) -> bool:
+        if child.name.startswith(".") or not child.is_dir():
+            return False
+        if within is None or not child.is_symlink():
+            return True
+        real = child.resolve()
+        return real == within or within in real.parents
+
     found, level = [], [root]
     for current_depth in range(depth + 1):
         below = []
@@ -349,8 +359,7 @@ def find_runs(root: Union[str, Path], depth: int = 2) -> list[Path]:
                 found.append(directory)
             elif current_depth < depth:
                 with contextlib.suppress(OSError):
-                    below += sorted(child for child in directory.iterdir()
-                                    if child.is_dir() and not child.name.startswith("."))
+                    below += sorted(child for child in directory.iterdir() if searched(child))
         level = below
     return sorted(found)
 

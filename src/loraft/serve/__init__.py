@@ -17,10 +17,27 @@ requests get `shutdown_timeout` seconds to finish; then they are cancelled.
     app.py         the FastAPI routes and errors (QueueFull -> 429); `serve` loads a run and runs uvicorn
 """
 
-from loraft.serve.app import ServeSettings, chat_page, create_app, serve
-from loraft.serve.engine import Engine, StopScanner, model_context_length
-from loraft.templates import RAW_TEXT
-from loraft.serve.validation import APIError
-
 __all__ = ["APIError", "Engine", "RAW_TEXT", "ServeSettings", "StopScanner", "chat_page", "create_app",
            "model_context_length", "serve"]
+
+
+def __getattr__(name: str):
+    # loaded on first use, as loraft.export's names: `loraft.serve.validation` (the Host rule `loraft ui` checks
+    # before it confines itself) comes without torch, which starts a thread at import
+    if name in ("ServeSettings", "chat_page", "create_app", "serve"):
+        from loraft.serve import app
+
+        return getattr(app, name)
+    if name in ("Engine", "StopScanner", "model_context_length"):
+        from loraft.serve import engine
+
+        return getattr(engine, name)
+    if name == "APIError":
+        from loraft.serve.validation import APIError
+
+        return APIError
+    if name == "RAW_TEXT":
+        from loraft.templates import RAW_TEXT
+
+        return RAW_TEXT
+    raise AttributeError(f"module 'loraft.serve' has no attribute {name!r}")

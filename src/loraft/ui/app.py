@@ -1,4 +1,4 @@
-"""The UI's FastAPI application (the REST API of docs/ui.md, the static page, the chat pages) and `serve_ui`.
+"""The UI's FastAPI application: the REST API of docs/ui.md, the static page, the chat pages.
 
 Who may ask is checked before any route runs (loraft.ui.requests): the Host header by loraft.serve's rule (DNS
 rebinding), a browser's Origin on anything that changes state (other sites), then the token (`X-Loraft-Token`,
@@ -9,13 +9,14 @@ event loop.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import logging
 import mimetypes
 import re
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import AsyncIterator, Callable, Optional, Sequence, Union
 
 import yaml
 from fastapi import FastAPI, Request
@@ -25,7 +26,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import loraft
-from loraft.config import RunConfig
+from loraft.config import RunConfig, parse_yaml
 from loraft.errors import LoraftError, RunError
 from loraft.presets import preset_names
 from loraft.rundir import read_record
@@ -35,28 +36,43 @@ from loraft.ui import jobs, launch
 from loraft.ui.chat import ChatModels, Forward, chat_query
 from loraft.ui.data import DATA_FIELDS, data_check, data_preview
 from loraft.ui.events import run_events
-from loraft.ui.requests import RequestGate, at_least, check_fields, error, lines_query, read_body, read_payload
-from loraft.ui.workspace import LIST_FIELDS, RequestError, Workspace, complete_checkpoints, tail_lines
+from loraft.ui.requests import RequestGate, UISettings, at_least, check_fields, error, lines_query, read_body, read_payload
+from loraft.ui.work import Workers
+from loraft.ui.workspace import LIST_FIELDS, RequestError, Workspace, caches, complete_checkpoints, tail_lines
 
 logger = logging.getLogger("loraft")
 EVENT_FILE_TAG = re.compile(r"[0-9a-f]{1,16}")
+EVENT_LINE = re.compile(r"[0-9]{1,12}")  # a line number, not a 5,000-digit one
+
+
+class StreamCount:
+    """The event streams open now, at most `limit`: each holds a connection and polls a file (429 past it)."""
+
+    def __init__(self, limit: int):
+        self.limit, self.open = limit, 0
+
+    def counted(self, stream: AsyncIterator[str]) -> AsyncIterator[str]:
+        """`stream`, counted while a client reads it; refused (429) when `limit` streams are open already."""
+        if self.open >= self.limit:
+            raise RequestError(429, f"{self.open} event streams are open, this UI's limit; close a page that "
+                                    "follows a run")
+        self.open += 1  # on the event loop: no lock needed
+
+        async def follow() -> AsyncIterator[str]:
+            try:
+                async for chunk in stream:
+                    yield chunk
+            finally:
+                self.open -= 1
+
+        return follow()
+
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"  # package data (wheels install unpacked)
 # what a browser must be told about the files the page is made of (mimetypes varies by system)
 CONTENT_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
                  ".css": "text/css; charset=utf-8", ".json": "application/json", ".svg": "image/svg+xml",
                  ".png": "image/png", ".ico": "image/x-icon", ".woff2": "font/woff2", ".map": "application/json"}
-
-
-@dataclass(frozen=True)
-class UISettings:
-    """Who the UI answers: the token (None: none needed), and the bound address for the Host check (port None
-    checks no port: an in-process client)."""
-
-    token: Optional[str] = None
-    host: str = "127.0.0.1"
-    port: Optional[int] = None
-    allowed_hosts: tuple[str, ...] = ()
 
 
 # ------------------------------------------------------------------------------------------------- runs
@@ -67,15 +83,18 @@ def run_detail(workspace: Workspace, name: str) -> dict:
     state = workspace.run_state(name)
     record = read_record(run_dir)
     try:
-        config = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError):
+        config = parse_yaml((run_dir / "config.yaml").read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError):  # ValueError: not UTF-8
         config = None
     try:
         data_report = json.loads((run_dir / "data_report.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         data_report = None
     starts = workspace.read_launch(name).get("starts") or []
-    command = next((start.get("argv") for start in reversed(starts) if start.get("kind") == "train"), None)
+    first = next((start for start in reversed(starts) if start.get("kind") == "train"), {})
+    # what a user would type for it (older launch records kept only the argv, which was that command)
+    command = first.get("command") or first.get("argv")
+    launched = (starts[-1] if starts else {}).get("argv")
     resume = launch.resume_command(workspace, name)
     return {
         "name": name, "state": {key: value for key, value in state.items() if key != "error"}, "record": record,
@@ -83,6 +102,7 @@ def run_detail(workspace: Workspace, name: str) -> dict:
         "data_report": data_report if isinstance(data_report, dict) else None,
         "error": workspace.run_error(name, state), "checkpoints": complete_checkpoints(run_dir),
         "command": command, "command_text": launch.display_command(command) if command else None,
+        "launched_command": launched,
         "resume_command": resume, "resume_command_text": launch.display_command(resume),
     }
 
@@ -144,10 +164,23 @@ def file_response(path: Path) -> FileResponse:
 
 def create_app(workspace: Union[str, Path, Workspace], settings: UISettings = UISettings()) -> FastAPI:
     """The UI's application over `workspace` (see docs/ui.md for every route)."""
-    workspace = workspace if isinstance(workspace, Workspace) else Workspace(workspace)
-    app = FastAPI(title="loraft ui", docs_url=None, redoc_url=None, openapi_url=None)
+    workspace = workspace if isinstance(workspace, Workspace) else Workspace(workspace, settings.allow_hub)
+    workers = Workers(workspace.root, time_limit=settings.time_limit)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        yield
+        workers.close()
+
+    app = FastAPI(title="loraft ui", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.workspace = workspace
-    chats = ChatModels(workspace)
+    app.state.kernel_confinement = None  # serve_ui sets the Landlock ABI it applied
+    chats = ChatModels(workspace, max_loading=settings.max_chat_loads)
+    streams = StreamCount(settings.max_streams)
+
+    def work(what: str) -> Callable:
+        """Run a function in a worker process (launch.start_run's and resume_run's `work`)."""
+        return functools.partial(workers.run, what)
     app.add_middleware(RequestGate, token=settings.token)
     rule = host_rule(settings.host, settings.port, settings.allowed_hosts)
     if rule is not None:  # added last: it runs first, before the token is looked at
@@ -195,12 +228,17 @@ def create_app(workspace: Union[str, Path, Workspace], settings: UISettings = UI
         return file_response(path)
 
     # --- workspace ----------------------------------------------------------------------------------------
+    @app.get("/api/health")
+    async def health():  # answered on the event loop, no thread: what says the UI is still answering
+        return {"ok": True}
+
     @app.get("/api/info")
     async def info():
         yaml_files = await run_in_threadpool(workspace.yaml_files)
         return {"workspace": str(workspace.root), "version": loraft.__version__,
                 "token_required": settings.token is not None, "presets": preset_names(), "yaml_files": yaml_files,
-                "languages": languages()}
+                "languages": languages(), "allow_hub": workspace.allow_hub, "caches": [str(path) for path in caches()],
+                "kernel_confinement": app.state.kernel_confinement}
 
     @app.get("/api/schema")
     async def schema():
@@ -215,13 +253,13 @@ def create_app(workspace: Union[str, Path, Workspace], settings: UISettings = UI
     async def new_run(request: Request):
         values = await read_body(request, {"name": (str, True), "config": (str, True), "overrides": (list, False)})
         return await run_in_threadpool(launch.start_run, workspace, values["name"], values["config"],
-                                       values["overrides"])
+                                       values["overrides"], work("the config check"), settings.max_runs)
 
     @app.post("/api/plan")
     async def plan(request: Request):
         values = await read_body(request, {"config": (str, True), "overrides": (list, False), "name": (str, False)})
-        return await run_in_threadpool(launch.plan_preview, workspace, values["config"], values["overrides"],
-                                       values["name"])
+        return await run_in_threadpool(workers.run, "the plan", launch.plan_preview, workspace, values["config"],
+                                       values["overrides"], values["name"])
 
     @app.get("/api/runs/{name:path}/log")
     async def log(name: str, request: Request):
@@ -232,11 +270,12 @@ def create_app(workspace: Union[str, Path, Workspace], settings: UISettings = UI
         run_dir = await run_in_threadpool(workspace.run_dir, name)
         header = request.headers.get("last-event-id", "").strip()
         line, _, file_tag = header.partition("-")  # LINE-FILE as the stream sent it; a bare LINE too
-        if header and not (line.isascii() and line.isdigit() and (not file_tag or EVENT_FILE_TAG.fullmatch(file_tag))):
-            raise RequestError(400, f"Last-Event-ID must be an id this stream sent, LINE-FILE (got {header!r})")
+        if header and not (EVENT_LINE.fullmatch(line) and (not file_tag or EVENT_FILE_TAG.fullmatch(file_tag))):
+            shown = header if len(header) <= 40 else header[:40] + "..."
+            raise RequestError(400, f"Last-Event-ID must be an id this stream sent, LINE-FILE (got {shown!r})")
         stream = run_events(run_dir / "metrics.jsonl", lambda: listed_state(workspace, name), int(line or 0),
                             file_tag or None)
-        return StreamingResponse(stream, media_type="text/event-stream",
+        return StreamingResponse(streams.counted(stream), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     @app.post("/api/runs/{name:path}/stop", status_code=202)
@@ -247,7 +286,8 @@ def create_app(workspace: Union[str, Path, Workspace], settings: UISettings = UI
     @app.post("/api/runs/{name:path}/resume", status_code=202)
     async def resume(name: str, request: Request):
         await read_body(request, {})
-        return await run_in_threadpool(launch.resume_run, workspace, name)
+        return await run_in_threadpool(launch.resume_run, workspace, name, work("the config check"),
+                                       settings.max_runs)
 
     @app.post("/api/runs/{name:path}/jobs", status_code=202)
     async def new_job(name: str, request: Request):
@@ -257,7 +297,7 @@ def create_app(workspace: Union[str, Path, Workspace], settings: UISettings = UI
             shown = "missing" if kind is None else repr(kind)
             raise RequestError(400, f"kind must be one of {', '.join(JOB_FIELDS)} (got {shown})")
         options = await run_in_threadpool(job_options, workspace, check_fields(payload, JOB_FIELDS[kind]))
-        return await run_in_threadpool(jobs.start_job, workspace, name, kind, options)
+        return await run_in_threadpool(jobs.start_job, workspace, name, kind, options, settings.max_jobs)
 
     @app.get("/api/runs/{name:path}")
     async def run(name: str):
@@ -278,14 +318,14 @@ def create_app(workspace: Union[str, Path, Workspace], settings: UISettings = UI
     async def check(request: Request):
         values = await read_body(request, DATA_FIELDS)
         at_least(values, "max_length", 2)
-        return await run_in_threadpool(data_check, workspace, values)
+        return await run_in_threadpool(workers.run, "the data check", data_check, workspace, values)
 
     @app.post("/api/data/preview")
     async def preview(request: Request):
         values = await read_body(request, {**DATA_FIELDS, "model": (str, True), "limit": (int, False)})
         at_least(values, "max_length", 2)
         at_least(values, "limit", 1)
-        return await run_in_threadpool(data_preview, workspace, values)
+        return await run_in_threadpool(workers.run, "the data preview", data_preview, workspace, values)
 
     # --- chat ---------------------------------------------------------------------------------------------
     @app.api_route("/chat/{name:path}/v1/{rest:path}", methods=["GET", "POST"])
@@ -305,32 +345,3 @@ def create_app(workspace: Union[str, Path, Workspace], settings: UISettings = UI
         return RedirectResponse(f"{request.url.path}/{query}", status_code=307)
 
     return app
-
-
-def serve_ui(workspace: Union[str, Path], host: str = "127.0.0.1", port: int = 7860, token: Optional[str] = None,
-             allowed_hosts: Sequence[str] = (), log=print) -> None:
-    """Run the UI under uvicorn until Ctrl-C; runs it started keep running after it ends.
-
-    Raises:
-        RunError (one sentence): a non-loopback address without a token, a missing workspace, a bad port, or an
-            address that cannot be bound.
-    """
-    token = token or None
-    if token is not None and not (token.isascii() and token.isprintable()):
-        # a browser's fetch cannot carry other characters in a header: the page could never send it
-        raise RunError("loraft ui: the token must be printable ASCII (a browser cannot send other characters in "
-                       "a header)")
-    if not is_loopback(host) and token is None:
-        raise RunError(f"loraft ui: refusing to listen on {host} without a token (anyone who reaches it could start "
-                       "runs on this machine); pass --token T or set LORAFT_UI_TOKEN")
-    root = Path(workspace)
-    if not root.is_dir():
-        raise RunError(f"{workspace}: workspace directory not found")
-    if not 0 <= port <= 65535:
-        raise RunError(f"--port must be between 0 and 65535 (got {port})")
-    app = create_app(root, UISettings(token=token, host=host, port=port, allowed_hosts=tuple(allowed_hosts)))
-    # a wildcard bind answers on loopback too; an IPv6 address goes in brackets in a URL
-    shown = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "[::1]"}.get(host, f"[{host}]" if ":" in host else host)
-    log(f"loraft ui: http://{shown}:{port}/  (workspace {root.resolve()}; Ctrl-C stops the UI, not its runs)")
-    # streams of live runs never end on their own: give them a moment at shutdown, not uvicorn's forever
-    run_uvicorn(app, host, port, shutdown_timeout=3, log_level="warning", what="the UI")

@@ -55,8 +55,9 @@ def chat_query(checkpoint: Optional[str], base: Optional[str]) -> tuple[Optional
 class ChatModels:
     """The chat apps of loaded models, keyed by (run, checkpoint or None, base), at most `capacity` of them."""
 
-    def __init__(self, workspace: Workspace, capacity: int = 2):
+    def __init__(self, workspace: Workspace, capacity: int = 2, max_loading: Optional[int] = None):
         self.workspace, self.capacity = workspace, capacity
+        self.max_loading = capacity if max_loading is None else max_loading  # loads at once (429 past it)
         self._loaded: OrderedDict[tuple, tuple[tuple, object]] = OrderedDict()  # key -> (run signature, app)
         self._loading: dict[tuple, asyncio.Task] = {}
         self._releasing: set[asyncio.Task] = set()  # kept referenced until they end
@@ -84,6 +85,9 @@ class ChatModels:
             self._evict(key)  # the run was resumed or trained again since: its model is not the run's any more
         task = self._loading.get(key)
         if task is None:
+            if len(self._loading) >= self.max_loading:  # each load is a whole model in memory, and they queue
+                raise RequestError(429, f"{len(self._loading)} models are loading for chat already (the UI loads at "
+                                        f"most {self.max_loading} at once); try again when they are loaded")
             while self._loaded and len(self._loaded) + len(self._loading) >= self.capacity:
                 self._evict(next(iter(self._loaded)))
             task = asyncio.ensure_future(self._load(key, signature, run_dir))
@@ -141,7 +145,8 @@ def load_chat_app(workspace: Workspace, name: str, run_dir: Path, checkpoint: Op
     from loraft.serve.engine import Engine
 
     run = open_run(run_dir, RunAccess(allow_unfinished=True, checkpoint=checkpoint))
-    run = dataclasses.replace(run, config=workspace.in_workspace(run.config))  # a base model folder in the workspace
+    # the base (and a preference run's source run) as the workspace places them: inside it, or a hub id if allowed
+    run = dataclasses.replace(run, config=workspace.confine_config(run.config))
     with _LOAD_LOCK:
         model, tokenizer, template, info = load_run(run, dtype=run.config.generation.dtype, base_only=base)
     model_id = f"{name}/base" if base else f"{name}/{checkpoint}" if checkpoint else name

@@ -1,10 +1,10 @@
 """The data stage from the UI: `loraft data check` and `loraft data preview` on workspace files, with the tokenizer
-of a run, a folder in the workspace, or a hub model. Preference records (DPO pairs, KTO unpaired completions) go to
-loraft.preference, as the CLI sends them."""
+of a run, a folder in the workspace, or a hub model where the UI allows hubs. Preference records (DPO pairs, KTO
+unpaired completions) go to loraft.preference, as the CLI sends them. The app runs these in a worker process
+(loraft.ui.work)."""
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Optional
 
@@ -12,9 +12,8 @@ from pydantic import ValidationError
 
 from loraft.config import RunConfig
 from loraft.rundir import RUN_FILE, read_record
-from loraft.ui.workspace import RUN_NAME, RequestError, Workspace, complete_checkpoints
+from loraft.ui.workspace import RequestError, Workspace, complete_checkpoints
 
-HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
 DATA_FIELDS = {"path": (str, True), "model": (str, False), "template": (str, False), "format": (str, False),
                "max_length": (int, False), "max_prompt_length": (int, False), "max_completion_length": (int, False)}
 
@@ -46,27 +45,21 @@ def is_preference_data(settings: RunConfig) -> bool:
 
 
 def tokenizer_of(workspace: Workspace, model: str):
-    """The tokenizer of `model`: a run in the workspace (its saved tokenizer, else its newest checkpoint's, else
-    its base model's), a folder in the workspace, or a hub id."""
+    """The tokenizer of `model`, placed by Workspace.place: a run in the workspace (its saved tokenizer, else its
+    newest checkpoint's, else its base model's), a folder in the workspace, or a hub id where the UI allows hubs."""
     from loraft.model import load_tokenizer
 
-    candidate = Path(model)
-    if candidate.is_absolute() or ".." in candidate.parts or "\0" in model:
-        workspace.resolve(model, field="model")  # refuses it with the sentence every path gets
-    parts = model.split("/")
-    if 0 < len(parts) <= 2 and all(RUN_NAME.fullmatch(part) for part in parts):
-        run_dir = workspace.run_path(model)
-        if (run_dir / RUN_FILE).is_file():
-            folders = [run_dir, *reversed([run_dir / "checkpoints" / name for name in complete_checkpoints(run_dir)])]
-            source = next((str(folder) for folder in folders if (folder / "tokenizer_config.json").is_file()),
-                          read_record(run_dir).get("base_model"))
-            if source:
-                return load_tokenizer(source)
-    if (workspace.root / candidate).exists():
-        return load_tokenizer(str(workspace.resolve(model, field="model")))
-    if not HUB_ID.fullmatch(model):
-        raise RequestError(400, f"model {model!r} is neither a run, a folder in the workspace, nor a hub id")
-    return load_tokenizer(model)
+    placed = workspace.place(model, field="model", local_only=False)
+    run_dir = Path(placed)
+    if run_dir.is_absolute() and (run_dir / RUN_FILE).is_file():
+        folders = [run_dir, *reversed([run_dir / "checkpoints" / name for name in complete_checkpoints(run_dir)])]
+        source = next((str(folder) for folder in folders if (folder / "tokenizer_config.json").is_file()), None)
+        base = read_record(run_dir).get("base_model")
+        if source is None and base:  # the run's base model, wherever the run was trained: checked like any other
+            source = workspace.place(base, field=f"run {model!r}'s base model", local_only=False)
+        if source:
+            return load_tokenizer(source)
+    return load_tokenizer(placed)
 
 
 def data_check(workspace: Workspace, values: dict) -> dict:

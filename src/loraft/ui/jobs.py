@@ -53,25 +53,34 @@ def job_command(kind: str, run_dir: Path, options: dict) -> tuple[list[str], Opt
     return ["export", str(run_dir), "--format", "gguf", "--outtype", options.get("outtype") or "f16"], out
 
 
-def start_job(workspace: Workspace, name: str, kind: str, options: dict) -> dict:
-    """POST /api/runs/NAME/jobs: check the run is finished and the output free, then start the job detached.
+def start_job(workspace: Workspace, name: str, kind: str, options: dict, max_jobs: Optional[int] = None) -> dict:
+    """POST /api/runs/NAME/jobs: check the run is finished, its config confined to the workspace (the job loads its
+    base model) and the output free, then start the job detached.
 
     Raises:
         RequestError: 409 for a run that is not finished, an output directory that exists, or the same job
-            already running on the run.
+            already running on the run; 400 for a run whose config reaches outside the workspace; 429 past
+            `max_jobs` running jobs.
     """
     run_dir = workspace.run_dir(name)
     status = workspace.run_state(name)["status"]
     if status != "finished":
         raise RequestError(409, f"run {name!r} is {status}; {kind} needs a finished run")
     try:
-        open_run(run_dir)
+        run = open_run(run_dir)
     except RunError as exc:
         raise RequestError(409, str(exc)) from None
+    workspace.confine_config(run.config)
     with _LAUNCH_LOCK:  # the check that no such job runs and the start that makes one, together
-        for job in list_jobs(workspace, run=name):
-            if job["kind"] == kind and job["status"] == "running":
+        running = [job for job in list_jobs(workspace) if job["status"] == "running"]
+        for job in running:
+            if job["run"] == name and job["kind"] == kind:
                 raise RequestError(409, f"a {kind} job of run {name!r} is running already (job {job['id']})")
+        if max_jobs == 0:
+            raise RequestError(429, "this UI does not start jobs (loraft ui --max-jobs 0)")
+        if max_jobs is not None and len(running) >= max_jobs:
+            raise RequestError(429, f"{len(running)} jobs are running, this UI's limit (--max-jobs {max_jobs}); "
+                                    "wait for one to end")
         args, out = job_command(kind, run_dir, options)
         if out is not None and out.exists():
             raise RequestError(409, f"{out} exists already; move or delete it to {kind} run {name!r} again")

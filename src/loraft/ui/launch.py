@@ -2,8 +2,11 @@
 
 A run is started as its own process in a session of its own (closing the page or stopping the UI does not touch
 it), its output appended to the run directory's `console.log` (never a pipe: nobody has to read it for the run to go
-on). The config is validated here, in-process, before
-anything starts, so a bad key is the request's 400, not a failed run. What the UI started is kept in a launch record
+on). The config is loaded with every override and checked here (Workspace.confine_config: every path in the
+workspace, no model code) before anything starts, so a bad key is the request's 400, not a failed run; the trainer is
+then launched from the UI's own copy of that checked config (`.loraft-ui/runs/NAME.checked.yaml`), never from a file
+it would read unchecked (a config file edited meanwhile, or a stopped run's `config.yaml`). The command a user would
+type for the same run is what the page shows. What the UI started is kept in a launch record
 (`.loraft-ui/runs/NAME.json`: each start's argv, pid and time); the run's status is always read from its directory.
 """
 
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import shlex
 import signal
 import socket
@@ -20,15 +24,15 @@ import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
-from loraft.config import RunConfig, load_config
+from loraft.config import RunConfig, load_config, save_config
 from loraft.errors import ConfigError, RunError
 from loraft.files import write_json_atomically
 from loraft.presets import preset_names, preset_path
 from loraft.rundir import local_time
 from loraft.rundir import stop_run as rundir_stop_run
-from loraft.ui.workspace import RequestError, Workspace, refused
+from loraft.ui.workspace import LIVE_STATUSES, RequestError, Workspace, refused
 
 logger = logging.getLogger("loraft")
 
@@ -72,10 +76,11 @@ def spawn_detached(argv: list[str], cwd: Path, log_path: Path) -> subprocess.Pop
 
 @dataclass(frozen=True)
 class TrainCommand:
-    """A validated `loraft train` start: its argv, the config it resolves to, and the YAML text to keep."""
+    """A checked `loraft train` start: the command a user would type, the config it loads to, and the YAML text to
+    keep."""
 
-    argv: list[str]
-    config: RunConfig
+    argv: list[str]  # `python -m loraft.cli train SOURCE OVERRIDES output_dir=...`, as a user would type it
+    config: RunConfig  # what that command loads, every override applied, checked by Workspace.confine_config
     yaml_text: Optional[str]  # submitted YAML, written to .loraft-ui/runs/NAME.yaml before the start
     source: str  # preset NAME, file PATH, yaml, or demo
 
@@ -93,15 +98,19 @@ def _check_overrides(overrides: object) -> list[str]:
 
 
 def _demo_overrides(workspace: Workspace) -> list[str]:
-    """The demo's base (shipped with loraft) and its data, written once to WORKSPACE/demo-data/, as overrides so
-    that the command shown is the command run."""
+    """The demo's base (shipped with loraft) and its data, copied once into WORKSPACE/demo-data/, as overrides so
+    that the command shown is the command run: in the workspace, they are checked like any other path."""
     from loraft.demo.base import build_demo_base
     from loraft.demo.tasks import write_demo_data
+    from loraft.files import staged_directory
 
     data_dir = workspace.root / DEMO_DATA
     if not (data_dir / "train.jsonl").is_file() or not (data_dir / "heldout.jsonl").is_file():
         write_demo_data(data_dir)
-    base = build_demo_base(log=logger.info)
+    base = data_dir / "base"
+    if not (base / "config.json").is_file():
+        with staged_directory(base, keep_existing=True) as staging:  # two starts at once copy it once
+            shutil.copytree(build_demo_base(log=logger.info), staging, dirs_exist_ok=True)
     return [f"model.name_or_path={base}", f"data.path={data_dir / 'train.jsonl'}"]
 
 
@@ -156,36 +165,9 @@ def train_command(workspace: Workspace, config: object, overrides: object, name:
             resolved = _load(Path(scratch.name), every_override, "config")
         finally:
             os.unlink(scratch.name)
-    _confine(workspace, resolved, set_by_ui={item.partition("=")[0] for item in extra})
+    workspace.confine_config(resolved)  # after every override: what the run would read, wherever it came from
     argv = [*LORAFT_CLI, "train", config_arg, *every_override]
     return TrainCommand(argv=argv, config=resolved, yaml_text=yaml_text, source=source)
-
-
-# the config keys that name files or folders on this machine (the rest are numbers, names and choices)
-PATH_KEYS = ("model.name_or_path", "model.adapter_from", "data.path", "data.eval_path", "data.cache_dir")
-LOCAL_ONLY = ("model.adapter_from", "data.cache_dir")  # never a hub id: always a path, so always confined
-
-
-def _confine(workspace: Workspace, config: RunConfig, set_by_ui: set) -> None:
-    """What a request's config may reach: paths inside the workspace (a relative name that is no folder there is a
-    hub id), and no model's own code, which would run in the UI (its plan) and in the run."""
-    if config.model.trust_remote_code:
-        raise refused("model.trust_remote_code: the UI does not run code shipped with a model; train such a model "
-                      "with `loraft train` on the command line")
-    for key in PATH_KEYS:
-        if key in set_by_ui:  # the demo's base and data, which loraft itself names
-            continue
-        section, field = key.split(".")
-        value = getattr(getattr(config, section), field)
-        if value is None:
-            continue
-        path = Path(value)
-        try:
-            in_workspace = (workspace.root / path).exists()
-        except OSError:
-            in_workspace = True  # let resolve say what is wrong with it
-        if path.is_absolute() or ".." in path.parts or in_workspace or key in LOCAL_ONLY:
-            workspace.resolve(value, field=key, must_exist=False)
 
 
 def plan_preview(workspace: Workspace, config: object, overrides: object, name: Optional[str]) -> dict:
@@ -195,43 +177,78 @@ def plan_preview(workspace: Workspace, config: object, overrides: object, name: 
     if name is not None:
         workspace.check_new_name(name)
     command = train_command(workspace, config, overrides, name)
-    report = preview_plan(workspace.in_workspace(command.config), measure=False)
+    report = preview_plan(workspace.confine_config(command.config), measure=False)
     return {"command": command.argv, "command_text": display_command(command.argv),
             "plan": {key: value for key, value in report.items() if key != "describe"}}
 
 
-def _record_start(workspace: Workspace, name: str, kind: str, argv: list[str], pid: int,
+def _record_start(workspace: Workspace, name: str, kind: str, argv: list[str], pid: int, command: list[str],
                   fields: Optional[dict] = None) -> None:
     # a new run (its name may be a deleted run's) starts a new record; a resume adds to its run's
     launch = workspace.read_launch(name) if kind != "train" else {}
     launch.update({"name": name, "host": socket.gethostname(), **(fields or {})})
     launch.pop("stop_requested_at", None)
-    launch["starts"] = [*launch.get("starts", []), {"kind": kind, "argv": argv, "pid": pid,
+    launch["starts"] = [*launch.get("starts", []), {"kind": kind, "argv": argv, "command": command, "pid": pid,
                                                     "started_at": local_time()}]
     path = workspace.launch_file(name)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomically(path, launch)
 
 
-def start_run(workspace: Workspace, name: object, config: object, overrides: object) -> dict:
-    """POST /api/runs: validate, refuse a name in use (409), then start `loraft train` detached."""
+def run_here(function: Callable, *args):
+    """How a check runs when no worker process is given (the CLI, in-process tests): in this process."""
+    return function(*args)
+
+
+def live_runs(workspace: Workspace) -> int:
+    """How many runs in the workspace are starting or running now (a run that cannot be read counts as not)."""
+    return sum(run["status"] in (*LIVE_STATUSES, "running?") for run in workspace.list_runs())
+
+
+def _check_capacity(workspace: Workspace, max_runs: Optional[int]) -> None:
+    if max_runs is None:
+        return
+    if max_runs <= 0:
+        raise RequestError(429, "this UI does not start runs (loraft ui --max-runs 0)")
+    running = live_runs(workspace)
+    if running >= max_runs:
+        raise RequestError(429, f"{running} runs are starting or running, this UI's limit (--max-runs "
+                                f"{max_runs}); stop one or wait for one to end")
+
+
+def _launch(workspace: Workspace, name: str, kind: str, config: RunConfig, command: list[str],
+            fields: Optional[dict] = None) -> None:
+    """Start `loraft train` from the UI's own copy of `config` (checked by the caller), recording `command` (what a
+    user would type for it) beside the argv that ran."""
+    checked = workspace.checked_config(name)
+    checked.parent.mkdir(parents=True, exist_ok=True)
+    save_config(config, checked)
+    argv = [*LORAFT_CLI, "train", str(checked), *(["--resume"] if kind == "resume" else [])]
+    process = spawn_detached(argv, workspace.root, workspace.console_log(name))
+    _record_start(workspace, name, kind, argv, process.pid, command, fields)
+
+
+def start_run(workspace: Workspace, name: object, config: object, overrides: object, work: Callable = run_here,
+              max_runs: Optional[int] = None) -> dict:
+    """POST /api/runs: check the config (`work`: in a worker process, with a time limit), refuse a name in use
+    (409) or a start past `max_runs` live runs (429), then start `loraft train` detached."""
     name = workspace.check_new_name(name)
     if name == DEMO_DATA:
         raise refused(f"name {DEMO_DATA!r} is where the demo's data is written; choose another name")
+    command = work(train_command, workspace, config, overrides, name)
     with _LAUNCH_LOCK:
         run_dir = workspace.run_path(name)
         if run_dir.exists() or run_dir.is_symlink():
             raise RequestError(409, f"a run named {name!r} exists already ({run_dir}); choose another name")
         if workspace.launch_alive(name):
             raise RequestError(409, f"a run named {name!r} is starting already; choose another name")
-        command = train_command(workspace, config, overrides, name)
+        _check_capacity(workspace, max_runs)
         if command.yaml_text is not None:
             yaml_file = workspace.submitted_yaml(name)
             yaml_file.parent.mkdir(parents=True, exist_ok=True)
             yaml_file.write_text(command.yaml_text, encoding="utf-8")
-        process = spawn_detached(command.argv, workspace.root, workspace.console_log(name))
-        _record_start(workspace, name, "train", command.argv, process.pid,
-                      {"config": command.source, "base_model": command.config.model.name_or_path})
+        _launch(workspace, name, "train", command.config, command.argv,
+                {"config": command.source, "base_model": command.config.model.name_or_path})
     return {"name": name}
 
 
@@ -240,10 +257,23 @@ def resume_command(workspace: Workspace, name: str) -> list[str]:
     return [*LORAFT_CLI, "train", str(workspace.run_path(name) / "config.yaml"), "--resume"]
 
 
-def resume_run(workspace: Workspace, name: str) -> dict:
-    """POST /api/runs/NAME/resume: a stopped, interrupted or failed run with a checkpoint; 409 otherwise."""
+def resume_config(workspace: Workspace, name: str) -> RunConfig:
+    """The config a resume of run `name` runs with: its `config.yaml` loaded and checked as a new run's is (every
+    path in the workspace, no model code), and naming the run's own directory."""
     run_dir = workspace.run_dir(name)
-    with _LAUNCH_LOCK:
+    config = load_config(run_dir / "config.yaml")
+    workspace.confine_config(config)
+    if Path(workspace.place(config.output_dir, "output_dir", must_exist=False)) != run_dir:
+        raise refused(f"run {name!r}: its config.yaml names another output_dir ({config.output_dir}); resume it with "
+                      "`loraft train` on the command line")
+    return config
+
+
+def resume_run(workspace: Workspace, name: str, work: Callable = run_here, max_runs: Optional[int] = None) -> dict:
+    """POST /api/runs/NAME/resume: a stopped, interrupted or failed run with a checkpoint (409 otherwise), its
+    config checked (`work`, as start_run's) and the start within `max_runs` (429)."""
+
+    def check_resumable() -> None:
         state = workspace.run_state(name)
         status = state["status"]
         if status in ("starting", "running", "running?"):
@@ -256,9 +286,14 @@ def resume_run(workspace: Workspace, name: str) -> dict:
         if not state["checkpoint"] or not (run_dir / "config.yaml").is_file():
             raise RequestError(409, f"run {name!r} has no complete checkpoint to resume from; start it again "
                                     "under a new name")
-        argv = resume_command(workspace, name)
-        process = spawn_detached(argv, workspace.root, workspace.console_log(name))
-        _record_start(workspace, name, "resume", argv, process.pid)
+
+    run_dir = workspace.run_dir(name)
+    check_resumable()
+    config = work(resume_config, workspace, name)
+    with _LAUNCH_LOCK:
+        check_resumable()  # again: another request may have resumed it while its config was checked
+        _check_capacity(workspace, max_runs)
+        _launch(workspace, name, "resume", config, resume_command(workspace, name))
     return {"name": name}
 
 

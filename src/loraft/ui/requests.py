@@ -1,10 +1,12 @@
 """What a UI request may carry: the token (checked before any route runs), a JSON body's fields, a query's
-numbers. Every refusal is a RequestError: a 4xx and one sentence naming the field."""
+numbers; and the UI's settings of who may ask and how much at once. Every refusal is a RequestError: a 4xx and one
+sentence naming the field."""
 
 from __future__ import annotations
 
 import hmac
 import re
+from dataclasses import dataclass
 from typing import Optional
 
 from fastapi import Request
@@ -12,6 +14,26 @@ from fastapi.responses import JSONResponse
 
 from loraft.serve.validation import APIError, check_content_type, read_json_body
 from loraft.ui.workspace import RequestError
+
+
+
+
+@dataclass(frozen=True)
+class UISettings:
+    """Who the UI answers (the token, None: none needed; the bound address for the Host check, port None checks no
+    port: an in-process client), whether names may be hub ids, and how much one client can make it do at once."""
+
+    token: Optional[str] = None
+    host: str = "127.0.0.1"
+    port: Optional[int] = None
+    allowed_hosts: tuple[str, ...] = ()
+    allow_hub: bool = False  # a name that is no file in the workspace may be a hub id (downloads)
+    time_limit: float = 120.0  # seconds for one plan, data check, preview or config check (loraft.ui.work)
+    max_runs: Optional[int] = 4  # runs starting or running at once (None: no limit)
+    max_jobs: Optional[int] = 4  # eval, merge and export jobs running at once
+    max_streams: int = 64  # event streams open at once
+    max_chat_loads: int = 2  # chat models loading at once
+
 
 MAX_BODY_BYTES = 1 << 20
 # the chat page (/chat/NAME/) is public like /static: a browser cannot send a header when it opens a page
@@ -154,6 +176,8 @@ def lines_query(request: Request, default: int) -> int:
     text = request.query_params.get("lines")
     if text is None:
         return default
-    if not text.isascii() or not text.isdigit() or not 0 < int(text) <= 100_000:
-        raise RequestError(400, f"lines must be a whole number from 1 to 100000 (got {text!r})")
+    # the length first: int() of a 5,000-digit string raises (Python's conversion limit), a 6-digit one cannot
+    if not (text.isascii() and text.isdigit() and len(text) <= 6) or not 0 < int(text) <= 100_000:
+        shown = text if len(text) <= 40 else text[:40] + "..."
+        raise RequestError(400, f"lines must be a whole number from 1 to 100000 (got {shown!r})")
     return int(text)

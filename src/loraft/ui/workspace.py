@@ -1,10 +1,15 @@
 """The UI's workspace: the one folder every request's paths are confined to, its runs, and the UI's own files.
 
-A request names files relative to the workspace; `Workspace.resolve` refuses anything that could reach outside it
-(absolute paths, `..`, symbolic links leading out). Runs are the run directories `loraft runs WORKSPACE` lists
-(loraft.rundir), plus runs the UI has launched whose trainer has not written its record yet. A run's console output
-is the run directory's `console.log` (rundir.CONSOLE_FILE, the one file `loraft train` accepts in a directory it has
-not prepared yet); what the UI itself keeps (launch records, submitted YAML, jobs) lives in `WORKSPACE/.loraft-ui/`.
+Every path or model name the UI accepts or launches with goes through `Workspace.place`: a request's file, a config's
+model, data, eval data, cache, adapter source and output directory (after every override), a run's base model when
+it is chatted with, evaluated or resumed. It expands `~` and environment variables, resolves the result against the
+workspace (never the UI's working directory) with symbolic links followed, and refuses what lands outside, naming the
+key; a name that is no file in the workspace is a hub id only where the UI was started with hubs allowed.
+`Workspace.confine_config` applies it to a whole config and refuses model code (`trust_remote_code`).
+Runs are the run directories `loraft runs WORKSPACE` lists (loraft.rundir), plus runs the UI has launched whose
+trainer has not written its record yet. A run's console output is the run directory's `console.log`
+(rundir.CONSOLE_FILE, the one file `loraft train` accepts in a directory it has not prepared yet); what the UI itself
+keeps (launch records, submitted YAML, jobs) lives in `WORKSPACE/.loraft-ui/`.
 """
 
 from __future__ import annotations
@@ -12,20 +17,45 @@ from __future__ import annotations
 import json
 import os
 import re
+import tempfile
 from pathlib import Path
 from typing import Optional, Union
 
 from loraft.config import RunConfig
+from loraft.errors import LoraftError, RunError
+from loraft.files import cache_home
 from loraft.rundir import CHECKPOINTS, CONSOLE_FILE, RUN_FILE, find_runs, read_record, run_state
 from loraft.rundir import complete_checkpoints as complete_checkpoint_dirs
 
 UI_DIR = ".loraft-ui"
+# a hub id as transformers and datasets take it: `name` or `owner/name`
+HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
+# the config keys that name files or folders on this machine (the rest are numbers, names and choices)
+PATH_KEYS = ("model.name_or_path", "model.adapter_from", "data.path", "data.eval_path", "data.cache_dir", "output_dir")
+LOCAL_ONLY = ("model.adapter_from", "data.cache_dir", "output_dir")  # always a path here, never a hub id
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 # the fields of a run in GET /api/runs (run_state's, without its absolute run_dir)
 LIST_FIELDS = ("name", "status", "step", "total_steps", "loss", "started_at", "checkpoint", "base_model")
 LIVE_STATUSES = ("starting", "running")
 # folders never searched for YAML configs: a run's checkpoints, caches, virtual environments
 SKIPPED_FOLDERS = {CHECKPOINTS, "__pycache__", "node_modules", "site-packages"}
+
+
+def caches() -> list[Path]:
+    """The folders outside the workspace that the UI and what it launches may read and write: loraft's cache root
+    (tokenized data, the precision probe, speed measurements, the llama.cpp converter) and Hugging Face's (hub
+    downloads, datasets' cache), as this process's environment places them."""
+    hf_home = Path(os.environ.get("HF_HOME") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+                   / "huggingface")
+    found = [cache_home(), hf_home]
+    for variable in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_DATASETS_CACHE", "TRANSFORMERS_CACHE"):
+        if os.environ.get(variable):
+            found.append(Path(os.environ[variable]))
+    unique: list[Path] = []
+    for path in (Path(os.path.expanduser(str(path))).absolute() for path in found):
+        if path not in unique:
+            unique.append(path)
+    return unique
 
 
 class RequestError(Exception):
@@ -98,43 +128,79 @@ def complete_checkpoints(run_dir: Path) -> list[str]:
 class Workspace:
     """The folder the UI serves: request paths resolved inside it, its runs, the UI's own files."""
 
-    def __init__(self, root: Union[str, Path]):
+    def __init__(self, root: Union[str, Path], allow_hub: bool = False):
         self.root = Path(root).resolve()
         self.ui_dir = self.root / UI_DIR
+        self.allow_hub = allow_hub  # names that are no file here may be hub ids (`loraft ui --allow-hub`)
 
     # ---------------------------------------------------------------------------------------------- paths
-    def resolve(self, relative: object, field: str = "path", must_exist: bool = True) -> Path:
-        """`relative` as an absolute path inside the workspace.
+    def place(self, value: object, field: str = "path", must_exist: bool = True, local_only: bool = True) -> str:
+        """Where `value` leads, as the UI will use it: an absolute path inside the workspace, or (not local_only,
+        the UI started with --allow-hub, `value` shaped like one and naming nothing here) a hub id, unchanged.
+
+        `~` and `$VARIABLES` are expanded first, then a relative path is taken from the workspace root, and symbolic
+        links are followed: what the path reaches is what is checked.
 
         Raises:
-            RequestError (400): not a string, empty, NUL, absolute, a `..` component, leading outside the
-                workspace through a symbolic link, or (must_exist) missing.
+            RequestError (400), naming `field`: not a string, empty, NUL, a `..` component, leading outside the
+                workspace (directly or through a symbolic link), a hub id where none may be used, or (must_exist,
+                and no hub id) missing.
         """
-        if not isinstance(relative, str):
+        if not isinstance(value, str):
             raise refused(f"{field} must be a string (a path relative to the workspace)")
-        if not relative.strip():
+        if not value.strip():
             raise refused(f"{field} is empty; give a path relative to the workspace")
-        if "\0" in relative:
+        if "\0" in value:
             raise refused(f"{field} holds a NUL character")
-        candidate = Path(relative)
-        if candidate.is_absolute() or relative.startswith("~"):
-            raise refused(f"{field} {relative!r} is not relative; give a path inside the workspace {self.root}")
-        if ".." in candidate.parts:
-            raise refused(f"{field} {relative!r} climbs out with '..'; give a path inside the workspace")
-        path = self.root / candidate
+        expanded = Path(os.path.expandvars(os.path.expanduser(value)))
+        if ".." in expanded.parts:
+            raise refused(f"{field} {value!r} climbs out with '..'; give a path inside the workspace")
         try:
-            real = path.resolve()
+            real = (self.root / expanded).resolve()  # an absolute `expanded` replaces the root
         except (OSError, RuntimeError):  # a symlink loop
-            raise refused(f"{field} {relative!r} cannot be resolved (a symbolic link loop?)") from None
+            raise refused(f"{field} {value!r} cannot be resolved (a symbolic link loop?)") from None
         if real != self.root and self.root not in real.parents:
-            raise refused(f"{field} {relative!r} leads outside the workspace through a symbolic link")
+            if expanded.is_absolute():
+                shown = f"{value!r}" + (f" ({expanded})" if str(expanded) != value else "")
+                raise refused(f"{field} {shown} is outside the workspace {self.root}; give a path inside it")
+            raise refused(f"{field} {value!r} leads outside the workspace through a symbolic link")
         try:
             exists = real.exists()
         except OSError as exc:  # a name too long for the file system, a folder that cannot be read
-            raise refused(f"{field} {relative!r} cannot be read ({exc.strerror})") from None
-        if must_exist and not exists:
-            raise refused(f"{field} {relative!r} does not exist in the workspace {self.root}")
-        return real
+            raise refused(f"{field} {value!r} cannot be read ({exc.strerror})") from None
+        if exists or (local_only and not must_exist):
+            return str(real)
+        if local_only or not HUB_ID.fullmatch(value):
+            raise refused(f"{field} {value!r} does not exist in the workspace {self.root}")
+        if not self.allow_hub:
+            raise refused(f"{field} {value!r} is not in the workspace {self.root}, and this UI does not download "
+                          "from a hub; put the files in the workspace, or start loraft ui with --allow-hub")
+        return value
+
+    def resolve(self, relative: object, field: str = "path", must_exist: bool = True) -> Path:
+        """A request's path (never a hub id) as an absolute path inside the workspace (see `place`)."""
+        return Path(self.place(relative, field, must_exist=must_exist, local_only=True))
+
+    def confine_config(self, config: RunConfig) -> RunConfig:
+        """`config` as the UI may use or launch it: every path key (PATH_KEYS) placed in the workspace (`place`:
+        absolute, symbolic links resolved; a hub id only where allowed), and no model code.
+
+        Raises:
+            RequestError (400) naming the first key that leads outside or runs a model's own code.
+        """
+        if config.model.trust_remote_code:
+            raise refused("model.trust_remote_code: the UI does not run code shipped with a model; train such a "
+                          "model with `loraft train` on the command line")
+        sections: dict[str, dict] = {}
+        for key in PATH_KEYS:
+            section, _, field = key.rpartition(".")
+            value = getattr(getattr(config, section), field) if section else getattr(config, field)
+            if value is None:
+                continue
+            placed = self.place(value, field=key, must_exist=False, local_only=key in LOCAL_ONLY)
+            sections.setdefault(section, {})[field] = placed
+        update = {name: getattr(config, name).model_copy(update=fields) for name, fields in sections.items() if name}
+        return config.model_copy(update={**update, **sections.get("", {})})
 
     def check_new_name(self, name: object) -> str:
         """A name for a new run: one folder directly in the workspace (`[A-Za-z0-9][A-Za-z0-9._-]{0,63}`)."""
@@ -169,6 +235,11 @@ class Workspace:
         """Where the output of the UI's `loraft train` processes of run `name` is appended: in the run directory."""
         return self.run_path(name) / CONSOLE_FILE
 
+    def checked_config(self, name: str) -> Path:
+        """The config the UI checked for the newest start or resume of run `name`, which its trainer is launched
+        from (see loraft.ui.launch)."""
+        return self.ui_dir / "runs" / f"{name}.checked.yaml"
+
     def submitted_yaml(self, name: str) -> Path:
         """The YAML text a run was started with, when it came from the page rather than a file or preset."""
         return self.ui_dir / "runs" / f"{name}.yaml"
@@ -190,19 +261,47 @@ class Workspace:
         newest = (launch.get("starts") or [{}])[-1]
         return process_alive(newest.get("pid"), newest.get("argv"))
 
-    def in_workspace(self, config: RunConfig) -> RunConfig:
-        """`config` with a relative model folder made absolute: `loraft train` runs in the workspace, so that is
-        where a relative model.name_or_path is read, never the UI's own working directory."""
-        model = Path(config.model.name_or_path)
-        if model.is_absolute() or not (self.root / model).exists():
-            return config
-        return config.model_copy(update={"model": config.model.model_copy(
-            update={"name_or_path": str(self.root / model)})})
+    # ------------------------------------------------------------------------------------------- process
+    def enter(self, confine: bool = True, log=print) -> Optional[int]:
+        """Make this process (the UI) work in the workspace: its working directory, temporary files in
+        `.loraft-ui/tmp`, matplotlib's cache under loraft's; then, with `confine` and where the kernel has Landlock,
+        let this process and every process it starts open files only beneath the workspace, the caches (read and
+        write), /dev, and the system's and Python's folders (read). The kernel checks each open at the moment it
+        happens, so a symbolic link swapped after `place` checked a path still cannot lead outside.
+
+        Call it once, before any thread starts. Returns the Landlock ABI applied, or None (not applied: logged).
+        """
+        from loraft import landlock
+
+        temporary = self.ui_dir / "tmp"
+        temporary.mkdir(parents=True, exist_ok=True)
+        cache_home().mkdir(parents=True, exist_ok=True)
+        os.environ["TMPDIR"] = str(temporary)  # children inherit it; Python's tempfile reads it again below
+        os.environ.setdefault("MPLCONFIGDIR", str(cache_home() / "matplotlib"))
+        tempfile.tempdir = None
+        os.chdir(self.root)
+        if not confine:
+            log("loraft ui: kernel confinement off (--no-kernel-confinement); paths are checked before use")
+            return None
+        writable = [self.root, *caches(), Path("/dev")]
+        try:
+            applied = landlock.restrict(read=[*landlock.system_read_roots(), *writable], write=writable)
+        except RuntimeError as exc:  # a thread started before us: our bug, said rather than half-applied
+            log(f"loraft ui: kernel confinement not applied ({exc}); paths are checked before use")
+            return None
+        except OSError as exc:  # the kernel refused a rule: better not to start than to start half-confined
+            raise RunError(f"loraft ui: kernel confinement failed ({exc}); start with --no-kernel-confinement to "
+                           "rely on the path checks alone") from None
+        if applied is None:
+            log("loraft ui: this kernel has no Landlock: paths are checked before use, not at every open")
+        return applied
 
     # --------------------------------------------------------------------------------------------- runs
     def run_names(self) -> list[str]:
         """Every run: the run directories at most two levels down, and the UI's launches without a record yet."""
-        names = {run.relative_to(self.root).as_posix() for run in find_runs(self.root) if run != self.root}
+        # a folder linked from outside is not searched: the UI reads nothing outside the workspace
+        names = {run.relative_to(self.root).as_posix() for run in find_runs(self.root, within=self.root)
+                 if run != self.root}
         runs_dir = self.ui_dir / "runs"
         if runs_dir.is_dir():
             for launch in runs_dir.rglob("*.json"):
@@ -239,9 +338,19 @@ class Workspace:
         return state
 
     def list_runs(self) -> list[dict]:
-        """GET /api/runs: each run's listed fields, by name."""
-        return [{field: state.get(field) for field in LIST_FIELDS}
-                for state in (self.run_state(name) for name in self.run_names())]
+        """GET /api/runs: each run's listed fields, by name; a run that cannot be read is listed `unreadable` with
+        its sentence as `error`, and never keeps the others from the list."""
+        listed = []
+        for name in self.run_names():
+            try:
+                state = self.run_state(name)
+            except (RequestError, LoraftError, OSError, ValueError) as exc:
+                reason = exc.message if isinstance(exc, RequestError) else str(exc)
+                listed.append({**{field: None for field in LIST_FIELDS}, "name": name, "status": "unreadable",
+                               "error": reason})
+                continue
+            listed.append({field: state.get(field) for field in LIST_FIELDS})
+        return listed
 
     def run_error(self, name: str, state: dict) -> Optional[str]:
         """The one-sentence failure of a run: the record's reason, or what its console said last."""

@@ -250,6 +250,8 @@ function runsView() {
       const fraction = isNumber(run.step) && isNumber(run.total_steps) && run.total_steps > 0 ? run.step / run.total_steps : null;
       const status = el("td", { class: "status" });
       setStatus(status, run.status);
+      // a run the UI cannot read (a bad name, a folder it may not open) says why, and the others still show
+      if (run.error) status.append(el("div", { class: "muted small run-error", text: run.error }));
       return el("tr", { dataset: { run: run.name } },
         el("td", { class: "name" }, link),
         status,
