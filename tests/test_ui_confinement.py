@@ -388,6 +388,11 @@ def test_no_request_holds_the_server(real_ui):
                                         "target pattern that backtracks, or more data than this machine checks in "
                                         "that time?")
             assert took < 20
+            # a start checks the same plan: the pattern is stopped there, not in a run that would hang
+            answer = ui.post("/api/runs", json={"name": "backtracks", "config": "configs/run.yaml",
+                                                "overrides": [f"adapter.target_modules={BACKTRACKING}"]})
+            assert answer.status_code == 400 and answer.json()["error"].startswith("the config check took longer "
+                                                                                    "than 4 s"), answer.text
             aliases = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
                 f"{chr(98 + level)}: &{chr(98 + level)} [{', '.join(['*' + chr(97 + level)] * 10)}]\n"
                 for level in range(8))

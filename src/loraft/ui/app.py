@@ -169,6 +169,8 @@ def create_app(workspace: Union[str, Path, Workspace], settings: UISettings = UI
 
     @contextlib.asynccontextmanager
     async def lifespan(_app):
+        if settings.warm_worker:
+            workers.warm()
         yield
         workers.close()
 

@@ -170,16 +170,29 @@ def train_command(workspace: Workspace, config: object, overrides: object, name:
     return TrainCommand(argv=argv, config=resolved, yaml_text=yaml_text, source=source)
 
 
-def plan_preview(workspace: Workspace, config: object, overrides: object, name: Optional[str]) -> dict:
-    """POST /api/plan: the exact command and `loraft plan --json`'s report for it on this machine."""
+def _planned(workspace: Workspace, config: object, overrides: object, name: Optional[str]) -> tuple[TrainCommand, dict]:
+    """train_command, and `loraft plan --json`'s report for it on this machine: the plan matches the adapter's
+    target patterns against the model's modules, as the trainer will."""
     from loraft.train import preview_plan
 
+    command = train_command(workspace, config, overrides, name)
+    return command, preview_plan(workspace.confine_config(command.config), measure=False)
+
+
+def plan_preview(workspace: Workspace, config: object, overrides: object, name: Optional[str]) -> dict:
+    """POST /api/plan: the exact command and `loraft plan --json`'s report for it on this machine."""
     if name is not None:
         workspace.check_new_name(name)
-    command = train_command(workspace, config, overrides, name)
-    report = preview_plan(workspace.confine_config(command.config), measure=False)
+    command, report = _planned(workspace, config, overrides, name)
     return {"command": command.argv, "command_text": display_command(command.argv),
             "plan": {key: value for key, value in report.items() if key != "describe"}}
+
+
+def start_check(workspace: Workspace, config: object, overrides: object, name: Optional[str]) -> TrainCommand:
+    """What a start checks before it launches (in a worker, with its time limit): the config and its plan. So a
+    target pattern that matches nothing is the start's sentence, and one that backtracks for ever is stopped here,
+    not in a run that hangs."""
+    return _planned(workspace, config, overrides, name)[0]
 
 
 def _record_start(workspace: Workspace, name: str, kind: str, argv: list[str], pid: int, command: list[str],
@@ -235,7 +248,7 @@ def start_run(workspace: Workspace, name: object, config: object, overrides: obj
     name = workspace.check_new_name(name)
     if name == DEMO_DATA:
         raise refused(f"name {DEMO_DATA!r} is where the demo's data is written; choose another name")
-    command = work(train_command, workspace, config, overrides, name)
+    command = work(start_check, workspace, config, overrides, name)
     with _LAUNCH_LOCK:
         run_dir = workspace.run_path(name)
         if run_dir.exists() or run_dir.is_symlink():

@@ -33,6 +33,7 @@ class UISettings:
     max_jobs: Optional[int] = 4  # eval, merge and export jobs running at once
     max_streams: int = 64  # event streams open at once
     max_chat_loads: int = 2  # chat models loading at once
+    warm_worker: bool = False  # start a worker process at once (loraft ui does), not on the first plan
 
 
 MAX_BODY_BYTES = 1 << 20

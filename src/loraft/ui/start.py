@@ -44,7 +44,8 @@ def serve_ui(workspace: Union[str, Path], host: str = "127.0.0.1", port: int = 7
         raise RunError(f"{workspace}: workspace directory not found")
     if not 0 <= port <= 65535:
         raise RunError(f"--port must be between 0 and 65535 (got {port})")
-    settings = UISettings(token=token, host=host, port=port, allowed_hosts=tuple(allowed_hosts), **limits)
+    settings = UISettings(token=token, host=host, port=port, allowed_hosts=tuple(allowed_hosts), warm_worker=True,
+                          **limits)
     place = Workspace(root, settings.allow_hub)
     kernel = place.enter(confine=kernel_confinement, log=log)
     from loraft.serve.app import run_uvicorn  # torch comes with these: after entering

@@ -5,13 +5,14 @@ What a request asks the UI to compute can run for a long time, on purpose or not
 the event loop and every other request with it), a YAML document of nested aliases, a tokenizer over a large file.
 So the plan, `data check`, `data preview` and the config check of a start or resume run in a process of their own,
 working in the workspace (a relative name can only mean a file there), for at most `time_limit` seconds. Past it
-the process is killed and a fresh one takes its place, and the request gets one sentence. The processes come from
-a fork server started on first use, so a replacement starts in milliseconds.
+the process is killed and a fresh one takes its place, and the request gets one sentence. Workers are spawned (a
+fresh interpreter with the UI's environment as it is then: never a fork of a process with threads) on first use.
 """
 
 from __future__ import annotations
 
 import atexit
+import importlib
 import logging
 import multiprocessing
 import os
@@ -26,14 +27,17 @@ from loraft.ui.workspace import RequestError
 
 logger = logging.getLogger("loraft")
 
-# imported once in the fork server, so a new worker starts with them loaded (torch comes on a worker's first plan)
-PRELOADED = ["loraft.ui.launch", "loraft.ui.data"]
+# imported before a worker says it is ready, so a request's time limit counts its own work, not torch's import
+PRELOADED = ("loraft.train", "loraft.ui.launch", "loraft.ui.data")
 
 
 def _serve(connection, root: str) -> None:
-    """A worker: run each (function, args) it is sent in the workspace; answer ("ok", result), ("refused", status,
-    sentence) or ("bug", traceback)."""
+    """A worker: load the libraries, say "ready", then run each (function, args) it is sent in the workspace; answer
+    ("ok", result), ("refused", status, sentence) or ("bug", traceback)."""
     os.chdir(root)
+    for module in PRELOADED:
+        importlib.import_module(module)
+    connection.send("ready")
     while True:
         try:
             function, args = connection.recv()
@@ -51,12 +55,20 @@ def _serve(connection, root: str) -> None:
 
 
 class _Worker:
-    def __init__(self, context, root: Path):
+    def __init__(self, context, root: Path, startup_limit: float):
         self.connection, child = context.Pipe()
         # not a daemon: the data stage may start tokenizing processes of its own
         self.process = context.Process(target=_serve, args=(child, str(root)), name="loraft-ui-work")
         self.process.start()
         child.close()
+        try:
+            ready = self.connection.poll(startup_limit) and self.connection.recv() == "ready"
+        except (EOFError, OSError):
+            ready = False
+        if not ready:
+            self.stop()
+            raise RequestError(400, f"a worker process for the UI's plans and checks did not start within "
+                                    f"{startup_limit:g} s (see the UI's log)")
 
     def stop(self) -> None:
         self.process.kill()
@@ -67,23 +79,20 @@ class _Worker:
 class Workers:
     """At most `processes` workers; at most `max_waiting` more requests wait for one (429 past that)."""
 
-    def __init__(self, root: Path, processes: int = 2, time_limit: float = 120.0, max_waiting: int = 8):
+    def __init__(self, root: Path, processes: int = 2, time_limit: float = 120.0, max_waiting: int = 8,
+                 startup_limit: float = 300.0):
         self.root, self.processes, self.time_limit, self.max_waiting = Path(root), processes, time_limit, max_waiting
+        self.startup_limit = startup_limit  # a fresh interpreter importing torch: not the request's time
         self._idle: queue.LifoQueue[Optional[_Worker]] = queue.LifoQueue()
         for _ in range(processes):
             self._idle.put(None)  # started on first use
         self._lock = threading.Lock()
         self._pending = 0
-        self._context = None
         self._all: set[_Worker] = set()
         atexit.register(self.close)  # after multiprocessing's own exit handler: it would wait for them
 
     def _start(self) -> _Worker:
-        with self._lock:
-            if self._context is None:
-                self._context = multiprocessing.get_context("forkserver")
-                self._context.set_forkserver_preload(PRELOADED)
-        worker = _Worker(self._context, self.root)
+        worker = _Worker(multiprocessing.get_context("spawn"), self.root, self.startup_limit)
         self._all.add(worker)
         return worker
 
@@ -134,6 +143,21 @@ class Workers:
             raise RequestError(outcome[1], outcome[2])
         logger.error("a UI worker failed on %s:\n%s", what, outcome[1])
         raise RuntimeError(f"{what} hit a bug in loraft (see the UI's log)")
+
+    def warm(self) -> None:
+        """Start one worker now (in a thread), so the page's first plan does not wait for torch's import."""
+
+        def start() -> None:
+            worker = self._idle.get()
+            try:
+                if worker is None:
+                    worker = self._start()
+            except RequestError as exc:
+                logger.warning("%s", exc.message)
+            finally:
+                self._idle.put(worker)
+
+        threading.Thread(target=start, name="loraft-ui-warm", daemon=True).start()
 
     def close(self) -> None:
         """Stop every worker (the UI is ending)."""
