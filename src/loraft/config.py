@@ -404,7 +404,7 @@ def _parse_value(text: str) -> Any:
     """Parse a command-line override value as YAML (numbers, booleans, lists, null), else keep the string."""
     try:
         return parse_yaml(text)
-    except yaml.YAMLError:
+    except (yaml.YAMLError, RecursionError):
         return text
 
 
@@ -456,6 +456,8 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
             raise ConfigError(f"{path}: cannot read the config file ({exc.strerror})") from None
         try:
             loaded = parse_yaml(text)
+        except RecursionError:  # "[[[[...": PyYAML's parser recurses once per level
+            raise ConfigError(f"{path}: is not valid YAML (it nests too deeply)") from None
         except yaml.YAMLError as exc:
             line = getattr(getattr(exc, "problem_mark", None), "line", None)
             where = f" line {line + 1}" if line is not None else ""

@@ -152,8 +152,11 @@ def static_file(relative: str) -> Optional[Path]:
     if not relative or "\0" in relative or any(part.startswith(".") for part in Path(relative).parts):
         return None
     root = STATIC_DIR.resolve()
-    path = (root / relative).resolve()
-    return path if root in path.parents and path.is_file() else None
+    try:
+        path = (root / relative).resolve()
+        return path if root in path.parents and path.is_file() else None
+    except OSError:  # a name too long for the file system
+        return None
 
 
 def file_response(path: Path) -> FileResponse:

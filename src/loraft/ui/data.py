@@ -52,6 +52,7 @@ def tokenizer_of(workspace: Workspace, model: str):
     placed = workspace.place(model, field="model", local_only=False)
     run_dir = Path(placed)
     if run_dir.is_absolute() and (run_dir / RUN_FILE).is_file():
+        workspace.check_tree(run_dir, f"run {model!r}")  # its tokenizer files are read by name
         folders = [run_dir, *reversed([run_dir / "checkpoints" / name for name in complete_checkpoints(run_dir)])]
         source = next((str(folder) for folder in folders if (folder / "tokenizer_config.json").is_file()), None)
         base = read_record(run_dir).get("base_model")

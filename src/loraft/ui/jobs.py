@@ -108,13 +108,14 @@ def _result(workspace: Workspace, job: dict) -> Optional[object]:
     if job.get("kind") == "eval":  # this job's own copy: a later eval of the run rewrites RUN/eval
         return _read_json(workspace.jobs_dir() / job["id"] / EVAL_METRICS)
     out_dir = Path(job["out_dir"]) if job.get("out_dir") else None
-    if out_dir is None or not out_dir.is_dir():
+    if out_dir is None or not out_dir.is_dir() or not workspace.inside(out_dir):
         return None
     if job.get("kind") == "merge":
         return {"out_dir": out_dir.relative_to(workspace.root).as_posix()}
     from loraft.export.gguf import REPORT_FILE
 
-    return _read_json(out_dir / REPORT_FILE)
+    report = out_dir / REPORT_FILE
+    return _read_json(report) if workspace.inside(report) else None
 
 
 def job_state(workspace: Workspace, job_id: str, console_lines: int = 100) -> dict:
@@ -125,6 +126,8 @@ def job_state(workspace: Workspace, job_id: str, console_lines: int = 100) -> di
         "exit_code", "started_at", "ended_at", "console" (its last lines), "result", "error"}.
     """
     job_dir = workspace.jobs_dir() / job_id
+    if JOB_ID.fullmatch(job_id) and job_dir.is_dir():
+        workspace.check_tree(job_dir, f"job {job_id!r}", depth=1)  # its files are read by name
     job = _read_json(job_dir / "job.json") if JOB_ID.fullmatch(job_id) else None
     if job is None:
         raise RequestError(404, f"no job {job_id!r} in the workspace")

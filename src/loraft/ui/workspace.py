@@ -168,6 +168,8 @@ class Workspace:
             exists = real.exists()
         except OSError as exc:  # a name too long for the file system, a folder that cannot be read
             raise refused(f"{field} {value!r} cannot be read ({exc.strerror})") from None
+        if exists and not (real.is_file() or real.is_dir()):  # opening a named pipe waits for a writer for ever
+            raise refused(f"{field} {value!r} is not a regular file or folder (a named pipe or a device?)")
         if exists or (local_only and not must_exist):
             return str(real)
         if local_only or not HUB_ID.fullmatch(value):
@@ -176,6 +178,37 @@ class Workspace:
             raise refused(f"{field} {value!r} is not in the workspace {self.root}, and this UI does not download "
                           "from a hub; put the files in the workspace, or start loraft ui with --allow-hub")
         return value
+
+    def inside(self, path: Union[str, Path]) -> bool:
+        """Whether `path`, symbolic links followed, lies in the workspace."""
+        try:
+            real = Path(path).resolve()
+        except (OSError, RuntimeError):
+            return False
+        return real == self.root or self.root in real.parents
+
+    def check_tree(self, folder: Path, what: str, depth: int = 3) -> None:
+        """Refuse (400) a folder of the workspace (a run, a job) holding a symbolic link that leads outside it, or
+        anything but files and folders (a named pipe), at most `depth` levels down: the UI reads such a folder's files
+        by their names (the record, metrics.jsonl, the logs, the checkpoints, a run's tokenizer), so a planted link
+        would hand it a file from outside, and a pipe would hold the request for ever."""
+        level = [Path(folder)]
+        for _ in range(depth):
+            below = []
+            for directory in level:
+                try:
+                    entries = list(os.scandir(directory))
+                except OSError:
+                    continue
+                for entry in entries:
+                    relative = Path(entry.path).relative_to(folder).as_posix()
+                    if entry.is_symlink() and not self.inside(entry.path):
+                        raise refused(f"{what}: {relative} leads outside the workspace through a symbolic link")
+                    if entry.is_dir():  # a link to a folder inside is searched too (the depth ends a loop)
+                        below.append(Path(entry.path))
+                    elif not entry.is_file():  # a named pipe would hold the request's thread until a writer comes
+                        raise refused(f"{what}: {relative} is not a regular file (a named pipe or a device?)")
+            level = below
 
     def resolve(self, relative: object, field: str = "path", must_exist: bool = True) -> Path:
         """A request's path (never a hub id) as an absolute path inside the workspace (see `place`)."""
@@ -220,10 +253,12 @@ class Workspace:
         return self.resolve(name, field="run", must_exist=False)
 
     def run_dir(self, name: object) -> Path:
-        """The directory of an existing run (its record written, or launched by the UI); 404 otherwise."""
+        """The directory of an existing run (its record written, or launched by the UI); 404 otherwise, 400 for one
+        holding a link that leads outside (check_tree)."""
         path = self.run_path(name)
         if not (path / RUN_FILE).is_file() and not self.launch_file(name).is_file():
             raise RequestError(404, f"no run named {name!r} in the workspace {self.root}")
+        self.check_tree(path, f"run {name!r}")
         return path
 
     # ------------------------------------------------------------------------------------- the UI's files
@@ -316,6 +351,7 @@ class Workspace:
         path = self.run_path(name)
         launch = self.read_launch(name)
         if (path / RUN_FILE).is_file():
+            self.check_tree(path, f"run {name!r}")
             state = run_state(path)
             state["name"] = name
             state.pop("run_dir", None)
