@@ -276,3 +276,18 @@ def test_no_converter_offline_is_one_sentence(tmp_path, monkeypatch):
     assert not (tmp_path / "home" / "llama.cpp").exists()
     with pytest.raises(RunError, match="not a llama.cpp tree"):
         llamacpp.locate_converter(str(tmp_path))
+
+
+def test_no_converter_is_fetched_where_downloads_are_off(tmp_path, monkeypatch):
+    """loraft ui without --allow-hub sets LORAFT_OFFLINE=1 for all it starts: an export job says so, runs no pip."""
+    monkeypatch.delenv(llamacpp.ENV_DIR, raising=False)
+    monkeypatch.setenv("LORAFT_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv(llamacpp.ENV_OFFLINE, "1")
+    monkeypatch.setattr(llamacpp, "fetch_pinned", lambda *args, **kwargs: pytest.fail("it tried to download"))
+    with pytest.raises(RunError) as refused:
+        llamacpp.locate_converter(None, log=lambda line: None)
+    target = tmp_path / "home" / "llama.cpp" / f"{llamacpp.PINNED_PACKAGE}-{llamacpp.PINNED_VERSION}"
+    assert str(refused.value) == (
+        f"no llama.cpp converter: pass --llama-cpp DIR (a llama.cpp checkout) or set $LLAMA_CPP_DIR, or run once with "
+        f"network so loraft can fetch {llamacpp.PINNED_PACKAGE}=={llamacpp.PINNED_VERSION}'s copy into {target} "
+        "($LORAFT_OFFLINE=1: this process does not download; loraft ui sets it unless started with --allow-hub)")

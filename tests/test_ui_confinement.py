@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import sys
 import threading
 import time
@@ -157,6 +158,27 @@ def test_request_paths_and_names_are_placed_the_same_way(client, places):
         model_refusal = refusal.replace("canary.jsonl", "model")
         assert_refused(client.post("/api/data/preview", json={"path": "data/train.jsonl", "model": model}), 400,
                        f"model {model_refusal}")
+
+
+def test_a_folder_in_the_workspace_whose_files_lead_outside_is_refused(client, places):
+    """A model folder and a save_to_disk dataset in the workspace whose files are links to files outside: the folder
+    itself is inside, what is read from it is not."""
+    workspace, outside = places["workspace"], places["outside"]
+    linked = workspace / "linked-model"
+    linked.mkdir()
+    for file in (outside / "model").iterdir():
+        (linked / file.name).symlink_to(file)
+    try:
+        assert_refused(client.post("/api/data/preview", json={"path": "data/train.jsonl", "model": "linked-model"}),
+                       400, "model 'linked-model': config.json leads outside the workspace through a symbolic link")
+        assert_refused(client.post("/api/plan", json={"config": "configs/run.yaml",
+                                                      "overrides": ["model.name_or_path=linked-model"]}), 400,
+                       "model.name_or_path 'linked-model': config.json leads outside the workspace through a symbolic "
+                       "link")
+        assert_refused(client.post("/api/data/check", json={"path": "linked-model"}), 400,
+                       "path 'linked-model': config.json leads outside the workspace through a symbolic link")
+    finally:
+        shutil.rmtree(linked)
 
 
 # --------------------------------------------------------------------------- 4.: the working directory
@@ -403,6 +425,32 @@ def test_no_request_holds_the_server(real_ui):
         stop.set()
         watcher.join()
     assert latencies and max(latencies) < 1.0, max(latencies)
+
+
+PROBE = """
+import os, sys
+from loraft.ui.workspace import Workspace
+print(Workspace(sys.argv[1]).enter(log=lambda line: None))
+for name in ("LORAFT_OFFLINE", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+    print(name, os.environ.get(name))
+try:
+    print(open(sys.argv[2]).read())
+except OSError as exc:
+    print(type(exc).__name__)
+"""
+
+
+@pytest.mark.skipif(landlock.available() is None, reason="this kernel has no Landlock")
+def test_the_ui_process_reads_nothing_of_the_folder_it_was_started_from(places, tmp_path):
+    """`python -m loraft.cli ui` puts the folder it was started from on sys.path: entering the workspace takes it
+    off and never grants it, and makes everything the UI starts download nothing (no --allow-hub)."""
+    (tmp_path / "probe.py").write_text(PROBE)
+    (tmp_path / "secret.txt").write_text("secret")
+    ran = subprocess.run([sys.executable, "-m", "probe", str(places["workspace"]), str(tmp_path / "secret.txt")],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout.splitlines() == [str(landlock.available()), "LORAFT_OFFLINE 1", "HF_HUB_OFFLINE 1",
+                                       "HF_DATASETS_OFFLINE 1", "PermissionError"]
 
 
 @pytest.mark.skipif(landlock.available() is None, reason="this kernel has no Landlock")

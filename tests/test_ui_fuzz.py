@@ -179,6 +179,16 @@ def places(tmp_path_factory, tiny_bloom_dir, machine_independent_environment) ->
     (workspace / "escape").symlink_to(outside, target_is_directory=True)
     (workspace / "data" / "leak.jsonl").symlink_to(outside / "canary.jsonl")
     (workspace / "linkrun").symlink_to(outside / "fakerun", target_is_directory=True)
+    # folders in the workspace whose files are symbolic links to files outside: a model, a save_to_disk dataset
+    from datasets import Dataset
+
+    Dataset.from_list([json.loads(line) for line in canaries[0].read_text().splitlines()]).save_to_disk(
+        str(outside / "disk"))
+    for folder, source in ((workspace / "base-linked", outside / "model"), (workspace / "data" / "disk-linked",
+                                                                           outside / "disk")):
+        folder.mkdir()
+        for file in source.iterdir():
+            (folder / file.name).symlink_to(file)
     # a finished run in the workspace with no tokenizer, whose record names a base model outside
     (workspace / "based-outside").mkdir()
     (workspace / "based-outside" / "loraft_run.json").write_text(json.dumps(
@@ -206,7 +216,7 @@ def ui(places, tmp_path_factory):
         tmp_path_factory.mktemp("ui-fuzz-log") / "ui.log", stop_timeout=30, ready_path="/api/info",
         environment=environment)
     info = httpx.get(server.url + "/api/info", timeout=30).json()
-    print(f"loraft ui: kernel_confinement={info['kernel_confinement']}, caches={info['caches']}")
+    server.kernel_confinement = info["kernel_confinement"]  # the Landlock ABI, or None: reported, not required
     assert info["caches"] == declared_caches  # what the audit allows is what the UI declares
     yield server
     server.stop()
@@ -345,7 +355,8 @@ def strategies(places: Places, run: str):
         "data/train.jsonl/", "./data/train.jsonl", "data//train.jsonl", "base/", "data", ".loraft-ui",
         "configs/run.yaml", "configs/linked.yaml", "configs/evil.yaml", ".loraft-ui/runs/tiny.yaml",
         run, f"{run}/config.yaml", f"{run}/checkpoints/checkpoint-1", f"{run}/console.log", "planted", "linkrun",
-        "based-outside", "new-cache", "new/nested/folder", "linked/train.log", "linked/checkpoints/checkpoint-1", "linked", "loop", "loop/x",
+        "based-outside", "new-cache", "new/nested/folder", "linked/train.log", "base-linked", "data/disk-linked",
+        "linked/checkpoints/checkpoint-1", "linked", "loop", "loop/x",
     ]
     parts = st.sampled_from(["..", ".", "escape", "data", "leak.jsonl", "train.jsonl", "base", "canary.jsonl",
                              "%2e%2e", "~", "$HOME", "${HOME}", "$FUZZ_OUTSIDE", run, "checkpoints", "数据", "é",
@@ -415,9 +426,10 @@ def strategies(places: Places, run: str):
 
     # --- names, query strings, headers ------------------------------------------------------------------------
     names = st.one_of(st.just(run), st.sampled_from([
-        run, "fz-ok", "linked", "loop", "nope", "planted", "planted-stopped", "based-outside", "linkrun", "escape/fakerun", "escape",
-        "../outside", "a/b/c", ".loraft-ui", ".hidden", f"{run}/..", f"{run}/checkpoints", "data", "base",
-        "demo-data", "ü", "a" * 65, "a" * 5000, "\0", "%2e%2e", "fz.new", "", "/", "//", f"{run}/", f" {run}"]), texts)
+        run, "fz-ok", "linked", "loop", "nope", "planted", "planted-stopped", "based-outside", "linkrun",
+        "escape/fakerun", "escape", "../outside", "a/b/c", ".loraft-ui", ".hidden", f"{run}/..", f"{run}/checkpoints",
+        "data", "base", "demo-data", "ü", "a" * 65, "a" * 5000, "\0", "%2e%2e", "fz.new", "", "/", "//", f"{run}/",
+        f" {run}"]), texts)
     new_names = st.integers(0, 10**6).map("fz-{}".format)
     query_values = st.sampled_from([BIG_NUMBER, "-1", "0", "1", "100000", "100001", "1e3", "many", "", "\0", "0x10",
                                     "１２", " 5", "checkpoint-1", "checkpoint-2", "../x", "checkpoint-1/../..",
@@ -539,7 +551,8 @@ def strategies(places: Places, run: str):
         named("/api/runs/{name}/stop", "POST"), named("/api/runs/{name}/resume", "POST"),
         named("/api/runs/{name}/jobs", "POST", spec=job_fields),
         st.builds(lambda tail: Call("GET", "/api/jobs" + tail, route="GET /api/jobs"), query),
-        st.builds(lambda job, tail: Call("GET", f"/api/jobs/{encode(job, '')}{tail}", route="GET /api/jobs/{id}"),
+        st.builds(lambda job, tail: Call("GET", f"/api/jobs/{job if job == JOB_ID else encode(job, '')}{tail}",
+                                         route="GET /api/jobs/{id}"),
                   st.sampled_from([JOB_ID, JOB_ID, "..", "../runs", "nope", "x" * 5000, "\0", ".", "%2e%2e"]) | texts,
                   query),
         post("/api/data/check", data_fields), post("/api/data/check", data_fields),
@@ -590,16 +603,22 @@ def explicit_calls(places: Places, run: str) -> list[Call]:
         Call("GET", "/chat/linked/v1/models?checkpoint=checkpoint-1", route="GET /chat/{name}/v1/models"),
         post("/api/runs/linked/jobs", {"kind": "eval", "data": "data/train.jsonl", "limit": 1}),
         post("/api/data/check", {"path": "loop/x"}),
+        post("/api/data/check", {"path": "data/disk-linked"}),
+        post("/api/data/preview", {"path": "data/train.jsonl", "model": "base-linked"}),
+        post("/api/plan", {"config": runnable.replace("data/train.jsonl", "data/disk-linked")}),
+        post("/api/plan", {"config": runnable.replace("base", "base-linked")}),
         Call("GET", "/api/runs/loop", route="GET /api/runs/{name}"),
         post("/api/runs/planted-stopped/resume", {}),
         post("/api/runs/planted/jobs", {"kind": "eval", "data": "data/train.jsonl"}),
         post(f"/api/runs/{run}/jobs", {"kind": "eval", "data": "data/leak.jsonl"}),
         post(f"/api/runs/{run}/jobs", {"kind": "export"}),  # stops at the converter ($LLAMA_CPP_DIR)
+        Call("GET", f"/api/jobs/{JOB_ID}?lines=1", route="GET /api/jobs/{id}"),
         Call("GET", "/api/jobs/%2E%2E", route="GET /api/jobs/{id}"),
         Call("GET", "/chat/planted/v1/models", route="GET /chat/{name}/v1/models"),
         Call("GET", f"/chat/{run}/v1/models?checkpoint=checkpoint-1", route="GET /chat/{name}/v1/models"),
         post(f"/chat/{run}/v1/chat/completions", {"model": run, "messages": [{"role": "user", "content": "你好"}],
                                                    "max_tokens": 4}),
+        post("/api/runs/fz-ok/stop", {}), post("/api/runs/fz-ok/resume", {}),  # whatever state it has reached
     ]
 
 
@@ -681,7 +700,8 @@ class HealthWatch:
         self._thread.join()
 
 
-def test_hostile_requests_get_no_5xx_leave_health_answering_and_open_nothing_outside(ui, finished, places):
+def test_hostile_requests_get_no_5xx_leave_health_answering_and_open_nothing_outside(ui, finished, places,
+                                                                                     record_property):
     statuses: dict[str, Counter] = {}
     server_errors: list[str] = []  # every one, not only the first: one run of the fuzz reports them all
     client = httpx.Client(base_url=ui.url, follow_redirects=False)
@@ -711,8 +731,10 @@ def test_hostile_requests_get_no_5xx_leave_health_answering_and_open_nothing_out
         client.close()
     fuzzed = time.monotonic() - began
     busy = wait_until_idle(ui.url, 120)
-    print(f"{EXAMPLES} requests in {fuzzed:.1f} s (+{time.monotonic() - began - fuzzed:.1f} s until what they started "
-          f"ended); health asked {health.count} times, slowest {health.slowest:.3f} s; still running: {busy}")
+    record_property("kernel_confinement", ui.kernel_confinement)
+    print(f"loraft ui (kernel_confinement {ui.kernel_confinement}): {EXAMPLES} random requests and the explicit ones "
+          f"in {fuzzed:.1f} s, +{time.monotonic() - began - fuzzed:.1f} s until what they started ended; health asked "
+          f"{health.count} times, slowest {health.slowest:.3f} s; still running: {busy}")
     for route, counted in sorted(statuses.items()):
         print(f"  {route}: {dict(sorted(counted.items()))}")
     # every kind of failure in one report: a fix for one should not hide the next

@@ -4,8 +4,9 @@ everything it launches: the workers' fork server, training runs, jobs).
 With $OPEN_AUDIT_LOG_DIR set, it logs every file or folder the process opens or lists that lies outside the roots in
 $OPEN_AUDIT_ALLOWED (os.pathsep-separated), one line each to $OPEN_AUDIT_LOG_DIR/{pid}.txt:
 `{pid} {event} {realpath} (asked: {path as given})`; {pid}.cmd holds the process's command line. Reading or
-listing a path that does not exist reads nothing and is not logged; a write-mode open is logged wherever it leads. The path is resolved from the working directory with symbolic
-links followed, so a link in the workspace that leads out counts as out. A forked child (multiprocessing) keeps its
+listing a path that does not exist reads nothing and is not logged; a write-mode open is logged wherever it leads.
+The path is resolved from the working directory with symbolic links followed, so a link in the workspace that leads
+out counts as out. A forked child (multiprocessing) keeps its
 parent's hook and file; each line names the process that wrote it.
 
 Python's audit hooks see what goes through Python: `open` (builtins.open, os.open, io.open_code for every module

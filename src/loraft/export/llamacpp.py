@@ -35,6 +35,7 @@ PINNED_PACKAGE = "llama-cpp-python"
 PINNED_VERSION = "0.3.36"
 PINNED_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
 ENV_DIR = "LLAMA_CPP_DIR"
+ENV_OFFLINE = "LORAFT_OFFLINE"  # 1: never fetch the converter (loraft ui without --allow-hub)
 ENV_QUANTIZE = "LLAMA_QUANTIZE"
 STAMP = "loraft_llama_cpp.json"
 # What is kept of the source package: the converter and what it imports, the test vocabularies, the license.
@@ -92,6 +93,9 @@ def locate_converter(llama_cpp: Optional[str] = None, fetch: bool = True, log=pr
     target = pinned_dir()
     if _is_tree(target) and (target / STAMP).is_file():
         return Converter(target, f"{PINNED_PACKAGE}=={PINNED_VERSION} (pip, sha256 checked)")
+    if os.environ.get(ENV_OFFLINE) == "1":  # loraft ui without --allow-hub: what it starts downloads nothing
+        raise RunError(_offline_sentence(target) + f" (${ENV_OFFLINE}=1: this process does not download; loraft ui "
+                       "sets it unless started with --allow-hub)")
     if not fetch:
         raise RunError(_offline_sentence(target))
     fetch_pinned(target, log)

@@ -36,7 +36,8 @@ from loraft.ui import jobs, launch
 from loraft.ui.chat import ChatModels, Forward, chat_query
 from loraft.ui.data import DATA_FIELDS, data_check, data_preview
 from loraft.ui.events import run_events
-from loraft.ui.requests import RequestGate, UISettings, at_least, check_fields, error, lines_query, read_body, read_payload
+from loraft.ui.requests import (RequestGate, UISettings, at_least, check_fields, error, lines_query, read_body,
+                                 read_payload)
 from loraft.ui.work import Workers
 from loraft.ui.workspace import LIST_FIELDS, RequestError, Workspace, caches, complete_checkpoints, tail_lines
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 import tempfile
 from pathlib import Path
 from typing import Optional, Union
@@ -170,6 +171,8 @@ class Workspace:
             raise refused(f"{field} {value!r} cannot be read ({exc.strerror})") from None
         if exists and not (real.is_file() or real.is_dir()):  # opening a named pipe waits for a writer for ever
             raise refused(f"{field} {value!r} is not a regular file or folder (a named pipe or a device?)")
+        if exists and real.is_dir() and real != self.root:  # a model or dataset folder is read file by file
+            self.check_tree(real, f"{field} {value!r}")
         if exists or (local_only and not must_exist):
             return str(real)
         if local_only or not HUB_ID.fullmatch(value):
@@ -197,7 +200,7 @@ class Workspace:
             below = []
             for directory in level:
                 try:
-                    entries = list(os.scandir(directory))
+                    entries = sorted(os.scandir(directory), key=lambda entry: entry.name)  # the same sentence each time
                 except OSError:
                     continue
                 for entry in entries:
@@ -313,14 +316,21 @@ class Workspace:
         cache_home().mkdir(parents=True, exist_ok=True)
         os.environ["TMPDIR"] = str(temporary)  # children inherit it; Python's tempfile reads it again below
         os.environ.setdefault("MPLCONFIGDIR", str(cache_home() / "matplotlib"))
+        if not self.allow_hub:  # nothing the UI starts downloads: hub models and data, llama.cpp's converter
+            os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", LORAFT_OFFLINE="1")
         tempfile.tempdir = None
+        # the read roots before leaving the folder the UI was started from: `python -m` put it on sys.path, and it
+        # is no business of the UI's (system_read_roots leaves out the working directory)
+        started_in = Path.cwd().resolve()
+        system_roots = landlock.system_read_roots()
+        sys.path[:] = [entry for entry in sys.path if not entry or Path(entry).resolve() != started_in]
         os.chdir(self.root)
         if not confine:
             log("loraft ui: kernel confinement off (--no-kernel-confinement); paths are checked before use")
             return None
         writable = [self.root, *caches(), Path("/dev")]
         try:
-            applied = landlock.restrict(read=[*landlock.system_read_roots(), *writable], write=writable)
+            applied = landlock.restrict(read=[*system_roots, *writable], write=writable)
         except RuntimeError as exc:  # a thread started before us: our bug, said rather than half-applied
             log(f"loraft ui: kernel confinement not applied ({exc}); paths are checked before use")
             return None
