@@ -194,6 +194,27 @@ def tiny_llama3_dir(tmp_path_factory) -> Path:
     return save_random_model(tmp_path_factory.mktemp("tiny-llama3"), tokenizer, config)
 
 
+# A tiny run of the tiny models (a workspace's `base/` and `data/train.jsonl`), as the UI tests start it.
+TINY_RUN_YAML = """\
+model:
+  name_or_path: base
+data:
+  path: data/train.jsonl
+  max_length: 64
+train:
+  max_steps: 3
+  per_device_train_batch_size: 2
+  gradient_accumulation_steps: 1
+  learning_rate: 0.01
+  logging_steps: 1
+  save_steps: 2
+  precision: fp32
+generation:
+  dtype: fp32
+  max_new_tokens: 4
+"""
+
+
 ALPACA_RECORDS = [
     {"instruction": "人工智能是什么", "input": "", "output": "人工智能是计算机科学的一个分支。"},
     {"instruction": "请把下面的句子翻译成英文", "input": "今天天气很好", "output": "The weather is nice today."},

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from conftest import write_alpaca
+from conftest import TINY_RUN_YAML, write_alpaca
 from loraft.cli import main
 from loraft.config import load_config
 from loraft.errors import RunError
@@ -33,24 +33,7 @@ from loraft.ui.events import run_events
 from loraft.ui.workspace import Workspace
 from run_helpers import free_port
 
-RUN_YAML = """\
-model:
-  name_or_path: base
-data:
-  path: data/train.jsonl
-  max_length: 64
-train:
-  max_steps: 3
-  per_device_train_batch_size: 2
-  gradient_accumulation_steps: 1
-  learning_rate: 0.01
-  logging_steps: 1
-  save_steps: 2
-  precision: fp32
-generation:
-  dtype: fp32
-  max_new_tokens: 4
-"""
+RUN_YAML = TINY_RUN_YAML
 LIVE = ("starting", "running")
 
 

@@ -28,7 +28,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from conftest import write_alpaca
+from conftest import TINY_RUN_YAML, write_alpaca
 from loraft import landlock
 from loraft.presets import preset_names
 from loraft.ui.app import create_app
@@ -37,20 +37,7 @@ from loraft.ui.work import Workers
 from loraft.ui.workspace import PATH_KEYS
 from run_helpers import ServerProcess
 
-RUN_YAML = """\
-model:
-  name_or_path: base
-data:
-  path: data/train.jsonl
-  max_length: 64
-train:
-  max_steps: 2
-  per_device_train_batch_size: 2
-  gradient_accumulation_steps: 1
-  logging_steps: 1
-  save_steps: 1
-  precision: fp32
-"""
+RUN_YAML = TINY_RUN_YAML.replace("max_steps: 3", "max_steps: 2").replace("save_steps: 2", "save_steps: 1")
 # a pattern whose match backtracks 2^26 times on every module name of BLOOM's first layer
 BACKTRACKING = r"transformer\.h\.0\.(?:.|.){0,26}Q"
 

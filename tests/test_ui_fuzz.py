@@ -38,7 +38,7 @@ import yaml
 from hypothesis import HealthCheck, Phase, example, given, seed, settings
 from hypothesis import strategies as st
 
-from conftest import write_alpaca
+from conftest import TINY_RUN_YAML, write_alpaca
 from loraft.ui.workspace import caches
 from run_helpers import ServerProcess
 
@@ -54,24 +54,7 @@ JOB_ID = "@@job-id@@"  # the id of a job the UI has started, when there is one
 BACKTRACKING = r"transformer\.h\.0\.(?:.|.){0,26}Q"  # seconds of re.fullmatch per long module name
 SYSTEM_ROOTS = ("/usr", "/lib", "/lib32", "/lib64", "/bin", "/sbin", "/etc", "/proc", "/sys", "/dev", "/run", "/opt")
 
-RUN_YAML = """\
-model:
-  name_or_path: base
-data:
-  path: data/train.jsonl
-  max_length: 64
-train:
-  max_steps: 2
-  per_device_train_batch_size: 2
-  gradient_accumulation_steps: 1
-  learning_rate: 0.01
-  logging_steps: 1
-  save_steps: 1
-  precision: fp32
-generation:
-  dtype: fp32
-  max_new_tokens: 4
-"""
+RUN_YAML = TINY_RUN_YAML.replace("max_steps: 3", "max_steps: 2").replace("save_steps: 2", "save_steps: 1")
 
 
 # ------------------------------------------------------------------------------------------- the audit hook
