@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
