@@ -130,14 +130,32 @@ def _timed(work: Callable[[], None], repeats: int = 3, enough: float = 1.0) -> f
 
 
 def _layer_config(model_config: Any, vocab_size: int):
-    """The architecture with one layer (tied head: only the body runs) and the given vocabulary."""
+    """The architecture with one layer (tied head: only the body runs) and the given vocabulary; special token ids
+    the vocabulary cannot hold are dropped (set to None, or left out of a list such as several eos ids)."""
     from transformers import AutoConfig
 
     config = copy.deepcopy(model_config) if not isinstance(model_config, dict) else AutoConfig.for_model(**model_config)
-    config.num_hidden_layers = 1
-    config.vocab_size = vocab_size
-    config.tie_word_embeddings = True
+    # the decoder reads its shape from the text config where the model nests one (the config itself otherwise)
+    for part in {id(part): part for part in (config, config.get_text_config(decoder=True))}.values():
+        part.num_hidden_layers = 1
+        part.vocab_size = vocab_size
+        part.tie_word_embeddings = True
+        # a pad id past the reduced vocabulary (Phi-3's 32000, fine-tunes with pad = eos) fails nn.Embedding's
+        # padding_idx check at construction; the measurement feeds only ids below the vocabulary, so none is needed
+        for name, value in list(vars(part).items()):
+            if name.endswith(("_token_id", "_token_ids")):
+                setattr(part, name, _ids_within(value, vocab_size))
     return config
+
+
+def _ids_within(value: Any, vocab_size: int) -> Any:
+    """A token id (or list of them) with the ids outside [0, vocab_size) left out: None when none is left."""
+    if isinstance(value, bool) or not isinstance(value, (int, list, tuple)):
+        return value
+    if isinstance(value, int):
+        return value if 0 <= value < vocab_size else None
+    kept = [one for one in value if isinstance(one, int) and 0 <= one < vocab_size]
+    return kept or None
 
 
 def trains_input_embedding(config: RunConfig, model_config: Any) -> bool:
