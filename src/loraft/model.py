@@ -14,6 +14,7 @@ from typing import Optional, Union
 
 import torch
 
+from loraft import gguf_base
 from loraft.config import AdapterConfig, ModelConfig, RunConfig
 from loraft.errors import ModelError
 from loraft.fastpaths import apply_patch, patches_on_load, supports_supervised_loss
@@ -35,7 +36,8 @@ def load_tokenizer(name_or_path: str, revision: Optional[str] = None, trust_remo
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(gguf_base.resolve(name_or_path), revision=revision,
+                                                  trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:  # ValueError: transformers' word for a folder with no tokenizer it can build
         raise ModelError(f"{name_or_path}: cannot load a tokenizer ({_first_line(exc)})") from None
     if tokenizer.eos_token is None:
@@ -69,17 +71,26 @@ def load_base_model(model: ModelConfig, dtype: torch.dtype = torch.float32,
               "trust_remote_code": model.trust_remote_code}
     if bnb_config is not None:
         kwargs.update(quantization_config=bnb_config, device_map={"": str(resolve_device(model.device))})
+    source = model.name_or_path
+    if gguf_base.is_gguf(model.name_or_path):  # its dequantized copy, as an ordinary folder (loraft.gguf_base)
+        variant = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
+        source = gguf_base.resolve(model.name_or_path, weights=variant)
+        kwargs["variant"] = variant
+        if bnb_config is None:  # stored in that dtype already: loaded as it is, nothing to cast afterwards
+            kwargs["dtype"], half = dtype, False
     try:
-        config = AutoConfig.from_pretrained(model.name_or_path, revision=model.revision,
+        config = AutoConfig.from_pretrained(source, revision=model.revision,
                                             trust_remote_code=model.trust_remote_code)
         if attention_patch is None:
             attention, attention_patch = model.attn_implementation, patches_on_load(config.model_type,
                                                                                     model.attn_implementation)
         if attention and not attention_patch:
             kwargs["attn_implementation"] = attention
-        loaded = AutoModelForCausalLM.from_pretrained(model.name_or_path, config=config, **kwargs)
+        loaded = AutoModelForCausalLM.from_pretrained(source, config=config, **kwargs)
     except OSError as exc:
         raise ModelError(f"{model.name_or_path}: cannot load the base model ({_first_line(exc)})") from None
+    if source != model.name_or_path:  # peft names the base in adapter_config.json by this: the GGUF file itself
+        loaded.name_or_path = loaded.config._name_or_path = str(gguf_base.gguf_file(model.name_or_path))
     if half:
         cast_parameters(loaded, dtype)
     if bnb_config is not None:
@@ -293,7 +304,7 @@ def inspect_model(
     if modules_to_save is not None:
         adapter.modules_to_save = modules_to_save or None
     try:
-        model_config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        model_config = AutoConfig.from_pretrained(gguf_base.resolve(name_or_path), trust_remote_code=trust_remote_code)
     except OSError as exc:
         raise ModelError(f"{name_or_path}: cannot read a model config ({_first_line(exc)})") from None
     counts = meta_counts(model_config, adapter, trust_remote_code)

@@ -18,6 +18,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
+from loraft import gguf_base
 from loraft.batching import micro_batch_budget, plan_micro_batches
 from loraft.config import RunConfig
 from loraft.errors import ConfigError
@@ -250,6 +251,12 @@ def read_model_config(config: RunConfig, offline_shape: bool = False):
     from loraft.presets import shipped_shape
 
     model = config.model
+    if gguf_base.is_gguf(model.name_or_path):  # the shapes from the file's header: nothing dequantized
+        try:
+            return AutoConfig.from_pretrained(gguf_base.resolve(model.name_or_path)), model.name_or_path
+        except (OSError, ValueError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ModelError(f"{model.name_or_path}: cannot read the model's config ({first})") from None
     if model.name_or_path.startswith(("/", "./", "../", "~")) and not os.path.isdir(os.path.expanduser(model.name_or_path)):
         raise ModelError(f"{model.name_or_path}: model directory not found (model.name_or_path)")
     shape = shipped_shape(model.name_or_path) if offline_shape and not os.path.isdir(model.name_or_path) else None

@@ -42,8 +42,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Optional, Union
 
+from loraft import gguf_base
 from loraft.config import RunConfig, load_config
-from loraft.errors import RunError
+from loraft.errors import ModelError, RunError
 # re-exported for the modules that still import them from here (train, generate)
 from loraft.files import write_json_atomically, write_text_atomically
 
@@ -157,6 +158,10 @@ def open_run(run_dir: Union[str, Path], access: RunAccess = RunAccess()) -> Usab
         if adapter_dir is None or not (adapter_dir / "adapter_config.json").is_file():
             raise RunError(f"{run_dir}: the run is {status} and has no complete checkpoint to use")
     config = load_config(run_dir / "config.yaml")
+    try:  # a GGUF base must be the file the adapter was trained on
+        gguf_base.check_unchanged((record.get("identity") or {}).get("model.gguf"), f"run {run_dir}")
+    except ModelError as exc:
+        raise RunError(str(exc)) from None
     if config.model.trust_remote_code and not access.trust_remote_code:
         raise RunError(f"{run_dir}: its base model {config.model.name_or_path} runs its own modelling code "
                        "(trust_remote_code in config.yaml); pass --trust-remote-code if you trust it")
@@ -423,6 +428,7 @@ def run_identity(config: RunConfig, report: dict) -> dict:
         "preference": (config.preference.model_dump(exclude={"max_prompt_length", "max_completion_length"})
                        if config.train.objective != "sft" else None),  # the limits are in the data fingerprint
         "model.adapter_from": adapter_source_identity(config.model.adapter_from),
+        "model.gguf": gguf_base.identity(config.model.name_or_path),  # a GGUF base: its path, size and sha256
     }
 
 
@@ -610,6 +616,7 @@ class RunDir:
             logger.warning("%s: the run records no identity (an older loraft); resuming without checking it",
                            self.path)
             return
+        gguf_base.check_unchanged(saved["identity"].get("model.gguf"), f"run {self.path}")  # naming the file
         current = run_identity(config, report)
         for key, old in saved["identity"].items():
             new = current.get(key)

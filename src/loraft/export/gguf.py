@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
+from loraft import gguf_base
 from loraft.errors import RunError
 from loraft.files import staged_directory, write_json_atomically, write_text_atomically
 
@@ -67,14 +68,15 @@ def _base_architecture(config) -> str:
     from transformers import AutoConfig
 
     try:
-        model_config = AutoConfig.from_pretrained(config.model.name_or_path, revision=config.model.revision,
+        model_config = AutoConfig.from_pretrained(gguf_base.resolve(config.model.name_or_path),
+                                                  revision=config.model.revision,
                                                   trust_remote_code=False)
     except (OSError, ValueError) as exc:
         raise RunError(f"{config.model.name_or_path}: cannot read the base model's config ({str(exc).splitlines()[0]})")
     architectures = getattr(model_config, "architectures", None) or []
     if not architectures:
         # a config built in code (tests, the demo) may not name its class: the model type's causal-LM class does
-        from transformers import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
         name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_config.model_type)
         architectures = [name] if name else []
@@ -169,6 +171,9 @@ def export_gguf(
     log(f"export: {architecture}, tokenizer {verdict.kind}"
         + (f" as llama.cpp's {verdict.name!r} pre-tokenizer" if verdict.name else "") + f"; converter {converter.source}")
 
+    # a run on a GGUF file: its adapter goes back onto that very file, which is not converted or copied
+    original = gguf_base.gguf_file(config.model.name_or_path) if gguf_base.is_gguf(config.model.name_or_path) else None
+    base_type = gguf_base.file_type(original) if original is not None and adapter_only else None
     report: dict = {
         "run_dir": str(run_dir.resolve()), "format": "gguf", "outtype": outtype,
         "mode": "adapter" if adapter_only else "merged", "architecture": architecture,
@@ -187,20 +192,26 @@ def export_gguf(
         files: dict = {}
         # the model file: the merged model, or with --adapter-only the base the adapter applies to
         source_dir, stem = (work / "base", "base") if adapter_only else (merged_dir, "model")
-        if adapter_only:
-            _save_base(run, source_dir, tokenizer, template)
-        model_path = staging / f"{stem}-{outtype}.gguf"
-        convert_type = "f16" if outtype in QUANTIZER_TYPES else outtype
-        converted = model_path if convert_type == outtype else work / f"{stem}-{convert_type}.gguf"
-        log(f"export: converting {'the base ' if adapter_only else ''}to {convert_type} with llama.cpp's "
-            "convert_hf_to_gguf.py")
-        llamacpp.run_converter(converter, "convert_hf_to_gguf.py",
-                               [str(source_dir), "--outfile", str(converted), "--outtype", convert_type],
-                               log_path, fallback)
-        if converted != model_path:
-            log(f"export: quantizing to {outtype} with {quantizer}")
-            llamacpp.quantize(quantizer, converted, model_path, QUANTIZER_TYPES[outtype], log_path)
-            report["quantizer"] = str(quantizer)
+        if base_type is not None:  # the user's own file; the converter needs only its config (the cached folder)
+            source_dir, model_path = gguf_base.hf_folder(config.model.name_or_path, log=log), original
+            report["base"] = {"path": str(original), "file_type": base_type,
+                              "sha256": gguf_base.sha256(original)}
+            log(f"export: the base is the run's own GGUF file ({original.name}, {base_type}), unchanged")
+        else:
+            if adapter_only:
+                _save_base(run, source_dir, tokenizer, template)
+            model_path = staging / f"{stem}-{outtype}.gguf"
+            convert_type = "f16" if outtype in QUANTIZER_TYPES else outtype
+            converted = model_path if convert_type == outtype else work / f"{stem}-{convert_type}.gguf"
+            log(f"export: converting {'the base ' if adapter_only else ''}to {convert_type} with llama.cpp's "
+                "convert_hf_to_gguf.py")
+            llamacpp.run_converter(converter, "convert_hf_to_gguf.py",
+                                   [str(source_dir), "--outfile", str(converted), "--outtype", convert_type],
+                                   log_path, fallback)
+            if converted != model_path:
+                log(f"export: quantizing to {outtype} with {quantizer}")
+                llamacpp.quantize(quantizer, converted, model_path, QUANTIZER_TYPES[outtype], log_path)
+                report["quantizer"] = str(quantizer)
         lora_path = None
         if adapter_only:
             lora_source = work / "adapter"
@@ -215,11 +226,12 @@ def export_gguf(
                                    ["--base", str(source_dir), "--outfile", str(lora_path), "--outtype", "f32",
                                     str(lora_source)], log_path, fallback)
             files["adapter"] = lora_path.name
-        files["model"] = model_path.name
+        files["model"] = str(model_path) if base_type is not None else model_path.name
         report["files"] = {**files, "bytes": {k: (staging / v).stat().st_size for k, v in files.items()}}
 
-        text, notes = modelfile(f"./{model_path.name}", template, tokenizer.eos_token,
-                                adapter_path=f"./{lora_path.name}" if lora_path else None)
+        # Ollama reads FROM relative to the Modelfile: the user's own file by its absolute path
+        text, notes = modelfile(str(model_path) if base_type is not None else f"./{model_path.name}", template,
+                                tokenizer.eos_token, adapter_path=f"./{lora_path.name}" if lora_path else None)
         write_text_atomically(staging / "Modelfile", text)
         report["notes"] += notes
         report["files"]["modelfile"] = "Modelfile"
@@ -228,10 +240,11 @@ def export_gguf(
             log("export: verifying with llama.cpp (xllamacpp) against the merged model in transformers")
             probes = list(verification.PROBE_CONVERSATIONS) + [list(c) for c in (conversations or [])]
             reference = verification.Reference.load(merged_dir)
-            result = verification.verify_gguf(model_path, merged_dir, outtype, log_path, lora_path=lora_path,
+            weights = base_type or outtype  # what llama.cpp computes with: the tolerance is that type's
+            result = verification.verify_gguf(model_path, merged_dir, weights, log_path, lora_path=lora_path,
                                               conversations=probes, reference=reference)
             if adapter_only:  # the same base without its adapter: how much the adapter moves the numbers
-                control = verification.verify_gguf(model_path, merged_dir, outtype, log_path, conversations=probes,
+                control = verification.verify_gguf(model_path, merged_dir, weights, log_path, conversations=probes,
                                                    reference=reference)
                 result["base_without_adapter_max_abs_diff"] = control["logprob_max_abs_diff"]
                 log(f"  negative control: the base GGUF without the adapter differs by "
@@ -248,10 +261,15 @@ def export_gguf(
             for stale in out_dir.glob("*.gguf"):
                 stale.unlink()
     if verify and not report["verify"]["passed"]:
-        raise RunError(f"{out_dir / model_path.name}: verification failed (log-prob difference "
+        checked = model_path if base_type is not None else out_dir / model_path.name
+        raise RunError(f"{checked}{' + ' + str(out_dir / lora_path.name) if lora_path else ''}: verification failed "
+                       f"(log-prob difference "
                        f"{report['verify']['logprob_max_abs_diff']:.4g} vs tolerance {report['verify']['tolerance']}, "
                        f"tokenization {report['verify']['tokenization']['equal']}/"
                        f"{report['verify']['tokenization']['strings']} equal); see {out_dir / REPORT_FILE}")
-    log(f"export: wrote {out_dir} ({', '.join(sorted(report['files'][k] for k in files))}, Modelfile, "
-        f"{REPORT_FILE}) in {report['seconds']:.0f}s")
+    written = sorted(Path(report["files"][k]).name for k in files if not (base_type and k == "model"))
+    log(f"export: wrote {out_dir} ({', '.join(written)}, Modelfile, {REPORT_FILE}) in {report['seconds']:.0f}s")
+    if base_type is not None:
+        log(f"  llama.cpp: llama-cli -m {original} --lora {out_dir / lora_path.name}")
+        log(f"  Ollama:    ollama create NAME -f {out_dir / 'Modelfile'}   (FROM your file, ADAPTER the LoRA)")
     return report

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from loraft.errors import RunError
-from loraft.files import cache_home, staged_directory, write_json_atomically
+from loraft.files import cache_home, pip_download, staged_directory, write_json_atomically
 
 # The pinned converter: llama-cpp-python's sdist vendors llama.cpp with its Python converter tree.
 PINNED_PACKAGE = "llama-cpp-python"
@@ -111,13 +111,10 @@ def fetch_pinned(target: Path, log=print) -> Path:
     """pip-download the pinned source package, check its sha256, keep the converter tree under `target`."""
     log(f"fetching llama.cpp's converter: {PINNED_PACKAGE}=={PINNED_VERSION} source package (once, ~77 MB)")
     with tempfile.TemporaryDirectory(prefix="loraft-llama-cpp-") as tmp:
-        command = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
-                   f"{PINNED_PACKAGE}=={PINNED_VERSION}", "-d", tmp]
-        done = subprocess.run(command, capture_output=True, text=True)
-        archives = sorted(Path(tmp).glob("*.tar.gz"))
-        if done.returncode != 0 or not archives:
-            raise RunError(_offline_sentence(target) + f" (pip download failed: {_last_line(done.stderr)})")
-        archive = archives[0]
+        try:
+            archive = pip_download(f"{PINNED_PACKAGE}=={PINNED_VERSION}", tmp, source=True)
+        except OSError as exc:
+            raise RunError(_offline_sentence(target) + f" (pip download failed: {exc})") from None
         digest = hashlib.sha256(archive.read_bytes()).hexdigest()
         if digest != PINNED_SHA256:
             raise RunError(f"{archive.name}: sha256 {digest} is not the pinned {PINNED_SHA256}; not using it")

@@ -1,0 +1,178 @@
+"""A GGUF file as the base model: what transformers' GGUF loader reads of it, done once per file.
+
+`model.name_or_path` may name a local `.gguf` file, the form Ollama, LM Studio and llama.cpp keep models in.
+transformers loads one (`from_pretrained(folder, gguf_file=name)`): the weights dequantized, the tokenizer and its
+chat template from the file's metadata. That costs seconds to minutes at every command (SmolLM2-135M Q4_1: 4 s for
+the config, 4 s for the tokenizer, 13 s for the weights on a 2-core Xeon; docs/benchmarks.md), so loraft does it once:
+`hf_folder` writes what transformers read as an ordinary Hugging Face folder under $LORAFT_HOME/gguf/SHA256 (config,
+tokenizer with its chat template; with `weights`, `model.DTYPE.safetensors`, loaded as that variant), and every
+command loads that folder. A run records the file itself (`identity`: path, size, sha256); `check_unchanged` refuses
+to go on from a file that changed or went missing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Optional, Union
+
+from loraft.errors import ModelError
+from loraft.files import cache_dir, staged_directory, write_json_atomically
+
+logger = logging.getLogger("loraft")
+SUFFIX = ".gguf"
+STAMP = "loraft_gguf.json"  # in each folder: the file it was read from
+
+
+def is_gguf(name_or_path: Optional[str]) -> bool:
+    """Whether a model name names a GGUF file (by its suffix; whether it exists is `gguf_file`'s to say)."""
+    return bool(name_or_path) and str(name_or_path).lower().endswith(SUFFIX)
+
+
+def gguf_file(name_or_path: str) -> Path:
+    """The GGUF file a model name names, absolute; one sentence when there is none."""
+    path = Path(name_or_path).expanduser()
+    if not path.is_file():
+        raise ModelError(f"{name_or_path}: GGUF file not found (model.name_or_path)")
+    return path.resolve()
+
+
+def sha256(path: Path) -> str:
+    """The file's sha256, read once per (path, size, modification time): a 4 GB model takes seconds to hash."""
+    stat = path.stat()
+    key = f"{path}|{stat.st_size}|{stat.st_mtime_ns}"
+    known_file = cache_dir("gguf") / "sha256.json"
+    try:
+        known = json.loads(known_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        known = {}
+    if key in known:
+        return known[key]
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(chunk)
+    known_file.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomically(known_file, {**known, key: digest.hexdigest()})
+    return digest.hexdigest()
+
+
+def identity(name_or_path: str) -> Optional[dict]:
+    """What a run records of its GGUF base: {"path", "size", "sha256"}; None for any other base."""
+    if not is_gguf(name_or_path):
+        return None
+    path = gguf_file(name_or_path)
+    return {"path": str(path), "size": path.stat().st_size, "sha256": sha256(path)}
+
+
+def check_unchanged(recorded: Optional[dict], what: str) -> None:
+    """Refuse (one sentence naming the file) to go on from a GGUF base that is missing or is not the file `recorded`
+    (a run's identity) was trained on.
+
+    Args:
+        what: who asks, for the sentence ("run runs/x").
+    """
+    if not recorded:
+        return
+    path = Path(recorded["path"])
+    if not path.is_file():
+        raise ModelError(f"{path}: the GGUF file {what} was trained on is missing; put it back, or train again")
+    if path.stat().st_size != recorded.get("size") or sha256(path) != recorded.get("sha256"):
+        raise ModelError(f"{path}: the GGUF file changed since {what} was trained on it (sha256 "
+                         f"{recorded.get('sha256', '?')[:12]}..., now {sha256(path)[:12]}...); the adapter belongs to "
+                         "the old file: put it back, or train again")
+
+
+def architecture(path: Path) -> str:
+    """The file's `general.architecture`, refused in one sentence when transformers cannot load it from GGUF."""
+    from gguf import GGUFReader
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    try:
+        field = GGUFReader(str(path)).fields["general.architecture"]
+        name = bytes(field.parts[field.data[0]]).decode("utf-8")
+    except (KeyError, ValueError, OSError) as exc:
+        raise ModelError(f"{path}: not a GGUF file transformers can read ({exc})") from None
+    supported = sorted(arch for arch in GGUF_SUPPORTED_ARCHITECTURES if arch not in ("general", "tokenizer"))
+    if name not in GGUF_SUPPORTED_ARCHITECTURES:
+        raise ModelError(f"{path}: transformers cannot load the {name!r} architecture from GGUF (it loads "
+                         f"{', '.join(supported)})")
+    return name
+
+
+def file_type(path: Path) -> str:
+    """The file's weight type as llama.cpp names its outtypes (`general.file_type`): q4_1, q8_0, f16, q4_k_m..."""
+    from gguf import GGUFReader, LlamaFileType
+
+    field = GGUFReader(str(path)).fields.get("general.file_type")
+    if field is None:
+        return "unknown"
+    try:
+        name = LlamaFileType(int(field.parts[field.data[0]][0])).name
+    except ValueError:
+        return "unknown"
+    return name.removeprefix("MOSTLY_").removeprefix("ALL_").lower()
+
+
+def _cached_folder(path: Path) -> Path:
+    return cache_dir("gguf") / sha256(path)[:16]
+
+
+def hf_folder(name_or_path: str, weights: Optional[str] = None, log=None) -> Path:
+    """The Hugging Face folder of a GGUF file: config and tokenizer (with the file's chat template) read once from
+    its metadata; with `weights` (fp32, bf16 or fp16) also the dequantized weights in that dtype, saved as that
+    variant (`model.fp32.safetensors`). Built once per file content, under $LORAFT_HOME/gguf/.
+
+    Returns:
+        the folder: AutoConfig and AutoTokenizer load it; AutoModelForCausalLM with `variant=weights`.
+    """
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    log = log or logger.info
+    path = gguf_file(name_or_path)
+    folder = _cached_folder(path)
+    if not (folder / STAMP).is_file():
+        architecture(path)
+        started = time.time()
+        log(f"GGUF base {path.name}: reading its config and tokenizer (once, into {folder})")
+        with staged_directory(folder, merge=True, label="gguf") as staging:  # the stamp last: a complete folder
+            tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+            tokenizer.save_pretrained(str(staging))
+            config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+            if not getattr(config, "architectures", None):  # a GGUF names no class; an ordinary config.json does
+                config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]]
+            config.save_pretrained(str(staging))
+            write_json_atomically(staging / STAMP, {"source": str(path), "size": path.stat().st_size,
+                                                    "sha256": sha256(path), "seconds": round(time.time() - started,
+                                                                                             1)})
+    if weights is not None and not any(folder.glob(f"model.{weights}*.safetensors")):
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[weights]
+        started = time.time()
+        log(f"GGUF base {path.name}: dequantizing its weights to {weights} (once, into {folder})")
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
+        # transformers marks a model loaded from GGUF as quantized and will not save it; its tensors are plain
+        # dequantized ones: written with safetensors, a tied weight once (under its first name, the embedding)
+        tensors, seen = {}, set()
+        for name, tensor in model.state_dict().items():
+            if (tensor.data_ptr(), tuple(tensor.shape)) not in seen:
+                seen.add((tensor.data_ptr(), tuple(tensor.shape)))
+                tensors[name] = tensor.contiguous()
+        target = folder / f"model.{weights}.safetensors"
+        partial = folder / f".{target.name}.{os.getpid()}.tmp"  # renamed into place: a cut-off file is never read
+        save_file(tensors, str(partial), metadata={"format": "pt"})
+        os.replace(partial, target)
+        log(f"GGUF base {path.name}: dequantized in {time.time() - started:.0f}s")
+    return folder
+
+
+def resolve(name_or_path: str, weights: Optional[str] = None, log=None) -> Union[str, Path]:
+    """What transformers should load for `name_or_path`: a GGUF file's folder (`hf_folder`), else the name as it is.
+    The one call every loader of loraft makes before `from_pretrained`."""
+    return str(hf_folder(name_or_path, weights, log)) if is_gguf(name_or_path) else name_or_path
