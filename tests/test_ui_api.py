@@ -592,8 +592,12 @@ def test_plan_shows_the_exact_command(client, workspace):
     demo = client.post("/api/plan", json={"config": "demo"}).json()
     assert f"data.path={workspace / 'demo-data' / 'train.jsonl'}" in demo["command"]
     assert (workspace / "demo-data" / "heldout.jsonl").is_file()
+    (workspace / "models").mkdir(exist_ok=True)
+    (workspace / "models" / "Tiny.Q4_1.gguf").write_bytes(b"GGUF")  # offered by name: not read here
     info = client.get("/api/info").json()
     assert "configs/run.yaml" in info["yaml_files"] and "demo" in info["presets"]
+    # the model field offers the workspace's GGUF files and model folders
+    assert {"base", "models/Tiny.Q4_1.gguf", "demo-data/base"} <= set(info["model_files"]), info["model_files"]
     assert not any(path.startswith(".loraft-ui") for path in info["yaml_files"])  # hidden folders are skipped
     assert client.get("/api/schema").json()["properties"]["train"]
 

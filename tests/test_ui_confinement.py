@@ -416,8 +416,9 @@ def test_no_request_holds_the_server(real_ui):
 
 PROBE = """
 import os, sys
+from loraft.ui.start import enter_workspace
 from loraft.ui.workspace import Workspace
-print(Workspace(sys.argv[1]).enter(log=lambda line: None))
+print(enter_workspace(Workspace(sys.argv[1]), log=lambda line: None))
 for name in ("LORAFT_OFFLINE", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
     print(name, os.environ.get(name))
 try:

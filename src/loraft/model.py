@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import re
 from collections import defaultdict
-from pathlib import Path
 from typing import Optional, Union
 
 import torch

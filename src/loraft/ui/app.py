@@ -16,7 +16,7 @@ import logging
 import mimetypes
 import re
 from pathlib import Path
-from typing import AsyncIterator, Callable, Optional, Sequence, Union
+from typing import AsyncIterator, Callable, Optional, Union
 
 import yaml
 from fastapi import FastAPI, Request
@@ -27,11 +27,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import loraft
 from loraft.config import RunConfig, parse_yaml
-from loraft.errors import LoraftError, RunError
+from loraft.errors import LoraftError
 from loraft.presets import preset_names
 from loraft.rundir import read_record
-from loraft.serve.app import HostCheck, chat_page, run_uvicorn
-from loraft.serve.validation import host_rule, is_loopback
+from loraft.serve.app import HostCheck, chat_page
+from loraft.serve.validation import host_rule
 from loraft.ui import jobs, launch
 from loraft.ui.chat import ChatModels, Forward, chat_query
 from loraft.ui.data import DATA_FIELDS, data_check, data_preview
@@ -241,8 +241,10 @@ def create_app(workspace: Union[str, Path, Workspace], settings: UISettings = UI
     @app.get("/api/info")
     async def info():
         yaml_files = await run_in_threadpool(workspace.yaml_files)
+        model_files = await run_in_threadpool(workspace.model_files)
         return {"workspace": str(workspace.root), "version": loraft.__version__,
                 "token_required": settings.token is not None, "presets": preset_names(), "yaml_files": yaml_files,
+                "model_files": model_files,
                 "languages": languages(), "allow_hub": workspace.allow_hub, "caches": [str(path) for path in caches()],
                 "kernel_confinement": app.state.kernel_confinement}
 

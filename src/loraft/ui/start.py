@@ -1,19 +1,65 @@
 """`loraft ui`'s process: check the address and token, enter the workspace, then serve the app (loraft.ui.app).
 
-Entering the workspace (Workspace.enter) asks the kernel to confine this process and everything it starts to the
+Entering the workspace (enter_workspace) asks the kernel to confine this process and everything it starts to the
 workspace and the caches; Landlock confines only the thread that asks and what it starts afterwards, so it happens
 here, before the app's imports (torch among them) start a thread of their own.
 """
 
 from __future__ import annotations
 
+import os
+import sys
+import tempfile
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
 from loraft.errors import RunError
+from loraft.files import cache_home
 from loraft.serve.validation import is_loopback
 from loraft.ui.requests import UISettings
-from loraft.ui.workspace import Workspace
+from loraft.ui.workspace import Workspace, caches
+
+
+def enter_workspace(workspace: Workspace, confine: bool = True, log=print) -> Optional[int]:
+    """Make this process (the UI) work in `workspace`: its working directory, temporary files in
+    `.loraft-ui/tmp`, matplotlib's cache under loraft's; then, with `confine` and where the kernel has Landlock,
+    let this process and every process it starts open files only beneath the workspace, the caches (read and
+    write), /dev, and the system's and Python's folders (read). The kernel checks each open at the moment it
+    happens, so a symbolic link swapped after `place` checked a path still cannot lead outside.
+
+    Call it once, before any thread starts. Returns the Landlock ABI applied, or None (not applied: logged).
+    """
+    from loraft import landlock
+
+    temporary = workspace.ui_dir / "tmp"
+    temporary.mkdir(parents=True, exist_ok=True)
+    cache_home().mkdir(parents=True, exist_ok=True)
+    os.environ["TMPDIR"] = str(temporary)  # children inherit it; Python's tempfile reads it again below
+    os.environ.setdefault("MPLCONFIGDIR", str(cache_home() / "matplotlib"))
+    if not workspace.allow_hub:  # nothing the UI starts downloads: hub models and data, llama.cpp's converter
+        os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", LORAFT_OFFLINE="1")
+    tempfile.tempdir = None
+    # the read roots before leaving the folder the UI was started from: `python -m` put it on sys.path, and it
+    # is no business of the UI's (system_read_roots leaves out the working directory)
+    started_in = Path.cwd().resolve()
+    system_roots = landlock.system_read_roots()
+    sys.path[:] = [entry for entry in sys.path if not entry or Path(entry).resolve() != started_in]
+    os.chdir(workspace.root)
+    if not confine:
+        log("loraft ui: kernel confinement off (--no-kernel-confinement); paths are checked before use")
+        return None
+    writable = [workspace.root, *caches(), Path("/dev")]
+    try:
+        applied = landlock.restrict(read=[*system_roots, *writable], write=writable)
+    except RuntimeError as exc:  # a thread started before us: our bug, said rather than half-applied
+        log(f"loraft ui: kernel confinement not applied ({exc}); paths are checked before use")
+        return None
+    except OSError as exc:  # the kernel refused a rule: better not to start than to start half-confined
+        raise RunError(f"loraft ui: kernel confinement failed ({exc}); start with --no-kernel-confinement to "
+                       "rely on the path checks alone") from None
+    if applied is None:
+        log("loraft ui: this kernel has no Landlock: paths are checked before use, not at every open")
+    return applied
 
 
 def serve_ui(workspace: Union[str, Path], host: str = "127.0.0.1", port: int = 7860, token: Optional[str] = None,
@@ -22,7 +68,7 @@ def serve_ui(workspace: Union[str, Path], host: str = "127.0.0.1", port: int = 7
 
     The UI works in its workspace: it becomes the working directory, temporary files go to `.loraft-ui/tmp`, and
     where the kernel has Landlock this process and all it starts can open files only in the workspace, loraft's
-    and Hugging Face's caches and the system's and Python's own folders (Workspace.confine_process).
+    and Hugging Face's caches and the system's and Python's own folders (enter_workspace).
 
     Args:
         kernel_confinement: False leaves the kernel out (`--no-kernel-confinement`); paths are still checked.
@@ -47,7 +93,7 @@ def serve_ui(workspace: Union[str, Path], host: str = "127.0.0.1", port: int = 7
     settings = UISettings(token=token, host=host, port=port, allowed_hosts=tuple(allowed_hosts), warm_worker=True,
                           **limits)
     place = Workspace(root, settings.allow_hub)
-    kernel = place.enter(confine=kernel_confinement, log=log)
+    kernel = enter_workspace(place, confine=kernel_confinement, log=log)
     from loraft.serve.app import run_uvicorn  # torch comes with these: after entering
     from loraft.ui.app import create_app
 

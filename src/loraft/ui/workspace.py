@@ -17,13 +17,11 @@ from __future__ import annotations
 import json
 import os
 import re
-import sys
-import tempfile
 from pathlib import Path
 from typing import Optional, Union
 
 from loraft.config import RunConfig
-from loraft.errors import LoraftError, RunError
+from loraft.errors import LoraftError
 from loraft.files import cache_home
 from loraft.rundir import CHECKPOINTS, CONSOLE_FILE, RUN_FILE, find_runs, read_record, run_state
 from loraft.rundir import complete_checkpoints as complete_checkpoint_dirs
@@ -299,48 +297,6 @@ class Workspace:
         newest = (launch.get("starts") or [{}])[-1]
         return process_alive(newest.get("pid"), newest.get("argv"))
 
-    # ------------------------------------------------------------------------------------------- process
-    def enter(self, confine: bool = True, log=print) -> Optional[int]:
-        """Make this process (the UI) work in the workspace: its working directory, temporary files in
-        `.loraft-ui/tmp`, matplotlib's cache under loraft's; then, with `confine` and where the kernel has Landlock,
-        let this process and every process it starts open files only beneath the workspace, the caches (read and
-        write), /dev, and the system's and Python's folders (read). The kernel checks each open at the moment it
-        happens, so a symbolic link swapped after `place` checked a path still cannot lead outside.
-
-        Call it once, before any thread starts. Returns the Landlock ABI applied, or None (not applied: logged).
-        """
-        from loraft import landlock
-
-        temporary = self.ui_dir / "tmp"
-        temporary.mkdir(parents=True, exist_ok=True)
-        cache_home().mkdir(parents=True, exist_ok=True)
-        os.environ["TMPDIR"] = str(temporary)  # children inherit it; Python's tempfile reads it again below
-        os.environ.setdefault("MPLCONFIGDIR", str(cache_home() / "matplotlib"))
-        if not self.allow_hub:  # nothing the UI starts downloads: hub models and data, llama.cpp's converter
-            os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", LORAFT_OFFLINE="1")
-        tempfile.tempdir = None
-        # the read roots before leaving the folder the UI was started from: `python -m` put it on sys.path, and it
-        # is no business of the UI's (system_read_roots leaves out the working directory)
-        started_in = Path.cwd().resolve()
-        system_roots = landlock.system_read_roots()
-        sys.path[:] = [entry for entry in sys.path if not entry or Path(entry).resolve() != started_in]
-        os.chdir(self.root)
-        if not confine:
-            log("loraft ui: kernel confinement off (--no-kernel-confinement); paths are checked before use")
-            return None
-        writable = [self.root, *caches(), Path("/dev")]
-        try:
-            applied = landlock.restrict(read=[*system_roots, *writable], write=writable)
-        except RuntimeError as exc:  # a thread started before us: our bug, said rather than half-applied
-            log(f"loraft ui: kernel confinement not applied ({exc}); paths are checked before use")
-            return None
-        except OSError as exc:  # the kernel refused a rule: better not to start than to start half-confined
-            raise RunError(f"loraft ui: kernel confinement failed ({exc}); start with --no-kernel-confinement to "
-                           "rely on the path checks alone") from None
-        if applied is None:
-            log("loraft ui: this kernel has no Landlock: paths are checked before use, not at every open")
-        return applied
-
     # --------------------------------------------------------------------------------------------- runs
     def run_names(self) -> list[str]:
         """Every run: the run directories at most two levels down, and the UI's launches without a record yet."""
@@ -413,17 +369,28 @@ class Workspace:
     def yaml_files(self, max_depth: int = 3, limit: int = 1000) -> list[str]:
         """Workspace-relative .yaml/.yml files at most `max_depth` folders deep, not in hidden folders or a run's
         checkpoints, not reached through a symbolic link leaving the workspace."""
+        return self._files(lambda name: name.endswith((".yaml", ".yml")), max_depth, limit)
+
+    def model_files(self, max_depth: int = 3, limit: int = 200) -> list[str]:
+        """What the new-run form offers as model.name_or_path: the workspace's .gguf files (the models Ollama, LM
+        Studio and llama.cpp run) and folders holding a model's config.json, found as yaml_files are."""
+        return self._files(lambda name: name.lower().endswith(".gguf") or name == "config.json", max_depth, limit,
+                           folder_of="config.json")
+
+    def _files(self, wanted, max_depth: int, limit: int, folder_of: Optional[str] = None) -> list[str]:
         found: list[str] = []
         for folder, subfolders, files in os.walk(self.root):
             depth = len(Path(folder).relative_to(self.root).parts)
             subfolders[:] = sorted(name for name in subfolders if not name.startswith(".")
                                    and name not in SKIPPED_FOLDERS and depth + 1 < max_depth)
             for name in sorted(files):
-                if name.endswith((".yaml", ".yml")) and not name.startswith("."):
+                if wanted(name) and not name.startswith("."):
                     path = Path(folder) / name
                     real = path.resolve()
                     if self.root in real.parents and real.is_file():
-                        found.append(path.relative_to(self.root).as_posix())
+                        shown = path.parent if name == folder_of else path
+                        if shown != self.root:
+                            found.append(shown.relative_to(self.root).as_posix())
                         if len(found) >= limit:
                             return found
         return found

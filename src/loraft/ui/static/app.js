@@ -401,6 +401,15 @@ function newRunView() {
     return fromFields.concat(typed);
   }
 
+  // the model field suggests the workspace's GGUF files and model folders (typing a path or hub id still works)
+  function offerModels(paths) {
+    const input = root.querySelector('#schema-form [data-key="model.name_or_path"]');
+    if (!input || !paths.length) return;
+    const list = el("datalist", { id: "model-files" }, ...paths.map((path) => el("option", { value: path })));
+    input.setAttribute("list", "model-files");
+    input.after(list);
+  }
+
   function fillConfigSelect() {
     const select = configSelect();
     const presets = el("optgroup", { dataset: { group: "presets" } },
@@ -509,6 +518,7 @@ function newRunView() {
         info = infoAnswer;
         fillConfigSelect();
         buildSchemaForm($("schema-form"), schema);
+        offerModels(info.model_files || []);
         updatePlan();
       } catch (failure) {
         showError($("new-run-error"), failure);
