@@ -37,9 +37,14 @@ LOOKUP_K = 50  # llama.cpp's top-N they are looked up in (a quantized file may r
 # what a missing or wrongly scaled adapter changes (the negative controls measured 0.5 to 11 nats).
 TOLERANCES = {"f32": 0.05, "f16": 0.05, "bf16": 0.2, "q8_0": 0.5, "q4_k_m": 1.5}
 # an adapter on the user's own GGUF (a run whose base is that file): llama.cpp computes with its quantized weights,
-# transformers with the same weights dequantized exactly, so only llama.cpp's quantized activations differ.
-# Measured on SmolLM2-135M-Instruct (docs/benchmarks.md, "An adapter on the original GGUF").
-TOLERANCES.update({"q4_0": 1.5, "q4_1": 1.5, "q5_0": 1.0, "q5_1": 1.0, "q5_k_m": 1.0, "q6_k": 1.0, "q4_k_s": 1.5})
+# transformers with the same weights dequantized exactly, so what differs is llama.cpp's kernels, which quantize the
+# activations to 8 bits against quantized weights. Measured with a trained adapter on SmolLM2-135M-Instruct
+# (benchmarks/gguf_base.py; docs/benchmarks.md, "A GGUF file as the base"): q4_1 (the original file) 0.67, q4_0
+# 0.31, q5_0 0.37, q5_1 0.29 (q8_0 0.52, f16 0.019); the file alone, the negative control, 3.1 to 4.9 on the task's
+# prompts but only 1.6 to 2.3 on the fixed probes. About 3x the measured, except q4_1: 3x (2.0) would equal its
+# control on the fixed probes (2.04), so 1.5. Not measured (no llama-quantize): q5_k_m and q6_k as the 5-bit types,
+# q4_k_s as q4_1.
+TOLERANCES.update({"q4_0": 1.0, "q4_1": 1.5, "q5_0": 1.0, "q5_1": 1.0, "q5_k_m": 1.0, "q6_k": 1.0, "q4_k_s": 1.5})
 TOLERANCE_REASONS = {
     "f32": "same weights; llama.cpp's kernels differ from PyTorch's",
     "f16": "weights rounded to f16 (11-bit mantissa)",
