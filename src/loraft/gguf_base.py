@@ -25,12 +25,23 @@ from loraft.files import cache_dir, staged_directory, write_json_atomically
 
 logger = logging.getLogger("loraft")
 SUFFIX = ".gguf"
+MAGIC = b"GGUF"  # a GGUF file's first four bytes
 STAMP = "loraft_gguf.json"  # in each folder: the file it was read from
 
 
 def is_gguf(name_or_path: Optional[str]) -> bool:
-    """Whether a model name names a GGUF file (by its suffix; whether it exists is `gguf_file`'s to say)."""
-    return bool(name_or_path) and str(name_or_path).lower().endswith(SUFFIX)
+    """Whether a model name names a GGUF file: by its suffix (whether it exists is `gguf_file`'s to say), or an
+    existing file that starts with GGUF's magic (Ollama keeps its models as `blobs/sha256-...`, with no suffix)."""
+    if not name_or_path:
+        return False
+    if str(name_or_path).lower().endswith(SUFFIX):
+        return True
+    path = Path(str(name_or_path)).expanduser()
+    try:
+        with path.open("rb") as handle:
+            return path.is_file() and handle.read(4) == MAGIC
+    except OSError:  # a hub id, a folder, a name that is no file
+        return False
 
 
 def gguf_file(name_or_path: str) -> Path:
@@ -167,6 +178,9 @@ def hf_folder(name_or_path: str, weights: Optional[str] = None, log=None) -> Pat
         target = folder / f"model.{weights}.safetensors"
         partial = folder / f".{target.name}.{os.getpid()}.tmp"  # renamed into place: a cut-off file is never read
         save_file(tensors, str(partial), metadata={"format": "pt"})
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(partial, 0o666 & ~umask)  # as any file this user writes: the cache may be shared
         os.replace(partial, target)
         log(f"GGUF base {path.name}: dequantized in {time.time() - started:.0f}s")
     return folder

@@ -85,6 +85,28 @@ def _base_architecture(config) -> str:
     return architectures[0]
 
 
+def _task_prompts(config, log, count: int = 3) -> list[list[dict]]:
+    """The prompts of the run's first training records (their last user turn's conversation, without the answer):
+    where the adapter changed the model, so the check sees it (on the fixed probes alone, a narrow adapter moves
+    less than a 4-bit base's rounding). None where the data cannot be read any more (moved, a hub id offline)."""
+    from loraft.errors import LoraftError
+    from loraft.records import load_conversations
+
+    try:
+        conversations = load_conversations(config.data.path, config.data.model_copy(update={"limit": count}))
+    except (LoraftError, OSError) as exc:
+        log(f"export: the run's training data is not readable ({exc}); verifying on the fixed prompts only")
+        return []
+    prompts = []
+    for conversation in conversations:
+        messages = list(conversation["messages"])
+        while messages and messages[-1]["role"] == "assistant":
+            messages.pop()
+        if messages and messages[-1]["role"] == "user":
+            prompts.append(messages)
+    return prompts
+
+
 def _save_base(run, directory: Path, tokenizer, template) -> None:
     """The run's base model as a local directory the converter reads (for --adapter-only)."""
     import torch
@@ -238,7 +260,8 @@ def export_gguf(
 
         if verify:
             log("export: verifying with llama.cpp (xllamacpp) against the merged model in transformers")
-            probes = list(verification.PROBE_CONVERSATIONS) + [list(c) for c in (conversations or [])]
+            probes = [*verification.PROBE_CONVERSATIONS, *_task_prompts(config, log),
+                      *(list(c) for c in (conversations or []))]
             reference = verification.Reference.load(merged_dir)
             weights = base_type or outtype  # what llama.cpp computes with: the tolerance is that type's
             result = verification.verify_gguf(model_path, merged_dir, weights, log_path, lora_path=lora_path,

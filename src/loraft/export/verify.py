@@ -36,6 +36,9 @@ LOOKUP_K = 50  # llama.cpp's top-N they are looked up in (a quantized file may r
 # a random Qwen2 (the cause was not isolated). Each bound is about 3x the largest measured, and stays far below
 # what a missing or wrongly scaled adapter changes (the negative controls measured 0.5 to 11 nats).
 TOLERANCES = {"f32": 0.05, "f16": 0.05, "bf16": 0.2, "q8_0": 0.5, "q4_k_m": 1.5}
+# q8_0 on a real model: SmolLM2-135M-Instruct (30 layers) measured 0.52 to 0.63 for a merged export and for an adapter
+# on a q8_0 file, past the 0.5 the tiny models set; 1.5 is about 3x the most measured, as for the others
+TOLERANCES["q8_0"] = 1.5
 # an adapter on the user's own GGUF (a run whose base is that file): llama.cpp computes with its quantized weights,
 # transformers with the same weights dequantized exactly, so what differs is llama.cpp's kernels, which quantize the
 # activations to 8 bits against quantized weights. Measured with a trained adapter on SmolLM2-135M-Instruct
@@ -51,6 +54,9 @@ TOLERANCE_REASONS = {
     "bf16": "weights rounded to bf16 (8-bit mantissa)",
     "q8_0": "8-bit blocks of 32 weights",
     "q4_k_m": "4/6-bit k-quant blocks",
+    # an adapter on the user's own file: the same weights on both sides, llama.cpp's activations in 8 bits
+    **{kind: f"the file's {kind} weights, llama.cpp's 8-bit activations against them"
+       for kind in ("q4_0", "q4_1", "q5_0", "q5_1", "q5_k_m", "q6_k", "q4_k_s")},
 }
 
 PROBE_STRINGS = (
@@ -262,7 +268,8 @@ def verify_gguf(gguf_path: Path, reference_dir: Path, outtype: str, log_path: Pa
             result = compare(reference, llama, conversations, strings, tolerance)
         finally:
             llama.close()
-    result["tolerance_reason"] = TOLERANCE_REASONS.get(outtype, "given")
+    result["tolerance_reason"] = TOLERANCE_REASONS.get(outtype, "given" if outtype in TOLERANCES else
+                                                      "a weight type not measured: a 4-bit type's")
     return result
 
 
