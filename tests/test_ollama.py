@@ -259,6 +259,21 @@ def test_model_templates_of_known_families_render_the_same_in_go(family, ollama_
     assert go == jinja_renderings(template, conversations, eos, bos)
 
 
+SMOLLM2_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+SMOLLM2_CHATML = QWEN2_CHATML.replace("You are a helpful assistant.", SMOLLM2_SYSTEM)
+
+
+def test_a_chatml_whose_bos_token_is_im_start_is_chatml(ollama_render):
+    """SmolLM2's BOS token is <|im_start|>, which its ChatML writes as text at every turn: not a BOS to cut (cut,
+    the template was unknown and its Modelfile had no TEMPLATE)."""
+    template = model_template(SMOLLM2_CHATML, "<|im_start|>", "<|im_end|>")
+    chat = chat_format(template, "<|im_end|>")
+    assert (chat.name, chat.default_system) == ("the ChatML format", SMOLLM2_SYSTEM)
+    conversations = CONVERSATIONS + [c for c in EDGES if len(c) > 1 and c[0]["role"] != "system"]
+    go = ollama_render(go_template(template, "<|im_end|>"), conversations, system=SMOLLM2_SYSTEM)
+    assert go == jinja_renderings(template, conversations, "<|im_end|>")  # nothing cut: <|im_start|> is text here
+
+
 def test_conftest_model_templates_are_known_families():
     from conftest import CHATML_TEMPLATE, LLAMA3_TEMPLATE
 

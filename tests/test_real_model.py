@@ -205,6 +205,9 @@ def test_the_adapter_goes_back_onto_the_original_quantized_file(run, smollm2, ca
     assert verify["base_without_adapter_max_abs_diff"] > 2 * verify["tolerance"] > 2 * verify["logprob_max_abs_diff"]
     modelfile = (out / "Modelfile").read_text()
     assert f"FROM {smollm2}\n" in modelfile and "ADAPTER ./adapter-f32.gguf\n" in modelfile
+    # its chat template is ChatML with a default system prompt: Ollama gets the TEMPLATE and SYSTEM that render it
+    assert "\nTEMPLATE " in modelfile and "You are a helpful AI assistant named SmolLM" in modelfile, modelfile
+    assert not any("TEMPLATE left out" in note for note in report["notes"]), report["notes"]
     assert f"llama-cli -m {smollm2} --lora {out / 'adapter-f32.gguf'}" in capsys.readouterr().err
 
 

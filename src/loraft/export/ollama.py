@@ -142,7 +142,9 @@ def _own_rendering(template: Template, messages: list[dict], eos_token: str, add
     except TemplateError:
         return None
     bos = template.special_tokens.get("bos_token")
-    return text[len(bos):] if isinstance(bos, str) and bos and text.startswith(bos) else text
+    # only a BOS the template writes as the token (SmolLM2's BOS is <|im_start|>, which its ChatML writes as text)
+    writes_bos = isinstance(bos, str) and bos and "bos_token" in template.jinja and text.startswith(bos)
+    return text[len(bos):] if writes_bos else text
 
 
 def _fit(template: Template, family: ChatFormat, eos_token: str) -> Optional[ChatFormat]:
