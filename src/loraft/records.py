@@ -1,7 +1,7 @@
-"""Reading training data: sources and record formats, validated into conversations.
+"""Reading training data: a source's records (read by loraft.sources from a save_to_disk directory, a .json, .jsonl,
+.csv or .parquet file, or a hub dataset id) in their record format, validated into conversations.
 
-Sources: a `datasets.save_to_disk` directory (what the reference recipe loads), a .json (array), .jsonl,
-.csv or .parquet file, or a hub dataset id. Record formats (auto-detected from the first record):
+Record formats (auto-detected from the first record):
 alpaca (instruction / input / output, optional system and history), messages ({role, content} list) and
 sharegpt ({from, value} list under `conversations`). Every record becomes a Conversation:
 `{"messages": [{"role", "content"}, ...], "source": "<file>, line 3"}` ("record 3" where there are no lines).
@@ -18,19 +18,24 @@ Every error names the file, the line or record, and the field.
 
 from __future__ import annotations
 
-import csv
-import io
-import json
-from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from loraft.config import DataConfig
 from loraft.errors import DataError
+from loraft.sources import (FILE_KINDS, Records, describe_value, field_names, load_hub_dataset, read_json_records,
+                            read_records)
+
+__all__ = [
+    "ASSISTANT_TAGS", "CHAT_ROLES", "PAIRED_FIELDS", "PREFERENCE_FORMATS", "PROMPT_FIELD", "PROMPT_STYLES",
+    "SHAREGPT_FIELD", "SHAREGPT_ROLES", "UNPAIRED_FIELDS", "Conversation", "Preference", "chat_turns",
+    "load_conversations", "load_preferences", "read_preferences_with_report", "read_with_report", "source_format",
+    # read by loraft.sources, imported from here too
+    "FILE_KINDS", "Records", "load_hub_dataset", "read_json_records",
+]
 
 CHAT_ROLES = {"system": "system", "user": "user", "assistant": "assistant"}
 SHAREGPT_FIELD = "conversations"
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
-FILE_KINDS = {".json": "json", ".jsonl": "jsonl", ".csv": "csv", ".parquet": "parquet"}
 
 # Preference data: the field holding the prompt in the messages style (TRL's), and the completions' fields.
 PROMPT_FIELD = "prompt"
@@ -42,161 +47,6 @@ ASSISTANT_TAGS = ({"role": "assistant"}, {"from": "gpt"})  # how a completion me
 
 Conversation = dict  # {"messages": [{"role": str, "content": str}, ...], "source": "<file>, line 3"}
 Preference = dict  # {"prompt": [...], "chosen": str, "rejected": str} or {... "completion": str, "label": bool}
-Records = list  # [(where, record)] with where "line N" or "record N", 1-based
-
-
-# ----------------------------------------------------------------------------------------- reading
-
-
-def _describe(value: Any) -> str:
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return f"a number ({value})"
-    names = {type(None): "null", bool: "a boolean", str: "a string", list: "a list", dict: "an object"}
-    return names.get(type(value), type(value).__name__)
-
-
-def _fields(record: dict) -> str:
-    # a field name with a line break or other control character is shown escaped: the message stays one line
-    return ", ".join(name if isinstance(name, str) and name.isprintable() else repr(name) for name in record) or "none"
-
-
-def _read_bytes(path: str, local: Path) -> bytes:
-    """The file's bytes; a file that exists but cannot be opened (no permission, or kernel confinement: loraft ui's
-    Landlock) is one sentence naming it."""
-    try:
-        return local.read_bytes()
-    except OSError as exc:
-        raise DataError(path, f"cannot be read ({exc.strerror or exc})") from None
-
-
-def _decode_utf8(path: str, raw: bytes) -> str:
-    try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        where = "line " + str(raw[: exc.start].count(b"\n") + 1)
-        message = f"not UTF-8 text (byte 0x{raw[exc.start]:02x}); save the file as UTF-8"
-        raise DataError(path, message, where) from None
-
-
-def _json_error(path: str, exc: json.JSONDecodeError, line: int) -> DataError:
-    return DataError(path, f"not valid JSON: {exc.msg} (column {exc.colno})", where=f"line {line}")
-
-
-def _read_jsonl(path: str, text: str, limit: Optional[int]) -> Records:
-    records = []
-    # Split on "\n" only: str.splitlines would also break at a U+2028 inside an unescaped JSON string.
-    for line_number, line in enumerate(text.split("\n"), 1):
-        if limit is not None and len(records) >= limit:
-            break
-        if line.strip():
-            try:
-                records.append((f"line {line_number}", json.loads(line)))
-            except json.JSONDecodeError as exc:
-                raise _json_error(path, exc, line_number) from None
-    return records
-
-
-def _read_json(path: str, text: str, limit: Optional[int]) -> Records:
-    if not text.strip():
-        return []
-    try:
-        loaded = json.loads(text)
-    except json.JSONDecodeError as exc:
-        if exc.msg == "Extra data":  # JSON Lines saved as .json is common: read it as such when that works
-            try:
-                return _read_jsonl(path, text, limit)
-            except DataError:
-                pass
-        raise _json_error(path, exc, exc.lineno) from None
-    if not isinstance(loaded, list):
-        raise DataError(path, f"a .json file must hold a JSON array of records, got {_describe(loaded)}")
-    return _numbered(loaded[:limit])
-
-
-def _read_csv(path: str, text: str, limit: Optional[int]) -> tuple[list[str], Records]:
-    # Python's csv keeps every cell a string; pandas would turn an output column of numbers into ints.
-    reader = csv.reader(io.StringIO(text, newline=""))
-    records: Records = []
-    try:
-        header = next(reader, [])
-        row_start = reader.line_num + 1
-        for row in reader:
-            if limit is not None and len(records) >= limit:
-                break
-            if row and len(row) != len(header):
-                message = f"has {len(row)} cells but the header has {len(header)} columns"
-                raise DataError(path, message, where=f"line {row_start}")
-            if row:
-                records.append((f"line {row_start}", dict(zip(header, row))))
-            row_start = reader.line_num + 1
-    except csv.Error as exc:
-        raise DataError(path, f"not valid CSV: {exc}", where=f"line {reader.line_num}") from None
-    return header, records
-
-
-def _numbered(records: list) -> Records:
-    return [(f"record {index}", record) for index, record in enumerate(records, 1)]
-
-
-def _rows_of(dataset, limit: Optional[int]) -> Records:
-    if limit is not None:
-        dataset = dataset.select(range(min(limit, len(dataset))))
-    return _numbered(dataset.to_list())
-
-
-def _load_saved_dataset(path: str, data: DataConfig):
-    from datasets import DatasetDict, load_from_disk
-
-    try:
-        dataset = load_from_disk(path)
-    except FileNotFoundError:
-        raise DataError(path, "a directory, but not one written by datasets' save_to_disk") from None
-    if isinstance(dataset, DatasetDict):
-        split = data.split or "train"
-        if split not in dataset:
-            splits = ", ".join(dataset)
-            raise DataError(path, f"has no split {split!r} (splits: {splits}); set data.split to one of them")
-        dataset = dataset[split]
-    return dataset
-
-
-def load_hub_dataset(path: str, data: DataConfig):
-    # Hub ids are `name` or `owner/name`; anything else that does not exist is a missing local file.
-    if Path(path).suffix.lower() in FILE_KINDS or path.startswith(("/", ".", "~")) or path.count("/") > 1:
-        raise DataError(path, "no such file or directory")
-    from datasets import load_dataset
-
-    try:
-        return load_dataset(path, split=data.split or "train")
-    except Exception as exc:  # datasets raises many kinds: connection, not found, gated, bad split
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise DataError(path, f"not a file, directory or reachable hub dataset ({reason})") from None
-
-
-def _read_records(path: str, data: DataConfig) -> tuple[str, Optional[list[str]], Records]:
-    """Raw records in source order, at most data.limit of them: (source kind, CSV header or None, records)."""
-    local = Path(path).expanduser()
-    if local.is_dir():
-        return "save_to_disk", None, _rows_of(_load_saved_dataset(str(local), data), data.limit)
-    if not local.is_file():
-        return "hub", None, _rows_of(load_hub_dataset(path, data), data.limit)
-    kind = FILE_KINDS.get(local.suffix.lower())
-    if kind is None:
-        known = ", ".join(FILE_KINDS)
-        raise DataError(path, f"unsupported file type {local.suffix!r} (use {known} or a save_to_disk directory)")
-    if kind == "parquet":
-        import pyarrow.parquet as pq
-
-        try:
-            table = pq.read_table(local)
-        except Exception as exc:  # pyarrow raises ArrowInvalid / OSError subclasses
-            raise DataError(path, f"not a readable Parquet file ({exc})") from None
-        table = table if data.limit is None else table.slice(0, data.limit)
-        return kind, None, _numbered(table.to_pylist())
-    text = _decode_utf8(path, _read_bytes(path, local))
-    if kind == "csv":
-        return (kind, *_read_csv(path, text, data.limit))
-    return kind, None, (_read_jsonl if kind == "jsonl" else _read_json)(path, text, data.limit)
 
 
 # ------------------------------------------------------------------------------- records -> messages
@@ -206,7 +56,7 @@ def _detect_format(path: str, data: DataConfig, where: str, record: Any) -> str:
     if data.format != "auto":
         return data.format
     if not isinstance(record, dict):
-        raise DataError(path, f"expected an object with fields, got {_describe(record)}", where=where)
+        raise DataError(path, f"expected an object with fields, got {describe_value(record)}", where=where)
     kind = ("preference" if any(field in record for field in PAIRED_FIELDS)
             else "unpaired" if all(field in record for field in UNPAIRED_FIELDS) else None)
     for style in PROMPT_STYLES:
@@ -214,12 +64,12 @@ def _detect_format(path: str, data: DataConfig, where: str, record: Any) -> str:
             return style if kind is None else f"{kind}_{style}"
     if kind is not None:
         fields = ", ".join(_prompt_field(style, data, preference=True) for style in PROMPT_STYLES)
-        message = (f"a {kind} record, but no prompt field ({fields}) among its fields ({_fields(record)}); "
+        message = (f"a {kind} record, but no prompt field ({fields}) among its fields ({field_names(record)}); "
                    "set data.instruction_field or give the prompt")
         raise DataError(path, message, where=where)
     raise DataError(
         path,
-        f"cannot tell the record format from its fields ({_fields(record)}); expected alpaca "
+        f"cannot tell the record format from its fields ({field_names(record)}); expected alpaca "
         f"({data.instruction_field}/{data.output_field}), messages ({data.messages_field}) or sharegpt "
         f"({SHAREGPT_FIELD}); set data.format and the data.*_field names",
         where=where,
@@ -243,8 +93,8 @@ def _string(path: str, where: str, record: dict, field: str, required: bool = Tr
     if value is None and not required:
         return ""
     if field not in record:
-        raise DataError(path, f"missing (the record has {_fields(record)})", where=where, field=field)
-    raise DataError(path, f"expected a string, got {_describe(value)}", where=where, field=field)
+        raise DataError(path, f"missing (the record has {field_names(record)})", where=where, field=field)
+    raise DataError(path, f"expected a string, got {describe_value(value)}", where=where, field=field)
 
 
 def _alpaca_messages(path: str, where: str, record: dict, data: DataConfig) -> list[dict]:
@@ -261,7 +111,7 @@ def _alpaca_prompt(path: str, where: str, record: dict, data: DataConfig) -> lis
     messages = [{"role": "system", "content": system}] if system else []
     history = record.get(data.history_field)
     if history is not None and not isinstance(history, (list, tuple)):
-        message = f"expected a list of [user, assistant] pairs, got {_describe(history)}"
+        message = f"expected a list of [user, assistant] pairs, got {describe_value(history)}"
         raise DataError(path, message, where=where, field=data.history_field)
     for index, pair in enumerate(history or [], 1):
         if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(t, str) for t in pair)):
@@ -286,30 +136,24 @@ def chat_turns(path: str, where: str, record: dict, field: str = "messages", sha
     role_key, content_key = ("from", "value") if sharegpt else ("role", "content")
     roles = SHAREGPT_ROLES if sharegpt else CHAT_ROLES
     if field not in record:
-        raise DataError(path, f"missing (the record has {_fields(record)})", where=where, field=field)
+        raise DataError(path, f"missing (the record has {field_names(record)})", where=where, field=field)
     turns = record[field]
     if not isinstance(turns, (list, tuple)):
-        raise DataError(path, f"expected a list of messages, got {_describe(turns)}", where=where, field=field)
+        raise DataError(path, f"expected a list of messages, got {describe_value(turns)}", where=where, field=field)
     messages = []
     for index, turn in enumerate(turns, 1):
         if not isinstance(turn, dict):
-            problem = f": expected an object, got {_describe(turn)}"
+            problem = f": expected an object, got {describe_value(turn)}"
         elif turn.get(role_key) not in roles:
             known = ", ".join(list(roles)[:-1]) + f" or {list(roles)[-1]}"
             problem = f" has unknown {role_key!r} {turn.get(role_key)!r} (expected {known})"
         elif not isinstance(turn.get(content_key), str):
-            problem = f" {content_key!r}: expected a string, got {_describe(turn.get(content_key))}"
+            problem = f" {content_key!r}: expected a string, got {describe_value(turn.get(content_key))}"
         else:
             messages.append({"role": roles[turn[role_key]], "content": turn[content_key]})
             continue
         raise DataError(path, f"message {index}{problem}", where=where, field=field)
     return messages
-
-
-def read_json_records(path: str) -> Records:
-    """(where, record) pairs of a .json array or a .jsonl file (the same reader as training data)."""
-    text = _decode_utf8(path, _read_bytes(path, Path(path)))
-    return _read_json(path, text, None) if str(path).endswith(".json") else _read_jsonl(path, text, None)
 
 
 def load_conversations(path: str, data: DataConfig) -> list[Conversation]:
@@ -323,7 +167,7 @@ def load_conversations(path: str, data: DataConfig) -> list[Conversation]:
 
 def source_format(path: str, data: DataConfig) -> str:
     """The record format a source is read in: data.format, or detected from its first record."""
-    records = _read_records(str(path), data.model_copy(update={"limit": 1}))[2]
+    records = read_records(str(path), data.model_copy(update={"limit": 1}))[2]
     if not records:
         raise DataError(str(path), "holds no records")
     return _detect_format(str(path), data, *records[0])
@@ -331,7 +175,7 @@ def source_format(path: str, data: DataConfig) -> str:
 
 def _records_in_format(path: str, data: DataConfig) -> tuple[str, str, Records]:
     """The source kind, the record format and the raw records."""
-    kind, header, records = _read_records(path, data)
+    kind, header, records = read_records(path, data)
     if not records:
         raise DataError(path, "holds no records")
     fmt = _detect_format(path, data, *records[0])
@@ -345,7 +189,7 @@ def _records_in_format(path: str, data: DataConfig) -> tuple[str, str, Records]:
             raise DataError(path, message, where="line 1", field=column)
     for where, record in records:
         if not isinstance(record, dict):
-            raise DataError(path, f"expected an object with fields, got {_describe(record)}", where=where)
+            raise DataError(path, f"expected an object with fields, got {describe_value(record)}", where=where)
     return kind, fmt, records
 
 
@@ -395,7 +239,7 @@ def _preference_prompt(path: str, where: str, record: dict, style: str, data: Da
     elif style == "messages" and isinstance(record.get(field), str):
         messages = [{"role": "user", "content": record[field]}]  # TRL's standard format: the text is the user turn
     elif style == "messages" and field in record and not isinstance(record[field], (list, tuple)):
-        message = f"expected a string or a list of messages, got {_describe(record[field])}"
+        message = f"expected a string or a list of messages, got {describe_value(record[field])}"
         raise DataError(path, message, where=where, field=field)
     else:
         messages = chat_turns(path, where, record, field, sharegpt=style == "sharegpt")
@@ -409,7 +253,7 @@ def _preference_prompt(path: str, where: str, record: dict, style: str, data: Da
 def _completion(path: str, where: str, record: dict, field: str) -> str:
     """A completion's text: a string, the assistant's message, or a list holding it (TRL's conversational)."""
     if field not in record:
-        raise DataError(path, f"missing (the record has {_fields(record)})", where=where, field=field)
+        raise DataError(path, f"missing (the record has {field_names(record)})", where=where, field=field)
     value = record[field]
     if isinstance(value, (list, tuple)) and len(value) == 1 and isinstance(value[0], dict):
         value = value[0]
@@ -419,11 +263,11 @@ def _completion(path: str, where: str, record: dict, field: str) -> str:
         if value.get(role_key) != role:
             problem = f"expected the assistant's message ({role_key} {role!r}), got {role_key} {value.get(role_key)!r}"
         elif not isinstance(value.get(content_key), str):
-            problem = f"{content_key!r}: expected a string, got {_describe(value.get(content_key))}"
+            problem = f"{content_key!r}: expected a string, got {describe_value(value.get(content_key))}"
         else:
             value = value[content_key]
     elif not isinstance(value, str):
-        problem = f"expected a string or the assistant's message (or a list holding it), got {_describe(value)}"
+        problem = f"expected a string or the assistant's message (or a list holding it), got {describe_value(value)}"
     if problem is None and not value.strip():
         problem = "empty: there is no answer to prefer or reject"
     if problem:
@@ -434,12 +278,13 @@ def _completion(path: str, where: str, record: dict, field: str) -> str:
 def _label(path: str, where: str, record: dict, source_kind: str) -> bool:
     value = record.get("label")
     if "label" not in record:
-        raise DataError(path, f"missing (the record has {_fields(record)})", where=where, field="label")
+        raise DataError(path, f"missing (the record has {field_names(record)})", where=where, field="label")
     if source_kind == "csv" and isinstance(value, str) and value.strip().lower() in ("true", "false"):
         return value.strip().lower() == "true"  # a CSV cell is text
     if not isinstance(value, bool):
         meaning = "true: a desirable completion, false: an undesirable one"
-        raise DataError(path, f"expected a boolean ({meaning}), got {_describe(value)}", where=where, field="label")
+        raise DataError(path, f"expected a boolean ({meaning}), got {describe_value(value)}", where=where,
+                        field="label")
     return value
 
 
