@@ -2,7 +2,8 @@
 
 Every visible string of the page comes from i18n/en.json and i18n/zh-CN.json: static elements name their key in
 data-i18n / data-i18n-placeholder / data-i18n-title (index.html), dynamic text is t("key") or an element built with
-i18n: "key" (app.js), and a few keys are picked from maps of literal keys (statuses, plan rows, chart series).
+i18n: "key" (the page's scripts: app.js and its ES modules under js/), and a few keys are picked from maps of literal
+keys (statuses, plan rows, chart series).
 """
 
 from __future__ import annotations
@@ -28,17 +29,24 @@ def html_keys() -> set[str]:
     return set(re.findall(r'data-i18n(?:-placeholder|-title)?="([^"]+)"', html))
 
 
+def scripts() -> list[Path]:
+    """The page's own scripts: the entry module app.js and every module under it (js/...), not the vendored ones."""
+    found = sorted(path for path in STATIC.rglob("*.js") if "vendor" not in path.relative_to(STATIC).parts)
+    assert STATIC / "app.js" in found and len(found) > 1, found  # the entry module and the modules it imports
+    return found
+
+
 def script() -> str:
-    return (STATIC / "app.js").read_text(encoding="utf-8")
+    return "\n".join(path.read_text(encoding="utf-8") for path in scripts())
 
 
 def script_keys() -> set[str]:
-    """Keys app.js asks for by name: t("key", ...) and el(..., { i18n: "key" })."""
+    """Keys the scripts ask for by name: t("key", ...) and el(..., { i18n: "key" })."""
     return set(re.findall(r'\bt\(\s*"([^"]+)"', script())) | set(re.findall(r'\bi18n:\s*"([^"]+)"', script()))
 
 
 def quoted_keys() -> set[str]:
-    """Every "ns.name" literal of app.js whose namespace is a catalog's (the maps of keys: STATUS_KEYS, PLAN_ROWS...)."""
+    """Every "ns.name" literal of the scripts whose namespace is a catalog's (STATUS_KEYS, PLAN_ROWS...)."""
     namespaces = "|".join(sorted({key.split(".")[0] for key in catalog("en")}))
     return set(re.findall(rf'"((?:{namespaces})(?:\.[a-z0-9_]+)+)"', script()))
 
@@ -109,6 +117,25 @@ def test_the_page_loads_only_its_own_files():
         if source.startswith("/static/"):
             assert (STATIC / source[len("/static/"):]).is_file(), source
     assert not re.search(r"https?://", script())
+
+
+def test_the_scripts_are_modules_that_import_only_the_pages_own_files():
+    """index.html loads app.js as an ES module (no build step); every import of every module is a relative path to a
+    module of the page, and every module is imported by some other (nothing shipped that the page never runs)."""
+    html = (STATIC / "index.html").read_text(encoding="utf-8")
+    assert re.findall(r"<script\b[^>]*\bsrc=\"/static/app\.js\"[^>]*>", html) == [
+        '<script type="module" src="/static/app.js">']
+    imported = set()
+    for path in scripts():
+        text = path.read_text(encoding="utf-8")
+        specifiers = re.findall(r'^import\s[^;]*?\bfrom\s+"([^"]+)";', text, re.M)
+        assert len(specifiers) == len(re.findall(r"^import\s", text, re.M)), path  # each import is one we can read
+        for specifier in specifiers:
+            assert specifier.startswith("./") and specifier.endswith(".js"), (path, specifier)
+            target = (path.parent / specifier).resolve()
+            assert target.is_file() and STATIC in target.parents, (path, specifier)
+            imported.add(target)
+    assert imported == {path.resolve() for path in scripts()} - {(STATIC / "app.js").resolve()}
 
 
 def test_uplot_is_vendored_with_its_license():
