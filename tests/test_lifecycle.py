@@ -24,7 +24,8 @@ from safetensors.torch import load_file
 from conftest import write_alpaca
 from loraft.cli import STOPPED_EXIT_CODE, main
 from loraft.errors import RunError
-from loraft.rundir import LOCK_FILE, RunDir, RunLock, lock_is_held, run_state
+from loraft.liveness import RunLock, lock_is_held, run_state
+from loraft.rundir import LOCK_FILE, RunDir
 
 HOOK = Path(__file__).parent / "signal_hook"
 MAX_STEPS = 32  # 8 steps an epoch: a stop lands in the first one, and the resume crosses epoch boundaries
@@ -170,34 +171,35 @@ def test_a_second_signal_aborts_at_once_and_the_previous_checkpoint_survives(set
 # ------------------------------------------------------------------------------------------------ in-process
 def test_run_state_follows_the_lock_not_the_record(tmp_path):
     from loraft.config import load_config
+    from loraft.train import train
 
     run = RunDir(tmp_path / "run")
     config = load_config(None, [f"output_dir={run.path}"])
     run.prepare(config, resume=False)
-    lock = run.lock().acquire()
+    lock = RunLock(run.path).acquire()
     try:
         process = run.start(config, None, total_steps=7)
         assert process["pid"] == os.getpid() and run.record()["total_steps"] == 7
-        assert run.state()["status"] == "running" and lock_is_held(run.path)
+        assert run_state(run.path)["status"] == "running" and lock_is_held(run.path)
         with pytest.raises(RunError) as busy:
             RunLock(run.path).acquire(attempts=2)
         assert str(busy.value) == (
             f"{run.path}: a training run is live in it (pid {os.getpid()} on {socket.gethostname()} holds "
             f"{LOCK_FILE}); stop it first with `loraft stop {run.path}`, or choose another output_dir")
-        with pytest.raises(RunError, match="a training run is live in it"):
-            RunDir(run.path).prepare(config, resume=False)
+        with pytest.raises(RunError, match="a training run is live in it"):  # before anything loads
+            train(config)
         run.update(host="another-host")  # a run recorded elsewhere: its lock is not trusted from here
-        assert run.state()["status"] == "running?"
+        assert run_state(run.path)["status"] == "running?"
         run.update(host=socket.gethostname())
     finally:
         lock.release()
-    assert not lock_is_held(run.path) and run.state()["status"] == "interrupted"
+    assert not lock_is_held(run.path) and run_state(run.path)["status"] == "interrupted"
     run.mark("stopped", step=3)
-    assert run.state()["status"] == "stopped"
+    assert run_state(run.path)["status"] == "stopped"
     # the step and loss come from the tail of metrics.jsonl, however long it is
     lines = [{"step": step, "loss": 1.0 / step} for step in range(1, 3)] + [{"step": 3, "eval_loss": 0.1}] * 2000
     run.metrics_file.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    state = run.state()
+    state = run_state(run.path)
     assert (state["step"], state["loss"], state["total_steps"]) == (3, 0.5, 7)
 
 

@@ -280,7 +280,7 @@ def test_staged_directory_replaces_whole_or_merges_and_leaves_the_target_on_erro
 def test_run_dir_lifecycle_one_check_one_error_type(tmp_path):
     from loraft.config import load_config
     from loraft.errors import RunError
-    from loraft.rundir import RunDir
+    from loraft.rundir import RunDir, open_run
 
     run = RunDir(tmp_path / "run")
     config = load_config(None, [f"output_dir={run.path}"])
@@ -290,10 +290,10 @@ def test_run_dir_lifecycle_one_check_one_error_type(tmp_path):
     for status in ("running", "failed"):
         run.mark(status, reason="x")
         with pytest.raises(RunError, match=f"the run is {status}, not finished; pass --allow-unfinished"):
-            run.require_usable()
+            open_run(run.path)
     run.mark("finished")
     with pytest.raises(RunError, match="not a finished loraft run \\(no adapter_config.json\\)"):
-        run.require_usable()
+        open_run(run.path)
     with pytest.raises(RunError, match="holds a finished run; choose another output_dir"):
         run.prepare(config, resume=False)
     (run.path / "stale.json").write_text("{}")
@@ -305,14 +305,14 @@ def test_run_dir_lifecycle_one_check_one_error_type(tmp_path):
 
 def test_allow_unfinished_without_a_complete_checkpoint_is_one_sentence(tmp_path):
     from loraft.errors import RunError
-    from loraft.rundir import RunAccess, RunDir
+    from loraft.rundir import RunAccess, RunDir, open_run
 
     run = RunDir(tmp_path / "run")
     run.path.mkdir()
     run.mark("failed", reason="killed")
     (run.checkpoints / "checkpoint-2").mkdir(parents=True)  # cut off: no trainer_state.json, so not complete
     with pytest.raises(RunError) as error:
-        run.require_usable(RunAccess(allow_unfinished=True))
+        open_run(run.path, RunAccess(allow_unfinished=True))
     assert str(error.value) == f"{run.path}: the run is failed and has no complete checkpoint to use"
 
 

@@ -25,7 +25,7 @@ from conftest import TINY_RUN_YAML, write_alpaca
 from loraft.cli import main
 from loraft.config import load_config
 from loraft.errors import RunError
-from loraft.rundir import RunLock
+from loraft.liveness import RunLock
 from loraft.ui.app import create_app
 from loraft.ui.requests import UISettings
 from loraft.ui.start import serve_ui
@@ -333,7 +333,7 @@ def test_runs_are_listed_with_their_live_status(client, workspace):
 
 FAKE_TRAINER = """
 import json, os, socket, sys, time
-from loraft.rundir import RunLock
+from loraft.liveness import RunLock
 lock = RunLock(sys.argv[1]).acquire()
 with open(os.path.join(sys.argv[1], "loraft_run.json"), "w") as record:
     json.dump({"status": "running", "pid": os.getpid(), "host": socket.gethostname()}, record)

@@ -1,40 +1,24 @@
-"""The run directory's contract: its paths, status, identity, liveness, and the check before it is used.
+"""The run directory's contract: its paths, its record (begun and finished here), and the check before it is used.
 
-A finished run directory holds:
-    adapter_config.json, adapter_model.safetensors   the adapter, standard peft format
-    tokenizer files + chat_template                  the training template, for apply_chat_template
-    config.yaml                                      the resolved config
-    data_report.json                                 what the data stage read, kept, dropped and truncated
-    metrics.jsonl, loss.png                          every logged step, and the loss curve
-    train.log                                        what loraft decided (e.g. tied embeddings)
-    loraft_run.json                                  status, versions, base model, template, identity, timings,
-                                                     the training process (pid, host, started_at) and total_steps
-    loraft_run.lock                                  flock'd by the training process (rank 0) for its whole life
-    checkpoints/checkpoint-N                         Trainer checkpoints, for --resume
+A finished run directory holds the adapter (adapter_config.json, adapter_model.safetensors: standard peft format),
+the tokenizer files with the training template as their chat_template (for apply_chat_template), and the files
+named below, each through a RunDir property; every other module names them through this one. Every file is written
+to a temporary name and renamed, every directory through a staged directory (both in loraft.files).
 
-Every file is written to a temporary name and renamed, every directory through a staged directory (both in
-loraft.files). A run directory is usable as it is when its `loraft_run.json` says `finished` (or it has none: an
-adapter directory made by hand) and it holds the adapter. Anything else is refused unless asked for: an
-unfinished or failed run's newest complete checkpoint with `--allow-unfinished`, and modelling code from the base
-model's folder (`trust_remote_code` in the run's config.yaml, which anyone who wrote the folder controls) only
-with `--trust-remote-code` on the command line.
-
-Liveness: the record alone cannot tell a live run from a killed one (a SIGKILL leaves `running`), so the training
-process holds an exclusive flock on `loraft_run.lock` from before its first write to its exit; the OS releases it
-when the process ends, however it ends. `run_state` reads the status a user should see: `running` only while the
-lock is held, `interrupted` when the record says running but the lock is free, `running?` for a run recorded on
-another host (its lock is not visible from here), else the record's own (`finished`, `failed`, `stopped`).
+A run directory is usable as it is when its `loraft_run.json` says `finished` (or it has none: an adapter directory
+made by hand) and it holds the adapter. Anything else is refused unless asked for: an unfinished or failed run's
+newest complete checkpoint with `--allow-unfinished`, and modelling code from the base model's folder
+(`trust_remote_code` in the run's config.yaml, which anyone who wrote the folder controls) only with
+`--trust-remote-code` on the command line.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import logging
 import os
+import re
 import shutil
-import signal
 import socket
 import time
 from dataclasses import dataclass
@@ -45,23 +29,33 @@ from typing import Optional, Union
 from loraft import gguf_base
 from loraft.config import RunConfig, load_config
 from loraft.errors import ModelError, RunError
-# re-exported for the modules that still import them from here (train, generate)
 from loraft.files import write_json_atomically, write_text_atomically
 
 logger = logging.getLogger("loraft")
 
-RUN_FILE = "loraft_run.json"
-LOCK_FILE = "loraft_run.lock"
+RUN_FILE = "loraft_run.json"  # the record: status, versions, base model, template, identity, timings, the process
+LOCK_FILE = "loraft_run.lock"  # flock'd by the training process (rank 0) for its whole life: loraft.liveness
 # The output (stdout and stderr) of a run started detached, by `loraft ui`: appended by every start, written before
 # `loraft train` prepares the directory, so like the lock file it does not make the directory "not empty".
 CONSOLE_FILE = "console.log"
-CHECKPOINTS = "checkpoints"
+CONFIG_FILE = "config.yaml"  # the resolved config
+DATA_REPORT_FILE = "data_report.json"  # what the data stage read, kept, dropped and truncated
+METRICS_FILE, LOSS_PLOT = "metrics.jsonl", "loss.png"  # every logged step, and the loss curve
+LOG_FILE = "train.log"  # what loraft decided (e.g. tied embeddings)
+CHECKPOINTS = "checkpoints"  # Trainer's checkpoints, checkpoint-N, for --resume
+EVAL_DIR = "eval"  # what `loraft eval` measured last: EVAL_METRICS and EVAL_PREDICTIONS
+EVAL_METRICS, EVAL_PREDICTIONS = "metrics.json", "predictions.jsonl"
+# named by the libraries that write them (peft, Trainer): read here to tell an adapter or a complete checkpoint
+ADAPTER_CONFIG, TRAINER_STATE = "adapter_config.json", "trainer_state.json"
+CHECKPOINT_PREFIX = "checkpoint-"  # Trainer's checkpoint folders: checkpoint-STEP (its PREFIX_CHECKPOINT_DIR)
+CHECKPOINT_NAME = re.compile(CHECKPOINT_PREFIX + "([0-9]+)")
 # What a run writes into its directory besides checkpoints/: a fresh start clears these of an earlier run.
 RUN_RECORDS = (
-    "metrics.jsonl", "loss.png", "train.log", "config.yaml", "data_report.json", "adapter_config.json",
-    "adapter_model.safetensors", "adapter_model.bin", "README.md", "tokenizer.json", "tokenizer_config.json",
-    "special_tokens_map.json", "chat_template.jinja", "vocab.json", "merges.txt", "tokenizer.model",
+    METRICS_FILE, LOSS_PLOT, LOG_FILE, CONFIG_FILE, DATA_REPORT_FILE, ADAPTER_CONFIG, "adapter_model.safetensors",
+    "adapter_model.bin", "README.md", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+    "chat_template.jinja", "vocab.json", "merges.txt", "tokenizer.model",
 )
+_NOT_PREPARED = object()  # a RunDir's prepared status before prepare() ran
 
 
 @dataclass(frozen=True)
@@ -105,66 +99,74 @@ def read_run_status(run_dir: Union[str, Path]) -> Optional[str]:
     return read_record(run_dir).get("status")
 
 
+def checkpoint_step(path_or_name: Union[str, Path]) -> int:
+    """The step N of a checkpoint folder `checkpoint-N`, by its name (a string: a bare name, never a path) or its
+    path; ValueError for any other name."""
+    name = path_or_name.name if isinstance(path_or_name, Path) else path_or_name
+    match = CHECKPOINT_NAME.fullmatch(name)
+    if match is None:
+        raise ValueError(f"{name!r} is not a checkpoint name ({CHECKPOINT_PREFIX}N)")
+    return int(match.group(1))
+
+
 def complete_checkpoints(checkpoint_dir: Path) -> list[Path]:
     """The checkpoint-N folders that were fully written (staging dirs never carry that name), by step."""
     if not checkpoint_dir.is_dir():
         return []
     steps = []
     for child in checkpoint_dir.iterdir():
-        if child.is_dir() and child.name.startswith("checkpoint-") and child.name[11:].isdigit():
-            if (child / "trainer_state.json").is_file():
-                steps.append((int(child.name[11:]), child))
+        if child.is_dir() and CHECKPOINT_NAME.fullmatch(child.name) and (child / TRAINER_STATE).is_file():
+            steps.append((checkpoint_step(child), child))
     return [path for _, path in sorted(steps)]
 
 
 def last_complete_checkpoint(checkpoint_dir: Path) -> Optional[Path]:
     """The newest checkpoint-N that was fully written."""
-    found = complete_checkpoints(checkpoint_dir)
-    return found[-1] if found else None
+    return (complete_checkpoints(checkpoint_dir) or [None])[-1]
 
 
 def _named_checkpoint(run_dir: Path, name: str) -> Path:
     """A complete checkpoint of the run by its name (`checkpoint-N`); a checkpoint can be used whatever the status."""
-    checkpoints = run_dir / CHECKPOINTS
-    if not (name.startswith("checkpoint-") and name[11:].isdigit()):
-        raise RunError(f"{run_dir}: {name!r} is not a checkpoint name (checkpoint-N)")
+    checkpoints = RunDir(run_dir).checkpoints
+    if not CHECKPOINT_NAME.fullmatch(name):
+        raise RunError(f"{run_dir}: {name!r} is not a checkpoint name ({CHECKPOINT_PREFIX}N)")
     path = checkpoints / name
-    if not (path / "trainer_state.json").is_file() or not (path / "adapter_config.json").is_file():
-        found = sorted((c.name for c in checkpoints.iterdir() if c.name.startswith("checkpoint-")),
-                       key=lambda n: int(n[11:]) if n[11:].isdigit() else -1) if checkpoints.is_dir() else []
+    if not (path / TRAINER_STATE).is_file() or not (path / ADAPTER_CONFIG).is_file():
+        found = sorted((c.name for c in checkpoints.iterdir() if c.name.startswith(CHECKPOINT_PREFIX)),
+                       key=lambda n: checkpoint_step(n) if CHECKPOINT_NAME.fullmatch(n) else -1
+                       ) if checkpoints.is_dir() else []
         raise RunError(f"{run_dir}: no complete checkpoint {name} (checkpoints: {', '.join(found) or 'none'})")
     return path
 
 
 def open_run(run_dir: Union[str, Path], access: RunAccess = RunAccess()) -> UsableRun:
     """Check a run directory before any model is loaded; one sentence (RunError) when it cannot be used."""
-    run_dir = Path(run_dir)
+    run = RunDir(run_dir)
+    run_dir, record = run.path, run.record()
     if not run_dir.is_dir():
         raise RunError(f"{run_dir}: run directory not found")
-    record = read_record(run_dir)
     status = record.get("status")
-    has_adapter = (run_dir / "adapter_config.json").is_file()
     if access.checkpoint is not None:
         adapter_dir = _named_checkpoint(run_dir, access.checkpoint)
     elif status in (None, "finished"):
-        if not has_adapter:
-            raise RunError(f"{run_dir}: not a finished loraft run (no adapter_config.json)")
+        if not (run_dir / ADAPTER_CONFIG).is_file():
+            raise RunError(f"{run_dir}: not a finished loraft run (no {ADAPTER_CONFIG})")
         adapter_dir = run_dir
     elif not access.allow_unfinished:
         raise RunError(f"{run_dir}: the run is {status}, not finished; pass --allow-unfinished to use its newest "
                        "checkpoint anyway")
     else:
-        adapter_dir = last_complete_checkpoint(run_dir / CHECKPOINTS)
-        if adapter_dir is None or not (adapter_dir / "adapter_config.json").is_file():
+        adapter_dir = run.last_checkpoint()
+        if adapter_dir is None or not (adapter_dir / ADAPTER_CONFIG).is_file():
             raise RunError(f"{run_dir}: the run is {status} and has no complete checkpoint to use")
-    config = load_config(run_dir / "config.yaml")
+    config = load_config(run.config_file)
     try:  # a GGUF base must be the file the adapter was trained on
         gguf_base.check_unchanged((record.get("identity") or {}).get("model.gguf"), f"run {run_dir}")
     except ModelError as exc:
         raise RunError(str(exc)) from None
     if config.model.trust_remote_code and not access.trust_remote_code:
         raise RunError(f"{run_dir}: its base model {config.model.name_or_path} runs its own modelling code "
-                       "(trust_remote_code in config.yaml); pass --trust-remote-code if you trust it")
+                       f"(trust_remote_code in {CONFIG_FILE}); pass --trust-remote-code if you trust it")
     config = config.model_copy(update={"model": config.model.model_copy(
         update={"trust_remote_code": access.trust_remote_code})})
     return UsableRun(run_dir=run_dir, config=config, record=record, adapter_dir=adapter_dir)
@@ -184,236 +186,10 @@ def read_metrics(path: Path) -> list[dict]:
     return records
 
 
-# --------------------------------------------------------------------------------------------------- liveness
-_HELD_LOCKS: set[int] = set()  # this process's lock descriptors, closed in a forked child
-_FORK_HOOK_INSTALLED = False
-
-
-def _close_locks_in_forked_child() -> None:
-    # A forked child (a DataLoader worker, a datasets.map pool) inherits the descriptor and with it the flock;
-    # closing its copy keeps the lock the trainer's alone, released when the trainer ends even if a child lingers.
-    for descriptor in _HELD_LOCKS:
-        with contextlib.suppress(OSError):
-            os.close(descriptor)
-    _HELD_LOCKS.clear()
-
-
 def local_time(seconds: Optional[float] = None) -> str:
     """A moment as ISO 8601 local time with its UTC offset (the record's `started_at`, `stopped_at`)."""
     return datetime.fromtimestamp(time.time() if seconds is None else seconds).astimezone().isoformat(
         timespec="seconds")
-
-
-class RunLock:
-    """The run's liveness: an exclusive flock on `loraft_run.lock`, held by the training process for its life.
-
-    The OS releases a flock when its process ends, however it ends (SIGKILL, a crash, OOM), so a held lock means
-    a live trainer. The file itself is never removed (removing a lock file races with the next taker); its presence
-    means nothing, only the lock does.
-    """
-
-    def __init__(self, run_dir: Union[str, Path]):
-        self.run_dir = Path(run_dir)
-        self.path = self.run_dir / LOCK_FILE
-        self._descriptor: Optional[int] = None
-
-    def acquire(self, attempts: int = 20) -> "RunLock":
-        """Take the lock, or raise RunError (one sentence) when another process holds it."""
-        global _FORK_HOOK_INSTALLED
-        try:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as exc:
-            raise RunError(f"{self.path}: cannot open the run's lock file ({exc.strerror})") from None
-        for _ in range(attempts):
-            try:
-                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                time.sleep(0.05)  # a reader's probe (lock_is_held) holds it for microseconds, a trainer for hours
-        else:
-            os.close(descriptor)
-            raise RunError(_busy_message(self.run_dir))
-        if not _FORK_HOOK_INSTALLED:
-            os.register_at_fork(after_in_child=_close_locks_in_forked_child)
-            _FORK_HOOK_INSTALLED = True
-        _HELD_LOCKS.add(descriptor)
-        self._descriptor = descriptor
-        return self
-
-    def release(self) -> None:
-        """Release the lock (closing the descriptor releases the flock)."""
-        if self._descriptor is not None:
-            _HELD_LOCKS.discard(self._descriptor)
-            os.close(self._descriptor)
-            self._descriptor = None
-
-
-def _busy_message(run_dir: Path) -> str:
-    record = read_record(run_dir)
-    holder = f"pid {record.get('pid')} on {record.get('host')}" if record.get("pid") else "another process"
-    return (f"{run_dir}: a training run is live in it ({holder} holds {LOCK_FILE}); stop it first with "
-            f"`loraft stop {run_dir}`, or choose another output_dir")
-
-
-def lock_is_held(run_dir: Union[str, Path]) -> Optional[bool]:
-    """Whether a live process holds the run's lock: probed with a shared flock, released at once (a shared probe
-    never blocks another reader). None when the lock file exists but cannot be opened here."""
-    try:
-        descriptor = os.open(Path(run_dir) / LOCK_FILE, os.O_RDONLY)
-    except FileNotFoundError:
-        return False
-    except OSError:
-        return None
-    try:
-        fcntl.flock(descriptor, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(descriptor)  # releases the probe's shared lock
-    return False
-
-
-def _last_metrics(path: Path, tail_bytes: int = 1 << 16) -> tuple[Optional[int], Optional[float]]:
-    """The last logged step and the last training loss, read from the end of metrics.jsonl (a long run's file is
-    not read whole unless its tail holds no loss)."""
-    try:
-        size = path.stat().st_size
-        with path.open("rb") as handle:
-            start = max(0, size - tail_bytes)
-            handle.seek(start)
-            lines = handle.read().decode("utf-8", errors="replace").splitlines()
-    except OSError:
-        return None, None
-    step = loss = None
-    for line in reversed(lines[1:] if start else lines):  # the tail's first line may be cut
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
-            continue
-        step = record["step"] if step is None else step
-        if isinstance(record.get("loss"), (int, float)):
-            loss = record["loss"]
-            break
-    if loss is None and start:
-        return step, _last_metrics(path, size + 1)[1]
-    return step, loss
-
-
-def run_state(run_dir: Union[str, Path]) -> dict:
-    """The run as it is now, for `loraft runs`, `loraft stop` and a UI: the record's status made live.
-
-    `status` is `running` only while the run's lock is held; `interrupted` when the record says running but the
-    lock is free (the process ended without a final status: killed, crashed, the machine went down); `running?`
-    when the record says running on another host, whose lock this host cannot trust (a network file system may not
-    share flocks), so loraft does not guess; else the record's own (`finished`, `failed`, `stopped`, `unreadable`).
-
-    Returns:
-        {"run_dir", "name", "status", "recorded_status", "step" (last logged), "total_steps", "loss" (last logged
-        training loss), "checkpoint" (newest complete one), "started_at", "pid", "host", "base_model"}.
-    """
-    run_dir = Path(run_dir)
-    record = read_record(run_dir)
-    recorded = record.get("status")
-    status = recorded
-    if recorded == "running":
-        host = record.get("host")
-        if host and host != socket.gethostname():
-            status = "running?"
-        else:
-            held = lock_is_held(run_dir)
-            status = "running?" if held is None else "running" if held else "interrupted"
-    step, loss = _last_metrics(run_dir / "metrics.jsonl")
-    if step is None:
-        step = record.get("global_step", record.get("step"))
-    started_at = record.get("started_at")
-    if started_at is None and isinstance(record.get("started"), (int, float)):  # an older loraft's record
-        started_at = local_time(record["started"])
-    checkpoint = last_complete_checkpoint(run_dir / CHECKPOINTS)
-    return {"run_dir": str(run_dir), "name": run_dir.name, "status": status, "recorded_status": recorded,
-            "step": step, "total_steps": record.get("total_steps"), "loss": loss,
-            "checkpoint": checkpoint.name if checkpoint else None, "started_at": started_at,
-            "pid": record.get("pid"), "host": record.get("host"), "base_model": record.get("base_model")}
-
-
-def find_runs(root: Union[str, Path], depth: int = 2, within: Optional[Path] = None) -> list[Path]:
-    """The run directories (holding loraft_run.json) at `root` and up to `depth` levels below it, by path.
-
-    A run's own folders (checkpoints, eval) are not searched; hidden folders neither; with `within` (a resolved
-    folder), neither is a folder whose real path (symbolic links followed) lies outside it.
-    """
-    root = Path(root)
-    if not root.is_dir():
-        raise RunError(f"{root}: directory not found")
-
-    def searched(child: Path) -> bool:
-        if child.name.startswith(".") or not child.is_dir():
-            return False
-        if within is None or not child.is_symlink():
-            return True
-        real = child.resolve()
-        return real == within or within in real.parents
-
-    found, level = [], [root]
-    for current_depth in range(depth + 1):
-        below = []
-        for directory in level:
-            if (directory / RUN_FILE).is_file():
-                found.append(directory)
-            elif current_depth < depth:
-                with contextlib.suppress(OSError):
-                    below += sorted(child for child in directory.iterdir() if searched(child))
-        level = below
-    return sorted(found)
-
-
-def stop_run(run_dir: Union[str, Path], timeout: float = 120.0, poll_seconds: float = 0.2, wait: bool = True) -> dict:
-    """Ask a live run on this host to stop (SIGTERM to its training process) and wait until that process ended.
-
-    The trainer finishes its optimizer step, saves a checkpoint and records `stopped`; a signal that arrives during
-    the final save lets the run finish. Calling this again while it stops sends a second SIGTERM: that one aborts
-    at once, and the previous checkpoint stays intact.
-
-    Args:
-        wait: False returns as soon as the signal is sent (a UI answers at once and watches the status).
-    Returns:
-        the run's `run_state` once its lock is free (with wait=False: right after the signal).
-    Raises:
-        RunError (one sentence): not a run, not running, started on another host, still running after `timeout`.
-    """
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise RunError(f"{run_dir}: run directory not found")
-    if not (run_dir / RUN_FILE).is_file():
-        raise RunError(f"{run_dir}: not a loraft run (no {RUN_FILE})")
-    state = run_state(run_dir)
-    if state["status"] == "running?":
-        raise RunError(f"{run_dir}: {RUN_FILE} says running on host {state['host']!r}, not this host "
-                       f"({socket.gethostname()!r}); run loraft stop there")
-    if state["status"] != "running":
-        raise RunError(f"{run_dir}: the run is not running (status {state['status']}); nothing to stop")
-    pid = state["pid"]
-    if not isinstance(pid, int):
-        raise RunError(f"{run_dir}: {RUN_FILE} has no pid (written by an older loraft); stop its process where it runs")
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        raise RunError(f"{run_dir}: its training process (pid {pid} in {RUN_FILE}) has already ended") from None
-    except PermissionError:
-        raise RunError(f"{run_dir}: not allowed to signal its training process (pid {pid} in {RUN_FILE}, "
-                       "another user's)") from None
-    if not wait:
-        return run_state(run_dir)
-    deadline = time.monotonic() + timeout
-    while lock_is_held(run_dir):
-        if time.monotonic() > deadline:
-            raise RunError(f"{run_dir}: still running {timeout:g} s after SIGTERM to pid {pid} (it stops after its "
-                           "current step and checkpoint); wait longer with --timeout, or run loraft stop again to "
-                           "abort at once")
-        time.sleep(poll_seconds)
-    return run_state(run_dir)
 
 
 def run_identity(config: RunConfig, report: dict) -> dict:
@@ -438,52 +214,32 @@ def adapter_source_identity(run_dir: Optional[str]) -> Optional[dict]:
     if not run_dir:
         return None
     record = read_record(run_dir)
-    return {"path": str(Path(run_dir).resolve()), "started": record.get("started"),
-            "finished": record.get("finished")}
+    return {"path": str(Path(run_dir).resolve()), "started": record.get("started"), "finished": record.get("finished")}
 
 
-_NOT_PREPARED = object()
+def _file(name: str) -> property:  # a RunDir property: the path of `name` in the run directory
+    return property(lambda run: run.path / name, doc=f"the run's {name}")
 
 
 class RunDir:
-    """One run directory: its paths, its record (`loraft_run.json`), its identity, and its lifecycle.
-
-    Training goes through `prepare` (refuse to overwrite, find the checkpoint to resume), `start`, `mark`,
-    `check_resume_identity`; every consumer (chat, generate, eval, merge, serve) through `require_usable`.
-    """
+    """One run directory: its paths, its record (`loraft_run.json`), its identity, and its lifecycle. Training goes
+    through `prepare` (refuse to overwrite, find the checkpoint to resume), `start` (under the run's lock:
+    loraft.liveness), `check_resume_identity`, then `write_record` or `mark` (failed, stopped); every consumer
+    (chat, generate, eval, merge, serve) through `open_run`."""
 
     def __init__(self, path: Union[str, Path]):
         self.path = Path(path)
         self._prepared_status = _NOT_PREPARED  # the status prepare() saw, checked again by start() under the lock
 
     # ---------------------------------------------------------------------------------------------- paths
-    @property
-    def record_file(self) -> Path:
-        return self.path / RUN_FILE
+    record_file, lock_file, console_file = _file(RUN_FILE), _file(LOCK_FILE), _file(CONSOLE_FILE)
+    config_file, data_report_file, log_file = _file(CONFIG_FILE), _file(DATA_REPORT_FILE), _file(LOG_FILE)
+    metrics_file, loss_plot, eval_dir = _file(METRICS_FILE), _file(LOSS_PLOT), _file(EVAL_DIR)
+    checkpoints = _file(CHECKPOINTS)
 
-    @property
-    def config_file(self) -> Path:
-        return self.path / "config.yaml"
-
-    @property
-    def data_report_file(self) -> Path:
-        return self.path / "data_report.json"
-
-    @property
-    def metrics_file(self) -> Path:
-        return self.path / "metrics.jsonl"
-
-    @property
-    def loss_plot(self) -> Path:
-        return self.path / "loss.png"
-
-    @property
-    def log_file(self) -> Path:
-        return self.path / "train.log"
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.path / CHECKPOINTS
+    def checkpoint(self, step: int) -> Path:
+        """Where Trainer saves the checkpoint of `step` (complete once it holds TRAINER_STATE)."""
+        return self.checkpoints / f"{CHECKPOINT_PREFIX}{step}"
 
     def last_checkpoint(self) -> Optional[Path]:
         return last_complete_checkpoint(self.checkpoints)
@@ -506,26 +262,15 @@ class RunDir:
         """Update fields of the record (e.g. `total_steps` once known), keeping what it already says."""
         self.write_record({**self.record(), **fields})
 
-    # ------------------------------------------------------------------------------------------- liveness
-    def lock(self) -> RunLock:
-        """The run's lock (not yet taken): the training process holds it for its whole life."""
-        return RunLock(self.path)
-
-    def state(self) -> dict:
-        """The run as it is now (`run_state`): the record's status made live, step, total_steps, last loss."""
-        return run_state(self.path)
-
     # ------------------------------------------------------------------------------------------- training
     def prepare(self, config: RunConfig, resume: bool) -> Optional[Path]:
-        """Refuse a live run (its lock held) and, unless asked, a finished or foreign one; find the checkpoint to
-        resume from. The status seen here is checked again by `start`, under the lock.
+        """Refuse, unless asked, a finished or foreign run (a live one: liveness.refuse_if_live, asked first);
+        find the checkpoint to resume from. The status seen here is checked again by `start`, under the lock.
 
         Returns:
             the checkpoint to resume from, or None for a fresh start.
         """
         run_dir, status = self.path, self.status()
-        if lock_is_held(run_dir):
-            raise RunError(_busy_message(run_dir))
         self._prepared_status = status
         if resume:
             checkpoint = self.last_checkpoint()
@@ -535,29 +280,22 @@ class RunDir:
                 raise RunError(f"{run_dir}: the run already finished; pass overwrite=true to train it again")
             return checkpoint
         if status == "finished" and not config.overwrite:
-            raise RunError(
-                f"{run_dir}: holds a finished run; choose another output_dir or pass overwrite=true to replace it"
-            )
+            raise RunError(f"{run_dir}: holds a finished run; choose another output_dir or pass overwrite=true to "
+                           "replace it")
         # the lock file of a process killed before its first record, and a detached start's console, are not a
         # user's files
         if (run_dir.is_dir() and any(p.name not in (LOCK_FILE, CONSOLE_FILE) for p in run_dir.iterdir())
-                and status is None
-                and not config.overwrite):
+                and status is None and not config.overwrite):
             raise RunError(f"{run_dir}: exists and is not empty; choose another output_dir or pass overwrite=true")
-        if status is not None and status != "finished" and not config.overwrite:
-            if self.last_checkpoint() is not None:
-                raise RunError(
-                    f"{run_dir}: holds an unfinished run with checkpoints; pass --resume to continue it "
-                    "or overwrite=true to start again"
-                )
+        if status is not None and status != "finished" and not config.overwrite and self.last_checkpoint():
+            raise RunError(f"{run_dir}: holds an unfinished run with checkpoints; pass --resume to continue it or "
+                           "overwrite=true to start again")
         return None
 
     def start(self, config: RunConfig, resume_from: Optional[Path], total_steps: Optional[int] = None) -> dict:
-        """Make the directory a running loraft run (rank 0 only, holding the run's lock).
-
-        The record says running, with this process, before anything else lands (so `loraft stop` never reads an
-        earlier process's pid beside a held lock); then a resumed run's metrics are trimmed to its checkpoint, or an
-        earlier run's files cleared before a fresh start.
+        """Make the directory a running loraft run (rank 0 only, holding the run's lock): the record says running,
+        with this process, before anything else lands (so `loraft stop` never reads an earlier process's pid beside a
+        held lock); then a resumed run's metrics are trimmed to its checkpoint, or an earlier run's files cleared.
 
         Returns:
             this process's fields (`pid`, `host`, `started_at`), which every later record of the run keeps.
@@ -574,20 +312,18 @@ class RunDir:
         self.write_record({**kept, "status": "running", "base_model": config.model.name_or_path,
                            "started": time.time(), **process, "total_steps": total_steps})
         if resume_from is not None:
-            self.trim_metrics(int(resume_from.name[len("checkpoint-"):]))
+            self.trim_metrics(checkpoint_step(resume_from))
         elif previous.get("status") is not None:  # prepare() allowed a fresh start over an earlier run
             self.clear_previous()
         return process
 
     def clear_previous(self) -> None:
-        """Remove an earlier run's adapter, records, evaluation and checkpoints before a fresh start here.
-
-        A fresh start (overwrite=true, or an unfinished run that left no checkpoint) must not leave the old
-        adapter beside the new config if it is killed, nor append to the old run's metrics.
-        """
+        """Remove an earlier run's adapter, records, evaluation and checkpoints before a fresh start here: a fresh
+        start (overwrite=true, or an unfinished run that left no checkpoint) must not leave the old adapter beside
+        the new config if it is killed, nor append to the old run's metrics."""
         for name in RUN_RECORDS:
             (self.path / name).unlink(missing_ok=True)
-        for name in (CHECKPOINTS, "eval", ".adapter-staging", ".tokenizer-staging"):  # the last two: loraft < 0.2
+        for name in (CHECKPOINTS, EVAL_DIR, ".adapter-staging", ".tokenizer-staging"):  # the last two: loraft < 0.2
             shutil.rmtree(self.path / name, ignore_errors=True)
         for stale in self.path.glob(".*-staging-*"):  # a staged directory a killed process left behind
             shutil.rmtree(stale, ignore_errors=True)
@@ -632,8 +368,3 @@ class RunDir:
                            ("train.num_train_epochs", config.train.num_train_epochs)):
             if key in previous and previous[key] != value:
                 logger.info("resume extends the run: %s %s -> %s", key, previous[key], value)
-
-    # ------------------------------------------------------------------------------------------ consumers
-    def require_usable(self, access: RunAccess = RunAccess()) -> UsableRun:
-        """The one check before chat, generate, eval, merge or serve load anything (see the module doc)."""
-        return open_run(self.path, access)

@@ -16,6 +16,7 @@ from loraft.config import RunConfig, save_config
 from loraft.errors import ConfigError, LoraftError
 from loraft.files import staged_directory, write_json_atomically
 from loraft.plan import plan_run, read_model_config
+from loraft.liveness import RunLock, refuse_if_live
 from loraft.rundir import RunDir, local_time
 
 logger = logging.getLogger("loraft")
@@ -119,7 +120,7 @@ def train(config: RunConfig, resume: bool = False, callbacks: Optional[list] = N
 
     Runs unchanged under torchrun / accelerate launch: data is tokenized once (main process first, then
     read from the cache by the others) and only rank 0 writes the run directory. Rank 0 holds the run's lock
-    (loraft.rundir.RunLock) from before its first write to its end, so readers can tell a live run from a dead one.
+    (loraft.liveness.RunLock) from before its first write to its end, so readers can tell a live run from a dead one.
 
     SIGTERM or SIGINT stops the run gracefully (loraft.trainer.StopRequest): the current optimizer step ends, a
     checkpoint is saved, the record says `stopped` and TrainingStopped is raised; a second signal aborts at once.
@@ -151,6 +152,7 @@ def train(config: RunConfig, resume: bool = False, callbacks: Optional[list] = N
     config = continue_from(config)
     run = RunDir(config.output_dir)
     run_dir = run.path
+    refuse_if_live(run_dir)  # a live trainer's directory, before anything loads (the lock itself is taken below)
     resume_from = run.prepare(config, resume)
     tokenizer = load_tokenizer(config.model.name_or_path, config.model.revision, config.model.trust_remote_code)
     template = get_template(config.data.template, tokenizer)
@@ -167,7 +169,7 @@ def train(config: RunConfig, resume: bool = False, callbacks: Optional[list] = N
         args = build_training_arguments(config, plan, run_dir, has_eval=has_eval)
     is_main = args.process_index == 0
     # the lock before the first write (only rank 0 writes, the lock file too): a second trainer here is refused
-    lock = run.lock().acquire() if is_main else None
+    lock = RunLock(run_dir).acquire() if is_main else None
     stop = StopRequest(announce=is_main)
     graceful = GracefulStop(stop)
     handler, process = None, {}

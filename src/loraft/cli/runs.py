@@ -21,7 +21,7 @@ def runs_arguments(parser: argparse.ArgumentParser) -> None:
 def cmd_runs(args) -> int:
     from pathlib import Path
 
-    from loraft.rundir import find_runs, run_state
+    from loraft.liveness import find_runs, run_state
 
     root = Path(args.dir)
     states = []
@@ -56,7 +56,7 @@ def stop_arguments(parser: argparse.ArgumentParser) -> None:
 def cmd_stop(args) -> int:
     from pathlib import Path
 
-    from loraft.rundir import stop_run
+    from loraft.liveness import stop_run
 
     state = stop_run(args.run_dir, timeout=args.timeout)
     run_dir, status = Path(args.run_dir), state["status"]

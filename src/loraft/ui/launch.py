@@ -30,8 +30,8 @@ from loraft.config import RunConfig, load_config, save_config
 from loraft.errors import ConfigError, RunError
 from loraft.files import write_json_atomically
 from loraft.presets import preset_names, preset_path
+from loraft.liveness import stop_run as liveness_stop_run
 from loraft.rundir import local_time
-from loraft.rundir import stop_run as rundir_stop_run
 from loraft.ui.workspace import LIVE_STATUSES, RequestError, Workspace, refused
 
 logger = logging.getLogger("loraft")
@@ -325,7 +325,7 @@ def stop_run(workspace: Workspace, name: str) -> dict:
         write_json_atomically(workspace.launch_file(name), launch)
         return {"name": name, "status": workspace.run_state(name)["status"]}
     try:
-        stopping = rundir_stop_run(run_dir, wait=False)
+        stopping = liveness_stop_run(run_dir, wait=False)
     except RunError as exc:  # not running, another host's, no pid, the process already gone: one sentence
         raise RequestError(409, str(exc)) from None
     return {"name": name, "status": stopping["status"]}

@@ -6,7 +6,7 @@ it is chatted with, evaluated or resumed. It expands `~` and environment variabl
 workspace (never the UI's working directory) with symbolic links followed, and refuses what lands outside, naming the
 key; a name that is no file in the workspace is a hub id only where the UI was started with hubs allowed.
 `Workspace.confine_config` applies it to a whole config and refuses model code (`trust_remote_code`).
-Runs are the run directories `loraft runs WORKSPACE` lists (loraft.rundir), plus runs the UI has launched whose
+Runs are the run directories `loraft runs WORKSPACE` lists (loraft.liveness), plus runs the UI has launched whose
 trainer has not written its record yet. A run's console output is the run directory's `console.log`
 (rundir.CONSOLE_FILE, the one file `loraft train` accepts in a directory it has not prepared yet); what the UI itself
 keeps (launch records, submitted YAML, jobs) lives in `WORKSPACE/.loraft-ui/`.
@@ -23,7 +23,8 @@ from typing import Optional, Union
 from loraft.config import RunConfig
 from loraft.errors import LoraftError
 from loraft.files import cache_home
-from loraft.rundir import CHECKPOINTS, CONSOLE_FILE, RUN_FILE, find_runs, read_record, run_state
+from loraft.liveness import find_runs, run_state
+from loraft.rundir import CHECKPOINTS, CONSOLE_FILE, RUN_FILE, read_record
 from loraft.rundir import complete_checkpoints as complete_checkpoint_dirs
 
 UI_DIR = ".loraft-ui"
@@ -312,7 +313,7 @@ class Workspace:
         return sorted(names)
 
     def run_state(self, name: str) -> dict:
-        """The run as it is now: rundir.run_state with the workspace-relative name, or for a launch without a
+        """The run as it is now: liveness.run_state with the workspace-relative name, or for a launch without a
         record `starting` (its process alive) or `failed` (with `error`: what its console said last)."""
         path = self.run_path(name)
         launch = self.read_launch(name)
