@@ -331,3 +331,14 @@ def test_a_directory_holding_only_a_detached_starts_console_is_not_a_users_folde
     (run.path / "notes.txt").write_text("mine")
     with pytest.raises(RunError, match="exists and is not empty"):
         run.prepare(config, resume=False)
+
+
+def test_checkpoint_step_reads_a_checkpoint_name_or_path_and_nothing_else(tmp_path):
+    from loraft.rundir import RunDir, checkpoint_step
+
+    run = RunDir(tmp_path / "run")
+    assert checkpoint_step("checkpoint-200") == 200 and checkpoint_step(run.checkpoint(7)) == 7
+    assert run.checkpoint(7) == run.path / "checkpoints" / "checkpoint-7"
+    for name in ("checkpoint-", "checkpoint-x", "checkpoint-2.5", "Checkpoint-2", "../checkpoint-3", "checkpoint-²"):
+        with pytest.raises(ValueError, match="is not a checkpoint name"):
+            checkpoint_step(name)

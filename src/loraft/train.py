@@ -17,7 +17,7 @@ from loraft.errors import ConfigError, LoraftError
 from loraft.files import staged_directory, write_json_atomically
 from loraft.plan import plan_run, read_model_config
 from loraft.liveness import RunLock, refuse_if_live
-from loraft.rundir import RunDir, local_time
+from loraft.rundir import RunDir, checkpoint_step, local_time
 
 logger = logging.getLogger("loraft")
 
@@ -36,10 +36,6 @@ def save_tokenizer_with_template(tokenizer, template, run_dir: Path) -> None:
     tokenizer.chat_template = template.jinja
     with staged_directory(run_dir, merge=True, label="tokenizer") as staging:
         tokenizer.save_pretrained(str(staging))
-
-
-def _checkpoint_step(checkpoint: Path) -> int:
-    return int(checkpoint.name[len("checkpoint-"):])
 
 
 def _finish_from_checkpoint(trainer, checkpoint: Path):
@@ -239,7 +235,7 @@ def train(config: RunConfig, resume: bool = False, callbacks: Optional[list] = N
             if stop.signal_name is not None:  # asked without a signal (StopRequest.request) before training began
                 raise StopRequested(stop.signal_name)
             try:
-                if resume_from is not None and _checkpoint_step(resume_from) >= args.max_steps > 0:
+                if resume_from is not None and checkpoint_step(resume_from) >= args.max_steps > 0:
                     # killed after its last checkpoint: only the final save is left. Trainer would train one more
                     # step before it checks max_steps.
                     result = _finish_from_checkpoint(trainer, resume_from)
@@ -254,7 +250,7 @@ def train(config: RunConfig, resume: bool = False, callbacks: Optional[list] = N
                         else "no checkpoint was written before it")
                 raise NonFiniteTraining(f"{run_dir}: {exc}; status failed, {kept}") from None
             if graceful.stopped_at is not None:  # GracefulStop saved the step's checkpoint and ended training
-                stopped = _stopped(run, is_main, run.checkpoints / f"checkpoint-{graceful.stopped_at}", stop)
+                stopped = _stopped(run, is_main, run.checkpoint(graceful.stopped_at), stop)
                 trainer.accelerator.wait_for_everyone()  # the record says stopped before any rank exits
                 raise stopped
             if trainer.is_world_process_zero():
@@ -309,7 +305,7 @@ def train(config: RunConfig, resume: bool = False, callbacks: Optional[list] = N
 
 def _stopped(run: RunDir, is_main: bool, checkpoint: Optional[Path], stop) -> TrainingStopped:
     """Record a graceful stop (rank 0) and return the exception that reports it."""
-    step = _checkpoint_step(checkpoint) if checkpoint else 0
+    step = checkpoint_step(checkpoint) if checkpoint else 0
     if is_main:
         run.mark("stopped", step=step, checkpoint=str(checkpoint) if checkpoint else None,
                  stop_signal=stop.signal_name, stopped_at=local_time())

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import gc
-import re
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -21,10 +20,9 @@ from typing import Optional
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
-from loraft.rundir import read_record
+from loraft.rundir import CHECKPOINT_NAME, read_record
 from loraft.ui.workspace import RequestError, Workspace
 
-CHECKPOINT_NAME = re.compile(r"checkpoint-[0-9]+")
 # the keys of an HTTP connection scope (ASGI spec); the outer app's routing keys stay behind
 ASGI_HTTP_KEYS = ("type", "asgi", "http_version", "server", "client", "scheme", "method", "root_path", "path",
                   "raw_path", "query_string", "headers", "state", "extensions")
