@@ -342,3 +342,38 @@ def test_checkpoint_step_reads_a_checkpoint_name_or_path_and_nothing_else(tmp_pa
     for name in ("checkpoint-", "checkpoint-x", "checkpoint-2.5", "Checkpoint-2", "../checkpoint-3", "checkpoint-²"):
         with pytest.raises(ValueError, match="is not a checkpoint name"):
             checkpoint_step(name)
+
+
+def test_the_record_is_begun_and_finished_by_the_run_directory(tmp_path):
+    """begin and finish write the keys `loraft runs`, the UI and the tests read, with the run's values."""
+    from types import SimpleNamespace
+
+    from loraft.rundir import RunDir
+
+    run = RunDir(tmp_path / "run")
+    config = load_config(None, [f"output_dir={run.path}", "train.max_steps=5"])
+    plan = SimpleNamespace(to_dict=lambda: {"precision": "fp32"})
+    report = {"template": "human_assistant", "fingerprint": "abc"}
+    process = {"pid": 1, "host": "here", "started_at": "2025-01-01T00:00:00+00:00"}
+    run.start(config, None, total_steps=5)
+    run.begin(config, plan, "human_assistant", report, process, 100.0, {"loraft": "x"})
+    begun = run.record()
+    assert list(begun) == ["status", "base_model", "template", "objective", "adapter_from", "started", "pid", "host",
+                           "started_at", "total_steps", "versions", "plan", "identity", "length"]
+    assert (begun["status"], begun["total_steps"], begun["started"], begun["plan"]) == (
+        "running", 5, 100.0, {"precision": "fp32"})
+    assert begun["identity"]["the training data (its content, tokenizer or field mapping)"] == "abc"
+    result = SimpleNamespace(global_step=5, training_loss=0.5, metrics={"train_loss": 0.5})
+    run.finish(config, plan, "human_assistant", report, process, 100.0, {"loraft": "x"},
+               model_info={"tied_embeddings": None, "target_matches": ["a"]}, trainable_params=3, total_params=9,
+               result=result, resumed_from=run.checkpoint(3))
+    finished = run.record()
+    assert list(finished) == [
+        "status", "base_model", "template", "objective", "adapter_from", "adapter_method", "tied_embeddings",
+        "target_matches", "trainable_params", "total_params", "plan", "global_step", "total_steps", "train_loss",
+        "train_metrics", "resumed_from", "identity", "length", "started", "pid", "host", "started_at", "finished",
+        "versions"]
+    assert (finished["status"], finished["global_step"], finished["total_steps"], finished["resumed_from"]) == (
+        "finished", 5, 5, str(run.checkpoint(3)))
+    assert {key: finished[key] for key in begun if key != "status"} == {
+        key: value for key, value in begun.items() if key != "status"}

@@ -224,7 +224,7 @@ def _file(name: str) -> property:  # a RunDir property: the path of `name` in th
 class RunDir:
     """One run directory: its paths, its record (`loraft_run.json`), its identity, and its lifecycle. Training goes
     through `prepare` (refuse to overwrite, find the checkpoint to resume), `start` (under the run's lock:
-    loraft.liveness), `check_resume_identity`, then `write_record` or `mark` (failed, stopped); every consumer
+    loraft.liveness), `check_resume_identity`, `begin`, then `finish` or `mark` (failed, stopped); every consumer
     (chat, generate, eval, merge, serve) through `open_run`."""
 
     def __init__(self, path: Union[str, Path]):
@@ -261,6 +261,34 @@ class RunDir:
     def update(self, **fields) -> None:
         """Update fields of the record (e.g. `total_steps` once known), keeping what it already says."""
         self.write_record({**self.record(), **fields})
+
+    @staticmethod
+    def _trains(config: RunConfig, template_name: str) -> dict:
+        return {"base_model": config.model.name_or_path, "template": template_name,
+                "objective": config.train.objective, "adapter_from": config.model.adapter_from}
+
+    def begin(self, config: RunConfig, plan, template_name: str, report: dict, process: dict, started: float,
+              versions: dict) -> None:
+        """The running record once the data is read (rank 0): what the run trains and how (the loraft.plan.Plan),
+        its identity, this process (`start`'s fields) and the versions; `total_steps` as recorded so far."""
+        self.write_record({"status": "running", **self._trains(config, template_name), "started": started,
+                           **process, "total_steps": self.record().get("total_steps"), "versions": versions,
+                           "plan": plan.to_dict(), **self.identity_fields(config, report)})
+
+    def finish(self, config: RunConfig, plan, template_name: str, report: dict, process: dict, started: float,
+               versions: dict, *, model_info: dict, trainable_params: int, total_params: int, result,
+               resumed_from: Optional[Path]) -> None:
+        """The finished record (rank 0, after the adapter and tokenizer are saved): `begin`'s fields with what
+        was trained (model_info: load_model_for_training's) and the outcome (`result`: Trainer's TrainOutput)."""
+        self.write_record({
+            "status": "finished", **self._trains(config, template_name), "adapter_method": config.adapter.method,
+            "tied_embeddings": model_info["tied_embeddings"], "target_matches": model_info["target_matches"],
+            "trainable_params": trainable_params, "total_params": total_params, "plan": plan.to_dict(),
+            "global_step": result.global_step, "total_steps": self.record().get("total_steps"),
+            "train_loss": result.training_loss, "train_metrics": result.metrics,
+            "resumed_from": str(resumed_from) if resumed_from else None, **self.identity_fields(config, report),
+            "started": started, **process, "finished": time.time(), "versions": versions,
+        })
 
     # ------------------------------------------------------------------------------------------- training
     def prepare(self, config: RunConfig, resume: bool) -> Optional[Path]:

@@ -190,11 +190,7 @@ def train(config: RunConfig, resume: bool = False, callbacks: Optional[list] = N
             if is_main:
                 save_config(config, run.config_file)
                 write_json_atomically(run.data_report_file, prepared.report)
-                run.write_record({"status": "running", "base_model": config.model.name_or_path,
-                                  "template": template.name, "objective": config.train.objective,
-                                  "adapter_from": config.model.adapter_from, "started": started, **process,
-                                  "total_steps": run.record().get("total_steps"), "versions": _versions(),
-                                  "plan": plan.to_dict(), **run.identity_fields(config, prepared.report)})
+                run.begin(config, plan, template.name, prepared.report, process, started, _versions())
                 logger.info(
                     "data: %s samples kept of %s records (%s dropped, %s truncated)",
                     prepared.report.get("samples_kept"), prepared.report.get("records_read"),
@@ -257,31 +253,8 @@ def train(config: RunConfig, resume: bool = False, callbacks: Optional[list] = N
                 save_adapter(model, run_dir)
                 save_tokenizer_with_template(tokenizer, template, run_dir)
                 plot_loss(run.metrics_file, run.loss_plot)
-                run.write_record(
-                    {
-                        "status": "finished",
-                        "base_model": config.model.name_or_path,
-                        "template": template.name,
-                        "objective": config.train.objective,
-                        "adapter_from": config.model.adapter_from,
-                        "adapter_method": config.adapter.method,
-                        "tied_embeddings": info["tied_embeddings"],
-                        "target_matches": info["target_matches"],
-                        "trainable_params": trainable,
-                        "total_params": total,
-                        "plan": plan.to_dict(),
-                        "global_step": result.global_step,
-                        "total_steps": run.record().get("total_steps"),
-                        "train_loss": result.training_loss,
-                        "train_metrics": result.metrics,
-                        "resumed_from": str(resume_from) if resume_from else None,
-                        **run.identity_fields(config, prepared.report),
-                        "started": started,
-                        **process,
-                        "finished": time.time(),
-                        "versions": _versions(),
-                    },
-                )
+                run.finish(config, plan, template.name, prepared.report, process, started, _versions(), model_info=info,
+                           trainable_params=trainable, total_params=total, result=result, resumed_from=resume_from)
                 logger.info("finished: %d steps, train loss %.4f, run dir %s", result.global_step,
                             result.training_loss, run_dir)
             trainer.accelerator.wait_for_everyone()
