@@ -377,3 +377,27 @@ def test_the_record_is_begun_and_finished_by_the_run_directory(tmp_path):
         "finished", 5, 5, str(run.checkpoint(3)))
     assert {key: finished[key] for key in begun if key != "status"} == {
         key: value for key, value in begun.items() if key != "status"}
+
+
+def test_no_run_directory_file_is_named_outside_rundir():
+    """Every module names a run directory's files through loraft.rundir (its constants and RunDir's properties): a
+    string equal to one of loraft's own file names anywhere else in src/loraft spells the contract a second time.
+    (peft's and transformers' own file names may stay where those libraries are used.)"""
+    import ast
+    from pathlib import Path
+
+    from loraft import rundir
+
+    names = {rundir.RUN_FILE, rundir.LOCK_FILE, rundir.CONSOLE_FILE, rundir.CONFIG_FILE, rundir.DATA_REPORT_FILE,
+             rundir.METRICS_FILE, rundir.LOSS_PLOT, rundir.LOG_FILE, rundir.EVAL_METRICS, rundir.EVAL_PREDICTIONS}
+    allowed = {("ui/jobs.py", rundir.CONSOLE_FILE)}  # a UI job's own folder (.loraft-ui/jobs/ID), not a run's
+    package = Path(rundir.__file__).parent
+    found = []
+    for path in sorted(package.rglob("*.py")):
+        module = path.relative_to(package).as_posix()
+        if module == "rundir.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Constant) and node.value in names and (module, node.value) not in allowed:
+                found.append(f"{module}:{node.lineno}: {node.value!r}")
+    assert not found, "run-directory file names spelled outside rundir.py:\n" + "\n".join(found)

@@ -23,8 +23,7 @@ import torch
 
 from loraft.errors import DataError, RunError
 from loraft.files import write_text_atomically
-
-EVAL_DIR = "eval"
+from loraft.rundir import EVAL_METRICS, EVAL_PREDICTIONS, RunDir
 
 
 # --- text metrics ------------------------------------------------------------------------------------
@@ -290,7 +289,7 @@ def evaluate(
     if data_config.format in PREFERENCE_FORMATS:
         from loraft.evaluate_preference import evaluate_preferences
 
-        return evaluate_preferences(run, data_path, data_config, run_dir / EVAL_DIR, limit=limit, base=base,
+        return evaluate_preferences(run, data_path, data_config, RunDir(run_dir).eval_dir, limit=limit, base=base,
                                     batch_size=batch_size, device=device, access=access)
     # Read the data before loading the model, so a bad file fails in a second.
     records = load_eval_records(data_path, data_config, limit)
@@ -328,7 +327,7 @@ def evaluate(
     if base_metrics is not None:
         metrics["base"] = base_metrics
 
-    out_dir = run_dir / EVAL_DIR
+    out_dir = RunDir(run_dir).eval_dir
     out_dir.mkdir(exist_ok=True)
     lines = []
     for index, record in enumerate(records):
@@ -337,8 +336,8 @@ def evaluate(
         if base_predictions is not None:
             row["base_prediction"] = base_predictions[index]
         lines.append(json.dumps(row, ensure_ascii=False) + "\n")
-    write_text_atomically(out_dir / "predictions.jsonl", "".join(lines))
-    write_text_atomically(out_dir / "metrics.json", json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
+    write_text_atomically(out_dir / EVAL_PREDICTIONS, "".join(lines))
+    write_text_atomically(out_dir / EVAL_METRICS, json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
     return metrics
 
 

@@ -28,6 +28,7 @@ import torch
 
 from loraft.errors import RunError
 from loraft.files import write_text_atomically
+from loraft.rundir import EVAL_METRICS, EVAL_PREDICTIONS
 
 REFERENCE_ADAPTER = "reference"  # the peft adapter name the adapter_from run's adapter is loaded under
 IMPLICIT_REWARD, LOG_PROBABILITY, MEAN_LOG_PROBABILITY = "implicit reward", "log-probability", "mean log-probability"
@@ -266,8 +267,8 @@ def evaluate_preferences(run, data_path: str | Path, data_config, out_dir: Path,
                            reference_prefers_chosen=ref_chosen > ref_rejected)
         lines.append(json.dumps(row, ensure_ascii=False) + "\n")
     out_dir.mkdir(exist_ok=True)
-    write_text_atomically(out_dir / "predictions.jsonl", "".join(lines))
-    write_text_atomically(out_dir / "metrics.json", json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
+    write_text_atomically(out_dir / EVAL_PREDICTIONS, "".join(lines))
+    write_text_atomically(out_dir / EVAL_METRICS, json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
     return metrics
 
 

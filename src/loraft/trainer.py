@@ -253,7 +253,7 @@ class MetricsCallback(TrainerCallback):
     """Append every logged step to the run's metrics.jsonl (rank 0 only); the loss curve is drawn from it."""
 
     def __init__(self, run_dir: Path):
-        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path = RunDir(run_dir).metrics_file
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:

@@ -57,11 +57,12 @@ def cmd_stop(args) -> int:
     from pathlib import Path
 
     from loraft.liveness import stop_run
+    from loraft.rundir import RunDir
 
     state = stop_run(args.run_dir, timeout=args.timeout)
     run_dir, status = Path(args.run_dir), state["status"]
     if status == "stopped":
-        print(f"{run_dir}: stopped at step {state['step']}; resume with: loraft train {run_dir / 'config.yaml'} "
+        print(f"{run_dir}: stopped at step {state['step']}; resume with: loraft train {RunDir(run_dir).config_file} "
               "--resume")
     elif status == "finished":
         print(f"{run_dir}: finished (the stop came during its final save)")

@@ -99,11 +99,12 @@ def eval_arguments(parser: argparse.ArgumentParser) -> None:
 
 def cmd_eval(args) -> int:
     from loraft.evaluate import evaluate, format_table
+    from loraft.rundir import EVAL_METRICS, EVAL_PREDICTIONS, RunDir
 
     metrics = evaluate(args.run_dir, args.data, limit=args.limit, base=args.base, batch_size=args.batch_size,
                        max_new_tokens=args.max_new_tokens, access=_access(args))
     print(format_table(metrics))
-    print(f"wrote {args.run_dir}/eval/metrics.json and predictions.jsonl", file=sys.stderr)
+    print(f"wrote {RunDir(args.run_dir).eval_dir / EVAL_METRICS} and {EVAL_PREDICTIONS}", file=sys.stderr)
     return 0
 
 

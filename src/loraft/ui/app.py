@@ -29,7 +29,7 @@ import loraft
 from loraft.config import RunConfig, parse_yaml
 from loraft.errors import LoraftError
 from loraft.presets import preset_names
-from loraft.rundir import read_record
+from loraft.rundir import RunDir, read_record
 from loraft.serve.app import HostCheck, chat_page
 from loraft.serve.validation import host_rule
 from loraft.ui import jobs, launch
@@ -84,11 +84,11 @@ def run_detail(workspace: Workspace, name: str) -> dict:
     state = workspace.run_state(name)
     record = read_record(run_dir)
     try:
-        config = parse_yaml((run_dir / "config.yaml").read_text(encoding="utf-8"))
+        config = parse_yaml(RunDir(run_dir).config_file.read_text(encoding="utf-8"))
     except (OSError, ValueError, yaml.YAMLError):  # ValueError: not UTF-8
         config = None
     try:
-        data_report = json.loads((run_dir / "data_report.json").read_text(encoding="utf-8"))
+        data_report = json.loads(RunDir(run_dir).data_report_file.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         data_report = None
     starts = workspace.read_launch(name).get("starts") or []
@@ -110,7 +110,7 @@ def run_detail(workspace: Workspace, name: str) -> dict:
 
 def run_log(workspace: Workspace, name: str, lines: int) -> dict:
     run_dir = workspace.run_dir(name)
-    return {"train_log": tail_lines(run_dir / "train.log", lines),
+    return {"train_log": tail_lines(RunDir(run_dir).log_file, lines),
             "console": tail_lines(workspace.console_log(name), lines)}
 
 
@@ -281,7 +281,7 @@ def create_app(workspace: Union[str, Path, Workspace], settings: UISettings = UI
         if header and not (EVENT_LINE.fullmatch(line) and (not file_tag or EVENT_FILE_TAG.fullmatch(file_tag))):
             shown = header if len(header) <= 40 else header[:40] + "..."
             raise RequestError(400, f"Last-Event-ID must be an id this stream sent, LINE-FILE (got {shown!r})")
-        stream = run_events(run_dir / "metrics.jsonl", lambda: listed_state(workspace, name), int(line or 0),
+        stream = run_events(RunDir(run_dir).metrics_file, lambda: listed_state(workspace, name), int(line or 0),
                             file_tag or None)
         return StreamingResponse(streams.counted(stream), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

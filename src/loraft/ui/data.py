@@ -11,7 +11,7 @@ from typing import Optional
 from pydantic import ValidationError
 
 from loraft.config import RunConfig
-from loraft.rundir import RUN_FILE, read_record
+from loraft.rundir import RUN_FILE, RunDir, read_record
 from loraft.ui.workspace import RequestError, Workspace, complete_checkpoints
 
 DATA_FIELDS = {"path": (str, True), "model": (str, False), "template": (str, False), "format": (str, False),
@@ -53,7 +53,8 @@ def tokenizer_of(workspace: Workspace, model: str):
     run_dir = Path(placed)
     if run_dir.is_absolute() and (run_dir / RUN_FILE).is_file():
         workspace.check_tree(run_dir, f"run {model!r}")  # its tokenizer files are read by name
-        folders = [run_dir, *reversed([run_dir / "checkpoints" / name for name in complete_checkpoints(run_dir)])]
+        checkpoints = RunDir(run_dir).checkpoints
+        folders = [run_dir, *reversed([checkpoints / name for name in complete_checkpoints(run_dir)])]
         source = next((str(folder) for folder in folders if (folder / "tokenizer_config.json").is_file()), None)
         base = read_record(run_dir).get("base_model")
         if source is None and base:  # the run's base model, wherever the run was trained: checked like any other

@@ -20,12 +20,11 @@ from typing import Optional
 
 from loraft.errors import RunError
 from loraft.files import write_json_atomically, write_text_atomically
-from loraft.rundir import local_time, open_run
+from loraft.rundir import EVAL_METRICS, RunDir, local_time, open_run
 from loraft.ui.launch import _LAUNCH_LOCK, LORAFT_CLI, display_command, spawn_detached
 from loraft.ui.workspace import RequestError, Workspace, last_error_line, process_alive, tail_lines
 
 JOB_KINDS = ("eval", "merge", "export")
-EVAL_METRICS = "metrics.json"  # an eval job's copy of RUN/eval/metrics.json, taken when it ends
 MERGE_DTYPES = ("bf16", "fp16", "fp32")  # `loraft merge --dtype` choices
 JOB_ID = re.compile(r"[0-9]{8}-[0-9]{6}-[a-z]+-[0-9a-f]{4}")
 
@@ -106,7 +105,7 @@ def _read_json(path: Path) -> Optional[dict]:
 def _result(workspace: Workspace, job: dict) -> Optional[object]:
     """A finished job's outcome: eval's metrics, the merged model's folder, or the export's report."""
     if job.get("kind") == "eval":  # this job's own copy: a later eval of the run rewrites RUN/eval
-        return _read_json(workspace.jobs_dir() / job["id"] / EVAL_METRICS)
+        return _read_json(workspace.jobs_dir() / job["id"] / EVAL_METRICS)  # a copy of RUN/eval's, taken at its end
     out_dir = Path(job["out_dir"]) if job.get("out_dir") else None
     if out_dir is None or not out_dir.is_dir() or not workspace.inside(out_dir):
         return None
@@ -177,7 +176,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     job_dir, args = Path(argv[0]), argv[2:]
     exit_code = subprocess.call([*LORAFT_CLI, *args], stdin=subprocess.DEVNULL)
     if exit_code == 0 and args[:1] == ["eval"]:  # keep what this eval measured: the next one rewrites RUN/eval
-        metrics = Path(args[1]) / "eval" / "metrics.json"
+        metrics = RunDir(args[1]).eval_dir / EVAL_METRICS
         write_text_atomically(job_dir / EVAL_METRICS, metrics.read_text(encoding="utf-8"))
     write_json_atomically(job_dir / "result.json", {"exit_code": exit_code, "ended_at": local_time()})
     return exit_code

@@ -31,7 +31,7 @@ from loraft.errors import ConfigError, RunError
 from loraft.files import write_json_atomically
 from loraft.presets import preset_names, preset_path
 from loraft.liveness import stop_run as liveness_stop_run
-from loraft.rundir import local_time
+from loraft.rundir import RunDir, local_time
 from loraft.ui.workspace import LIVE_STATUSES, RequestError, Workspace, refused
 
 logger = logging.getLogger("loraft")
@@ -267,14 +267,14 @@ def start_run(workspace: Workspace, name: object, config: object, overrides: obj
 
 def resume_command(workspace: Workspace, name: str) -> list[str]:
     """`loraft train RUN/config.yaml --resume`: the run's resolved config holds its output_dir."""
-    return [*LORAFT_CLI, "train", str(workspace.run_path(name) / "config.yaml"), "--resume"]
+    return [*LORAFT_CLI, "train", str(RunDir(workspace.run_path(name)).config_file), "--resume"]
 
 
 def resume_config(workspace: Workspace, name: str) -> RunConfig:
     """The config a resume of run `name` runs with: its `config.yaml` loaded and checked as a new run's is (every
     path in the workspace, no model code), and naming the run's own directory."""
     run_dir = workspace.run_dir(name)
-    config = load_config(run_dir / "config.yaml")
+    config = load_config(RunDir(run_dir).config_file)
     workspace.confine_config(config)
     if Path(workspace.place(config.output_dir, "output_dir", must_exist=False)) != run_dir:
         raise refused(f"run {name!r}: its config.yaml names another output_dir ({config.output_dir}); resume it with "
@@ -296,7 +296,7 @@ def resume_run(workspace: Workspace, name: str, work: Callable = run_here, max_r
         if status not in ("stopped", "interrupted", "failed"):
             raise RequestError(409, f"run {name!r} is {status}; only a stopped, interrupted or failed run can be "
                                     "resumed")
-        if not state["checkpoint"] or not (run_dir / "config.yaml").is_file():
+        if not state["checkpoint"] or not RunDir(run_dir).config_file.is_file():
             raise RequestError(409, f"run {name!r} has no complete checkpoint to resume from; start it again "
                                     "under a new name")
 
