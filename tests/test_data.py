@@ -400,7 +400,7 @@ def test_cache_hit_is_identical_and_max_length_misses(tmp_path, bloom_tokenizer,
 
 
 def test_cache_write_race_keeps_the_finished_entry(tmp_path):
-    from loraft.data import _store
+    from loraft.tokencache import _store
 
     entry = tmp_path / "race" / "key"
     _store(entry, Dataset.from_dict({"a": [1]}), {"writer": 1})

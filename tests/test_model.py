@@ -7,7 +7,8 @@ from transformers import AutoModelForCausalLM, BloomConfig
 from loraft.cli import main
 from loraft.config import AdapterConfig
 from loraft.errors import ModelError
-from loraft.model import attach_adapter, inspect_model, target_matches, tied_embedding_note
+from loraft.inspection import inspect_model
+from loraft.model import attach_adapter, target_matches, tied_embedding_note
 
 
 @pytest.fixture(scope="module")

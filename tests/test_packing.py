@@ -11,7 +11,7 @@ from test_fastpaths import SHAPES, _model
 
 from loraft.fastpaths import REGISTRY, apply_patch, fast_path, packed_segments
 from loraft.packing import pack_batch, pack_row, plan_rows, unpad
-from loraft.trainer import LoraftTrainer
+from loraft.objectives.sft import LoraftTrainer
 
 PACKING = sorted(name for name, entry in REGISTRY.items() if entry.packing)
 LENGTHS = (5, 17, 9, 30, 12)

@@ -15,10 +15,10 @@ from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
 from loraft.cli import main
-from loraft.config import DataConfig, PreferenceConfig, load_config
+from loraft.config import DataConfig, PreferenceConfig, RunConfig, load_config
 from loraft.data import PROMPT_CLOSE, PROMPT_OPEN, preview_samples
 from loraft.errors import ConfigError, DataError
-from loraft.preference import check_preferences, format_preference_report, prepare_preferences, preview_preferences
+from loraft.preference import check, format_report, prepare_preferences, preview
 from loraft.records import PREFERENCE_FORMATS, load_conversations, load_preferences, source_format
 from loraft.templates import get_template
 
@@ -130,7 +130,7 @@ def test_unpaired_formats_read_kto_records(tmp_path):
             expected
     from_csv = load_preferences(str(tmp_path / "kto.csv"), DataConfig())
     assert [(p["completion"], p["label"]) for p in from_csv] == [(r["completion"], r["label"]) for r in records]
-    assert check_preferences(str(sources["unpaired_alpaca"]), DataConfig())["labels"] == {
+    assert check(str(sources["unpaired_alpaca"]), RunConfig())["labels"] == {
         "desirable": 1, "undesirable": 1}
 
 
@@ -157,7 +157,7 @@ def test_each_side_is_masked_as_sft_masks_that_answer(request, tmp_path, model, 
     tokenizer = AutoTokenizer.from_pretrained(request.getfixturevalue(model))
     path = write_jsonl(tmp_path / "pairs.jsonl", [as_conversational(r) for r in PAIRS])
     data = DataConfig(template=template, max_length=1000)
-    samples = preview_preferences(str(path), data, tokenizer, limit=10)
+    samples = preview(str(path), RunConfig(data=data), tokenizer, limit=10)
     dataset = prepare_preferences(str(path), data, tokenizer)[0]
     assert len(samples) == len(dataset) == len(PAIRS)
     end_of_turn = get_template(template, tokenizer).stop_text(tokenizer.eos_token)  # </s>, <|im_end|>, <|eot_id|>
@@ -182,7 +182,7 @@ def test_each_side_is_masked_as_sft_masks_that_answer(request, tmp_path, model, 
 
 
 def test_preview_marks_the_prompt_and_shows_both_sides(pairs_jsonl, tiny_bloom_dir, bloom_tokenizer, capsys):
-    samples = preview_preferences(str(pairs_jsonl), DataConfig(), bloom_tokenizer, limit=2)
+    samples = preview(str(pairs_jsonl), RunConfig(), bloom_tokenizer, limit=2)
     assert len(samples) == 2
     prompt = "Human: 人工智能是什么\n\nAssistant: "
     assert samples[0]["prompt"] == prompt
@@ -233,12 +233,12 @@ def test_truncation_is_trls_and_counted(pairs_jsonl, bloom_tokenizer):
     assert report["truncated_completions"] == {
         side: sum(len(full[f"{side}_ids"]) > 4 for full in whole) for side in ("chosen", "rejected")}
     assert (report["max_prompt_length"], report["max_completion_length"]) == (5, 4)
-    text = format_preference_report(report)
+    text = format_report(report)
     assert f"cut:     {len(PAIRS)} prompts; completions: {report['truncated_completions']['chosen']} chosen, " \
            f"{report['truncated_completions']['rejected']} rejected" in text
-    preview = preview_preferences(str(pairs_jsonl), DataConfig(max_length=64), bloom_tokenizer, 1, limits)[0]
-    assert preview["prompt_truncated"] and preview["chosen"]["truncated"]
-    assert preview["chosen"]["full_length"] == len(whole[0]["prompt_ids"]) + len(whole[0]["chosen_ids"])
+    preview_sample = preview(str(pairs_jsonl), RunConfig(data=DataConfig(max_length=64), preference=limits), bloom_tokenizer, 1)[0]
+    assert preview_sample["prompt_truncated"] and preview_sample["chosen"]["truncated"]
+    assert preview_sample["chosen"]["full_length"] == len(whole[0]["prompt_ids"]) + len(whole[0]["chosen_ids"])
 
 
 def test_check_report_without_and_with_a_tokenizer(pairs_jsonl, tiny_bloom_dir, capsys):
@@ -329,25 +329,39 @@ def test_bad_records_stop_with_one_sentence(tmp_path, capsys, records, message):
     assert refused(path, capsys=capsys) == f"{path}, {message}"
 
 
-def test_a_prompt_that_leaves_no_room_is_refused(pairs_jsonl, tiny_bloom_dir, bloom_tokenizer, capsys):
+def test_a_prompt_that_leaves_no_room_is_dropped_and_counted_as_sft_drops(pairs_jsonl, tiny_bloom_dir,
+                                                                        bloom_tokenizer, capsys):
+    """One rule for every objective (loraft.data): cut keeping the start; a record with no supervised token left is
+    dropped and counted, and only data with none left stops, in one sentence."""
     whole, _ = prepare_preferences(str(pairs_jsonl), DataConfig(max_length=1000), bloom_tokenizer)
     lengths = [len(row["prompt_ids"]) for row in whole]
     max_length = sorted(lengths)[-1]  # the longest prompt (the third record's) fills it
     assert lengths.index(max_length) == 2 and lengths.count(max_length) == 1
-    message = (f"{pairs_jsonl}, line 3, field 'instruction': the prompt is {max_length} tokens, which leaves no room "
-               f"for the completion within data.max_length {max_length}; raise data.max_length or set "
-               "preference.max_prompt_length")
-    with pytest.raises(DataError) as error:
-        prepare_preferences(str(pairs_jsonl), DataConfig(max_length=max_length), bloom_tokenizer)
-    assert str(error.value) == message
-    for command in ("check", "preview"):
-        flags = ["--model", str(tiny_bloom_dir), "--max-length", str(max_length)]
-        assert main(["data", command, str(pairs_jsonl), *flags]) == 2
-        captured = capsys.readouterr()
-        assert captured.err == f"error: {message}\n" and "Traceback" not in captured.err
+    kept, report = prepare_preferences(str(pairs_jsonl), DataConfig(max_length=max_length), bloom_tokenizer)
+    assert [row["prompt_ids"] for row in kept] == [row["prompt_ids"] for row in whole][:2]
+    assert report["dropped"] == {"no_response_token_after_truncation": 1}
+    assert (report["samples_tokenized"], report["samples_kept"], report["samples"]) == (3, 2, 2)
+    flags = ["--model", str(tiny_bloom_dir), "--max-length", str(max_length)]
+    assert main(["data", "check", str(pairs_jsonl), *flags, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["dropped"] == {"no_response_token_after_truncation": 1}
+    assert main(["data", "preview", str(pairs_jsonl), *flags, "--limit", "3", "--json"]) == 0
+    previewed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [sample["source"] for sample in previewed] == [f"{pairs_jsonl}, line 1", f"{pairs_jsonl}, line 2"]
     # keeping the prompt's end leaves the room
     assert main(["data", "check", str(pairs_jsonl), *flags, "--max-prompt-length", str(max_length - 2)]) == 0
     assert "cut:     1 prompts" in capsys.readouterr().out
+    # no record left: one sentence, as for SFT
+    shortest = min(lengths)
+    message = (f"{pairs_jsonl}: all 3 samples were dropped: no response token left after truncation to max_length "
+               f"{shortest}")
+    with pytest.raises(DataError) as error:
+        prepare_preferences(str(pairs_jsonl), DataConfig(max_length=shortest), bloom_tokenizer)
+    assert str(error.value) == message
+    for command in ("check", "preview"):
+        assert main(["data", command, str(pairs_jsonl), "--model", str(tiny_bloom_dir), "--max-length",
+                     str(shortest)]) == 2
+        captured = capsys.readouterr()
+        assert captured.err == f"error: {message}\n" and "Traceback" not in captured.err
 
 
 def test_length_limits_are_checked_at_load_time(capsys, pairs_jsonl):

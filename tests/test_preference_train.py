@@ -188,7 +188,7 @@ def _trl_dpo_direct(model_dir: Path, rows: list[dict], out: Path, capture: Captu
 
 def test_dpo_loss_and_gradients_equal_trls_dpotrainer(workdir, tiny_bloom_dir):
     from loraft.model import load_tokenizer
-    from loraft.preference import prepare_preference_datasets
+    from loraft.objectives import dpo
     from loraft.templates import get_template
 
     config = load_config(None, _overrides(tiny_bloom_dir, workdir / "pairs.jsonl", workdir / "parity",
@@ -201,7 +201,7 @@ def test_dpo_loss_and_gradients_equal_trls_dpotrainer(workdir, tiny_bloom_dir):
     template = get_template(config.data.template, tokenizer)
     trl_data, history = _trl_dpo_direct(tiny_bloom_dir, PAIRS * 4, workdir / "trl-direct", theirs, template.jinja)
     # the same token ids: loraft's encoding of the pairs is what TRL makes of the same conversations
-    prepared = prepare_preference_datasets(config, tokenizer)
+    prepared = dpo.prepare(config, tokenizer)
     for column in ("prompt_ids", "chosen_ids", "rejected_ids"):
         assert prepared.train[column] == trl_data[column], column
     trl_loss = next(entry["loss"] for entry in history if "loss" in entry)
@@ -224,6 +224,23 @@ def test_kto_and_orpo_train_and_lower_their_loss(workdir, tiny_bloom_dir, object
     assert len(logged) == 6 and logged[-1]["loss"] < logged[0]["loss"]
     assert any(key.startswith("rewards/") or key == "kl" for key in logged[-1])
     assert json.loads((run / "loraft_run.json").read_text())["status"] == "finished"
+
+
+@pytest.mark.parametrize("objective", ["dpo", "kto", "orpo"])
+def test_an_over_long_record_is_dropped_and_counted_and_the_run_trains(workdir, tiny_bloom_dir, objective):
+    """The rule SFT follows (loraft.data): a record with no room for its completion is dropped and counted in the
+    run's data report; it never stops the run (it did for pairs: one 234-token prompt at the demo's max_length)."""
+    from loraft.rundir import DATA_REPORT_FILE, RUN_FILE
+
+    long = dict(PAIRS[0], instruction="请回答这个很长的问题。" * 20)
+    data = _write_jsonl(workdir / f"long-{objective}.jsonl", PAIRS * 4 + [long])
+    run = train(load_config(None, _overrides(tiny_bloom_dir, data, workdir / f"long-{objective}",
+                                             f"train.objective={objective}", "data.max_length=80",
+                                             "train.max_steps=1")), progress_bar=False)
+    report = json.loads((run / DATA_REPORT_FILE).read_text(encoding="utf-8"))
+    assert report["dropped"] == {"no_response_token_after_truncation": 1}
+    assert (report["samples_tokenized"], report["samples_kept"]) == (17, 16)
+    assert json.loads((run / RUN_FILE).read_text(encoding="utf-8"))["status"] == "finished"
 
 
 @pytest.mark.parametrize("fmt", ["preference_messages", "preference_sharegpt", "unpaired_sharegpt"])
@@ -435,7 +452,7 @@ def test_preference_settings_are_checked_at_load(overrides, message):
 
 
 def test_a_list_of_dpo_losses_reaches_trl_with_its_weights(tmp_path):
-    from loraft.preference_trainer import preference_arguments
+    from loraft.objectives import dpo
     from loraft.plan import Plan
 
     config = load_config(None, ["train.objective=dpo", "preference.loss_type=[sigmoid,sft]",
@@ -444,7 +461,7 @@ def test_a_list_of_dpo_losses_reaches_trl_with_its_weights(tmp_path):
                 accumulation=8, sampler="random", fused_loss=False, packing=False, model_type="bloom",
                 speed_path="", attention=None, attention_patch=False, optimizer="adamw_torch",
                 gradient_checkpointing=False, world_size=1, generation_dtype="fp32")
-    args = preference_arguments(config, plan, tmp_path, has_eval=False)
+    args = dpo.arguments(config, plan, tmp_path, has_eval=False)
     assert args.loss_type == ["sigmoid", "sft"] and args.loss_weights == [1.0, 0.5]
     assert args.gradient_checkpointing is False and args.bf16 is False  # the plan's, not TRL's defaults
 

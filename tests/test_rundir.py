@@ -10,7 +10,7 @@ from loraft.config import RunConfig, load_config, save_config
 from loraft.errors import ConfigError
 from loraft.rundir import RUN_FILE, read_metrics
 from loraft.train import train
-from loraft.trainer import plot_loss
+from loraft.plots import plot_loss
 from conftest import ALPACA_RECORDS, write_alpaca
 
 

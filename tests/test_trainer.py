@@ -1,4 +1,4 @@
-"""Each LoraftTrainer override on its own, on a tiny model, without a training run."""
+"""Each LoraftTrainer override and each run guarantee on its own, on a tiny model, without a training run."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import torch
 from loraft.batching import LengthGroupedSampler
 from loraft.config import AdapterConfig
 from loraft.rundir import last_complete_checkpoint
-from loraft.trainer import LoraftTrainer, MetricsCallback, NonFiniteTraining
+from loraft.objectives.sft import LoraftTrainer
+from loraft.trainer import STAGING, MetricsCallback, NonFiniteTraining
 
 
 def _model(model_dir):
@@ -56,7 +57,7 @@ def _plan(**decisions):
 def _trainer(model, tokenizer, tmp_path, nonfinite_patience=0, **decisions):
     from transformers import DataCollatorForSeq2Seq, TrainingArguments
 
-    args = TrainingArguments(output_dir=str(tmp_path / "checkpoints"), use_cpu=True, report_to="none",
+    args = TrainingArguments(output_dir=str(tmp_path / "checkpoints" / STAGING), use_cpu=True, report_to="none",
                              per_device_train_batch_size=4, save_total_limit=2, logging_steps=1)
     return LoraftTrainer(model=model, args=args, train_dataset=_dataset(tokenizer), processing_class=tokenizer,
                          data_collator=DataCollatorForSeq2Seq(tokenizer=tokenizer, padding=True),
@@ -116,21 +117,36 @@ def test_non_finite_gradient_norm_stops_past_patience_and_zeroes_within_it(tiny_
     model = _model(tiny_llama_dir)
     trainer = _trainer(model, tokenizer, tmp_path, nonfinite_patience=1)
     batch, count = _batch(trainer)
+
+    def before_optimizer_step():  # the public hook Trainer calls after clipping, before optimizer.step()
+        trainer.callback_handler.on_pre_optimizer_step(trainer.args, trainer.state, trainer.control)
+
+    def poison(value):  # one gradient element of a trainable parameter
+        parameter = next(p for p in model.parameters() if p.requires_grad)
+        if parameter.grad is None:
+            parameter.grad = torch.zeros_like(parameter)
+        parameter.grad.view(-1)[0] = value
+
     trainer.training_step(model, dict(batch), num_items_in_batch=torch.tensor(count))
-    assert trainer._get_grad_norm(model, torch.tensor(2.0)) == torch.tensor(2.0)  # finite: untouched
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    before_optimizer_step()  # finite: untouched
+    assert all(torch.equal(p.grad, grads[name]) for name, p in model.named_parameters() if name in grads)
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
-    trainer._get_grad_norm(model, torch.tensor(float("nan")))  # first non-finite step: tolerated, zeroed
+    poison(float("nan"))
+    before_optimizer_step()  # first non-finite step: tolerated, zeroed
     assert all(p.grad is None or p.grad.abs().sum() == 0 for p in model.parameters())
+    poison(float("inf"))
     with pytest.raises(NonFiniteTraining, match=r"training stopped at step 1: the gradient norm is not finite "
                                                 r"\(2 step\(s\) in a row, train.nonfinite_patience=1\)"):
-        trainer._get_grad_norm(model, torch.tensor(float("inf")))
-    # a finite step resets the count; a non-finite loss is caught even with a finite norm
-    trainer._get_grad_norm(model, torch.tensor(1.0))
-    trainer._step_loss_finite = False
-    trainer._get_grad_norm(model, torch.tensor(1.0))
-    trainer._step_loss_finite = False
+        before_optimizer_step()
+    # a finite step resets the count; a non-finite loss is caught even with finite gradients
+    poison(1.0)
+    before_optimizer_step()
+    trainer.nonfinite.saw_loss(torch.tensor(float("nan")))
+    before_optimizer_step()
+    trainer.nonfinite.saw_loss(torch.tensor(float("inf")))
     with pytest.raises(NonFiniteTraining, match="the loss is not finite"):
-        trainer._get_grad_norm(model, torch.tensor(1.0))
+        before_optimizer_step()
 
 
 def test_length_grouped_sampler_only_when_asked(tiny_llama_dir, tokenizer, tmp_path):
@@ -147,9 +163,14 @@ def test_checkpoints_are_staged_then_renamed_and_rotated(tiny_llama_dir, tokeniz
     root = tmp_path / "checkpoints"
     for step in (1, 2, 3):
         trainer.state.global_step = step
+        # what Trainer does at a save step: write the checkpoint (into its output_dir, the staging folder), then
+        # call on_save
         trainer._save_checkpoint(model, trial=None)
+        assert (root / STAGING / f"checkpoint-{step}" / "adapter_model.safetensors").is_file()
+        assert not (root / f"checkpoint-{step}").exists()  # not final until renamed
+        trainer.callback_handler.on_save(trainer.args, trainer.state, trainer.control)
         assert (root / f"checkpoint-{step}" / "adapter_model.safetensors").is_file()
-        assert not (root / ".staging").exists()
+        assert not (root / STAGING).exists()
     # save_total_limit=2 keeps the newest two, each complete
     assert sorted(p.name for p in root.iterdir()) == ["checkpoint-2", "checkpoint-3"]
     assert last_complete_checkpoint(root) == root / "checkpoint-3"

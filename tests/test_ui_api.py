@@ -532,14 +532,14 @@ def write_jsonl(path: Path, records: list) -> Path:
 @pytest.mark.parametrize("records, limits", [(PREFERENCE_PAIRS, {"max_prompt_length": 20, "max_completion_length": 3}),
                                             (UNPAIRED, {})], ids=["pairs", "unpaired"])
 def test_preference_data_previews_and_checks_as_loraft_preference_does(client, workspace, records, limits):
-    from loraft.config import DataConfig, PreferenceConfig
+    from loraft.config import DataConfig, PreferenceConfig, RunConfig
     from loraft.model import load_tokenizer
-    from loraft.preference import check_preferences, preview_preferences
+    from loraft.preference import check, preview
 
     path = write_jsonl(workspace / "data" / "preferences.jsonl", records)
     tokenizer = load_tokenizer(str(workspace / "base"))
     data = DataConfig(path=str(path), max_length=64, limit=2)
-    expected = preview_preferences(str(path), data, tokenizer, 2, PreferenceConfig(**limits))
+    expected = preview(str(path), RunConfig(data=data, preference=PreferenceConfig(**limits)), tokenizer, 2)
     answer = client.post("/api/data/preview", json={"path": "data/preferences.jsonl", "model": "base",
                                                     "max_length": 64, "limit": 2, **limits})
     assert answer.status_code == 200, answer.text
@@ -557,8 +557,11 @@ def test_preference_data_previews_and_checks_as_loraft_preference_does(client, w
     report = client.post("/api/data/check", json={"path": "data/preferences.jsonl", "model": "base",
                                                   "max_length": 64, **limits})
     assert report.status_code == 200, report.text
-    assert report.json() == check_preferences(str(path), DataConfig(path=str(path), max_length=64), tokenizer,
-                                              PreferenceConfig(**limits))
+    # the same report, read through the one cache (the page's check filled it: this one is a hit)
+    direct = check(str(path), RunConfig(data=DataConfig(path=str(path), max_length=64),
+                                        preference=PreferenceConfig(**limits)), tokenizer)
+    assert (report.json().pop("cache_hit"), direct.pop("cache_hit")) == (False, True)
+    assert {**report.json(), "cache_hit": None} == {**direct, "cache_hit": None}
     assert client.post("/api/data/check", json={"path": "data/preferences.jsonl"}).json()["records_read"] == 2
 
 

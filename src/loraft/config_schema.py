@@ -15,6 +15,8 @@ from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from loraft.objectives import OBJECTIVE_NAMES
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -145,7 +147,7 @@ class AdapterConfig(_Section):
         return value
 
 
-OBJECTIVES = ("sft", "dpo", "kto", "orpo")
+OBJECTIVES = OBJECTIVE_NAMES  # the objective table's names (loraft.objectives)
 # TRL 1.16's DPOConfig.loss_type values (trl/trainer/dpo_config.py) and KTOConfig's
 DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
                   "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
@@ -153,7 +155,7 @@ KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
 
 
 class TrainConfig(_Section):
-    objective: Literal["sft", "dpo", "kto", "orpo"] = Field(
+    objective: Literal[OBJECTIVE_NAMES] = Field(
         "sft",
         description="What is learnt: sft (supervised fine-tuning on instruction data, the reference recipe), or "
         "preference tuning on preference data with TRL's trainers: dpo (chosen/rejected pairs, against a frozen "

@@ -8,26 +8,21 @@ A sample with no supervised token left after the cut is dropped and counted.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import uuid
 from dataclasses import dataclass
 from itertools import chain
-from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from loraft.config import DataConfig, RunConfig
 from loraft.encode import BatchEncoder, encode_rendered
 from loraft.errors import DataError, ModelError, TemplateError
-from loraft.files import cache_dir, staged_directory
-from loraft.records import Conversation, load_conversations, load_hub_dataset, read_with_report
+from loraft.records import Conversation, load_conversations, read_with_report
+from loraft.tokencache import cached_tokens
 from loraft.templates import Template, get_template
 
 logger = logging.getLogger(__name__)
 
-# Bump when tokenization or the stored columns change, so old cache entries are not reused.
-DATA_VERSION = 2
 DROPPED_NO_RESPONSE = "no_response_token_after_truncation"
 # preview_samples wraps prompt (label -100) text in these brackets; text outside them is supervised.
 PROMPT_OPEN, PROMPT_CLOSE = "⟦", "⟧"
@@ -148,7 +143,7 @@ def _to_dataset(input_ids: list[list[int]], labels: list[list[int]]):
     return Dataset(InMemoryTable(table), info=DatasetInfo(features=features), fingerprint=uuid.uuid4().hex[:16])
 
 
-def _require_samples(path: str, samples_kept: int, samples_tokenized: int, max_length: int) -> None:
+def require_samples(path: str, samples_kept: int, samples_tokenized: int, max_length: int) -> None:
     if samples_kept == 0:
         who = "the only sample was" if samples_tokenized == 1 else f"all {samples_tokenized} samples were"
         message = f"{who} dropped: no response token left after truncation to max_length {max_length}"
@@ -164,7 +159,7 @@ def validate_source(path: str, report: dict, data: DataConfig) -> None:
             empty and data.allow_empty_responses is off.
     """
     if "samples_kept" in report:
-        _require_samples(path, report["samples_kept"], report["samples_tokenized"], data.max_length)
+        require_samples(path, report["samples_kept"], report["samples_tokenized"], data.max_length)
     answers = report.get("roles", {}).get("assistant", 0)
     if answers and report.get("empty_outputs") == answers and not data.allow_empty_responses:
         # every sample would teach only the end token: refused before any model is loaded
@@ -172,85 +167,21 @@ def validate_source(path: str, report: dict, data: DataConfig) -> None:
                         "teach the model to stop; set data.allow_empty_responses=true if that is intended")
 
 
-# ------------------------------------------------------------------------------------------ cache
-
-
-def _cache_root(data: DataConfig) -> Path:
-    return Path(data.cache_dir).expanduser() if data.cache_dir else cache_dir("tokenized")
-
-
-def _source_fingerprint(path: str, data: DataConfig) -> str:
-    local = Path(path).expanduser()
-    digest = hashlib.sha256()
-    if local.is_file():
-        try:
-            with open(local, "rb") as handle:
-                for chunk in iter(lambda: handle.read(1 << 20), b""):
-                    digest.update(chunk)
-        except OSError as exc:  # no permission, or loraft ui's kernel confinement: as records.py says it
-            raise DataError(path, f"cannot be read ({exc.strerror or exc})") from None
-    elif local.is_dir():  # save_to_disk shards can be GBs: names, sizes and mtimes identify a save
-        for file in sorted(p for p in local.rglob("*") if p.is_file()):
-            stat = file.stat()
-            digest.update(f"{file.relative_to(local)}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
-    else:
-        digest.update(f"hub|{path}|{data.split}|{load_hub_dataset(path, data)._fingerprint}".encode())
-    return digest.hexdigest()
-
-
-def _tokenizer_fingerprint(tokenizer) -> str:
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    body = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
-    specials = json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str)
-    return hashlib.sha256(f"{type(tokenizer).__name__}|{specials}|{body}".encode()).hexdigest()
-
-
-def _cache_key(path: str, data: DataConfig, tokenizer, template: Template) -> str:
-    fields = {"format", "max_length", "split", "instruction_field", "input_field", "output_field", "system_field",
-              "history_field", "messages_field", "system_prompt", "limit"}
-    parts = {
-        "version": DATA_VERSION, "source": _source_fingerprint(path, data),
-        "tokenizer": _tokenizer_fingerprint(tokenizer),
-        # the Jinja source is the template: an edit to it (or another model's template) is another key
-        "template": [template.name, hashlib.sha256(template.jinja.encode()).hexdigest()],
-        "data": data.model_dump(include=fields),
-    }
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
-
-
-def _store(entry: Path, dataset, report: dict) -> None:
-    """Write a cache entry atomically: it appears whole at once, and a racing writer's copy (another torchrun
-    rank that finished first) is kept and this one discarded."""
-    with staged_directory(entry, keep_existing=True) as staging:
-        dataset.save_to_disk(str(staging))
-        (staging / "report.json").write_text(json.dumps(report, ensure_ascii=False, indent=1), encoding="utf-8")
-
-
 def _tokenized_source(path: str, data: DataConfig, tokenizer) -> tuple[Any, dict]:
-    """Tokenized data and the full report for one source, from the cache when the same inputs were seen."""
-    from datasets import load_from_disk
-
+    """Tokenized conversations and the full report for one source, through the cache."""
     path = str(path)
     check_tokenizer(tokenizer)
     template = get_template(data.template, tokenizer)
-    entry = _cache_root(data) / _cache_key(path, data, tokenizer, template)
-    if (entry / "report.json").exists():
-        report = json.loads((entry / "report.json").read_text(encoding="utf-8"))
-        hit = {"path": path, "tokenizer": str(getattr(tokenizer, "name_or_path", "")), "cache_hit": True,
-               "fingerprint": entry.name}
-        return load_from_disk(str(entry)), {**report, **hit}
-    conversations, report = read_with_report(path, data)
-    dataset, tokens_report = tokenize_conversations(conversations, tokenizer, template, data.max_length, data.num_proc)
-    report.update(tokens_report)
-    # what the samples depend on (source content, tokenizer, template, max_length, fields): a resume compares it
-    report["fingerprint"] = entry.name
-    _require_samples(path, report["samples_kept"], report["samples_tokenized"], data.max_length)
-    try:
-        _store(entry, dataset, report)
-    except OSError as exc:
-        logger.warning("could not cache tokenized data in %s (%s); continuing without the cache", entry, exc)
-        return dataset, {**report, "cache_hit": False}
-    return load_from_disk(str(entry)), {**report, "cache_hit": False}
+
+    def build():
+        conversations, report = read_with_report(path, data)
+        dataset, tokens_report = tokenize_conversations(conversations, tokenizer, template, data.max_length,
+                                                        data.num_proc)
+        report.update(tokens_report)
+        require_samples(path, report["samples_kept"], report["samples_tokenized"], data.max_length)
+        return dataset, report
+
+    return cached_tokens(path, data, tokenizer, template, build)
 
 
 # ------------------------------------------------------------------------------------ entry points
@@ -300,6 +231,28 @@ def check_data(path: str, data: DataConfig, tokenizer=None) -> dict:
     return report
 
 
+# the record-kind interface (loraft.objectives.RECORD_KINDS): KIND, prepare, check, preview, format_report, format_sample
+KIND = "conversations"
+prepare = prepare_datasets
+
+
+def check(path: str, settings: RunConfig, tokenizer=None) -> dict:
+    """`loraft data check` for conversation records (check_data)."""
+    return check_data(path, settings.data, tokenizer)
+
+
+def preview(path: str, settings: RunConfig, tokenizer, limit: int) -> list[dict]:
+    """`loraft data preview` for conversation records (preview_samples)."""
+    return preview_samples(path, settings.data, tokenizer, limit)
+
+
+def format_sample(sample: dict) -> str:
+    """A preview sample as text: a header line, then the sample with its prompt in ⟦…⟧."""
+    supervised = sum(1 for label in sample["labels"] if label != -100)
+    return (f"--- {sample['source']} ({len(sample['input_ids'])} tokens, {supervised} supervised)\n"
+            + sample["text"])
+
+
 def preview_samples(path: str, data: DataConfig, tokenizer, limit: int) -> list[dict]:
     """The first `limit` kept samples, in source order, exactly as training sees them.
 
@@ -330,7 +283,7 @@ def preview_samples(path: str, data: DataConfig, tokenizer, limit: int) -> list[
                     "truncated": full_length > len(input_ids),
                 })
     if limit > 0:
-        _require_samples(str(path), len(samples), len(conversations), data.max_length)
+        require_samples(str(path), len(samples), len(conversations), data.max_length)
     return samples
 
 

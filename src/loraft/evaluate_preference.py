@@ -208,7 +208,7 @@ def evaluate_preferences(run, data_path: str | Path, data_config, out_dir: Path,
     needs_reference = measure == IMPLICIT_REWARD or base
     model, tokenizer, template, reference = load_preference_model(run, device, access, with_reference=needs_reference)
     dataset, token_report = tokenize_preferences(preferences, tokenizer, template, config.data.max_length,
-                                                 config.preference)
+                                                 config.preference, path=str(data_path))
     names = sides(preferences[0])
     sequences = [(prompt, completion) for side in names
                  for prompt, completion in zip(dataset["prompt_ids"], dataset[f"{side}_ids"])]

@@ -1,4 +1,4 @@
-"""Load the base model and tokenizer, attach the peft adapter, and inspect what a target pattern matches.
+"""Load the base model and tokenizer, attach the peft adapter, and check what a target pattern matches.
 
 peft owns the adapter layers and their format; this module only builds the right `PeftConfig`, checks
 that the target pattern matches something before training starts, and deals with tied embeddings.
@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections import defaultdict
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 
@@ -38,7 +37,7 @@ def load_tokenizer(name_or_path: str, revision: Optional[str] = None, trust_remo
         tokenizer = AutoTokenizer.from_pretrained(gguf_base.resolve(name_or_path), revision=revision,
                                                   trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:  # ValueError: transformers' word for a folder with no tokenizer it can build
-        raise ModelError(f"{name_or_path}: cannot load a tokenizer ({_first_line(exc)})") from None
+        raise ModelError(f"{name_or_path}: cannot load a tokenizer ({first_line(exc)})") from None
     if tokenizer.eos_token is None:
         raise ModelError(f"{name_or_path}: the tokenizer has no EOS token, which every template needs")
     if tokenizer.pad_token is None:
@@ -87,7 +86,7 @@ def load_base_model(model: ModelConfig, dtype: torch.dtype = torch.float32,
             kwargs["attn_implementation"] = attention
         loaded = AutoModelForCausalLM.from_pretrained(source, config=config, **kwargs)
     except OSError as exc:
-        raise ModelError(f"{model.name_or_path}: cannot load the base model ({_first_line(exc)})") from None
+        raise ModelError(f"{model.name_or_path}: cannot load the base model ({first_line(exc)})") from None
     if source != model.name_or_path:  # peft names the base in adapter_config.json by this: the GGUF file itself
         loaded.name_or_path = loaded.config._name_or_path = str(gguf_base.gguf_file(model.name_or_path))
     if half:
@@ -99,7 +98,7 @@ def load_base_model(model: ModelConfig, dtype: torch.dtype = torch.float32,
     return loaded
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
 
@@ -280,61 +279,6 @@ def meta_counts(model_config, adapter: AdapterConfig, trust_remote_code: bool = 
     trainable, _ = count_parameters(peft_model)
     return {"trainable_params": trainable, "total_params": total, "embedding_params": embedding_params,
             "info": info}
-
-
-def inspect_model(
-    name_or_path: str,
-    target_modules: Optional[Union[str, list[str]]] = None,
-    modules_to_save: Optional[list[str]] = None,
-    adapter: Optional[AdapterConfig] = None,
-    trust_remote_code: bool = False,
-) -> dict:
-    """Build the model from its config on the meta device (no weights read) and report adapter targets.
-
-    Returns:
-        {"matched": [module names], "by_layer": {layer: [names]}, "trainable_params": N, "total_params": N,
-         "tied_embeddings": note or None}
-    """
-    from transformers import AutoConfig
-
-    adapter = (adapter or AdapterConfig()).model_copy()
-    if target_modules is not None:
-        adapter.target_modules = target_modules
-    if modules_to_save is not None:
-        adapter.modules_to_save = modules_to_save or None
-    try:
-        model_config = AutoConfig.from_pretrained(gguf_base.resolve(name_or_path), trust_remote_code=trust_remote_code)
-    except OSError as exc:
-        raise ModelError(f"{name_or_path}: cannot read a model config ({_first_line(exc)})") from None
-    counts = meta_counts(model_config, adapter, trust_remote_code)
-    info, trainable, total = counts["info"], counts["trainable_params"], counts["total_params"]
-    by_layer: dict[str, list[str]] = defaultdict(list)
-    for name in info["target_matches"]:
-        layer = re.search(r"\.(\d+)\.", name)
-        by_layer[layer.group(1) if layer else "-"].append(name)
-    return {
-        "model": str(name_or_path),
-        "matched": info["target_matches"],
-        "by_layer": dict(by_layer),
-        "trainable_params": trainable,
-        "total_params": total,
-        "tied_embeddings": info["tied_embeddings"],
-    }
-
-
-def format_inspection(report: dict) -> str:
-    """Human-readable `loraft inspect` output: matches grouped by layer, then parameter counts."""
-    lines = [f"model: {report['model']}", f"matched {len(report['matched'])} modules:"]
-    for layer, names in sorted(report["by_layer"].items(), key=lambda kv: (not kv[0].isdigit(), int(kv[0]) if kv[0].isdigit() else 0)):
-        lines.append(f"  layer {layer}: " + ", ".join(names))
-    share = 100.0 * report["trainable_params"] / max(report["total_params"], 1)
-    lines.append(
-        f"trainable params: {report['trainable_params']:,} || total params: {report['total_params']:,} "
-        f"|| trainable: {share:.4f}%"
-    )
-    if report.get("tied_embeddings"):
-        lines.append("note: " + report["tied_embeddings"]["message"])
-    return "\n".join(lines)
 
 
 def load_model_for_training(config: RunConfig, plan, tokenizer=None, attach: bool = True):

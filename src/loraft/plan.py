@@ -23,6 +23,7 @@ from loraft.batching import micro_batch_budget, plan_micro_batches
 from loraft.config import RunConfig
 from loraft.errors import ConfigError
 from loraft.fastpaths import fast_path, patches_on_load
+from loraft.objectives import objective
 from loraft.precision import Capabilities, choose_inference_dtype, choose_precision
 
 PROMPT_LEARNING = ("prompt_tuning", "prefix_tuning")
@@ -200,7 +201,8 @@ def make_plan(config: RunConfig, caps: Capabilities, model_config: Any, world_si
         packing = True
         reasons["packing"] = f"samples packed into rows, kept apart by {entry.packing}"
 
-    if train.objective != "sft":  # TRL's trainer computes the loss: loraft's batch layout and loss do not apply
+    goal = objective(train.objective)
+    if goal.loss != "loraft":  # TRL's trainer computes the loss: loraft's batch layout and loss do not apply
         samples, accumulation = train.per_device_train_batch_size, train.gradient_accumulation_steps
         budget, fused, packing = 0, False, False
         trl = f"train.objective={train.objective}: TRL's trainer"
@@ -208,12 +210,10 @@ def make_plan(config: RunConfig, caps: Capabilities, model_config: Any, world_si
         reasons["batch"] = "the configured batch and accumulation"
         reasons["fused_loss"] = f"{trl} computes the completions' log-probabilities with its own fused lm_head"
         reasons["packing"] = f"{trl} pads each batch"
-        sampler = "sequential" if train.objective == "kto" else ("random" if train.sampling == "length_grouped"
-                                                                    else train.sampling)
-        reasons["sampler"] = ("KTO estimates its KL term from batch neighbours: TRL requires the sequential order "
-                              "(loraft shuffles the data once, seeded)" if train.objective == "kto"
-                              else reasons["sampler"] if sampler == train.sampling
-                              else "random: length grouping is loraft's SFT sampler")
+        sampler = "sequential" if goal.sequential else ("random" if train.sampling == "length_grouped"
+                                                          else train.sampling)
+        reasons["sampler"] = (goal.sequential or (reasons["sampler"] if sampler == train.sampling
+                                                   else "random: length grouping is loraft's SFT sampler"))
     else:
         sampler = train.sampling
 
@@ -282,7 +282,8 @@ def plan_run(config: RunConfig, model_config: Any, world_size: Optional[int] = N
     precision, _ = choose_precision(config.train.precision, caps)
     tuning = None
     # the speed measurement chooses SFT's sub-batches and loss; a preference objective uses neither
-    if tune.autotune_enabled(config) and config.train.micro_batch_tokens == "auto" and config.train.objective == "sft":
+    if (tune.autotune_enabled(config) and config.train.micro_batch_tokens == "auto"
+            and objective(config.train.objective).loss == "loraft"):
         tuning = tune.cached(config, precision, model_config)
         if tuning is None and measure and world_size == 1:
             tuning = tune.measure(config, precision, model_config, device=_torch_device(caps, config),
@@ -329,18 +330,20 @@ def estimate_memory(plan: Plan, config: RunConfig, model_config: Any, total_para
     tokens = plan.micro_batch_tokens or length * plan.samples_per_batch
     tokens = max(tokens, length)
     reference = 0
-    if config.train.objective != "sft":
-        # TRL forwards chosen and rejected as one batch of two sequences per pair; TRL's fused lm_head computes
-        # log-probabilities in chunks; with adapter_from the reference is a frozen copy of the adapter (~ trainable / 4)
-        tokens *= 2
-        reference = trainable_params * 4 if config.model.adapter_from else 0
+    goal = objective(config.train.objective)
+    # TRL forwards chosen and rejected (or a completion and its KL partner) as one batch: two sequences per sample
+    tokens *= goal.pairs_per_sample
+    if goal.loss != "loraft" and config.model.adapter_from:
+        # TRL's fused lm_head computes log-probabilities in chunks; with adapter_from the reference is a frozen copy
+        # of the adapter (~ trainable / 4)
+        reference = trainable_params * 4
     if plan.gradient_checkpointing:
         activations = tokens * hidden * element * (layers + ACTIVATION_WIDTHS)
     else:
         activations = tokens * hidden * element * ACTIVATION_WIDTHS * layers
     if not plan.attention_patch and plan.attention in (None, "eager"):
         activations += 5 * heads * length * tokens * element * layers / 2
-    chunked = plan.fused_loss or config.train.objective != "sft"
+    chunked = plan.fused_loss or goal.loss != "loraft"
     logits = (16 * 1024 * 1024 * 4 * 3) if chunked else tokens * vocab * 4 * 3
     parts = {"weights": weights, "trainable (weights, grads, AdamW)": trainable, "activations": activations,
              "logits": logits, "runtime": RUNTIME_BYTES}

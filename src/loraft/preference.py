@@ -18,16 +18,18 @@ text column, so training hands these columns past it, to the collators.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from loraft.config import DataConfig, PreferenceConfig, RunConfig
-from loraft.data import (PROMPT_CLOSE, PROMPT_OPEN, PreparedData, check_tokenizer, marked_text, split_eval,
-                         token_pieces)
+from loraft.data import (DROPPED_NO_RESPONSE, PROMPT_CLOSE, PROMPT_OPEN, PreparedData, cached_tokens,
+                         check_tokenizer, marked_text, require_samples, split_eval, token_pieces)
 from loraft.encode import BatchEncoder, encode_rendered
 from loraft.errors import DataError, TemplateError
 from loraft.records import PAIRED_FIELDS, Preference, read_preferences_with_report
 from loraft.templates import Template, get_template
 
+# the record-kind interface (loraft.objectives.RECORD_KINDS): KIND, prepare, check, preview, format_report, format_sample
+KIND = "preferences"
 PAIRED_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 UNPAIRED_COLUMNS = ("prompt_ids", "completion_ids", "label")
 ENCODE_BATCH = 500  # pairs rendered and tokenized per call (two sequences each)
@@ -59,20 +61,22 @@ def _last_run(labels: list[int]) -> tuple[int, int]:
     return start, end
 
 
-def _truncate(preference: Preference, prompt_ids: list[int], completions: dict[str, list[int]], max_length: int,
-              limits: PreferenceConfig) -> EncodedPreference:
-    # TRL 1.16's collators cut prompt + completion to max_length keeping the start (truncation_mode "keep_start",
-    # the default and the only mode its DPOConfig still supports), and `_prepare_dataset` drops a record whose prompt
-    # alone fills max_length; loraft cuts the same tokens here, so the collator's cut with the same max_length
-    # changes nothing, and refuses such a record by name instead of dropping it.
-    # preference.max_prompt_length keeps a long prompt's end, as TRL 0.x's max_prompt_length did.
+def _truncate(prompt_ids: list[int], completions: dict[str, list[int]], max_length: int,
+              limits: PreferenceConfig) -> Optional[EncodedPreference]:
+    """The record cut to max_length by the rule every objective follows (loraft.data): keep the start, and drop
+    (None) a record with no supervised token left, here a prompt that leaves no room for the completion.
+
+    TRL 1.16's collators cut prompt + completion to max_length keeping the start (truncation_mode "keep_start",
+    the default and the only mode its DPOConfig still supports), and its `_prepare_dataset` drops a record whose
+    prompt alone fills max_length; loraft cuts the same tokens here, so the collator's cut with the same max_length
+    changes nothing, and counts the drops in the report. preference.max_prompt_length keeps a long prompt's end
+    first, as TRL 0.x's max_prompt_length did.
+    """
     prompt_length = len(prompt_ids)
     if limits.max_prompt_length is not None and prompt_length > limits.max_prompt_length:
         prompt_ids = prompt_ids[-limits.max_prompt_length:]
     if len(prompt_ids) >= max_length:
-        message = (f"the prompt is {len(prompt_ids)} tokens, which leaves no room for the completion within "
-                   f"data.max_length {max_length}; raise data.max_length or set preference.max_prompt_length")
-        raise DataError(preference["source"], message, field=preference["prompt_field"])
+        return None
     room = max_length - len(prompt_ids)
     if limits.max_completion_length is not None:
         room = min(room, limits.max_completion_length)
@@ -81,12 +85,13 @@ def _truncate(preference: Preference, prompt_ids: list[int], completions: dict[s
 
 
 def encode_preferences(preferences: Sequence[Preference], encoder: BatchEncoder, template: Template, eos_token: str,
-                       max_length: int, limits: PreferenceConfig) -> list[EncodedPreference]:
-    """Prompt and completion ids of each record, cut to max_length (see the module docstring).
+                       max_length: int, limits: PreferenceConfig) -> list[Optional[EncodedPreference]]:
+    """Prompt and completion ids of each record, cut to max_length (see the module docstring); None for a record
+    dropped by the cut (_truncate).
 
     Raises:
-        DataError: naming the record: the template fails on it, renders its prompt differently before chosen and
-            rejected, or its prompt leaves no room for a completion within max_length.
+        DataError: naming the record: the template fails on it, or renders its prompt differently before chosen
+            and rejected.
     """
     rendered = []
     for preference in preferences:
@@ -109,12 +114,12 @@ def encode_preferences(preferences: Sequence[Preference], encoder: BatchEncoder,
                                 "before chosen and before rejected, so the pair has no common prompt")
             prompt_ids = input_ids[:start]
             completions[side] = input_ids[start:end]
-        encoded.append(_truncate(preference, prompt_ids, completions, max_length, limits))
+        encoded.append(_truncate(prompt_ids, completions, max_length, limits))
     return encoded
 
 
 def _encode_all(preferences: Sequence[Preference], tokenizer, template: Template, max_length: int,
-                limits: PreferenceConfig) -> list[EncodedPreference]:
+                limits: PreferenceConfig) -> list[Optional[EncodedPreference]]:
     check_tokenizer(tokenizer)
     encoder = BatchEncoder(tokenizer)
     return [row for start in range(0, len(preferences), ENCODE_BATCH) for row in encode_preferences(
@@ -122,7 +127,7 @@ def _encode_all(preferences: Sequence[Preference], tokenizer, template: Template
 
 
 def tokenize_preferences(preferences: Sequence[Preference], tokenizer, template: Template, max_length: int,
-                         limits: Optional[PreferenceConfig] = None):
+                         limits: Optional[PreferenceConfig] = None, path: str = "the data"):
     """Tokenize preference records into the columns TRL 1.16's trainers take.
 
     Args:
@@ -135,13 +140,18 @@ def tokenize_preferences(preferences: Sequence[Preference], tokenizer, template:
     from datasets import Dataset
 
     limits = limits or PreferenceConfig()
-    encoded = _encode_all(preferences, tokenizer, template, max_length, limits)
+    everything = _encode_all(preferences, tokenizer, template, max_length, limits)
+    kept = [(preference, row) for preference, row in zip(preferences, everything) if row is not None]
+    dropped = len(everything) - len(kept)
+    if preferences:
+        require_samples(path, len(kept), len(everything), max_length)
+    encoded = [row for _, row in kept]
     names = sides(preferences[0]) if preferences else ()
     columns = {"prompt_ids": [row.prompt_ids for row in encoded]}
     for side in names:
         columns[f"{side}_ids"] = [row.completions[side] for row in encoded]
     if preferences and "label" in preferences[0]:
-        columns["label"] = [preference["label"] for preference in preferences]
+        columns["label"] = [preference["label"] for preference, _ in kept]
     longest = sorted(len(row.prompt_ids) + max(map(len, row.completions.values())) for row in encoded)
     # Nearest-rank percentiles of the longest sequence of each record (the one memory depends on).
     percentiles = {f"p{q}": longest[-(-len(longest) * q // 100) - 1] if longest else 0 for q in (50, 90, 99)}
@@ -149,6 +159,9 @@ def tokenize_preferences(preferences: Sequence[Preference], tokenizer, template:
         "tokenizer": str(getattr(tokenizer, "name_or_path", "")), "template": template.name,
         "max_length": max_length, "max_prompt_length": limits.max_prompt_length,
         "max_completion_length": limits.max_completion_length, "samples": len(encoded),
+        # the names and the rule SFT's report uses (loraft.data): kept, and dropped by reason
+        "samples_tokenized": len(everything), "samples_kept": len(encoded),
+        "dropped": {DROPPED_NO_RESPONSE: dropped} if dropped else {},
         "truncated_prompts": sum(row.prompt_length > len(row.prompt_ids) for row in encoded),
         "truncated_completions": {side: sum(row.completion_lengths[side] > len(row.completions[side])
                                             for row in encoded) for side in names},
@@ -163,103 +176,57 @@ def prepare_preferences(path: str, data: DataConfig, tokenizer, limits: Optional
     """Read, validate and tokenize a preference source: (dataset in TRL's columns, the full data report)."""
     preferences, report = read_preferences_with_report(str(path), data)
     dataset, tokens_report = tokenize_preferences(preferences, tokenizer, get_template(data.template, tokenizer),
-                                                  data.max_length, limits)
+                                                  data.max_length, limits, path=str(path))
     return dataset, {**report, **tokens_report}
 
 
-def _fingerprint(path: str, data: DataConfig, tokenizer, limits: PreferenceConfig) -> str:
-    """What the tokenized preference data depends on (the SFT data's cache key, plus the preference limits)."""
-    import hashlib
-
-    from loraft.data import _cache_key
-
-    key = _cache_key(path, data, tokenizer, get_template(data.template, tokenizer))
-    return hashlib.sha256(f"{key}|{limits.max_prompt_length}|{limits.max_completion_length}".encode()).hexdigest()[:32]
-
-
-def _for_objective(dataset, report: dict, objective: str, path: str, seed: int):
-    """The dataset in the columns the objective's trainer takes: DPO and ORPO need pairs; KTO takes unpaired
-    completions, or pairs split into a desirable chosen and an undesirable rejected (TRL's unpair_preference_dataset),
-    shuffled once with the run's seed (its trainer reads them in order: the KL term pairs batch neighbours)."""
-    paired = "chosen_ids" in dataset.column_names
-    if objective in ("dpo", "orpo") and not paired:
-        raise DataError(path, f"holds unpaired records (completion and label): train.objective={objective} needs "
-                        "chosen/rejected pairs; train.objective=kto trains on unpaired records")
-    if objective != "kto":
-        return dataset
-    if paired:
-        from datasets import Dataset
-
-        count = len(dataset)
-        dataset = Dataset.from_dict({
-            "prompt_ids": list(dataset["prompt_ids"]) * 2,
-            "completion_ids": list(dataset["chosen_ids"]) + list(dataset["rejected_ids"]),
-            "label": [True] * count + [False] * count,
-        })
-        report["unpaired_from_pairs"] = count
-    return dataset.shuffle(seed=seed, keep_in_memory=True).flatten_indices(keep_in_memory=True)
-
-
 def _cached_preferences(path: str, data: DataConfig, tokenizer, limits: PreferenceConfig):
-    """prepare_preferences through the tokenized-data cache SFT uses (loraft.data): under torchrun rank 0
-    tokenizes and the other ranks read its entry, so the data is prepared once. Returns (dataset, report with
+    """prepare_preferences through the tokenized-data cache every record kind uses (loraft.data.cached_tokens):
+    under torchrun rank 0 tokenizes and the other ranks read its entry. Returns (dataset, report with
     `fingerprint`)."""
-    import json
-
-    from datasets import load_from_disk
-
-    from loraft.data import _cache_root, _store
-
-    fingerprint = _fingerprint(path, data, tokenizer, limits)
-    entry = _cache_root(data) / f"preference-{fingerprint}"
-    if (entry / "report.json").exists():
-        report = json.loads((entry / "report.json").read_text(encoding="utf-8"))
-        return load_from_disk(str(entry)), {**report, "cache_hit": True}
-    dataset, report = prepare_preferences(path, data, tokenizer, limits)
-    report["fingerprint"] = fingerprint
-    try:
-        _store(entry, dataset, report)
-    except OSError:
-        return dataset, {**report, "cache_hit": False}
-    return load_from_disk(str(entry)), {**report, "cache_hit": False}
+    return cached_tokens(str(path), data, tokenizer, get_template(data.template, tokenizer),
+                         lambda: prepare_preferences(path, data, tokenizer, limits),
+                         variant=f"{limits.max_prompt_length}|{limits.max_completion_length}")
 
 
-def prepare_preference_datasets(config: RunConfig, tokenizer) -> PreparedData:
-    """Tokenized train (and eval) preference data for a run with a preference objective, and the data report
-    (its `fingerprint` is what a resume compares), like data.prepare_datasets for SFT.
+def prepare(config: RunConfig, tokenizer, columns: Callable) -> PreparedData:
+    """Tokenized train (and eval) preference data for a run, and the data report (its `fingerprint` is what a
+    resume compares), like loraft.data.prepare for conversations.
 
+    Args:
+        columns: the objective's `columns(dataset, report, path, seed)`: the dataset in its trainer's columns
+            (loraft.objectives), or one sentence naming the file when the records do not suit it.
     Raises:
         DataError: a bad record (file, record, field), or records the objective cannot train on.
     """
-    data, limits, objective = config.data, config.preference, config.train.objective
+    data, limits, seed = config.data, config.preference, config.train.seed
     train, report = _cached_preferences(data.path, data, tokenizer, limits)
     if len(train) == 0:
         raise DataError(data.path, "holds no preference records")
     eval_dataset = None
     if data.eval_path:
         eval_dataset, report["eval"] = _cached_preferences(data.eval_path, data, tokenizer, limits)
-        eval_dataset = _for_objective(eval_dataset, report["eval"], objective, data.eval_path, config.train.seed)
+        eval_dataset = columns(eval_dataset, report["eval"], data.eval_path, seed)
     elif data.eval_fraction > 0:
-        train, eval_dataset, report["eval"] = split_eval(train, data.eval_fraction, config.train.seed, data.path)
-        eval_dataset = _for_objective(eval_dataset, report["eval"], objective, data.path, config.train.seed)
-    train = _for_objective(train, report, objective, data.path, config.train.seed)
+        train, eval_dataset, report["eval"] = split_eval(train, data.eval_fraction, seed, data.path)
+        eval_dataset = columns(eval_dataset, report["eval"], data.path, seed)
+    train = columns(train, report, data.path, seed)
     report["train_samples"] = len(train)
     report["eval_samples"] = len(eval_dataset) if eval_dataset is not None else 0
-    # the run record's data line reads these as the SFT report names them
-    report.setdefault("samples_kept", len(train))
     return PreparedData(train=train, eval=eval_dataset, report=report)
 
 
-def check_preferences(path: str, data: DataConfig, tokenizer=None, limits: Optional[PreferenceConfig] = None) -> dict:
-    """`loraft data check` for preference data: the record-level report, with a tokenizer also the token-level one."""
+def check(path: str, settings: RunConfig, tokenizer=None) -> dict:
+    """`loraft data check` for preference records: the record-level report, with a tokenizer also the token-level
+    one (through the cache, as training reads it)."""
     if tokenizer is None:
-        return read_preferences_with_report(str(path), data)[1]
-    return prepare_preferences(path, data, tokenizer, limits)[1]
+        return read_preferences_with_report(str(path), settings.data)[1]
+    return _cached_preferences(path, settings.data, tokenizer, settings.preference)[1]
 
 
-def preview_preferences(path: str, data: DataConfig, tokenizer, limit: int,
-                        limits: Optional[PreferenceConfig] = None) -> list[dict]:
-    """The first `limit` records as training will see them.
+def preview(path: str, settings: RunConfig, tokenizer, limit: int) -> list[dict]:
+    """The first `limit` records kept, as training will see them (a record the cut drops is skipped, as in
+    loraft.data.preview).
 
     Returns:
         dicts with source, prompt (its text), prompt_length (before preference.max_prompt_length), prompt_truncated,
@@ -268,16 +235,24 @@ def preview_preferences(path: str, data: DataConfig, tokenizer, limit: int,
         labels, tokens, full_length (before any cut) and truncated.
     """
     check_tokenizer(tokenizer)
-    preferences = read_preferences_with_report(str(path), data)[0][:max(limit, 0)]
-    template = get_template(data.template, tokenizer)
-    encoded = encode_preferences(preferences, BatchEncoder(tokenizer), template, tokenizer.eos_token,
-                                 data.max_length, limits or PreferenceConfig())
+    data = settings.data
+    preferences = read_preferences_with_report(str(path), data)[0]
+    template, encoder = get_template(data.template, tokenizer), BatchEncoder(tokenizer)
+    kept: list[tuple[Preference, EncodedPreference]] = []
+    for start in range(0, len(preferences), max(limit, 64)):
+        if len(kept) >= limit:
+            break
+        chunk = preferences[start:start + max(limit, 64)]
+        rows = encode_preferences(chunk, encoder, template, tokenizer.eos_token, data.max_length, settings.preference)
+        kept += [(preference, row) for preference, row in zip(chunk, rows) if row is not None]
+    if limit > 0:
+        require_samples(str(path), len(kept), len(preferences), data.max_length)
 
     def decode(ids: list[int]) -> str:
         return tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
     samples = []
-    for preference, row in zip(preferences, encoded):
+    for preference, row in kept[:max(limit, 0)]:
         sample = {"source": preference["source"], "prompt": decode(row.prompt_ids),
                   "prompt_length": row.prompt_length, "prompt_truncated": row.prompt_length > len(row.prompt_ids)}
         for side, completion in row.completions.items():
@@ -296,7 +271,7 @@ def preview_preferences(path: str, data: DataConfig, tokenizer, limit: int,
     return samples
 
 
-def format_preview(sample: dict) -> str:
+def format_sample(sample: dict) -> str:
     """A preview sample as text: a header line, the prompt in ⟦…⟧, then each completion on a line of its own."""
     names = [side for side in ("chosen", "rejected", "completion") if side in sample]
     prompt_tokens = sample[names[0]]["labels"].count(-100)
@@ -309,8 +284,8 @@ def format_preview(sample: dict) -> str:
     return "\n".join(lines + [f"{side + ':':{width}}{sample[side]['completion']}" for side in names])
 
 
-def format_preference_report(report: dict) -> str:
-    """The report of check_preferences as a few human-readable lines."""
+def format_report(report: dict) -> str:
+    """The report of check as a few human-readable lines."""
     lines = [f"data:    {report['path']} ({report['source_kind']}, {report['format']} format)"]
     if "labels" in report:
         labels = report["labels"]
@@ -330,7 +305,8 @@ def format_preference_report(report: dict) -> str:
             f"tokens:  template {report['template']}, max_length {report['max_length']}, max_prompt_length "
             f"{limit(report['max_prompt_length'])}, max_completion_length {limit(report['max_completion_length'])}, "
             f"tokenizer {report['tokenizer']}",
-            f"cut:     {report['truncated_prompts']:,} prompts; completions: {cut}",
+            f"cut:     {report['truncated_prompts']:,} prompts; completions: {cut}"
+            + "".join(f"; {count:,} records dropped ({reason})" for reason, count in report.get("dropped", {}).items()),
             f"tokens:  {tokens}",
             f"length:  prompt + longest completion: p50 {pct['p50']}, p90 {pct['p90']}, p99 {pct['p99']}, "
             f"max {pct['max']}",

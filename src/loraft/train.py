@@ -25,10 +25,10 @@ logger = logging.getLogger("loraft")
 def save_adapter(model, run_dir: Path) -> None:
     """Write the peft adapter into the run directory, staged and then renamed into place (the trained adapter
     only: not a preference run's frozen reference copy)."""
-    from loraft.preference_trainer import trained_adapter_only
+    from loraft.trainer import trained_adapters
 
-    with staged_directory(run_dir, merge=True, label="adapter") as staging, trained_adapter_only(model):
-        model.save_pretrained(str(staging))
+    with staged_directory(run_dir, merge=True, label="adapter") as staging:
+        model.save_pretrained(str(staging), selected_adapters=trained_adapters(model))
 
 
 def save_tokenizer_with_template(tokenizer, template, run_dir: Path) -> None:
@@ -39,10 +39,14 @@ def save_tokenizer_with_template(tokenizer, template, run_dir: Path) -> None:
 
 
 def _finish_from_checkpoint(trainer, checkpoint: Path):
-    """Load a checkpoint's weights into the trainer's model without training; a TrainOutput like train()'s."""
+    """Load a checkpoint's adapter into the trainer's model without training (peft's public loader); a TrainOutput
+    like train()'s."""
+    from peft import set_peft_model_state_dict
+    from peft.utils import load_peft_weights
     from transformers.trainer_utils import TrainOutput
 
-    trainer._load_from_checkpoint(str(checkpoint))
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    set_peft_model_state_dict(model, load_peft_weights(str(checkpoint)), adapter_name=model.active_adapter)
     state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
     losses = [entry["loss"] for entry in state.get("log_history", []) if "loss" in entry]
     loss = sum(losses) / len(losses) if losses else float("nan")
@@ -131,20 +135,19 @@ def train(config: RunConfig, resume: bool = False, callbacks: Optional[list] = N
     Raises:
         TrainingStopped: the run stopped on a signal, resumable from `checkpoint`.
     """
-    from transformers import DataCollatorForSeq2Seq, set_seed
+    from transformers import set_seed
 
-    from loraft.data import prepare_datasets
     from loraft.model import count_parameters, load_model_for_training, load_tokenizer
+    from loraft.objectives import objective as look_up
     from loraft.templates import get_template
     # Trainer (and its integrations) imports in seconds: only a run needs it, not `loraft plan`
-    from loraft.trainer import (GracefulStop, LoraftTrainer, MetricsCallback, NonFiniteTraining, RunRecordCallback,
-                                StopRequest, StopRequested, build_training_arguments, plot_loss)
+    from loraft.plots import plot_loss
+    from loraft.trainer import (GracefulStop, MetricsCallback, NonFiniteTraining, RunRecordCallback, StopRequest,
+                                StopRequested)
 
-    preference = config.train.objective != "sft"
-    if preference:
-        from loraft.preference_trainer import check_objective
-
-        check_objective(config)
+    entry = look_up(config.train.objective)
+    objective = entry.load()  # its module: prepare, arguments, build_trainer (TRL's for a preference objective)
+    objective.check(config)
     config = continue_from(config)
     run = RunDir(config.output_dir)
     run_dir = run.path
@@ -157,12 +160,7 @@ def train(config: RunConfig, resume: bool = False, callbacks: Optional[list] = N
     plan = plan_run(config, model_config)
     # The arguments also set up the distributed state, so build them before touching the data.
     has_eval = bool(config.data.eval_path) or config.data.eval_fraction > 0
-    if preference:
-        from loraft.preference_trainer import build_preference_trainer, preference_arguments
-
-        args = preference_arguments(config, plan, run_dir, has_eval=has_eval)
-    else:
-        args = build_training_arguments(config, plan, run_dir, has_eval=has_eval)
+    args = objective.arguments(config, plan, run_dir, has_eval)
     is_main = args.process_index == 0
     # the lock before the first write (only rank 0 writes, the lock file too): a second trainer here is refused
     lock = RunLock(run_dir).acquire() if is_main else None
@@ -179,12 +177,7 @@ def train(config: RunConfig, resume: bool = False, callbacks: Optional[list] = N
         with stop:  # installed after start(): a signal before it leaves the directory as it was
             if prepared is None:
                 with args.main_process_first(desc="tokenize the training data"):
-                    if preference:
-                        from loraft.preference import prepare_preference_datasets
-
-                        prepared = prepare_preference_datasets(config, tokenizer)
-                    else:
-                        prepared = prepare_datasets(config, tokenizer)
+                    prepared = objective.prepare(config, tokenizer)
             if resume_from is not None:
                 run.check_resume_identity(config, prepared.report)
             if is_main:
@@ -197,30 +190,15 @@ def train(config: RunConfig, resume: bool = False, callbacks: Optional[list] = N
                     sum(prepared.report.get("dropped", {}).values()), prepared.report.get("truncated_samples"),
                 )
             set_seed(config.train.seed)
-            # DPO/KTO without adapter_from: TRL wraps the base itself, so its reference is the adapter switched off
-            model, info = load_model_for_training(config, plan, tokenizer,
-                                                  attach=config.train.objective not in ("dpo", "kto"))
+            model, info = load_model_for_training(config, plan, tokenizer, attach=entry.attach_adapter)
             if info["target_matches"]:
                 logger.info("adapter targets %d modules: %s", len(info["target_matches"]),
                             ", ".join(info["target_matches"]))
             trainer_callbacks = (([MetricsCallback(run_dir), RunRecordCallback(run_dir)] if is_main else [])
                                  + [graceful] + list(callbacks or []))
-            if preference:
-                trainer = build_preference_trainer(config, plan, args, model, info, tokenizer, prepared,
-                                                   trainer_callbacks)
-                model = trainer.model
-            else:
-                trainer = LoraftTrainer(
-                    model=model,
-                    args=args,
-                    train_dataset=prepared.train,
-                    eval_dataset=prepared.eval,
-                    processing_class=tokenizer,
-                    data_collator=DataCollatorForSeq2Seq(tokenizer=tokenizer, padding=True),
-                    callbacks=trainer_callbacks,
-                    plan=plan,
-                    nonfinite_patience=config.train.nonfinite_patience,
-                )
+            trainer = objective.build_trainer(config, plan, args, model, info, tokenizer, prepared,
+                                              trainer_callbacks)
+            model = trainer.model
             trainable, total = count_parameters(model)
             logger.info("trainable params: %d of %d (%.4f%%)", trainable, total, 100.0 * trainable / max(total, 1))
             if not progress_bar:
@@ -295,6 +273,7 @@ def preview_plan(config: RunConfig, measure: bool = False) -> dict:
     """
     from loraft import tune
     from loraft.model import meta_counts
+    from loraft.objectives import objective
     from loraft.plan import estimate_memory, world_size_from_env
 
     model_config, source = read_model_config(config, offline_shape=True)
@@ -303,7 +282,7 @@ def preview_plan(config: RunConfig, measure: bool = False) -> dict:
     if plan.tuning is not None:
         autotune = f"measured in {plan.tuning['seconds']} s (cached): " + ", ".join(
             f"{key} {value}" for key, value in plan.tuning["choice"].items())
-    elif config.train.objective != "sft":
+    elif objective(config.train.objective).loss != "loraft":
         autotune = f"not used: train.objective={config.train.objective} (TRL's trainer runs the configured batch)"
     elif not tune.autotune_enabled(config):
         autotune = "off: the static defaults"

@@ -2,7 +2,7 @@
 
 With LORAFT_TEST_STEP_SECONDS set, every training step of loraft's Trainer first sleeps that long, so a test can act
 in the middle of a run (kill the browser or the UI, press Stop) on any machine, however fast its steps are. The
-patch is applied when loraft.trainer is first imported; nothing else changes.
+patch is applied when loraft.objectives.sft (LoraftTrainer) is first imported; nothing else changes.
 """
 
 import importlib.abc
@@ -16,7 +16,7 @@ _pause = float(os.environ.get("LORAFT_TEST_STEP_SECONDS") or 0)
 
 class _SlowSteps(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path, target=None):
-        if name != "loraft.trainer":
+        if name != "loraft.objectives.sft":
             return None
         sys.meta_path.remove(self)
         spec = importlib.machinery.PathFinder.find_spec(name, path)

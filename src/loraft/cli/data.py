@@ -9,14 +9,6 @@ import json
 import sys
 
 
-def _data_config(args):
-    return _data_settings(args).data
-
-
-def _preference_limits(args):
-    return _data_settings(args).preference
-
-
 def _data_settings(args):
     """The data flags as a validated config: a bad value is one sentence naming its key."""
     from loraft.config import config_from_sections
@@ -27,12 +19,6 @@ def _data_settings(args):
         fields["limit"] = args.limit
     limits = {"max_prompt_length": args.max_prompt_length, "max_completion_length": args.max_completion_length}
     return config_from_sections("command line", data=fields, preference=limits)
-
-
-def _is_preference_data(args) -> bool:
-    from loraft.records import PREFERENCE_FORMATS, source_format
-
-    return source_format(args.path, _data_config(args)) in PREFERENCE_FORMATS
 
 
 def _add_data_options(parser: argparse.ArgumentParser) -> None:
@@ -60,16 +46,12 @@ def check_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_data_check(args) -> int:
-    from loraft.data import check_data, format_report
-    from loraft.preference import check_preferences, format_preference_report
+    from loraft.objectives.kinds import record_kind
 
-    tokenizer = _tokenizer(args.model) if args.model else None
-    if _is_preference_data(args):
-        report = check_preferences(args.path, _data_config(args), tokenizer, _preference_limits(args))
-        print(json.dumps(report, ensure_ascii=False) if args.json else format_preference_report(report))
-        return 0
-    report = check_data(args.path, _data_config(args), tokenizer)
-    print(json.dumps(report, ensure_ascii=False) if args.json else format_report(report))
+    settings = _data_settings(args)
+    kind = record_kind(settings)  # conversations (loraft.data) or preference records (loraft.preference)
+    report = kind.check(args.path, settings, _tokenizer(args.model) if args.model else None)
+    print(json.dumps(report, ensure_ascii=False) if args.json else kind.format_report(report))
     return 0
 
 
@@ -80,22 +62,12 @@ def preview_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_data_preview(args) -> int:
-    from loraft.data import preview_samples
-    from loraft.preference import format_preview, preview_preferences
+    from loraft.objectives.kinds import record_kind
 
-    if _is_preference_data(args):
-        for sample in preview_preferences(args.path, _data_config(args), _tokenizer(args.model), args.limit,
-                                          _preference_limits(args)):
-            print(json.dumps(sample, ensure_ascii=False) if args.json else format_preview(sample))
-        return 0
-    samples = preview_samples(args.path, _data_config(args), _tokenizer(args.model), args.limit)
-    for sample in samples:
-        if args.json:
-            print(json.dumps(sample, ensure_ascii=False))
-        else:
-            print(f"--- {sample['source']} ({len(sample['input_ids'])} tokens, "
-                  f"{sum(1 for label in sample['labels'] if label != -100)} supervised)")
-            print(sample["text"])
+    settings = _data_settings(args)
+    kind = record_kind(settings)
+    for sample in kind.preview(args.path, settings, _tokenizer(args.model), args.limit):
+        print(json.dumps(sample, ensure_ascii=False) if args.json else kind.format_sample(sample))
     return 0
 
 
@@ -118,7 +90,7 @@ def inspect_arguments(parser: argparse.ArgumentParser) -> None:
 
 def cmd_inspect(args) -> int:
     from loraft.errors import ModelError
-    from loraft.model import format_inspection, inspect_model
+    from loraft.inspection import format_inspection, inspect_model
 
     adapter = None
     model = args.model

@@ -20,7 +20,7 @@ DATA_FIELDS = {"path": (str, True), "model": (str, False), "template": (str, Fal
 
 def data_settings(workspace: Workspace, values: dict, limit: Optional[int] = None) -> RunConfig:
     """The `data` and `preference` sections `loraft data check/preview` build from the same options
-    (cli._data_settings), validated by the one RunConfig schema; a bad value is a 400 naming the request's key."""
+    (loraft.cli.data._data_settings), validated by the one RunConfig schema; a bad value is a 400 naming the request's key."""
     fields = {"path": str(workspace.resolve(values["path"], field="path")), "template": values["template"] or "auto",
               "max_length": 256 if values["max_length"] is None else values["max_length"],
               "format": values["format"] or "auto"}
@@ -35,13 +35,6 @@ def data_settings(workspace: Workspace, values: dict, limit: Optional[int] = Non
         message = first["msg"].removeprefix("Value error, ")
         key = ".".join(str(part) for part in first["loc"][1:])
         raise RequestError(400, f"{key}: {message}" if key else message) from None
-
-
-def is_preference_data(settings: RunConfig) -> bool:
-    """Whether the source holds preference records (data.format, or detected from its first record)."""
-    from loraft.records import PREFERENCE_FORMATS, source_format
-
-    return source_format(settings.data.path, settings.data) in PREFERENCE_FORMATS
 
 
 def tokenizer_of(workspace: Workspace, model: str):
@@ -65,35 +58,28 @@ def tokenizer_of(workspace: Workspace, model: str):
 
 
 def data_check(workspace: Workspace, values: dict) -> dict:
-    """POST /api/data/check: `loraft data check --json`'s report (token lengths when a model is given); for
-    preference records check_preferences' report."""
-    from loraft.data import check_data
-    from loraft.preference import check_preferences
+    """POST /api/data/check: `loraft data check --json`'s report (token lengths when a model is given), of the
+    record kind loraft.objectives.record_kind decides."""
+    from loraft.objectives.kinds import record_kind
 
     settings = data_settings(workspace, values)
-    data = settings.data
     tokenizer = tokenizer_of(workspace, values["model"]) if values["model"] else None
-    if is_preference_data(settings):
-        return check_preferences(data.path, data, tokenizer, settings.preference)
-    return check_data(data.path, data, tokenizer)
+    return record_kind(settings).check(settings.data.path, settings, tokenizer)
 
 
 MAX_PREVIEW = 200
 
 
 def data_preview(workspace: Workspace, values: dict) -> dict:
-    """POST /api/data/preview: the samples `loraft data preview --json` prints for the same options
-    (preview_samples, or preview_preferences for preference records), and whether they are preference records."""
-    from loraft.data import preview_samples
-    from loraft.preference import preview_preferences
+    """POST /api/data/preview: the samples `loraft data preview --json` prints for the same options, and whether
+    they are preference records."""
+    from loraft.objectives.kinds import record_kind
 
     limit = 5 if values["limit"] is None else values["limit"]
     if limit > MAX_PREVIEW:  # each sample is drawn token by token in the page
         raise RequestError(400, f"limit must be at most {MAX_PREVIEW} (got {limit})")
     settings = data_settings(workspace, values, limit)
-    data = settings.data
     tokenizer = tokenizer_of(workspace, values["model"])
-    if is_preference_data(settings):
-        return {"preference": True,
-                "samples": preview_preferences(data.path, data, tokenizer, limit, settings.preference)}
-    return {"preference": False, "samples": preview_samples(data.path, data, tokenizer, limit)}
+    kind = record_kind(settings)
+    return {"preference": kind.KIND == "preferences",
+            "samples": kind.preview(settings.data.path, settings, tokenizer, limit)}
