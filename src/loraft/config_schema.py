@@ -15,7 +15,7 @@ from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from loraft.objectives import OBJECTIVE_NAMES
+from loraft.objective_table import OBJECTIVE_NAMES
 
 
 class _Section(BaseModel):

@@ -23,7 +23,7 @@ from loraft.batching import micro_batch_budget, plan_micro_batches
 from loraft.config import RunConfig
 from loraft.errors import ConfigError
 from loraft.fastpaths import fast_path, patches_on_load
-from loraft.objectives import objective
+from loraft.objective_table import objective
 from loraft.precision import Capabilities, choose_inference_dtype, choose_precision
 
 PROMPT_LEARNING = ("prompt_tuning", "prefix_tuning")

@@ -138,7 +138,7 @@ def train(config: RunConfig, resume: bool = False, callbacks: Optional[list] = N
     from transformers import set_seed
 
     from loraft.model import count_parameters, load_model_for_training, load_tokenizer
-    from loraft.objectives import objective as look_up
+    from loraft.objective_table import objective as look_up
     from loraft.templates import get_template
     # Trainer (and its integrations) imports in seconds: only a run needs it, not `loraft plan`
     from loraft.plots import plot_loss
@@ -273,7 +273,7 @@ def preview_plan(config: RunConfig, measure: bool = False) -> dict:
     """
     from loraft import tune
     from loraft.model import meta_counts
-    from loraft.objectives import objective
+    from loraft.objective_table import objective
     from loraft.plan import estimate_memory, world_size_from_env
 
     model_config, source = read_model_config(config, offline_shape=True)
