@@ -248,13 +248,15 @@ def _score_model(model, tokenizer, template, records, samples, settings, batch_s
 
 def evaluate(
     run_dir: str | Path,
-    data_path: str | Path,
+    data_path: Optional[str | Path],
     limit: Optional[int] = None,
     base: bool = False,
     batch_size: int = 8,
     max_new_tokens: Optional[int] = None,
     device: Optional[str] = None,
     access=None,
+    retention: bool = True,
+    retention_limit: Optional[int] = None,
 ) -> dict:
     """Score a finished run on held-out data and write `eval/predictions.jsonl` and `eval/metrics.json`.
 
@@ -267,6 +269,9 @@ def evaluate(
             records the run's starting point (its model.adapter_from run, else the base).
         batch_size: prompts per generation / loss batch.
         max_new_tokens: most tokens per answer (default: the run's generation.max_new_tokens).
+        retention: also measure what the run kept of its base on the project's general prompts (loraft.retention:
+            general accuracy before and after, KL per token); None data_path: that alone.
+        retention_limit: the first N general prompts only.
     Returns:
         the metrics written to metrics.json: {"adapter": {...}, "base": {...} (with base), ...}, or on preference
         records {..., "preference": {"adapter": {...}, "reference": {...} (with base)}}.
@@ -285,6 +290,10 @@ def evaluate(
     from loraft.records import PREFERENCE_FORMATS
 
     run = open_run(run_dir, access or RunAccess())
+    if data_path is None:
+        if not retention:
+            raise RunError("nothing to evaluate: give --data FILE, or leave retention on")
+        return _retention_only(run, run_dir, batch_size, device, retention_limit)
     data_config = run.config.data.model_copy(update={"format": held_out_format(data_path, run.config.data)})
     if data_config.format in PREFERENCE_FORMATS:
         from loraft.evaluate_preference import evaluate_preferences
@@ -326,6 +335,8 @@ def evaluate(
     }
     if base_metrics is not None:
         metrics["base"] = base_metrics
+    if retention:
+        metrics["retention"] = _retention(model, tokenizer, template, info, batch_size, retention_limit)
 
     out_dir = RunDir(run_dir).eval_dir
     out_dir.mkdir(exist_ok=True)
@@ -337,6 +348,28 @@ def evaluate(
             row["base_prediction"] = base_predictions[index]
         lines.append(json.dumps(row, ensure_ascii=False) + "\n")
     write_text_atomically(out_dir / EVAL_PREDICTIONS, "".join(lines))
+    write_text_atomically(out_dir / EVAL_METRICS, json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
+    return metrics
+
+
+def _retention(model, tokenizer, template, info: dict, batch_size: int, limit: Optional[int]) -> dict:
+    from loraft.generate import cli_flag, resolve_generation
+    from loraft.retention import RETENTION_TOKENS, measure_retention
+
+    settings = resolve_generation(info["config"].generation, {"temperature": 0.0, "max_new_tokens": RETENTION_TOKENS},
+                                  label=cli_flag)
+    return measure_retention(model, tokenizer, template, info["config"], settings, info["dtype"], batch_size, limit)
+
+
+def _retention_only(run, run_dir: Path, batch_size: int, device: Optional[str], limit: Optional[int]) -> dict:
+    """`loraft eval RUN` without --data: retention alone, written to eval/metrics.json."""
+    from loraft.generate import load_run
+
+    model, tokenizer, template, info = load_run(run, device=device)
+    metrics = {"run_dir": str(run_dir), "template": template.name,
+               "retention": _retention(model, tokenizer, template, info, batch_size, limit)}
+    out_dir = RunDir(run_dir).eval_dir
+    out_dir.mkdir(exist_ok=True)
     write_text_atomically(out_dir / EVAL_METRICS, json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
     return metrics
 
@@ -358,10 +391,15 @@ TABLE_ROWS = [
 
 def format_table(metrics: dict) -> str:
     """The metrics as a plain-text table: one row per metric, base and adapter side by side."""
+    from loraft.retention import format_retention
+
+    retention = [format_retention(metrics["retention"])] if "retention" in metrics else []
     if "preference" in metrics:
         from loraft.evaluate_preference import format_preference_table
 
-        return format_preference_table(metrics)
+        return "\n".join([format_preference_table(metrics)] + retention)
+    if "records" not in metrics:  # retention alone
+        return "\n".join(retention)
     columns = (["base"] if "base" in metrics else []) + ["adapter"]
     lines = [f"{metrics['records']} records from {metrics['data']} ({metrics['template']} template, greedy)",
              f"{'metric':16}" + "".join(f"{name:>12}" for name in columns)]
@@ -373,4 +411,4 @@ def format_table(metrics: dict) -> str:
                 value = value.get(key) if isinstance(value, dict) else None
             cells.append(f"{fmt.format(value) if value is not None else '-':>12}")
         lines.append(f"{label:16}" + "".join(cells))
-    return "\n".join(lines)
+    return "\n".join(lines + retention)

@@ -85,9 +85,14 @@ def cmd_generate(args) -> int:
 
 def eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir")
-    parser.add_argument("--data", required=True,
+    parser.add_argument("--data",
                         help="held-out records (any format `loraft data check` reads); preference records "
-                        "(chosen/rejected, or completion/label) are scored by preference accuracy")
+                        "(chosen/rejected, or completion/label) are scored by preference accuracy; without it, "
+                        "retention alone")
+    parser.add_argument("--no-retention", dest="retention", action="store_false",
+                        help="skip retention: general accuracy of base and run on loraft's general prompts, and the "
+                        "KL per token from the base (the base's answers are cached)")
+    parser.add_argument("--retention-limit", type=int, help="retention on the first N general prompts only")
     parser.add_argument("--limit", type=int, help="evaluate only the first N records")
     parser.add_argument("--base", action="store_true",
                         help="also score the base model with the same template (preference records: the run's "
@@ -102,9 +107,11 @@ def cmd_eval(args) -> int:
     from loraft.rundir import EVAL_METRICS, EVAL_PREDICTIONS, RunDir
 
     metrics = evaluate(args.run_dir, args.data, limit=args.limit, base=args.base, batch_size=args.batch_size,
-                       max_new_tokens=args.max_new_tokens, access=_access(args))
+                       max_new_tokens=args.max_new_tokens, access=_access(args), retention=args.retention,
+                       retention_limit=args.retention_limit)
     print(format_table(metrics))
-    print(f"wrote {RunDir(args.run_dir).eval_dir / EVAL_METRICS} and {EVAL_PREDICTIONS}", file=sys.stderr)
+    written = f" and {EVAL_PREDICTIONS}" if args.data else ""
+    print(f"wrote {RunDir(args.run_dir).eval_dir / EVAL_METRICS}{written}", file=sys.stderr)
     return 0
 
 

@@ -36,8 +36,23 @@ function preferenceEvalTable(result) {
   return el("div", {}, el("p", { class: "muted small", text: about }), table);
 }
 
+// what the run kept of its base on loraft's general prompts (loraft.retention), under either table
+function retentionLine(result) {
+  const kept = result.retention;
+  if (!kept) return null;
+  return el("p", { class: "retention", text: t("eval.retention", {
+    prompts: formatValue(kept.prompts), checkable: formatValue(kept.checkable), base: formatDecimal(kept.base_accuracy, 2),
+    run: formatDecimal(kept.accuracy, 2), kl: formatDecimal(kept.kl_per_token, 4) }) });
+}
+
 function evalTable(result) {
-  if (result.preference) return preferenceEvalTable(result);
+  const table = result.preference ? preferenceEvalTable(result) : result.records === undefined ? el("div") : taskEvalTable(result);
+  const retention = retentionLine(result);
+  if (retention) table.append(retention);
+  return table;
+}
+
+function taskEvalTable(result) {
   const columns = ["base", "adapter"].filter((column) => result[column]);
   const table = el("table", { class: "grid eval-table" },
     el("tr", {}, el("th", { i18n: "eval.metric" }), ...columns.map((column) => el("th", { i18n: column === "base" ? "eval.base" : "eval.adapter" }))));

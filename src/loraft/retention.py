@@ -1,0 +1,154 @@
+"""Retention: what a fine-tune left of the base model's general behaviour, measured on the project's general prompts.
+
+Two measures, both against the run's own base (the adapter switched off: no second copy of the weights):
+- **general accuracy**: the base and the run answer the checkable prompts (greedy, the run's template); a reply is
+  correct when it contains an accepted answer (loraft.retention_check.is_correct);
+- **KL per token**: the mean KL divergence from the base's next-token distribution to the run's, over the tokens of
+  the base's own answers to every prompt (teacher-forced, no generation by the run). 0 is the base's behaviour
+  unchanged; it needs no checkable answer, so chat prompts count too.
+
+The base's answers depend only on the base, the template, the prompts and the generation length: they are generated
+once and cached under `$LORAFT_HOME/retention/`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from loraft.files import cache_dir, write_text_atomically
+from loraft.generate import Answer, encode_prompt, generate_answers
+from loraft.retention_check import is_correct, load_prompts
+
+logger = logging.getLogger("loraft")
+RETENTION_TOKENS = 48  # answer length for the general prompts: their checkable answers come in the first words
+
+
+def _model_fingerprint(name_or_path: str, revision: Optional[str]) -> str:
+    """What the base's weights are: a local file or folder by its files' names, sizes and mtimes; a hub id by name
+    and revision."""
+    local = Path(name_or_path).expanduser()
+    if local.exists():
+        files = [local] if local.is_file() else sorted(p for p in local.rglob("*") if p.is_file())
+        return json.dumps([(str(p.relative_to(local.parent)), p.stat().st_size, p.stat().st_mtime_ns) for p in files])
+    return f"hub|{name_or_path}|{revision}"
+
+
+def _cache_file(config, template, prompts: Sequence[dict], max_new_tokens: int, dtype: str) -> Path:
+    parts = {"model": _model_fingerprint(config.model.name_or_path, config.model.revision), "dtype": dtype,
+             "template": hashlib.sha256(template.jinja.encode()).hexdigest(),
+             "prompts": hashlib.sha256(json.dumps([p["prompt"] for p in prompts]).encode()).hexdigest(),
+             "max_new_tokens": max_new_tokens, "version": 1}
+    key = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
+    return cache_dir("retention") / f"{key}.json"
+
+
+def base_answers(model, tokenizer, template, prompts: Sequence[dict], settings, batch_size: int, cache: Path) -> list:
+    """The base's greedy answers to the prompts (adapter off), from the cache when this base, template and prompt
+    set were answered before: [{"text", "ids"}] (ids: the answer's tokens with its end token, if it ended)."""
+    if cache.is_file():
+        return json.loads(cache.read_text(encoding="utf-8"))
+    conversations = [[{"role": "user", "content": p["prompt"]}] for p in prompts]
+    with model.disable_adapter():
+        answers = generate_answers(model, tokenizer, template, conversations, settings, batch_size, progress=True)
+    end = tokenizer(template.stop_text(tokenizer.eos_token).strip(), add_special_tokens=False)["input_ids"]
+    end_id = end[0] if len(end) == 1 else tokenizer.eos_token_id  # the token the template ends an answer with
+    rows = [{"text": a.text, "ids": _answer_ids(tokenizer, a, end_id)} for a in answers]
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomically(cache, json.dumps(rows, ensure_ascii=False))
+    except OSError as exc:
+        logger.warning("could not cache the base's answers in %s (%s)", cache, exc)
+    return rows
+
+
+def _answer_ids(tokenizer, answer: Answer, end_id: Optional[int]) -> list[int]:
+    ids = tokenizer(answer.text, add_special_tokens=False)["input_ids"]
+    return ids + ([end_id] if answer.ended and end_id is not None else [])
+
+
+@torch.inference_mode()
+def kl_per_token(model, tokenizer, template, prompts: Sequence[dict], answers: Sequence[dict],
+                 batch_size: int) -> float:
+    """Mean KL(base || run) per answer token, teacher-forced on the base's answers (the run = the adapter on)."""
+    device = next(model.parameters()).device
+    rows = []
+    for prompt, answer in zip(prompts, answers):
+        prefix = encode_prompt(tokenizer, template, [{"role": "user", "content": prompt["prompt"]}])
+        if answer["ids"]:
+            rows.append((prefix + answer["ids"], len(prefix)))
+    total, count = 0.0, 0
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start:start + batch_size]
+        width = max(len(ids) for ids, _ in batch)
+        input_ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        scored = torch.zeros((len(batch), width), dtype=torch.bool)  # positions whose next token is an answer token
+        for row, (ids, prompt_length) in enumerate(batch):
+            input_ids[row, :len(ids)] = torch.tensor(ids)
+            mask[row, :len(ids)] = 1
+            scored[row, prompt_length - 1:len(ids) - 1] = True
+        inputs = {"input_ids": input_ids.to(device), "attention_mask": mask.to(device)}
+        run = torch.log_softmax(model(**inputs).logits.float(), dim=-1)[scored.to(device)]
+        with model.disable_adapter():
+            base = torch.log_softmax(model(**inputs).logits.float(), dim=-1)[scored.to(device)]
+        total += float((base.exp() * (base - run)).sum())
+        count += int(scored.sum())
+    return total / count if count else 0.0
+
+
+def measure_retention(model, tokenizer, template, config, settings, dtype: str, batch_size: int = 8,
+                      limit: Optional[int] = None) -> dict:
+    """General accuracy of the base and of the run, and the KL per token from base to run, on the project's
+    general prompts (the first `limit` of them).
+
+    Args:
+        model: the run's PeftModel (the base is the adapter switched off).
+        config: the run's config (its base model names the cache entry).
+        settings: generation settings (greedy; max_new_tokens is RETENTION_TOKENS unless given).
+    Returns:
+        {"prompts", "checkable", "base_accuracy", "accuracy", "kept" (accuracy / base_accuracy), "kl_per_token",
+         "by_language": {lang: {"checkable", "base_accuracy", "accuracy"}}, "samples": [...]} (accuracies in %).
+    """
+    prompts = load_prompts()[:limit] if limit else load_prompts()
+    cache = _cache_file(config, template, prompts, settings.max_new_tokens, dtype)
+    base = base_answers(model, tokenizer, template, prompts, settings, batch_size, cache)
+    conversations = [[{"role": "user", "content": p["prompt"]}] for p in prompts]
+    run = generate_answers(model, tokenizer, template, conversations, settings, batch_size, progress=True)
+    checkable = [i for i, p in enumerate(prompts) if p["answers"]]
+
+    def accuracy(indexes: list[int], texts: Sequence[str]) -> float:
+        right = sum(is_correct(texts[i], prompts[i]["answers"]) for i in indexes)
+        return round(100.0 * right / len(indexes), 2) if indexes else 0.0
+
+    base_texts, run_texts = [b["text"] for b in base], [a.text for a in run]
+    by_language = {}
+    for lang in sorted({p["lang"] for p in prompts}):
+        indexes = [i for i in checkable if prompts[i]["lang"] == lang]
+        by_language[lang] = {"checkable": len(indexes), "base_accuracy": accuracy(indexes, base_texts),
+                             "accuracy": accuracy(indexes, run_texts)}
+    base_accuracy, run_accuracy = accuracy(checkable, base_texts), accuracy(checkable, run_texts)
+    result = {
+        "prompts": len(prompts), "checkable": len(checkable), "base_accuracy": base_accuracy,
+        "accuracy": run_accuracy, "kept": round(run_accuracy / base_accuracy, 3) if base_accuracy else None,
+        "kl_per_token": round(kl_per_token(model, tokenizer, template, prompts, base, batch_size), 5),
+        "by_language": by_language, "max_new_tokens": settings.max_new_tokens,
+        "samples": [{"id": prompts[i]["id"], "prompt": prompts[i]["prompt"], "answers": prompts[i]["answers"],
+                     "base": base_texts[i], "run": run_texts[i]} for i in checkable[:8]],
+    }
+    logger.info("retention: general accuracy %.2f%% -> %.2f%%, KL per token %.4f", base_accuracy, run_accuracy,
+                result["kl_per_token"])
+    return result
+
+
+def format_retention(retention: dict) -> str:
+    """Two lines for the eval table: general accuracy base -> run, and the KL per token."""
+    kept = f" ({100 * retention['kept']:.0f}% of the base's)" if retention.get("kept") is not None else ""
+    return (f"retention on {retention['prompts']} general prompts ({retention['checkable']} checkable): accuracy "
+            f"{retention['base_accuracy']:.2f}% -> {retention['accuracy']:.2f}%{kept}; KL from the base "
+            f"{retention['kl_per_token']:.4f} per token")
