@@ -8,6 +8,8 @@ the same `from_pretrained(dir)` path as a hub model.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 from pathlib import Path
@@ -18,6 +20,22 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+# What outlives a test session (llama.cpp's converter tree, the real model, tokenizers rebuilt from it, the Go
+# renderer): $LORAFT_TEST_CACHE, else ~/.cache/loraft-test. Filled under locked_test_cache().
+TEST_CACHE = Path(os.environ.get("LORAFT_TEST_CACHE") or Path.home() / ".cache" / "loraft-test")
+
+
+@contextlib.contextmanager
+def locked_test_cache():
+    """Hold the test cache's lock: one process at a time checks and fills TEST_CACHE (xdist workers share it)."""
+    TEST_CACHE.mkdir(parents=True, exist_ok=True)
+    with open(TEST_CACHE / ".lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield TEST_CACHE
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def pytest_collection_modifyitems(config, items):

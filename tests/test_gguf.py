@@ -19,6 +19,7 @@ pytest.importorskip("xllamacpp", reason="the gguf extra is not installed (pip in
 pytest.importorskip("sentencepiece", reason="the gguf extra is not installed (pip install 'loraft[gguf]')")
 pytest.importorskip("gguf", reason="the gguf extra is not installed (pip install 'loraft[gguf]')")
 
+from conftest import TEST_CACHE as CACHE, locked_test_cache  # noqa: E402
 from loraft.demo import bloom_pre_tokenizer  # noqa: E402
 from loraft.errors import RunError  # noqa: E402
 from loraft.export import llamacpp  # noqa: E402
@@ -26,7 +27,6 @@ from loraft.export.gguf import export_gguf, llama_cpp_adapter_config  # noqa: E4
 from loraft.export.verify import TOLERANCES  # noqa: E402
 from loraft.files import staged_directory  # noqa: E402
 
-CACHE = Path(os.environ.get("LORAFT_TEST_CACHE") or Path.home() / ".cache" / "loraft-test")
 RECORDS = [
     {"instruction": "把字母变成大写", "input": "abc", "output": "ABC"},
     {"instruction": "你好", "input": "", "output": "你好！我是一个简洁的助手。"},
@@ -41,8 +41,9 @@ def llama_cpp_tree() -> Path:
     if os.environ.get(llamacpp.ENV_DIR):
         return Path(os.environ[llamacpp.ENV_DIR])
     target = CACHE / "llama.cpp" / f"{llamacpp.PINNED_PACKAGE}-{llamacpp.PINNED_VERSION}"
-    if not (target / llamacpp.STAMP).is_file():
-        llamacpp.fetch_pinned(target, log=lambda line: None)
+    with locked_test_cache():
+        if not (target / llamacpp.STAMP).is_file():
+            llamacpp.fetch_pinned(target, log=lambda line: None)
     return target
 
 
@@ -52,10 +53,12 @@ def qwen2_tokenizer_dir(llama_cpp_tree) -> Path:
     from transformers import AutoTokenizer
 
     target = CACHE / "tokenizers" / f"qwen2-{llamacpp.PINNED_VERSION}"
-    if not (target / "tokenizer.json").is_file():
-        tokenizer = AutoTokenizer.from_pretrained(str(llama_cpp_tree / "models"), gguf_file="ggml-vocab-qwen2.gguf")
-        with staged_directory(target) as staging:
-            tokenizer.save_pretrained(str(staging))
+    with locked_test_cache():
+        if not (target / "tokenizer.json").is_file():
+            tokenizer = AutoTokenizer.from_pretrained(str(llama_cpp_tree / "models"),
+                                                      gguf_file="ggml-vocab-qwen2.gguf")
+            with staged_directory(target) as staging:
+                tokenizer.save_pretrained(str(staging))
     return target
 
 

@@ -5,6 +5,7 @@ Ollama's Modelfile parser reads them; values the Modelfile format cannot hold ar
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import TEST_CACHE, locked_test_cache
 from loraft.errors import ConfigError, TemplateError
 from loraft.export.ollama import chat_format, go_template, modelfile
 from loraft.templates import ALPACA_SYSTEM, RAW_TEXT, TEMPLATES, Template, TemplateParts, Turn, get_template
@@ -22,19 +24,38 @@ GO_HARNESS = Path(__file__).parent / "go"
 LORAFT_TEMPLATES = {**TEMPLATES, RAW_TEXT.name: RAW_TEXT}
 
 
+def _go_binary(go: str, tmp_path_factory) -> Path:
+    """tests/go built once per source and Go toolchain, kept in the test cache (a cold build of a newer Go than
+    Debian 12's compiles the standard library first, tens of seconds); built in a fresh folder and renamed into
+    place, so a worker never runs a half-written binary."""
+    env = {**os.environ, "GOFLAGS": "", "GOPROXY": "off", "GOTOOLCHAIN": "local", "GO111MODULE": "on",
+           "CGO_ENABLED": "0"}
+    version = subprocess.run([go, "version"], env=env, capture_output=True, text=True, timeout=60, check=True).stdout
+    key = hashlib.sha256(version.encode())
+    for source in sorted(GO_HARNESS.iterdir()):
+        if source.is_file():
+            key.update(source.name.encode() + b"\0" + source.read_bytes() + b"\0")
+    binary = TEST_CACHE / "go" / f"ollamarender-{key.hexdigest()[:16]}"
+    with locked_test_cache():
+        if not binary.is_file():
+            build = tmp_path_factory.mktemp("ollamarender")
+            env.update(GOCACHE=str(build / "cache"), GOPATH=str(build / "gopath"))
+            built = subprocess.run([go, "build", "-o", str(build / "ollamarender"), "."], cwd=GO_HARNESS, env=env,
+                                   capture_output=True, text=True, timeout=300)
+            assert built.returncode == 0, built.stderr
+            binary.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(build / "ollamarender", binary.with_name(binary.name + ".partial"))
+            os.replace(binary.with_name(binary.name + ".partial"), binary)
+    return binary
+
+
 @pytest.fixture(scope="session")
 def ollama_render(tmp_path_factory):
     """render(template, conversations, system) -> texts: tests/go built once, run on a batch of conversations."""
     go = shutil.which("go")
     if go is None:
         pytest.skip("go is not on PATH (CI installs Debian's golang-go): the TEMPLATE's Go rendering is not checked")
-    build = tmp_path_factory.mktemp("ollamarender")
-    binary = build / "ollamarender"
-    env = {**os.environ, "GOCACHE": str(build / "cache"), "GOPATH": str(build / "gopath"), "GOFLAGS": "",
-           "GOPROXY": "off", "GOTOOLCHAIN": "local", "GO111MODULE": "on", "CGO_ENABLED": "0"}
-    built = subprocess.run([go, "build", "-o", str(binary), "."], cwd=GO_HARNESS, env=env, capture_output=True,
-                           text=True, timeout=300)
-    assert built.returncode == 0, built.stderr
+    binary = _go_binary(go, tmp_path_factory)
 
     def render(template: str, conversations: list[list[dict]], system: str | None = None) -> list[str]:
         requests = [{"template": template, "messages": messages, "system": system or ""} for messages in conversations]

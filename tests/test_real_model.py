@@ -21,11 +21,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import TEST_CACHE as CACHE, locked_test_cache
 from loraft import gguf_base
 from loraft.cli import main
 from loraft.errors import RunError
 
-CACHE = Path(os.environ.get("LORAFT_TEST_CACHE") or Path.home() / ".cache" / "loraft-test")
 WORDS = ["apple", "river", "stone", "cloud", "tiger", "lemon", "piano", "ocean", "candle", "forest", "garden",
          "rocket", "silver", "window", "pencil", "butter", "dragon", "planet", "jungle", "marble"]
 
@@ -39,8 +39,9 @@ def converter():
         yield
         return
     target = CACHE / "llama.cpp" / f"{llamacpp.PINNED_PACKAGE}-{llamacpp.PINNED_VERSION}"
-    if not (target / llamacpp.STAMP).is_file():
-        llamacpp.fetch_pinned(target, log=lambda line: None)
+    with locked_test_cache():
+        if not (target / llamacpp.STAMP).is_file():
+            llamacpp.fetch_pinned(target, log=lambda line: None)
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv(llamacpp.ENV_DIR, str(target))
         yield
@@ -52,7 +53,8 @@ def smollm2(tmp_path_factory) -> Path:
     from loraft.smollm2 import smollm2_gguf
 
     try:
-        cached = smollm2_gguf(CACHE / "models", log=lambda line: None)
+        with locked_test_cache():
+            cached = smollm2_gguf(CACHE / "models", log=lambda line: None)
     except RunError as exc:  # offline with no copy: the one sentence says so
         pytest.skip(str(exc))
     folder = tmp_path_factory.mktemp("smollm2")
