@@ -256,6 +256,52 @@ def write_alpaca(path: Path, records: list[dict] | None = None, repeat: int = 1)
     return path
 
 
+# The run test_lifecycle, test_crash_safety and test_ui_e2e stop, kill and resume, and the uninterrupted reference
+# each of them compares its adapter with, bit for bit (fp32, samples drawn from the seed): a tiny BLOOM on
+# ALPACA_RECORDS x 4, 2 x 2 samples a step, so 8 steps an epoch; a checkpoint every REFERENCE_SAVE_STEPS, all kept.
+REFERENCE_STEPS, REFERENCE_SAVE_STEPS = 32, 4
+
+
+def reference_yaml(model, data, output_dir=None, max_steps: int = REFERENCE_STEPS,
+                   save_steps: int = REFERENCE_SAVE_STEPS) -> str:
+    """The reference run's config file (`output_dir` left out: given on the command line or by the UI)."""
+    lines = ([f"output_dir: {output_dir}"] if output_dir else []) + [
+        "model:", f"  name_or_path: {model}", "data:", f"  path: {data}", "train:", f"  max_steps: {max_steps}",
+        f"  save_steps: {save_steps}", "  save_total_limit: null", "  logging_steps: 1",
+        "  per_device_train_batch_size: 2", "  gradient_accumulation_steps: 2", "  learning_rate: 0.01",
+        "  precision: fp32", "  sampling: random"]
+    return "\n".join(lines) + "\n"
+
+
+@contextlib.contextmanager
+def one_thread():
+    """torch on one thread meanwhile: an in-process run computes as the OMP_NUM_THREADS=1 processes it is compared
+    with bit for bit do."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def reference_run(tmp_path_factory, tiny_bloom_dir) -> Path:
+    """The uninterrupted reference run (reference_yaml), trained once a session (each xdist worker) in this process on
+    one thread, with every checkpoint kept. Read it, never write into it (copy it with shutil.copytree to change it)."""
+    from loraft.config import load_config
+    from loraft.train import train
+
+    root = tmp_path_factory.mktemp("reference")
+    config = root / "reference.yaml"
+    config.write_text(reference_yaml(tiny_bloom_dir, write_alpaca(root / "alpaca.jsonl", repeat=4), root / "run"),
+                      encoding="utf-8")
+    with one_thread():
+        return Path(train(load_config(config)))
+
+
 @pytest.fixture()
 def alpaca_jsonl(tmp_path) -> Path:
     """A small alpaca-format JSONL file (Chinese): ALPACA_RECORDS once."""

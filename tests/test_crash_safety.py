@@ -18,38 +18,31 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import write_alpaca
+from conftest import REFERENCE_SAVE_STEPS, REFERENCE_STEPS, one_thread, reference_yaml, write_alpaca
+from loraft.cli import main
 
 HOOK = Path(__file__).parent / "kill_hook"
-MAX_STEPS = 6
+MAX_STEPS, SAVE_STEPS = REFERENCE_STEPS, REFERENCE_SAVE_STEPS
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory, tiny_bloom_dir):
+def setup(tmp_path_factory, tiny_bloom_dir, reference_run):
+    """start(run_dir, kill_on) -> `loraft train` of conftest's reference config in its own process (tests/kill_hook
+    loaded), the folder the runs go in, and the adapter of the session's uninterrupted reference run."""
     root = tmp_path_factory.mktemp("crash")
     data = write_alpaca(root / "alpaca.jsonl", repeat=4)
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(HOOK), os.environ.get("PYTHONPATH", "")]), "HF_HUB_OFFLINE": "1"}
     env.pop("KILL_ON", None)
 
-    def config(run_dir: Path) -> Path:
-        path = run_dir.with_suffix(".yaml")
-        path.write_text("\n".join([
-            f"output_dir: {run_dir}", "model:", f"  name_or_path: {tiny_bloom_dir}", "data:", f"  path: {data}",
-            "train:", f"  max_steps: {MAX_STEPS}", "  save_steps: 2", "  save_total_limit: null",
-            "  logging_steps: 1", "  per_device_train_batch_size: 2", "  gradient_accumulation_steps: 2",
-            "  learning_rate: 0.01", "  precision: fp32", "  sampling: random", ""]), encoding="utf-8")
-        return path
-
-    def start(run_dir: Path, resume: bool = False, kill_on: str = None) -> subprocess.Popen:
-        command = [sys.executable, "-m", "loraft.cli", "train", str(config(run_dir))] + (["--resume"] if resume else [])
+    def start(run_dir: Path, kill_on: str = None) -> subprocess.Popen:
+        config = run_dir.with_suffix(".yaml")
+        config.write_text(reference_yaml(tiny_bloom_dir, data, run_dir), encoding="utf-8")
+        command = [sys.executable, "-m", "loraft.cli", "train", str(config)]
         run_env = {**env, "KILL_ON": kill_on} if kill_on else env
         return subprocess.Popen(command, env=run_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
-    reference = root / "reference"
-    process = start(reference)
-    assert process.wait(timeout=300) == 0, process.stderr.read()
-    return start, root, load_file(reference / "adapter_model.safetensors")
+    return start, root, load_file(reference_run / "adapter_model.safetensors")
 
 
 def _status(run_dir):
@@ -90,20 +83,20 @@ def _kill_when_logged(process, run_dir, step, rng):
     return process.wait(timeout=300)
 
 
-ALL_CHECKPOINTS = [f"checkpoint-{step}" for step in range(2, MAX_STEPS + 1, 2)]
-SLOW = pytest.mark.slow  # each trial is two training processes (~30 s on 2 cores): the default run keeps one
+ALL_CHECKPOINTS = sorted(f"checkpoint-{step}" for step in range(SAVE_STEPS, MAX_STEPS + 1, SAVE_STEPS))  # as _state
+FIRST, SECOND = (f"checkpoint-{SAVE_STEPS * n}" for n in (1, 2))
+SLOW = pytest.mark.slow  # each trial is a killed training process and a resume: the default run keeps one
 # (name, kill, the run directory's state at the kill: None for a random moment)
 TRIALS = [
     pytest.param("random moment after step 1", ("after", 1), None, marks=SLOW),
     pytest.param("random moment after step 3", ("after", 3), None, marks=SLOW),
     pytest.param("random moment after step 5", ("after", 5), None, marks=SLOW),
     # the adapter weights are staged, its config (and the optimizer, trainer state) not yet
-    pytest.param("first checkpoint, mid-save", ("hook", "open|checkpoints/.staging/checkpoint-2/adapter_config.json"),
-                 {"status": "running", "checkpoints": [], "staged": {"checkpoint-2": False}, "adapter": False},
+    pytest.param("first checkpoint, mid-save", ("hook", f"open|checkpoints/.staging/{FIRST}/adapter_config.json"),
+                 {"status": "running", "checkpoints": [], "staged": {FIRST: False}, "adapter": False}, marks=SLOW),
+    pytest.param("second checkpoint, before it is moved into place", ("hook", f"os.rename|checkpoints/{SECOND}"),
+                 {"status": "running", "checkpoints": [FIRST], "staged": {SECOND: True}, "adapter": False},
                  marks=SLOW),
-    pytest.param("second checkpoint, before it is moved into place", ("hook", "os.rename|checkpoints/checkpoint-4"),
-                 {"status": "running", "checkpoints": ["checkpoint-2"], "staged": {"checkpoint-4": True},
-                  "adapter": False}, marks=SLOW),
     pytest.param("final save, before the adapter is moved into the run",
                  ("hook", "os.rename|/adapter_model.safetensors"),
                  {"status": "running", "checkpoints": ALL_CHECKPOINTS, "staged": {}, "adapter": False}, marks=SLOW),
@@ -128,8 +121,8 @@ def test_killed_training_resumes_to_the_uninterrupted_result(setup, name, kill, 
         assert state["status"] == "running", state
     else:
         assert state == at_kill, f"{name}: the kill did not happen where it says"
-    process = start(run_dir, resume=bool(state["checkpoints"]))
-    assert process.wait(timeout=300) == 0, process.stderr.read()[-2000:]
+    with one_thread():  # the same command again, in this process: the kill was the process's part
+        assert main(["train", str(run_dir.with_suffix(".yaml"))] + (["--resume"] if state["checkpoints"] else [])) == 0
     assert _status(run_dir) == "finished"
     assert _logged_steps(run_dir) == list(range(1, MAX_STEPS + 1))
     final = load_file(run_dir / "adapter_model.safetensors")

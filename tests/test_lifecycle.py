@@ -21,19 +21,21 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import write_alpaca
+from conftest import REFERENCE_SAVE_STEPS, REFERENCE_STEPS, one_thread, reference_yaml, write_alpaca
 from loraft.cli import STOPPED_EXIT_CODE, main
 from loraft.errors import RunError
 from loraft.liveness import RunLock, lock_is_held, run_state
 from loraft.rundir import LOCK_FILE, RunDir
 
 HOOK = Path(__file__).parent / "signal_hook"
-MAX_STEPS = 32  # 8 steps an epoch: a stop lands in the first one, and the resume crosses epoch boundaries
-SAVE_STEPS = 4
+MAX_STEPS = REFERENCE_STEPS  # 8 steps an epoch: a stop lands in the first one, and the resume crosses epoch boundaries
+SAVE_STEPS = REFERENCE_SAVE_STEPS
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory, tiny_bloom_dir):
+def setup(tmp_path_factory, tiny_bloom_dir, reference_run):
+    """start(run_dir, ...) -> `loraft train` of conftest's reference config in its own process (tests/signal_hook
+    loaded), the folder the runs go in, and the session's uninterrupted reference run (conftest.reference_run)."""
     root = tmp_path_factory.mktemp("lifecycle")
     data = write_alpaca(root / "alpaca.jsonl", repeat=4)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
@@ -43,26 +45,17 @@ def setup(tmp_path_factory, tiny_bloom_dir):
     def config(run_dir: Path, max_steps: int = MAX_STEPS, save_steps: int = SAVE_STEPS) -> Path:
         path = run_dir.with_suffix(".yaml")
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("\n".join([
-            f"output_dir: {run_dir}", "model:", f"  name_or_path: {tiny_bloom_dir}", "data:", f"  path: {data}",
-            "train:", f"  max_steps: {max_steps}", f"  save_steps: {save_steps}", "  save_total_limit: null",
-            "  logging_steps: 1", "  per_device_train_batch_size: 2", "  gradient_accumulation_steps: 2",
-            "  learning_rate: 0.01", "  precision: fp32", "  sampling: random", ""]), encoding="utf-8")
+        path.write_text(reference_yaml(tiny_bloom_dir, data, run_dir, max_steps, save_steps), encoding="utf-8")
         return path
 
-    def start(run_dir: Path, resume: bool = False, signal_on: str = None, launcher: tuple = (),
-              **settings) -> subprocess.Popen:
+    def start(run_dir: Path, signal_on: str = None, launcher: tuple = (), **settings) -> subprocess.Popen:
         command = [sys.executable, *launcher, "-m", "loraft.cli", "train", str(config(run_dir, **settings))]
         run_env = {**env, "SIGNAL_ON": signal_on} if signal_on else env
         if launcher:  # several CPU processes (gloo), even on a machine with one GPU
             run_env = {**run_env, "CUDA_VISIBLE_DEVICES": ""}
-        return subprocess.Popen(command + (["--resume"] if resume else []), env=run_env, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, text=True)
+        return subprocess.Popen(command, env=run_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
-    reference = root / "reference"
-    process = start(reference)
-    assert process.wait(timeout=300) == 0, process.stderr.read()
-    return start, root, reference
+    return start, root, reference_run
 
 
 def _record(run_dir: Path) -> dict:
@@ -113,8 +106,8 @@ def test_stopped_run_resumes_to_the_uninterrupted_result(setup, capsys):
         f"stopped at step {step}; resume with: loraft train {run_dir.with_suffix('.yaml')} --resume")
     assert run_state(run_dir)["status"] == "stopped" and not lock_is_held(run_dir)
 
-    process = start(run_dir, resume=True)
-    assert process.wait(timeout=300) == 0, process.stderr.read()[-2000:]
+    with one_thread():  # the resume in this process: the stop was the process's part
+        assert main(["train", str(run_dir.with_suffix(".yaml")), "--resume"]) == 0
     assert _record(run_dir)["status"] == "finished" and run_state(run_dir)["status"] == "finished"
     assert _logged_steps(run_dir) == list(range(1, MAX_STEPS + 1))
     _assert_same_adapter(run_dir, reference)
