@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from conftest import write_alpaca
+from conftest import one_thread, write_alpaca
 from loraft.config import load_config, save_config
 from loraft.errors import ConfigError, DataError, RunError
 from loraft.train import train
@@ -304,32 +304,43 @@ def test_resume_with_another_sft_run_is_refused(workdir, tiny_bloom_dir, sft_run
 
 @pytest.fixture(scope="module")
 def dpo_process(workdir, tiny_bloom_dir, sft_run):
-    """`loraft train` of a 6-step DPO run from the SFT run in its own process (one thread, as every run it is
-    compared with), with tests/kill_hook (KILL_ON=...) or tests/signal_hook (SIGNAL_ON=...) loaded."""
+    """A 6-step DPO run from the SFT run: run(name, KILL_ON=... or SIGNAL_ON=...) is `loraft train` in its own process
+    (one thread) with tests/kill_hook or tests/signal_hook loaded, resume(name) its `--resume` in this process (one
+    thread: the interruption is the process's part); and the adapter of the uninterrupted run, trained here on one
+    thread, as every run it is compared with."""
+    from loraft.cli import main
+
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     for name in ("KILL_ON", "SIGNAL_ON"):
         env.pop(name, None)
     # one sitecustomize is imported: the hook the run asks for
     hooks = {"KILL_ON": HOOK, "SIGNAL_ON": Path(__file__).parent / "signal_hook"}
 
-    def run(name: str, resume: bool = False, **hook) -> subprocess.CompletedProcess:
+    def config(name: str) -> Path:
         path = workdir / f"{name}.yaml"
         save_config(load_config(None, _overrides(tiny_bloom_dir, workdir / "pairs.jsonl", workdir / name,
                                                  "train.objective=dpo", "train.max_steps=6",
                                                  f"model.adapter_from={sft_run}")), path)
-        command = [sys.executable, "-m", "loraft.cli", "train", str(path)] + (["--resume"] if resume else [])
+        return path
+
+    def run(name: str, **hook) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "loraft.cli", "train", str(config(name))]
         paths = [str(hooks[name]) for name in hook] + [os.environ.get("PYTHONPATH", "")]
         run_env = {**env, **hook, "PYTHONPATH": os.pathsep.join(filter(None, paths))}
         return subprocess.run(command, env=run_env, capture_output=True, text=True, timeout=600)
 
-    reference = run("resume-reference")
-    assert reference.returncode == 0, reference.stderr[-3000:]
-    return run, load_file(workdir / "resume-reference" / "adapter_model.safetensors")
+    def resume(name: str) -> None:
+        with one_thread():
+            assert main(["train", str(workdir / f"{name}.yaml"), "--resume"]) == 0
+
+    with one_thread():
+        reference = train(load_config(config("resume-reference")), progress_bar=False)
+    return run, resume, load_file(reference / "adapter_model.safetensors")
 
 
 @pytest.mark.parametrize("interruption", ["sigkill", "graceful-stop"])
 def test_an_interrupted_dpo_run_resumes_to_a_bit_equal_adapter(workdir, dpo_process, interruption):
-    run, expected = dpo_process
+    run, resume, expected = dpo_process
     name = f"resume-{interruption}"
     if interruption == "sigkill":  # killed inside the second checkpoint's move into place
         interrupted = run(name, KILL_ON="os.rename|checkpoints/checkpoint-4")
@@ -343,8 +354,7 @@ def test_an_interrupted_dpo_run_resumes_to_a_bit_equal_adapter(workdir, dpo_proc
         assert json.loads((workdir / name / "loraft_run.json").read_text())["status"] == "stopped"
         kept = ["checkpoint-2", "checkpoint-3"]
     assert sorted(p.name for p in (workdir / name / "checkpoints").glob("checkpoint-*")) == kept
-    resumed = run(name, resume=True)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    resume(name)
     got = load_file(workdir / name / "adapter_model.safetensors")
     assert set(got) == set(expected)
     for key in expected:
