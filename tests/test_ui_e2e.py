@@ -1,8 +1,9 @@
 """End to end: the real `loraft ui` process on 127.0.0.1, its page in headless Chromium, and the real training
 processes it starts. The runs must outlive the browser and the UI; the page must re-attach to them.
 
-Training steps are slowed to STEP_SECONDS each (tests/pace_hook, inherited by the runs the UI starts), so that the
-browser or the UI can be killed, or Stop pressed, while a run is in the middle of its steps, on any machine.
+A run the test acts on is held between its steps by tests/step_gate (inherited by the runs the UI starts): the test
+lets it take N steps, kills the browser or the UI or presses Stop while it waits there, then lets it go, on any
+machine, however fast its steps are.
 """
 
 from __future__ import annotations
@@ -21,18 +22,18 @@ import pytest
 from safetensors.torch import load_file
 
 from browser import Chromium, find_chromium
-from conftest import write_alpaca
+from conftest import REFERENCE_STEPS, reference_yaml, write_alpaca
 from run_helpers import ServerProcess, free_port
 
-HOOK = Path(__file__).parent / "pace_hook"
+HOOK = Path(__file__).parent / "step_gate"
+GATE = ".step-gate"  # the gate's folder, inside the workspace: the runs the UI starts may write nowhere else
 MODEL = "models/tiny-bloom"
-STEP_SECONDS = 0.25
 CATALOGS = Path(__file__).resolve().parents[1] / "src" / "loraft" / "ui" / "static" / "i18n"
 SHOTS = os.environ.get("LORAFT_UI_SCREENSHOTS")  # a folder: docs/ui/'s screenshots are taken from these tests
 
 
 class UI(ServerProcess):
-    """`loraft ui` (the CLI, as a user starts it) on 127.0.0.1, with the pace hook for the runs it starts."""
+    """`loraft ui` (the CLI, as a user starts it) on 127.0.0.1, with the step gate for the runs it starts."""
 
     def __init__(self, workspace: Path, log_path: Path, port: int | None = None, token: str | None = None):
         self.workspace, self.token = workspace, token
@@ -41,7 +42,8 @@ class UI(ServerProcess):
             lambda port: [sys.executable, "-m", "loraft.cli", "ui", "--workspace", str(workspace), "--port", str(port),
                           *extra],
             log_path, stop_timeout=30, port=port, ready_path="/api/info", headers=self.headers,
-            environment={"LORAFT_TEST_STEP_SECONDS": str(STEP_SECONDS),
+            # one thread, as the reference run a stopped and resumed one is compared with bit for bit
+            environment={"LORAFT_TEST_GATE": str(workspace / GATE), "OMP_NUM_THREADS": "1",
                          "PYTHONPATH": os.pathsep.join([str(HOOK), os.environ.get("PYTHONPATH", "")])})
 
     @property
@@ -58,8 +60,34 @@ class UI(ServerProcess):
         self.process.wait()
 
 
+class Gate:
+    """tests/step_gate's folder in the workspace: hold(NAME, N) lets run NAME take N steps and wait there, held(NAME,
+    N) waits until it does, release(NAME) lets it run to its end."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        folder.mkdir(exist_ok=True)
+
+    def hold(self, name: str, steps: int) -> None:
+        partial = self.folder / f"{name}.partial"
+        partial.write_text(str(steps))
+        os.replace(partial, self.folder / name)  # the run never reads a half-written number
+
+    def held(self, name: str, step: int, timeout: float = 240) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            held = self.folder / f"{name}.held"
+            if held.is_file() and held.read_text() == str(step):
+                return
+            time.sleep(0.05)
+        raise TimeoutError(f"{name} was never held after step {step}")
+
+    def release(self, name: str) -> None:
+        (self.folder / name).unlink()
+
+
+# a short run to chat with: fp32, with a fixed sample order
 RUN_CONFIG = """\
-# a tiny run: fp32 with a fixed sample order, so a stopped and resumed run can be compared bit for bit
 model:
   name_or_path: {model}
 data:
@@ -86,7 +114,8 @@ def workspace(tmp_path_factory, tiny_bloom_dir) -> Path:
     write_alpaca(root / "data" / "train.jsonl", repeat=4)
     shutil.copytree(tiny_bloom_dir, root / MODEL)  # paths the UI is given are relative to the workspace
     (root / "short.yaml").write_text(RUN_CONFIG.format(model=MODEL, steps=24), encoding="utf-8")
-    (root / "long.yaml").write_text(RUN_CONFIG.format(model=MODEL, steps=40), encoding="utf-8")
+    # conftest's reference run, from the workspace's copies of its model and data (the same bytes)
+    (root / "long.yaml").write_text(reference_yaml(MODEL, "data/train.jsonl"), encoding="utf-8")
     return root
 
 
@@ -177,75 +206,91 @@ def logged_steps(run_dir: Path) -> list[int]:
     return [record["step"] for record in map(json.loads, lines) if "loss" in record]
 
 
-def test_a_run_started_from_the_page_finishes_after_the_browser_is_killed(ui, browser, workspace):
-    start_run_from_page(browser, ui, "closed-tab", "long.yaml")
-    browser.wait_for("window.loraftUI.points.loss.length >= 2")  # the live curve is drawing
-    shoot(browser, "run-live")
-    wait_for_step(ui, "closed-tab", 2)  # asserts the run is still running when the browser dies
-    browser.process.send_signal(signal.SIGKILL)  # the whole browser, not a polite tab close
-    state = wait_for_status(ui, "closed-tab", {"finished", "failed", "interrupted"})
-    assert state["status"] == "finished" and state["step"] == 40
-    assert (workspace / "closed-tab" / "adapter_model.safetensors").is_file()
-    assert logged_steps(workspace / "closed-tab") == list(range(1, 41))
-
-
-def test_the_page_reattaches_after_the_ui_is_killed_and_replays_every_step(workspace, browser, tmp_path):
+def test_a_run_outlives_the_browser_and_the_ui_and_stops_and_resumes_from_the_page(workspace, reference_run, browser,
+                                                                                    tmp_path):
+    """One run started from the page: the whole browser is SIGKILLed and the run goes on; the UI is SIGKILLed under a
+    second page and started again, and the page re-attaches and replays every step, those trained meanwhile too;
+    Stop from the page gives `stopped` with a checkpoint, Resume finishes with an adapter bit-equal to an
+    uninterrupted run's (conftest's reference run, fp32) and every step logged once. Then a second run's trainer is
+    SIGKILLed before its first checkpoint: the page reads `interrupted`, with nothing to resume."""
+    gate, name, steps = Gate(workspace / GATE), "closed-tab", list(range(1, REFERENCE_STEPS + 1))
     first = UI(workspace, tmp_path / "ui.log")
+    second = None
+    closed = Chromium(find_chromium(), tmp_path / "closed-profile")  # the browser that is SIGKILLed
     try:
-        start_run_from_page(browser, first, "ui-killed", "long.yaml")
-        wait_for_step(first, "ui-killed", 3)
+        closed.page("Page.enable")
+        gate.hold(name, 2)
+        start_run_from_page(closed, first, name, "long.yaml")
+        closed.wait_for("window.loraftUI.points.loss.length >= 2")  # the live curve is drawing
+        shoot(closed, "run-live")
+        wait_for_step(first, name, 2)  # asserts the run is still running when the browser dies
+        gate.held(name, 2)
+        closed.process.send_signal(signal.SIGKILL)  # the whole browser, not a polite tab close
+        closed.process.wait()
+        gate.hold(name, 4)  # the run goes on without a browser
+        gate.held(name, 4)
+        wait_for_step(first, name, 4)
+
+        # a page on the run; the UI is SIGKILLed under it, and the run trains two more steps without a UI
+        open_page(browser, first.url + f"/#/run/{name}")
+        browser.wait_for("window.loraftUI.points.loss.length === 4")
         first.kill()  # SIGKILL: the UI gets no chance to do anything; the run must not notice
+        gate.hold(name, 6)
+        gate.held(name, 6)
         time.sleep(1.5)  # the page is now without a server: its stream drops and it retries
         second = UI(workspace, tmp_path / "ui.log", port=first.port)
-        try:
-            assert next(run for run in second.get("/api/runs") if run["name"] == "ui-killed")["status"] in (
-                "running", "finished")
-            browser.wait_for("document.getElementById('run-status').dataset.status === 'finished'", timeout=240)
-            browser.wait_for("window.loraftUI.points.loss.length === 40", timeout=30)
-            steps = browser.js("window.loraftUI.points.loss.map(point => point[0])")
-            assert steps == logged_steps(workspace / "ui-killed") == list(range(1, 41))
-        finally:
-            second.stop()
+        assert next(run for run in second.get("/api/runs") if run["name"] == name)["status"] in ("running", "finished")
+        browser.wait_for("window.loraftUI.points.loss.length === 6")  # re-attached: the steps it missed are replayed
+        assert browser.js("window.loraftUI.points.loss.map(point => point[0])") == logged_steps(workspace / name)
+
+        # Stop from the page while the run waits after step 6: it ends step 7 with a checkpoint
+        browser.wait_for("!document.getElementById('stop-run').disabled")
+        browser.js("document.getElementById('stop-run').click()")
+        console = workspace / name / "console.log"
+        deadline = time.monotonic() + 60
+        while "SIGTERM: stopping after the current step" not in console.read_text(encoding="utf-8"):
+            assert time.monotonic() < deadline, console.read_text(encoding="utf-8")[-2000:]
+            time.sleep(0.05)
+        gate.release(name)
+        browser.wait_for("document.getElementById('run-status').dataset.status === 'stopped'", timeout=120)
+        record = json.loads((workspace / name / "loraft_run.json").read_text())
+        assert record["status"] == "stopped" and 3 <= record["step"] < REFERENCE_STEPS and record["step"] == 7
+        assert (workspace / name / "checkpoints" / f"checkpoint-{record['step']}" / "trainer_state.json").is_file()
+        shoot(browser, "run-stopped")
+
+        browser.wait_for("!document.getElementById('resume-run').disabled")
+        browser.js("document.getElementById('resume-run').click()")
+        browser.wait_for("document.getElementById('run-status').dataset.status === 'finished'", timeout=240)
+        state = wait_for_status(second, name, {"finished", "failed", "interrupted"})
+        assert state["status"] == "finished" and state["step"] == REFERENCE_STEPS
+        assert (workspace / name / "adapter_model.safetensors").is_file()
+        browser.wait_for(f"window.loraftUI.points.loss.length === {REFERENCE_STEPS}", timeout=30)
+        page_steps = browser.js("window.loraftUI.points.loss.map(point => point[0])")
+        assert page_steps == logged_steps(workspace / name) == steps
+        resumed = load_file(workspace / name / "adapter_model.safetensors")
+        reference = load_file(reference_run / "adapter_model.safetensors")
+        assert resumed.keys() == reference.keys()
+        for key in reference:
+            assert resumed[key].equal(reference[key]), key
+        shoot(browser, "run-finished")
+
+        # a trainer SIGKILLed before its first checkpoint
+        gate.hold("killed-trainer", 2)
+        start_run_from_page(browser, second, "killed-trainer", "long.yaml")
+        wait_for_step(second, "killed-trainer", 2)
+        pid = json.loads((workspace / "killed-trainer" / "loraft_run.json").read_text())["pid"]
+        os.kill(pid, signal.SIGKILL)
+        browser.wait_for("document.getElementById('run-status').dataset.status === 'interrupted'", timeout=60)
+        assert browser.js("!document.getElementById('resume-run').disabled") is False  # no checkpoint was written
+        open_page(browser, second.url + "/#/runs")
+        browser.wait_for("document.querySelector('tr[data-run=\"killed-trainer\"] td.status').dataset.status === "
+                         "'interrupted'")
+        shoot(browser, "runs")
     finally:
+        closed.close()
+        if second is not None:
+            second.stop()
         first.stop()
-
-
-def test_stop_and_resume_from_the_page_equal_an_uninterrupted_run(ui, browser, workspace):
-    # the uninterrupted reference, trained by the CLI from the same file
-    subprocess.run([sys.executable, "-m", "loraft.cli", "train", "long.yaml", "output_dir=reference"],
-                   cwd=workspace, check=True, capture_output=True)
-    start_run_from_page(browser, ui, "stop-resume", "long.yaml")
-    wait_for_step(ui, "stop-resume", 3)
-    browser.wait_for("!document.getElementById('stop-run').disabled")
-    browser.js("document.getElementById('stop-run').click()")
-    browser.wait_for("document.getElementById('run-status').dataset.status === 'stopped'", timeout=120)
-    record = json.loads((workspace / "stop-resume" / "loraft_run.json").read_text())
-    assert record["status"] == "stopped" and 3 <= record["step"] < 40
-    assert (workspace / "stop-resume" / "checkpoints" / f"checkpoint-{record['step']}" / "trainer_state.json").is_file()
-    shoot(browser, "run-stopped")
-
-    browser.wait_for("!document.getElementById('resume-run').disabled")
-    browser.js("document.getElementById('resume-run').click()")
-    browser.wait_for("document.getElementById('run-status').dataset.status === 'finished'", timeout=240)
-    resumed = load_file(workspace / "stop-resume" / "adapter_model.safetensors")
-    reference = load_file(workspace / "reference" / "adapter_model.safetensors")
-    assert resumed.keys() == reference.keys()
-    for key in reference:
-        assert resumed[key].equal(reference[key]), key
-    shoot(browser, "run-finished")
-
-
-def test_a_sigkilled_trainer_reads_interrupted_in_the_page(ui, browser, workspace):
-    start_run_from_page(browser, ui, "killed-trainer", "long.yaml")
-    wait_for_step(ui, "killed-trainer", 2)
-    pid = json.loads((workspace / "killed-trainer" / "loraft_run.json").read_text())["pid"]
-    os.kill(pid, signal.SIGKILL)
-    browser.wait_for("document.getElementById('run-status').dataset.status === 'interrupted'", timeout=60)
-    assert browser.js("!document.getElementById('resume-run').disabled") is False  # no checkpoint was written
-    open_page(browser, ui.url + "/#/runs")
-    browser.wait_for("document.querySelector('tr[data-run=\"killed-trainer\"] td.status').dataset.status === "
-                     "'interrupted'")
-    shoot(browser, "runs")
 
 
 def test_the_data_page_highlights_exactly_the_supervised_tokens(ui, browser, workspace):
