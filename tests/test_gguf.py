@@ -93,9 +93,19 @@ def _train(root: Path, name: str, base: Path, template: str, overrides=()) -> Pa
 
 @pytest.fixture(scope="module")
 def qwen_run(tmp_path_factory, tiny_qwen2_real_vocab) -> Path:
-    """LoRA on every attention and MLP projection; the model's own (ChatML) template."""
+    """rsLoRA (scale alpha/sqrt(r) = 2; llama.cpp applies alpha/r, so the export rescales alpha) on every attention
+    and MLP projection; the model's own (ChatML) template."""
     return _train(tmp_path_factory.mktemp("gguf-runs"), "qwen", tiny_qwen2_real_vocab, "model",
-                  ["adapter.target_modules=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]"])
+                  ["adapter.target_modules=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]",
+                   "adapter.use_rslora=true", "adapter.r=16", "adapter.alpha=8"])
+
+
+@pytest.fixture(scope="module")
+def qwen_adapter_export(qwen_run, llama_cpp_tree, tmp_path_factory) -> tuple[Path, dict]:
+    """The run exported with --adapter-only (f32), once for the tests that read it: (its folder, its report)."""
+    out = tmp_path_factory.mktemp("gguf-adapter") / "adapter"
+    return out, export_gguf(qwen_run, out, outtype="f32", adapter_only=True, llama_cpp=str(llama_cpp_tree),
+                            log=lambda line: None)
 
 
 def _report(out: Path) -> dict:
@@ -146,10 +156,8 @@ def test_q4_k_m_through_llama_quantize_is_verified(qwen_run, llama_cpp_tree, tmp
     assert (out / "model-q4_k_m.gguf").is_file() and not (out / "model-f16.gguf").exists()
 
 
-def test_adapter_only_is_verified_and_the_base_alone_is_not(qwen_run, llama_cpp_tree, tmp_path):
-    out = tmp_path / "adapter"
-    report = export_gguf(qwen_run, out, outtype="f32", adapter_only=True, llama_cpp=str(llama_cpp_tree),
-                         log=lambda line: None)
+def test_adapter_only_is_verified_and_the_base_alone_is_not(qwen_adapter_export):
+    out, report = qwen_adapter_export
     assert report["mode"] == "adapter" and report["verify"]["passed"]
     assert {p.name for p in out.iterdir()} >= {"base-f32.gguf", "adapter-f32.gguf", "Modelfile", "export_report.json"}
     modelfile = (out / "Modelfile").read_text(encoding="utf-8")
@@ -159,19 +167,16 @@ def test_adapter_only_is_verified_and_the_base_alone_is_not(qwen_run, llama_cpp_
     assert control > 5 * TOLERANCES["f32"] and control > 100 * report["verify"]["logprob_max_abs_diff"]
 
 
-def test_rslora_alpha_is_rescaled_for_llama_cpp(tmp_path_factory, tiny_qwen2_real_vocab, llama_cpp_tree, tmp_path,
+def test_rslora_alpha_is_rescaled_for_llama_cpp(qwen_run, qwen_adapter_export, llama_cpp_tree, tmp_path,
                                                 monkeypatch):
-    run = _train(tmp_path_factory.mktemp("gguf-rslora"), "rslora", tiny_qwen2_real_vocab, "chatml",
-                 ["adapter.use_rslora=true", "adapter.r=16", "adapter.target_modules=[q_proj,v_proj,up_proj]"])
     config, note = llama_cpp_adapter_config({"r": 16, "lora_alpha": 16, "use_rslora": True})
     assert config["lora_alpha"] / config["r"] == pytest.approx(16 / 16 ** 0.5) and "rsLoRA" in note
-    report = export_gguf(run, tmp_path / "right", outtype="f32", adapter_only=True, llama_cpp=str(llama_cpp_tree),
-                         log=lambda line: None)
+    _, report = qwen_adapter_export  # the run is rsLoRA's
     assert report["verify"]["passed"] and any("rsLoRA" in n for n in report["notes"])
     # without the rescale llama.cpp applies alpha/r instead of alpha/sqrt(r): the check catches it
     monkeypatch.setattr("loraft.export.gguf.llama_cpp_adapter_config", lambda adapter: (adapter, None))
     with pytest.raises(RunError, match="verification failed"):
-        export_gguf(run, tmp_path / "wrong", outtype="f32", adapter_only=True, llama_cpp=str(llama_cpp_tree),
+        export_gguf(qwen_run, tmp_path / "wrong", outtype="f32", adapter_only=True, llama_cpp=str(llama_cpp_tree),
                     log=lambda line: None)
     assert not _report(tmp_path / "wrong")["verify"]["passed"]
 
