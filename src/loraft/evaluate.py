@@ -293,7 +293,9 @@ def evaluate(
     if data_path is None:
         if not retention:
             raise RunError("nothing to evaluate: give --data FILE, or leave retention on")
-        return _retention_only(run, run_dir, batch_size, device, retention_limit)
+        from loraft.retention import evaluate_retention
+
+        return evaluate_retention(run, run_dir, batch_size, device, retention_limit)
     data_config = run.config.data.model_copy(update={"format": held_out_format(data_path, run.config.data)})
     if data_config.format in PREFERENCE_FORMATS:
         from loraft.evaluate_preference import evaluate_preferences
@@ -336,7 +338,9 @@ def evaluate(
     if base_metrics is not None:
         metrics["base"] = base_metrics
     if retention:
-        metrics["retention"] = _retention(model, tokenizer, template, info, batch_size, retention_limit)
+        from loraft.retention import retention_of_run
+
+        metrics["retention"] = retention_of_run(model, tokenizer, template, info, batch_size, retention_limit)
 
     out_dir = RunDir(run_dir).eval_dir
     out_dir.mkdir(exist_ok=True)
@@ -348,28 +352,6 @@ def evaluate(
             row["base_prediction"] = base_predictions[index]
         lines.append(json.dumps(row, ensure_ascii=False) + "\n")
     write_text_atomically(out_dir / EVAL_PREDICTIONS, "".join(lines))
-    write_text_atomically(out_dir / EVAL_METRICS, json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
-    return metrics
-
-
-def _retention(model, tokenizer, template, info: dict, batch_size: int, limit: Optional[int]) -> dict:
-    from loraft.generate import cli_flag, resolve_generation
-    from loraft.retention import RETENTION_TOKENS, measure_retention
-
-    settings = resolve_generation(info["config"].generation, {"temperature": 0.0, "max_new_tokens": RETENTION_TOKENS},
-                                  label=cli_flag)
-    return measure_retention(model, tokenizer, template, info["config"], settings, info["dtype"], batch_size, limit)
-
-
-def _retention_only(run, run_dir: Path, batch_size: int, device: Optional[str], limit: Optional[int]) -> dict:
-    """`loraft eval RUN` without --data: retention alone, written to eval/metrics.json."""
-    from loraft.generate import load_run
-
-    model, tokenizer, template, info = load_run(run, device=device)
-    metrics = {"run_dir": str(run_dir), "template": template.name,
-               "retention": _retention(model, tokenizer, template, info, batch_size, limit)}
-    out_dir = RunDir(run_dir).eval_dir
-    out_dir.mkdir(exist_ok=True)
     write_text_atomically(out_dir / EVAL_METRICS, json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
     return metrics
 

@@ -146,6 +146,29 @@ def measure_retention(model, tokenizer, template, config, settings, dtype: str, 
     return result
 
 
+def retention_of_run(model, tokenizer, template, info: dict, batch_size: int, limit: Optional[int]) -> dict:
+    """measure_retention for a run loaded by loraft.generate.load_run (greedy, RETENTION_TOKENS)."""
+    from loraft.generate import cli_flag, resolve_generation
+
+    settings = resolve_generation(info["config"].generation, {"temperature": 0.0, "max_new_tokens": RETENTION_TOKENS},
+                                  label=cli_flag)
+    return measure_retention(model, tokenizer, template, info["config"], settings, info["dtype"], batch_size, limit)
+
+
+def evaluate_retention(run, run_dir: Path, batch_size: int, device: Optional[str], limit: Optional[int]) -> dict:
+    """`loraft eval RUN` without --data: retention alone, written to eval/metrics.json."""
+    from loraft.generate import load_run
+    from loraft.rundir import EVAL_METRICS, RunDir
+
+    model, tokenizer, template, info = load_run(run, device=device)
+    metrics = {"run_dir": str(run_dir), "template": template.name,
+               "retention": retention_of_run(model, tokenizer, template, info, batch_size, limit)}
+    out_dir = RunDir(run_dir).eval_dir
+    out_dir.mkdir(exist_ok=True)
+    write_text_atomically(out_dir / EVAL_METRICS, json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
+    return metrics
+
+
 def format_retention(retention: dict) -> str:
     """Two lines for the eval table: general accuracy base -> run, and the KL per token."""
     kept = f" ({100 * retention['kept']:.0f}% of the base's)" if retention.get("kept") is not None else ""
