@@ -10,7 +10,7 @@ The hostile inputs aim at the files a UI must never read: canary records outside
 paths, `~`, `$HOME` and another `$VARIABLE`, `..`, a symbolic link to the outside folder and one to the canary file
 inside the workspace's data folder, a model and a run directory outside, runs in the workspace whose own config
 names the outside, and a run whose files are symbolic links to the canaries. The UI is started with small limits
-(5 s per check, one run and one job at a time), so whatever the fuzz starts stays small. Each 5xx is reported with
+(10 s per check, one run and one job at a time), so whatever the fuzz starts stays small. Each 5xx is reported with
 the request as sent, all of them at the end, with the audit's lines. A last test plants named pipes in the workspace.
 
 LORAFT_UI_FUZZ_EXAMPLES=2000 hunts longer, LORAFT_UI_FUZZ_SEED=N elsewhere (hypothesis, no longer derandomized).
@@ -195,7 +195,7 @@ def ui(places, tmp_path_factory):
     # -P: `python -m` would put the folder the tests run from on sys.path, a folder the UI has no business reading
     server = ServerProcess(
         lambda port: [sys.executable, "-P", "-m", "loraft.cli", "ui", "--workspace", str(places.workspace), "--port",
-                      str(port), "--time-limit", "5", "--max-runs", "1", "--max-jobs", "1", "--max-streams", "8"],
+                      str(port), "--time-limit", "10", "--max-runs", "1", "--max-jobs", "1", "--max-streams", "8"],
         tmp_path_factory.mktemp("ui-fuzz-log") / "ui.log", stop_timeout=30, ready_path="/api/info",
         environment=environment)
     info = httpx.get(server.url + "/api/info", timeout=30).json()
