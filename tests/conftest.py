@@ -38,8 +38,34 @@ def locked_test_cache():
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+# The suite runs in pytest-xdist workers (pyproject's addopts: -n auto --dist loadfile), each a whole test file at a
+# time. A worker gets its share of the CPUs for torch and for every process it starts (set before torch is
+# imported): two workers of two threads each on two cores run slower than one worker alone.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    _share = len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, _share)))
+
+MAX_WORKERS = 4  # each worker builds the session's tiny models and shared runs again, and holds ~1-2 GB
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto`: one worker a CPU this process may use (not psutil's physical cores), at most MAX_WORKERS."""
+    return max(1, min(len(os.sched_getaffinity(0)), MAX_WORKERS))
+
+
+# Test files whose tests take longest, longest first: they are collected first, so pytest-xdist (--dist loadfile
+# --no-loadscope-reorder) hands them out first and no long file starts last. A file missing here only runs later.
+SLOWEST_FILES = ("test_real_model.py", "test_gguf.py", "test_ui_e2e.py", "test_ui_confinement.py",
+                 "test_preference_train.py", "test_ui_fuzz.py", "test_lifecycle.py", "test_ui_api.py",
+                 "test_crash_safety.py", "test_distributed.py", "test_train.py", "test_install.py")
+
+
 def pytest_collection_modifyitems(config, items):
-    """Tests marked `slow` run only with LORAFT_SLOW=1 or a -m expression that names slow."""
+    """The slowest files first (SLOWEST_FILES); tests marked `slow` run only with LORAFT_SLOW=1 or a -m expression
+    that names slow."""
+    rank = {name: index for index, name in enumerate(SLOWEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the order within a file stays
     if os.environ.get("LORAFT_SLOW") == "1" or "slow" in (config.getoption("markexpr") or ""):
         return
     skip = pytest.mark.skip(reason="slow: run with LORAFT_SLOW=1 or -m slow")
