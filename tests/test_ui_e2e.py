@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 
 from browser import Chromium, find_chromium
 from conftest import REFERENCE_STEPS, reference_yaml, write_alpaca
+from loraft.cli import main
 from run_helpers import ServerProcess, free_port
 
 HOOK = Path(__file__).parent / "step_gate"
@@ -58,6 +59,11 @@ class UI(ServerProcess):
     def kill(self) -> None:
         self.process.send_signal(signal.SIGKILL)
         self.process.wait()
+
+    def restart(self) -> None:
+        """`loraft ui` again on the same port (after kill()), its log appended to the same file."""
+        self.log.close()
+        UI.__init__(self, self.workspace, self.log_path, port=self.port, token=self.token)
 
 
 class Gate:
@@ -206,40 +212,38 @@ def logged_steps(run_dir: Path) -> list[int]:
     return [record["step"] for record in map(json.loads, lines) if "loss" in record]
 
 
-def test_a_run_outlives_the_browser_and_the_ui_and_stops_and_resumes_from_the_page(workspace, reference_run, browser,
-                                                                                    tmp_path):
+def test_a_run_outlives_the_browser_and_the_ui_and_stops_and_resumes_from_the_page(ui, workspace, reference_run,
+                                                                                    browser, tmp_path):
     """One run started from the page: the whole browser is SIGKILLed and the run goes on; the UI is SIGKILLed under a
     second page and started again, and the page re-attaches and replays every step, those trained meanwhile too;
     Stop from the page gives `stopped` with a checkpoint, Resume finishes with an adapter bit-equal to an
     uninterrupted run's (conftest's reference run, fp32) and every step logged once. Then a second run's trainer is
     SIGKILLed before its first checkpoint: the page reads `interrupted`, with nothing to resume."""
     gate, name, steps = Gate(workspace / GATE), "closed-tab", list(range(1, REFERENCE_STEPS + 1))
-    first = UI(workspace, tmp_path / "ui.log")
-    second = None
     closed = Chromium(find_chromium(), tmp_path / "closed-profile")  # the browser that is SIGKILLed
     try:
         closed.page("Page.enable")
         gate.hold(name, 2)
-        start_run_from_page(closed, first, name, "long.yaml")
+        start_run_from_page(closed, ui, name, "long.yaml")
         closed.wait_for("window.loraftUI.points.loss.length >= 2")  # the live curve is drawing
         shoot(closed, "run-live")
-        wait_for_step(first, name, 2)  # asserts the run is still running when the browser dies
+        wait_for_step(ui, name, 2)  # asserts the run is still running when the browser dies
         gate.held(name, 2)
         closed.process.send_signal(signal.SIGKILL)  # the whole browser, not a polite tab close
         closed.process.wait()
         gate.hold(name, 4)  # the run goes on without a browser
         gate.held(name, 4)
-        wait_for_step(first, name, 4)
+        wait_for_step(ui, name, 4)
 
         # a page on the run; the UI is SIGKILLed under it, and the run trains two more steps without a UI
-        open_page(browser, first.url + f"/#/run/{name}")
+        open_page(browser, ui.url + f"/#/run/{name}")
         browser.wait_for("window.loraftUI.points.loss.length === 4")
-        first.kill()  # SIGKILL: the UI gets no chance to do anything; the run must not notice
+        ui.kill()  # SIGKILL: the UI gets no chance to do anything; the run must not notice
         gate.hold(name, 6)
         gate.held(name, 6)
         time.sleep(1.5)  # the page is now without a server: its stream drops and it retries
-        second = UI(workspace, tmp_path / "ui.log", port=first.port)
-        assert next(run for run in second.get("/api/runs") if run["name"] == name)["status"] in ("running", "finished")
+        ui.restart()  # the module's UI from here on
+        assert next(run for run in ui.get("/api/runs") if run["name"] == name)["status"] in ("running", "finished")
         browser.wait_for("window.loraftUI.points.loss.length === 6")  # re-attached: the steps it missed are replayed
         assert browser.js("window.loraftUI.points.loss.map(point => point[0])") == logged_steps(workspace / name)
 
@@ -261,7 +265,7 @@ def test_a_run_outlives_the_browser_and_the_ui_and_stops_and_resumes_from_the_pa
         browser.wait_for("!document.getElementById('resume-run').disabled")
         browser.js("document.getElementById('resume-run').click()")
         browser.wait_for("document.getElementById('run-status').dataset.status === 'finished'", timeout=240)
-        state = wait_for_status(second, name, {"finished", "failed", "interrupted"})
+        state = wait_for_status(ui, name, {"finished", "failed", "interrupted"})
         assert state["status"] == "finished" and state["step"] == REFERENCE_STEPS
         assert (workspace / name / "adapter_model.safetensors").is_file()
         browser.wait_for(f"window.loraftUI.points.loss.length === {REFERENCE_STEPS}", timeout=30)
@@ -276,28 +280,25 @@ def test_a_run_outlives_the_browser_and_the_ui_and_stops_and_resumes_from_the_pa
 
         # a trainer SIGKILLed before its first checkpoint
         gate.hold("killed-trainer", 2)
-        start_run_from_page(browser, second, "killed-trainer", "long.yaml")
-        wait_for_step(second, "killed-trainer", 2)
+        start_run_from_page(browser, ui, "killed-trainer", "long.yaml")
+        wait_for_step(ui, "killed-trainer", 2)
         pid = json.loads((workspace / "killed-trainer" / "loraft_run.json").read_text())["pid"]
         os.kill(pid, signal.SIGKILL)
         browser.wait_for("document.getElementById('run-status').dataset.status === 'interrupted'", timeout=60)
         assert browser.js("!document.getElementById('resume-run').disabled") is False  # no checkpoint was written
-        open_page(browser, second.url + "/#/runs")
+        open_page(browser, ui.url + "/#/runs")
         browser.wait_for("document.querySelector('tr[data-run=\"killed-trainer\"] td.status').dataset.status === "
                          "'interrupted'")
         shoot(browser, "runs")
     finally:
         closed.close()
-        if second is not None:
-            second.stop()
-        first.stop()
 
 
-def test_the_data_page_highlights_exactly_the_supervised_tokens(ui, browser, workspace):
-    cli = subprocess.run([sys.executable, "-m", "loraft.cli", "data", "preview", "data/train.jsonl", "--model",
-                          MODEL, "--max-length", "24", "--limit", "4", "--json"],
-                         cwd=workspace, check=True, capture_output=True, text=True)
-    expected = [json.loads(line) for line in cli.stdout.splitlines()]
+def test_the_data_page_highlights_exactly_the_supervised_tokens(ui, browser, workspace, monkeypatch, capsys):
+    monkeypatch.chdir(workspace)  # `loraft data preview` where the UI is, in this process
+    assert main(["data", "preview", "data/train.jsonl", "--model", MODEL, "--max-length", "24", "--limit", "4",
+                 "--json"]) == 0
+    expected = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     open_page(browser, ui.url + "/#/data")
     browser.wait_for("document.getElementById('data-preview-button') !== null")
     browser.js(f"""(() => {{
@@ -339,13 +340,13 @@ def completion_cut(record: dict, side: str) -> bool:
     return record[side]["full_length"] - record["prompt_length"] > kept
 
 
-def test_the_data_page_shows_preference_records_side_by_side(ui, browser, workspace):
+def test_the_data_page_shows_preference_records_side_by_side(ui, browser, workspace, monkeypatch, capsys):
     (workspace / "data" / "pairs.jsonl").write_text(
         "".join(json.dumps(pair, ensure_ascii=False) + "\n" for pair in PAIRS), encoding="utf-8")
-    cli = subprocess.run([sys.executable, "-m", "loraft.cli", "data", "preview", "data/pairs.jsonl", "--model", MODEL,
-                          "--max-length", "64", "--max-prompt-length", "20", "--max-completion-length", "4",
-                          "--limit", "2", "--json"], cwd=workspace, check=True, capture_output=True, text=True)
-    expected = [json.loads(line) for line in cli.stdout.splitlines()]
+    monkeypatch.chdir(workspace)  # `loraft data preview` where the UI is, in this process
+    assert main(["data", "preview", "data/pairs.jsonl", "--model", MODEL, "--max-length", "64", "--max-prompt-length",
+                 "20", "--max-completion-length", "4", "--limit", "2", "--json"]) == 0
+    expected = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     open_page(browser, ui.url + "/#/data")
     browser.wait_for("document.getElementById('data-max-completion-length') !== null")
     browser.js(f"""(() => {{
