@@ -363,11 +363,11 @@ def test_workers_queue_to_a_limit_and_a_stuck_one_is_replaced(tmp_path):
 TIME_LIMIT = 10
 
 
-def _start_ui(places: dict, log: Path, *flags: str) -> ServerProcess:
+def _start_ui(places: dict, log: Path) -> ServerProcess:
     """`loraft ui` as users start it: its own process, its worker processes, Landlock where the kernel has it."""
     return ServerProcess(
         lambda port: [sys.executable, "-m", "loraft.cli", "ui", "--workspace", str(places["workspace"]), "--port",
-                      str(port), "--time-limit", str(TIME_LIMIT), *flags],
+                      str(port), "--time-limit", str(TIME_LIMIT)],
         log, ready_path="/api/health", environment={"HOME": str(places["home"])})
 
 
@@ -451,27 +451,28 @@ def test_the_ui_process_reads_nothing_of_the_folder_it_was_started_from(places, 
 
 @pytest.mark.skipif(landlock.available() is None, reason="this kernel has no Landlock")
 @pytest.mark.parametrize("confined", [True, False], ids=["landlock", "checks-only"])
-def test_a_symlink_swapped_after_the_check_leads_nowhere(real_ui, places, tmp_path, confined):
+def test_a_symlink_swapped_after_the_check_leads_nowhere(real_ui, client, places, confined):
     """The UI checks `data/swap.jsonl` (a file in the workspace) and launches the run; the file is then replaced by
     a symbolic link to the outside canary before the trainer reads it (it is still importing torch). Under Landlock
     the kernel refuses the trainer's open: the run fails naming the file and never trains on the canary. The
-    control, a UI started with --no-kernel-confinement, shows the window is real: its trainer reads the canary."""
+    control, the UI's app with the paths checked and no kernel confinement (in this process, which never enters
+    Landlock: what --no-kernel-confinement leaves), shows the window is real: its trainer reads the canary."""
     workspace = places["workspace"]
-    server = real_ui if confined else _start_ui(places, tmp_path / "ui.log", "--no-kernel-confinement")
+    server = httpx.Client(base_url=real_ui.url, timeout=60) if confined else client
     name = "swapped" if confined else "swapped-control"
     swap = workspace / "data" / f"{name}.jsonl"
     write_alpaca(swap)
     try:
-        info = httpx.get(server.url + "/api/info").json()
+        info = server.get("/api/info").json()
         assert info["kernel_confinement"] == (landlock.available() if confined else None)
-        answer = httpx.post(server.url + "/api/runs", json={"name": name, "config": "configs/run.yaml",
-                                                            "overrides": [f"data.path=data/{name}.jsonl"]}, timeout=60)
+        answer = server.post("/api/runs", json={"name": name, "config": "configs/run.yaml",
+                                                "overrides": [f"data.path=data/{name}.jsonl"]})
         assert answer.status_code == 202, answer.text
         swap.unlink()
         swap.symlink_to(places["outside"] / "canary.jsonl")
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
-            detail = httpx.get(server.url + f"/api/runs/{name}").json()
+            detail = server.get(f"/api/runs/{name}").json()
             if detail["state"]["status"] not in ("starting", "running"):
                 break
             time.sleep(0.5)
@@ -483,8 +484,8 @@ def test_a_symlink_swapped_after_the_check_leads_nowhere(real_ui, places, tmp_pa
             assert detail["state"]["status"] == "finished", detail
             assert detail["data_report"]["records_read"] == 1  # the canary's one record, read through the link
     finally:
-        if not confined:
-            server.stop()
+        if confined:
+            server.close()
         swap.unlink()
         shutil.rmtree(workspace / name, ignore_errors=True)
         for leftover in (workspace / ".loraft-ui" / "runs").glob(f"{name}*"):
