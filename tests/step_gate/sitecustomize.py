@@ -8,6 +8,8 @@ middle of a run (kill the browser or the UI, press Stop) on any machine, however
                        removing it).
     GATE/NAME.held     written by the run: the step it has taken and waits after.
 
+A run held for MAX_HOLD seconds goes on by itself: a test that died while holding it leaves no process waiting.
+
 The patch is on transformers' CallbackHandler.on_step_begin, so it holds whichever Trainer class runs the steps; it is
 applied when transformers.trainer_callback is first imported, and nothing else changes.
 """
@@ -20,6 +22,7 @@ import time
 from pathlib import Path
 
 _gate = os.environ.get("LORAFT_TEST_GATE")
+MAX_HOLD = 600
 
 
 def _run_name(output_dir) -> str:
@@ -32,12 +35,12 @@ def _run_name(output_dir) -> str:
 
 def _wait(name: str, done: int) -> None:
     gate = Path(_gate) / name
-    announced = False
-    while True:
+    announced, deadline = False, time.monotonic() + MAX_HOLD
+    while time.monotonic() < deadline:
         try:
             allowed = int(gate.read_text() or 0)
         except (OSError, ValueError):
-            return  # no gate for this run (or being rewritten: the test writes it whole with a rename)
+            return  # no gate for this run (the test writes one whole, with a rename)
         if done < allowed:
             return
         if not announced:
