@@ -93,8 +93,9 @@ def bloom_run(tmp_path_factory, tiny_bloom_dir):
 @pytest.fixture(scope="module")
 def evaluated(bloom_run, tmp_path_factory):
     data = write_alpaca(tmp_path_factory.mktemp("eval-data") / "alpaca.jsonl")
+    # retention (on by default: the 296 general prompts, 30 s here) is test_retention.py's
     code = main(["eval", str(bloom_run), "--data", str(data), "--limit", "4", "--base", "--batch-size", "4",
-                 "--max-new-tokens", "5"])
+                 "--max-new-tokens", "5", "--no-retention"])
     assert code == 0
     return bloom_run, data
 
