@@ -95,6 +95,22 @@ def dead_pid() -> int:
     return process.pid
 
 
+def wait_for_launched(launch_file: Path, timeout: float = 120) -> None:
+    """Until every process the UI launched for a run (its launch file's starts) has ended: one may still write into
+    the run directory after its status is no longer live (a zombie counts as ended: the UI reaps it later)."""
+    starts = json.loads(launch_file.read_text())["starts"] if launch_file.exists() else []
+    deadline = time.monotonic() + timeout
+    for start in starts:
+        while time.monotonic() < deadline:
+            try:
+                state = Path(f"/proc/{start['pid']}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            except OSError:  # gone
+                break
+            if state in ("Z", "X"):
+                break
+            time.sleep(0.1)
+
+
 # --------------------------------------------------------------------------------------------- a launch
 def test_a_launch_answers_at_once_and_is_listed_while_it_starts(client, launched, workspace):
     state = next(run for run in client.get("/api/runs").json() if run["name"] == "tiny")
@@ -400,6 +416,7 @@ def test_resume_checks_the_runs_config_and_launches_the_checked_copy(client, wor
         console = "\n".join(client.get("/api/runs/paused/log").json()["console"])
         assert f"train {checked} --resume" in console  # the launched process read the checked copy
     finally:
+        wait_for_launched(launch_file)
         shutil.rmtree(run_dir)
         for leftover in (workspace / ".loraft-ui" / "runs").glob("paused*"):
             leftover.unlink()
