@@ -31,6 +31,21 @@ def cache_dir(kind: str) -> Path:
     return cache_home() / kind
 
 
+def tree_fingerprint(path: Union[str, Path]) -> str:
+    """What identifies a file or folder without reading its bytes (model weights and save_to_disk shards can be
+    GBs): each file's relative name, size and modification time, hashed."""
+    import hashlib
+
+    root = Path(path)
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    digest = hashlib.sha256()
+    for file in files:
+        stat = file.stat()
+        digest.update(f"{file.relative_to(root.parent if root.is_file() else root)}|{stat.st_size}|"
+                      f"{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
 def write_text_atomically(path: Union[str, Path], text: str) -> None:
     """Write `text` to a temporary name beside `path`, then rename it over `path`: a crash leaves the old file
     or the new one, never a cut-off one. Every small file loraft writes goes through here."""

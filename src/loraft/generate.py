@@ -118,6 +118,7 @@ class Answer(NamedTuple):
     text: str
     tokens: int
     ended: bool
+    ids: tuple = ()  # the generated token ids, its end token included (generate_answers; empty where streamed)
 
 
 def _count(generated: Sequence[int], stop_ids: Sequence[int]) -> tuple[int, bool]:
@@ -161,7 +162,8 @@ def generate_answers(
         for row, index in enumerate(batch):
             generated = output[row, width:].tolist()
             tokens, ended = _count(generated, stop_ids)
-            answers[index] = Answer(tokenizer.decode(generated[:tokens], skip_special_tokens=True), tokens, ended)
+            answers[index] = Answer(tokenizer.decode(generated[:tokens], skip_special_tokens=True), tokens, ended,
+                                    tuple(generated[:tokens + ended]))
     return [a for a in answers if a is not None]
 
 

@@ -21,8 +21,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from loraft.files import cache_dir, write_text_atomically
-from loraft.generate import Answer, encode_prompt, generate_answers
+from loraft.files import cache_dir, tree_fingerprint, write_text_atomically
+from loraft.generate import encode_prompt, generate_answers
 from loraft.retention_check import is_correct, load_prompts
 
 logger = logging.getLogger("loraft")
@@ -33,43 +33,33 @@ def _model_fingerprint(name_or_path: str, revision: Optional[str]) -> str:
     """What the base's weights are: a local file or folder by its files' names, sizes and mtimes; a hub id by name
     and revision."""
     local = Path(name_or_path).expanduser()
-    if local.exists():
-        files = [local] if local.is_file() else sorted(p for p in local.rglob("*") if p.is_file())
-        return json.dumps([(str(p.relative_to(local.parent)), p.stat().st_size, p.stat().st_mtime_ns) for p in files])
-    return f"hub|{name_or_path}|{revision}"
+    return tree_fingerprint(local) if local.exists() else f"hub|{name_or_path}|{revision}"
 
 
 def _cache_file(config, template, prompts: Sequence[dict], max_new_tokens: int, dtype: str) -> Path:
     parts = {"model": _model_fingerprint(config.model.name_or_path, config.model.revision), "dtype": dtype,
              "template": hashlib.sha256(template.jinja.encode()).hexdigest(),
              "prompts": hashlib.sha256(json.dumps([p["prompt"] for p in prompts]).encode()).hexdigest(),
-             "max_new_tokens": max_new_tokens, "version": 1}
+             "max_new_tokens": max_new_tokens, "version": 2}
     key = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
     return cache_dir("retention") / f"{key}.json"
 
 
 def base_answers(model, tokenizer, template, prompts: Sequence[dict], settings, batch_size: int, cache: Path) -> list:
     """The base's greedy answers to the prompts (adapter off), from the cache when this base, template and prompt
-    set were answered before: [{"text", "ids"}] (ids: the answer's tokens with its end token, if it ended)."""
+    set were answered before: [{"text", "ids"}] (ids: the tokens it generated, with its end token, if it ended)."""
     if cache.is_file():
         return json.loads(cache.read_text(encoding="utf-8"))
     conversations = [[{"role": "user", "content": p["prompt"]}] for p in prompts]
     with model.disable_adapter():
         answers = generate_answers(model, tokenizer, template, conversations, settings, batch_size, progress=True)
-    end = tokenizer(template.stop_text(tokenizer.eos_token).strip(), add_special_tokens=False)["input_ids"]
-    end_id = end[0] if len(end) == 1 else tokenizer.eos_token_id  # the token the template ends an answer with
-    rows = [{"text": a.text, "ids": _answer_ids(tokenizer, a, end_id)} for a in answers]
+    rows = [{"text": a.text, "ids": list(a.ids)} for a in answers]  # what the base generated, its end token too
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomically(cache, json.dumps(rows, ensure_ascii=False))
     except OSError as exc:
         logger.warning("could not cache the base's answers in %s (%s)", cache, exc)
     return rows
-
-
-def _answer_ids(tokenizer, answer: Answer, end_id: Optional[int]) -> list[int]:
-    ids = tokenizer(answer.text, add_special_tokens=False)["input_ids"]
-    return ids + ([end_id] if answer.ended and end_id is not None else [])
 
 
 @torch.inference_mode()

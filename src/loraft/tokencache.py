@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 from loraft.config import DataConfig
 from loraft.errors import DataError
-from loraft.files import cache_dir, staged_directory
+from loraft.files import cache_dir, staged_directory, tree_fingerprint
 from loraft.records import load_hub_dataset
 from loraft.templates import Template
 
@@ -40,9 +40,7 @@ def _source_fingerprint(path: str, data: DataConfig) -> str:
         except OSError as exc:  # no permission, or loraft ui's kernel confinement: as sources.py says it
             raise DataError(path, f"cannot be read ({exc.strerror or exc})") from None
     elif local.is_dir():  # save_to_disk shards can be GBs: names, sizes and mtimes identify a save
-        for file in sorted(p for p in local.rglob("*") if p.is_file()):
-            stat = file.stat()
-            digest.update(f"{file.relative_to(local)}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+        return tree_fingerprint(local)  # the same digest as before it moved to files.py: cache keys are unchanged
     else:
         digest.update(f"hub|{path}|{data.split}|{load_hub_dataset(path, data)._fingerprint}".encode())
     return digest.hexdigest()
