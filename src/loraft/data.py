@@ -231,9 +231,8 @@ def check_data(path: str, data: DataConfig, tokenizer=None) -> dict:
     return report
 
 
-# the record-kind interface (loraft.objectives.RECORD_KINDS): KIND, prepare, check, preview, format_report, format_sample
+# the record-kind interface (loraft.objectives.kinds): KIND, check, preview, format_report, format_sample
 KIND = "conversations"
-prepare = prepare_datasets
 
 
 def check(path: str, settings: RunConfig, tokenizer=None) -> dict:

@@ -1,8 +1,7 @@
 """One table of training objectives: `train.objective` -> one entry, looked up once by a run (loraft.train); each
 entry's code is its module in loraft/objectives/.
 
-An entry says what the rest of loraft needs to know without importing the objective's code: which record kind it
-trains on, who computes its loss (loraft's SFT speed path applies only to its own), the data order its trainer
+An entry says what the rest of loraft needs to know without importing the objective's code: who computes its loss (loraft's SFT speed path applies only to its own), the data order its trainer
 needs, the adapter it starts from, and the pip extra it needs. Its module does the work, with one interface:
 
     check(config)                                       settings it cannot run with, one sentence each
@@ -29,7 +28,6 @@ from typing import Optional
 class Objective:
     name: str
     module: str  # the module with check / prepare / arguments / build_trainer
-    records: str  # the record kind it trains on: a key of loraft.objectives.kinds.RECORD_KINDS
     loss: str  # "loraft": loraft's Trainer (its sub-batches, fused loss, packing, sampler, autotune) or "trl"
     attach_adapter: bool  # load_model_for_training attaches the adapter (False: TRL wraps the base itself)
     sequential: Optional[str] = None  # why its trainer needs the data in order (None: it takes the run's sampler)
@@ -48,13 +46,13 @@ class Objective:
 
 _TRL = dict(loss="trl", extra="preference", extra_module="trl", pairs_per_sample=2)
 OBJECTIVES = {
-    "sft": Objective("sft", "loraft.objectives.sft", "conversations", loss="loraft", attach_adapter=True),
+    "sft": Objective("sft", "loraft.objectives.sft", loss="loraft", attach_adapter=True),
     # DPO and KTO without model.adapter_from: TRL wraps the base, and its reference is the adapter switched off
-    "dpo": Objective("dpo", "loraft.objectives.dpo", "preferences", attach_adapter=False, **_TRL),
-    "kto": Objective("kto", "loraft.objectives.kto", "preferences", attach_adapter=False,
+    "dpo": Objective("dpo", "loraft.objectives.dpo", attach_adapter=False, **_TRL),
+    "kto": Objective("kto", "loraft.objectives.kto", attach_adapter=False,
                      sequential="KTO estimates its KL term from batch neighbours: TRL requires the sequential order "
                                 "(loraft shuffles the data once, seeded)", **_TRL),
-    "orpo": Objective("orpo", "loraft.objectives.orpo", "preferences", attach_adapter=True, **_TRL),
+    "orpo": Objective("orpo", "loraft.objectives.orpo", attach_adapter=True, **_TRL),
 }
 OBJECTIVE_NAMES = tuple(OBJECTIVES)
 

@@ -28,7 +28,7 @@ from loraft.errors import DataError, TemplateError
 from loraft.records import PAIRED_FIELDS, Preference, read_preferences_with_report
 from loraft.templates import Template, get_template
 
-# the record-kind interface (loraft.objectives.RECORD_KINDS): KIND, prepare, check, preview, format_report, format_sample
+# the record-kind interface (loraft.objectives.kinds): KIND, check, preview, format_report, format_sample
 KIND = "preferences"
 PAIRED_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 UNPAIRED_COLUMNS = ("prompt_ids", "completion_ids", "label")

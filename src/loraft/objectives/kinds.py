@@ -1,7 +1,7 @@
 """Record kinds: what a data file holds, decided once, and the module that reads, checks, previews and encodes it.
 
 Each module has the same interface: KIND, check(path, settings, tokenizer), preview(path, settings, tokenizer,
-limit), format_report(report), format_sample(sample), prepare(config, tokenizer) -> PreparedData.
+limit), format_report(report), format_sample(sample).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import importlib
 from loraft.records import PREFERENCE_FORMATS, source_format
 
 # record kind -> the module that reads, checks, previews and encodes it: check(path, settings, tokenizer),
-# preview(path, settings, tokenizer, limit), format_report(report), format_sample(sample), prepare(config, tokenizer)
+# preview(path, settings, tokenizer, limit), format_report(report), format_sample(sample)
 RECORD_KINDS = {"conversations": "loraft.data", "preferences": "loraft.preference"}
 
 
