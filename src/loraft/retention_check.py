@@ -3,6 +3,8 @@
 `retention_prompts.jsonl` (package data, written by the project) holds short general prompts in English and
 Chinese, each with the strings a correct reply must contain (`answers`), or null where a reply cannot be checked
 (chat). The base model and the fine-tuned model answer the same prompts; `is_correct` scores each reply.
+`retention_guard.jsonl` (package data too) holds the retention guard's training text: general prompts with a
+reply each, disjoint from the prompts above, so that what the guard trains on is never what is measured.
 This module imports nothing of loraft.
 """
 
@@ -16,8 +18,10 @@ from importlib import resources
 from pathlib import Path
 
 PROMPTS_FILE = "retention_prompts.jsonl"
+GUARD_FILE = "retention_guard.jsonl"
 LANGS = ("en", "zh")
 KINDS = ("fact", "arithmetic", "instruction", "rewrite", "chat")
+GUARD_KINDS = (*KINDS, "explain", "list", "translate")
 FIELDS = ("id", "lang", "kind", "prompt", "answers")
 
 # A number in normalised text: a sign only survives normalisation where it is one (see `normalise`)
@@ -59,6 +63,18 @@ def load_prompts(path: str | Path | None = None) -> list[dict]:
         first_line_of[record["id"]] = number
         prompts.append(record)
     return prompts
+
+
+def load_guard_texts() -> list[dict]:
+    """The retention guard's training text: short general prompts in English and Chinese, each with a correct
+    reply, disjoint from the evaluation prompts (`load_prompts`) so the guard never trains on what is measured.
+
+    Returns:
+        One dict per non-blank line of the shipped file, with the fields id, lang, kind (one of GUARD_KINDS),
+        prompt and response.
+    """
+    text = resources.files("loraft").joinpath(GUARD_FILE).read_text(encoding="utf-8")
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def _validate(record: object, where: str) -> None:
