@@ -57,6 +57,7 @@ def test_reference_config_is_the_recipe_value_for_value():
     # the recipe's values; how they are computed is loraft's fast default (fp32 is the parity mode)
     assert config.train.precision == "auto"
     assert config.train.sampling == "length_grouped"
+    assert config.train.retention == "off"  # the recipe has no guard: token for token
 
 
 def test_dot_overrides_are_typed(tmp_path):

@@ -216,6 +216,17 @@ class TrainConfig(_Section):
         description="Optimizer steps in a row with a NaN/inf loss or gradient norm before training stops with "
         "status failed (0 = stop at the first); a tolerated step's update uses zeroed gradients.",
     )
+    retention: Literal["auto", "kl", "off"] = Field(
+        "auto",
+        description="The retention guard (loraft.retention_guard): kl adds, each optimizer step, retention_weight x "
+        "the KL divergence from the base (the adapter switched off) to the run on a few general conversations the "
+        "project ships, so a narrow fine-tune keeps the model's general answers; auto = kl for sft, off for the "
+        "preference objectives; off = the plain objective (the reference recipe's preset).",
+    )
+    retention_weight: float = Field(0.3, gt=0, description="Weight of the retention guard's KL term (0.3: chosen "
+                                    "on a real model, docs/benchmarks.md, Retention).")
+    retention_rows: int = Field(2, gt=0, description="General conversations the retention guard scores per optimizer "
+                                "step (a fixed seeded rotation through the shipped set).")
     logging_steps: int = Field(10, description="Log loss every N optimizer steps (as the reference).")
     save_steps: int = Field(
         500, description="Checkpoint every N optimizer steps (the reference's save_steps=1 writes 380 MB a step)."
@@ -232,6 +243,12 @@ class TrainConfig(_Section):
         if value <= 0:
             raise ValueError(f"must be > 0 (got {value})")
         return value
+
+    @field_validator("retention", mode="before")
+    @classmethod
+    def _yaml_switch(cls, value):
+        # YAML 1.1 reads a bare `off` / `on` as a boolean: `train.retention: off` means what it says
+        return {False: "off", True: "kl"}.get(value, value) if isinstance(value, bool) else value
 
     @field_validator("micro_batch_tokens")
     @classmethod
@@ -337,6 +354,18 @@ class RunConfig(_Section):
         if limit is not None and limit >= self.data.max_length:
             raise ValueError(f"preference.max_prompt_length must be < data.max_length, to leave room for the "
                              f"completion (got {limit} >= {self.data.max_length})")
+        return self
+
+    @model_validator(mode="after")
+    def _retention_guard_applies(self) -> "RunConfig":
+        if self.train.retention != "kl":
+            return self
+        if self.train.objective != "sft":
+            raise ValueError(f"train.retention=kl guards sft runs; train.objective={self.train.objective} keeps its "
+                             "own reference (leave train.retention auto or off)")
+        if self.adapter.method in ("prompt_tuning", "prefix_tuning"):
+            raise ValueError(f"train.retention=kl needs a LoRA-family adapter (its base is the adapter switched "
+                             f"off inside the model); adapter.method={self.adapter.method} (leave it auto or off)")
         return self
 
     @model_validator(mode="after")

@@ -46,6 +46,13 @@ def tree_fingerprint(path: Union[str, Path]) -> str:
     return digest.hexdigest()
 
 
+def model_fingerprint(name_or_path: str, revision=None) -> str:
+    """What a base model's weights are, for a cache key: a local file or folder by its files' names, sizes and
+    mtimes (tree_fingerprint); a hub id by name and revision."""
+    local = Path(name_or_path).expanduser()
+    return tree_fingerprint(local) if local.exists() else f"hub|{name_or_path}|{revision}"
+
+
 def write_text_atomically(path: Union[str, Path], text: str) -> None:
     """Write `text` to a temporary name beside `path`, then rename it over `path`: a crash leaves the old file
     or the new one, never a cut-off one. Every small file loraft writes goes through here."""

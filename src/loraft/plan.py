@@ -25,6 +25,7 @@ from loraft.errors import ConfigError
 from loraft.fastpaths import fast_path, patches_on_load
 from loraft.objective_table import objective
 from loraft.precision import Capabilities, choose_inference_dtype, choose_precision
+from loraft.retention_guard import describe as describe_guard
 
 PROMPT_LEARNING = ("prompt_tuning", "prefix_tuning")
 
@@ -50,6 +51,7 @@ class Plan:
     gradient_checkpointing: bool
     world_size: int
     generation_dtype: str
+    retention: str = "off"  # the retention guard (loraft.retention_guard.describe)
     reasons: dict = field(default_factory=dict)
     capabilities: dict = field(default_factory=dict)
     tuning: Optional[dict] = None  # the measurement the speed choices came from (loraft.tune), or None
@@ -86,6 +88,7 @@ class Plan:
             ("optimizer", self.optimizer, "optimizer"),
             ("grad checkpointing", "yes" if self.gradient_checkpointing else "no", "gradient_checkpointing"),
             ("generation dtype", self.generation_dtype, "generation_dtype"),
+            ("retention guard", self.retention, "retention"),
         ]
         lines = [f"  {name:19} {value}" + (f"  ({self.reasons[key]})" if self.reasons.get(key) else "")
                  for name, value, key in rows]
@@ -232,12 +235,14 @@ def make_plan(config: RunConfig, caps: Capabilities, model_config: Any, world_si
 
     reasons["gradient_checkpointing"] = "train.gradient_checkpointing"
     generation_dtype, reasons["generation_dtype"] = choose_inference_dtype(config.generation.dtype, caps)
+    retention, reasons["retention"] = describe_guard(config)
     return Plan(
         device=caps.device, precision=precision, weights=weights, micro_batch_tokens=budget,
         samples_per_batch=samples, accumulation=accumulation, sampler=sampler, fused_loss=fused,
         packing=packing, model_type=kind, speed_path=speed_path, attention=attention, attention_patch=patch,
         optimizer=optimizer, gradient_checkpointing=train.gradient_checkpointing, world_size=world_size,
-        generation_dtype=generation_dtype, reasons=reasons, capabilities=caps.to_dict(), tuning=tuning,
+        generation_dtype=generation_dtype, retention=retention, reasons=reasons, capabilities=caps.to_dict(),
+        tuning=tuning,
     )
 
 

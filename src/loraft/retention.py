@@ -21,7 +21,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from loraft.files import cache_dir, tree_fingerprint, write_text_atomically
+from loraft.files import cache_dir, model_fingerprint, write_text_atomically
 from loraft.generate import encode_prompt, generate_answers
 from loraft.retention_check import is_correct, load_prompts
 
@@ -29,15 +29,8 @@ logger = logging.getLogger("loraft")
 RETENTION_TOKENS = 48  # answer length for the general prompts: their checkable answers come in the first words
 
 
-def _model_fingerprint(name_or_path: str, revision: Optional[str]) -> str:
-    """What the base's weights are: a local file or folder by its files' names, sizes and mtimes; a hub id by name
-    and revision."""
-    local = Path(name_or_path).expanduser()
-    return tree_fingerprint(local) if local.exists() else f"hub|{name_or_path}|{revision}"
-
-
 def _cache_file(config, template, prompts: Sequence[dict], max_new_tokens: int, dtype: str) -> Path:
-    parts = {"model": _model_fingerprint(config.model.name_or_path, config.model.revision), "dtype": dtype,
+    parts = {"model": model_fingerprint(config.model.name_or_path, config.model.revision), "dtype": dtype,
              "template": hashlib.sha256(template.jinja.encode()).hexdigest(),
              "prompts": hashlib.sha256(json.dumps([p["prompt"] for p in prompts]).encode()).hexdigest(),
              "max_new_tokens": max_new_tokens, "version": 2}

@@ -118,6 +118,12 @@ def demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rebuild-base", action="store_true",
                         help="pretrain the demo's base model anew (cached) instead of using the one shipped with "
                         "loraft")
+    parser.add_argument("--model", metavar="PATH.gguf",
+                        help="the real-model demo on this GGUF chat model: a narrow fine-tune with the retention "
+                        "guard and without it, task and general accuracy side by side, the adapter in llama.cpp "
+                        "(real/ in workdir)")
+    parser.add_argument("--real", action="store_true",
+                        help="the real-model demo on SmolLM2-135M-Instruct (a 98 MB Q4_1 GGUF, fetched once)")
 
 
 def cmd_demo(args) -> int:
@@ -126,7 +132,16 @@ def cmd_demo(args) -> int:
 
     stage = run_preference_demo if args.stage == "preference" else run_demo
     try:
-        stage(workdir=args.workdir, overwrite=args.overwrite, rebuild_base=args.rebuild_base)
+        if args.real or args.model:
+            if args.stage != "sft" or args.rebuild_base:
+                print("loraft demo: --real/--model is a stage of its own (no --stage, no --rebuild-base)",
+                      file=sys.stderr)
+                return 2
+            from loraft.demo.real import run_real_demo
+
+            run_real_demo(model=args.model, workdir=args.workdir, overwrite=args.overwrite)
+        else:
+            stage(workdir=args.workdir, overwrite=args.overwrite, rebuild_base=args.rebuild_base)
     except TrainingStopped as stopped:
         again = " --stage preference" if args.stage == "preference" else ""
         print(f"{stopped}; run loraft demo{again} --overwrite to start it again", file=sys.stderr)

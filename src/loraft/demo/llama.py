@@ -11,12 +11,13 @@ from typing import Callable, Optional
 
 
 def llama_cpp_step(run_dir: Path, out_dir: Path, conversation: list[dict], transformers_answer: str,
-                   log: Callable[[str], None], step: str = "[6/6]") -> Optional[dict]:
-    """Export `run_dir` to a verified f16 GGUF in `out_dir` and show llama.cpp's greedy answer to `conversation`
-    beside transformers'. Returns {"report", "llama_cpp_answer"} or None when skipped or failed."""
+                   log: Callable[[str], None], step: str = "[6/6]", adapter_only: bool = False) -> Optional[dict]:
+    """Export `run_dir` to a verified f16 GGUF in `out_dir` (adapter_only: a LoRA GGUF for the run's own base file)
+    and show llama.cpp's greedy answer to `conversation` beside transformers'. Returns {"report",
+    "llama_cpp_answer"} or None when skipped or failed."""
     from loraft.errors import MissingExtraError, RunError, require
 
-    command = f"loraft export {run_dir} --format gguf"
+    command = f"loraft export {run_dir} --format gguf" + (" --adapter-only" if adapter_only else "")
     try:
         require("demo's llama.cpp step", "gguf", "xllamacpp", "sentencepiece", "numpy")
     except MissingExtraError as exc:
@@ -27,13 +28,14 @@ def llama_cpp_step(run_dir: Path, out_dir: Path, conversation: list[dict], trans
 
     log(f"{step} GGUF for llama.cpp / Ollama: {command} --out {out_dir}")
     try:
-        report = export_gguf(run_dir, out_dir, outtype="f16", overwrite=True, conversations=[conversation],
-                             log=lambda line: log("  " + line))
+        report = export_gguf(run_dir, out_dir, outtype="f32" if adapter_only else "f16", overwrite=True,
+                             adapter_only=adapter_only, conversations=[conversation], log=lambda line: log("  " + line))
     except RunError as exc:
         log(f"  export failed: {exc}")
         return None
     with native_output_to(out_dir / "export.log"):
-        llama = LlamaCpp(out_dir / report["files"]["model"])
+        files = report["files"]  # adapter mode: the model is the original file (an absolute path)
+        llama = LlamaCpp(out_dir / files["model"], out_dir / files["adapter"] if adapter_only else None)
         try:  # the GGUF's own chat template and tokenizer, as llama.cpp and Ollama use them
             ids = llama.tokenize(llama.apply_template(conversation))
             answer = llama.complete(ids, max_tokens=48)
@@ -42,6 +44,7 @@ def llama_cpp_step(run_dir: Path, out_dir: Path, conversation: list[dict], trans
     user = conversation[-1]["content"].replace("\n", " / ")
     log(f"  held-out prompt: {user}")
     log(f"  transformers (base + LoRA): {transformers_answer.strip()!r}")
-    log(f"  llama.cpp ({report['files']['model']}): {answer.strip()!r}")
+    shown = f"{Path(files['model']).name} + {files['adapter']}" if adapter_only else files["model"]
+    log(f"  llama.cpp ({shown}): {answer.strip()!r}")
     log(f"  Ollama: cd {out_dir} && ollama create loraft-demo -f Modelfile && ollama run loraft-demo")
     return {"report": report, "llama_cpp_answer": answer}

@@ -30,10 +30,16 @@ def arguments(config: RunConfig, plan, run_dir: Path, has_eval: bool):
 def build_trainer(config: RunConfig, plan, args, model, info: dict, tokenizer, prepared, callbacks: list):
     from transformers import DataCollatorForSeq2Seq
 
+    from loraft.retention_guard import RetentionGuard
+    from loraft.templates import get_template
+
+    guard = RetentionGuard.for_run(config, tokenizer, get_template(config.data.template, tokenizer),
+                                   precision=f"{plan.precision}|{plan.weights}")
     return LoraftTrainer(model=model, args=args, train_dataset=prepared.train, eval_dataset=prepared.eval,
                          processing_class=tokenizer,
                          data_collator=DataCollatorForSeq2Seq(tokenizer=tokenizer, padding=True),
-                         callbacks=callbacks, plan=plan, nonfinite_patience=config.train.nonfinite_patience)
+                         callbacks=callbacks, plan=plan, nonfinite_patience=config.train.nonfinite_patience,
+                         guard=guard)
 
 
 class LoraftTrainer(RunGuarantees, Trainer):
@@ -43,12 +49,16 @@ class LoraftTrainer(RunGuarantees, Trainer):
     docs/benchmarks.md; each falls back to Trainer's own where it does not apply.
     """
 
-    def __init__(self, *args, plan=None, **kwargs):
+    def __init__(self, *args, plan=None, guard=None, **kwargs):
         """Args:
             plan: the run's loraft.plan.Plan: its sampler, sub-batch size, fused loss and packing (None: Trainer's
                 own behaviour for all four).
+            guard: the run's loraft.retention_guard.RetentionGuard (None: the plain objective).
         """
         super().__init__(*args, **kwargs)
+        self.guard = guard
+        self._guard_step = -1  # the optimizer step whose guard term is in the gradients
+        self._guard_kl, self._guard_steps, self._guard_seconds = 0.0, 0, 0.0
         self.packing = bool(plan and plan.packing)
         self.length_grouped = bool(plan and plan.sampler == "length_grouped")
         self.fused_loss = bool(plan and plan.fused_loss)
@@ -65,7 +75,22 @@ class LoraftTrainer(RunGuarantees, Trainer):
             self._supervised_tokens += int(num_items_in_batch)
             if self._supervised_since is None:
                 self._supervised_since = time.monotonic()
+        if self.guard is not None and self.state.global_step != self._guard_step:
+            self._retention_step(model)
         return self._training_step(model, inputs, num_items_in_batch)
+
+    def _retention_step(self, model) -> None:
+        """The retention guard's term, once per optimizer step, before the step's first micro-batch: its gradients
+        join the step's (under DDP they are reduced with the step's last backward; every rank scores the same rows,
+        so the average is the term itself)."""
+        started = time.monotonic()
+        self._guard_step = self.state.global_step
+        with self.accelerator.no_sync(model):
+            kl = self.guard.kl(self.accelerator.unwrap_model(model), self.state.global_step, self.accelerator.autocast)
+            self.accelerator.backward(self.guard.weight * kl)
+        self._guard_kl += float(kl.detach())
+        self._guard_steps += 1
+        self._guard_seconds += time.monotonic() - started
 
     def log(self, logs: dict, *args, **kwargs) -> None:
         """Trainer's log, with the supervised tokens per second of this process's steps beside each training loss
@@ -78,6 +103,11 @@ class LoraftTrainer(RunGuarantees, Trainer):
             if elapsed > 0:
                 logs["supervised_tokens_per_second"] = round(self._supervised_tokens / elapsed, 3)
             self._supervised_tokens, self._supervised_since = 0, now
+        if "loss" in logs and self._guard_steps:
+            # the guard's mean KL over the steps since the previous log, and its time (all of it, since the start)
+            logs["retention_kl"] = round(self._guard_kl / self._guard_steps, 6)
+            logs["retention_seconds"] = round(self._guard_seconds, 3)
+            self._guard_kl, self._guard_steps = 0.0, 0
         super().log(logs, *args, **kwargs)
 
     def _training_step(self, model, inputs, num_items_in_batch=None):
