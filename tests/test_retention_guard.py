@@ -159,6 +159,7 @@ def test_auto_is_the_guard_for_sft_and_off_for_preference_prompt_learning_and_th
     assert resolved(load_config(None, ["train.objective=dpo"])) == "off"
     assert resolved(load_config(None, ["adapter.method=prompt_tuning", "adapter.target_modules=null",
                                        "adapter.modules_to_save=null"])) == "off"
+    assert resolved(load_config(None, ["model.quantization=nf4"])) == "off"
     assert load_config(None, ["train.retention=off"]).train.retention == "off"  # YAML's bare `off` is a boolean
 
 
@@ -166,6 +167,7 @@ def test_auto_is_the_guard_for_sft_and_off_for_preference_prompt_learning_and_th
     (["train.retention=kl", "train.objective=dpo"], "train.objective=dpo keeps its own reference"),
     (["train.retention=kl", "adapter.method=prefix_tuning", "adapter.target_modules=null",
       "adapter.modules_to_save=null"], "needs a LoRA-family adapter"),
+    (["train.retention=kl", "model.quantization=nf4"], "does not run on a quantized base yet"),
     (["train.retention=maybe"], "train.retention"),
 ])
 def test_a_guard_that_cannot_apply_is_one_sentence(overrides, words):

@@ -220,8 +220,8 @@ class TrainConfig(_Section):
         "auto",
         description="The retention guard (loraft.retention_guard): kl adds, each optimizer step, retention_weight x "
         "the KL divergence from the base (the adapter switched off) to the run on a few general conversations the "
-        "project ships, so a narrow fine-tune keeps the model's general answers; auto = kl for sft, off for the "
-        "preference objectives; off = the plain objective (the reference recipe's preset).",
+        "project ships, so a narrow fine-tune keeps the model's general answers; auto = kl for sft with a LoRA-family "
+        "adapter on an unquantized base, else off; off = the plain objective (the reference recipe's preset).",
     )
     retention_weight: float = Field(0.3, gt=0, description="Weight of the retention guard's KL term (0.3: chosen "
                                     "on a real model, docs/benchmarks.md, Retention).")
@@ -363,6 +363,10 @@ class RunConfig(_Section):
         if self.train.objective != "sft":
             raise ValueError(f"train.retention=kl guards sft runs; train.objective={self.train.objective} keeps its "
                              "own reference (leave train.retention auto or off)")
+        if self.model.quantization != "none":
+            raise ValueError(f"train.retention=kl does not run on a quantized base yet (model.quantization="
+                             f"{self.model.quantization}: bitsandbytes' 4-bit backward fails in the guard's forward); "
+                             "leave it auto or off")
         if self.adapter.method in ("prompt_tuning", "prefix_tuning"):
             raise ValueError(f"train.retention=kl needs a LoRA-family adapter (its base is the adapter switched "
                              f"off inside the model); adapter.method={self.adapter.method} (leave it auto or off)")

@@ -124,6 +124,8 @@ class RetentionGuard:
                 counts = saved["counts"].tolist()
                 if len(counts) == len(self.rows):
                     self.targets = list(zip(saved["ids"].split(counts), saved["values"].split(counts)))
+                    logger.info("retention guard: the base's next-token targets on %d general conversations read "
+                                "from %s", len(self.rows), self.cache)
                     return time.monotonic() - started
             except (OSError, KeyError, SafetensorError, RuntimeError) as exc:
                 logger.warning("retention guard: %s unreadable (%s); computing the base's targets again", self.cache,
@@ -206,17 +208,22 @@ def resolved(config) -> str:
     value = config.train.retention
     if value == "auto":
         lora_family = config.adapter.method not in ("prompt_tuning", "prefix_tuning")
-        return "kl" if config.train.objective == "sft" and lora_family else "off"
+        plain_base = config.model.quantization == "none"
+        return "kl" if config.train.objective == "sft" and lora_family and plain_base else "off"
     return value
 
 
 def describe(config) -> tuple[str, str]:
     """(the plan's value, its reason) for the guard."""
     if resolved(config) == "off":
-        why = ("train.retention: off" if config.train.retention == "off" else
-               f"train.objective={config.train.objective} keeps its own reference"
-               if config.train.objective != "sft" else f"adapter.method={config.adapter.method}: no adapter to "
-               "switch off inside the model")
+        if config.train.retention == "off":
+            why = "train.retention: off"
+        elif config.train.objective != "sft":
+            why = f"train.objective={config.train.objective} keeps its own reference"
+        elif config.model.quantization != "none":
+            why = f"model.quantization={config.model.quantization}: the guard does not run on a quantized base yet"
+        else:
+            why = f"adapter.method={config.adapter.method}: no adapter to switch off inside the model"
         return "off", why
     value = (f"KL to the base, weight {config.train.retention_weight:g}, {config.train.retention_rows} shipped "
              "general conversation(s) a step")
