@@ -1,5 +1,5 @@
 """The real-model demo (`loraft demo --real` / `--model PATH.gguf`, loraft.demo.real) end to end on SmolLM2's GGUF at
-a few steps and prompts: both runs train (guard on and off), the table and samples print, the results name the file,
+2 steps, 8 held-out records and 4 general prompts: both runs train (guard on and off), the table and samples print, the results name the file,
 the guarded run's LoRA answers on the original file in llama.cpp, and a second demo does not overwrite the first.
 The numbers the README states come from the full demo (docs/benchmarks.md, "Retention"); here only its shape and the
 invariants that hold at any size are checked. The task generator's split is checked without a model."""
@@ -64,14 +64,15 @@ def test_the_real_model_demo_runs_both_runs_and_puts_the_adapter_on_the_original
     from loraft.demo.real import run_real_demo
 
     lines: list[str] = []
-    results = run_real_demo(model=str(smollm2), workdir=tmp_path, steps=3, retention_prompts=6, log=lines.append)
+    results = run_real_demo(model=str(smollm2), workdir=tmp_path, steps=2, retention_prompts=4, heldout_records=8,
+                            log=lines.append)
     text = "\n".join(lines)
     for row in ("base", "fine-tuned, guard on (default)", "fine-tuned, train.retention=off"):
         assert row in text
     assert "sample answers (greedy):" in text and "general:" in text
     saved = json.loads((tmp_path / "real" / "demo_results.json").read_text())
-    assert saved["model"] == str(smollm2) and saved["steps"] == 3
-    assert saved["retention"]["guarded"]["prompts"] == 6
+    assert saved["model"] == str(smollm2) and saved["steps"] == 2
+    assert saved["retention"]["guarded"]["prompts"] == 4
     # the base's general answers are the same whichever run is measured (the adapter switched off, cached)
     assert saved["retention"]["guarded"]["base_accuracy"] == saved["retention"]["unguarded"]["base_accuracy"]
     guarded = json.loads((tmp_path / "real" / "run" / "loraft_run.json").read_text())
@@ -84,7 +85,8 @@ def test_the_real_model_demo_runs_both_runs_and_puts_the_adapter_on_the_original
     report = json.loads((tmp_path / "real" / "gguf" / "export_report.json").read_text())
     assert report["mode"] == "adapter" and report["base"]["path"] == str(smollm2)
     with pytest.raises(RunError, match="--overwrite"):
-        run_real_demo(model=str(smollm2), workdir=tmp_path, steps=3, retention_prompts=6, log=lines.append)
+        run_real_demo(model=str(smollm2), workdir=tmp_path, steps=2, retention_prompts=4, heldout_records=8,
+                            log=lines.append)
 
 
 def test_a_missing_model_file_is_one_sentence(tmp_path, capsys):

@@ -64,13 +64,14 @@ def _samples(heldout: Sequence[dict], retention: dict, results: dict) -> list[st
 
 
 def run_real_demo(model: Optional[str] = None, workdir: str | Path = "loraft-demo", overwrite: bool = False,
-                  steps: int = STEPS, retention_prompts: int = RETENTION_PROMPTS,
+                  steps: int = STEPS, retention_prompts: int = RETENTION_PROMPTS, heldout_records: int = 100,
                   log: Callable[[str], None] = print) -> dict:
     """The real-model demo. Args:
         model: a GGUF file (None: SmolLM2-135M-Instruct, fetched once).
         workdir: the demo writes real/data, real/run (guard on), real/run-unguarded and real/gguf there.
         steps: optimizer steps of each run (16 samples each).
         retention_prompts: how many of the general prompts the retention columns use (all of them: `loraft eval`).
+        heldout_records: held-out task records (half dates, half words).
     Returns:
         {"base", "guarded", "unguarded": {"task", "general_accuracy", "kl_per_token", ...}, "timings", ...}; also
         written to real/demo_results.json.
@@ -93,7 +94,7 @@ def run_real_demo(model: Optional[str] = None, workdir: str | Path = "loraft-dem
     if not gguf.is_file():
         raise RunError(f"--model {model}: no such file (a GGUF chat model: the kind Ollama and LM Studio keep)")
     log(f"[1/6] base: {gguf} ({gguf.stat().st_size / 2**20:.0f} MB)")
-    train_records, heldout = format_task_records(seed=0, train=16 * steps, heldout=100)
+    train_records, heldout = format_task_records(seed=0, train=16 * steps, heldout=heldout_records)
     data = root / "data"
     data.mkdir(parents=True, exist_ok=True)
     for name, records in (("train", train_records), ("heldout", heldout)):
