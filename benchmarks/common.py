@@ -254,7 +254,7 @@ def write_json(path: Path, payload: dict) -> None:
     path.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
 
 
-# ----------------------------------------------------- pieces of a timed training run (train_speed, dpo_speed)
+# ------------------------------------------ pieces of a timed training run (train_speed, dpo_speed, sft_speed)
 
 RECIPE_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "bloom-1b4-zh-lora.yaml"
 SUPERVISED_COUNTS = ("samples", "tokens", "supervised", "padded")
@@ -323,6 +323,19 @@ def peft_config(shape: Shape):
 
     return LoraConfig(task_type=TaskType.CAUSAL_LM, target_modules=shape.target_modules,
                       modules_to_save=list(shape.modules_to_save))
+
+
+def sft_trainer(model, train_dataset, tokenizer, peft_config, callbacks, out_dir: Path, **settings):
+    """TRL's SFTTrainer as its documentation shows it: the model by its folder, an SFTConfig of TRL's defaults with
+    `settings` over them, the LoRA through peft_config; one epoch, logging every step, no checkpoints, no reporting
+    (train_speed, sft_speed)."""
+    import torch
+    from trl import SFTConfig, SFTTrainer
+
+    args = SFTConfig(output_dir=str(out_dir), num_train_epochs=1, logging_steps=1, save_strategy="no",
+                     report_to="none", use_cpu=not torch.cuda.is_available(), **settings)
+    return SFTTrainer(model=str(model), args=args, train_dataset=train_dataset, processing_class=tokenizer,
+                      peft_config=peft_config, callbacks=callbacks)
 
 
 def recipe_config(shape: Shape, model_dir: Path, out_dir: Path, overrides=()):

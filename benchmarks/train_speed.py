@@ -76,16 +76,10 @@ def run_reference(model_dir, data, out_dir, shape, callbacks):
 
 def run_trl(model_dir, data, out_dir, shape, callbacks):
     from transformers import AutoTokenizer
-    from trl import SFTConfig, SFTTrainer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    args = SFTConfig(
-        output_dir=str(out_dir), num_train_epochs=1, per_device_train_batch_size=1, gradient_accumulation_steps=8,
-        learning_rate=5e-5, logging_steps=1, save_strategy="no", report_to="none", use_cpu=True,
-        completion_only_loss=True, max_length=256,
-    )
-    trainer = SFTTrainer(model=str(model_dir), args=args, train_dataset=data, processing_class=tokenizer,
-                         peft_config=common.peft_config(shape), callbacks=callbacks)
+    trainer = common.sft_trainer(model_dir, data, AutoTokenizer.from_pretrained(model_dir), common.peft_config(shape),
+                                 callbacks, out_dir, per_device_train_batch_size=1, gradient_accumulation_steps=8,
+                                 learning_rate=5e-5, completion_only_loss=True, max_length=256)
     trainer.train()
 
 
