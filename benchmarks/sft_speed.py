@@ -8,43 +8,41 @@
 Models (--model):
   smollm2       the real model, SmolLM2-135M-Instruct (Q4_1 GGUF, loraft.smollm2). loraft trains the .gguf file as a
                 user does: the `gguf-lora` preset (LoRA r 16, alpha 32, dropout 0.05 on every linear layer of a block,
-                lr 2e-4 cosine, batch 8 x grad-accum 2, max_length 512, the model's own chat template), its data stage
-                reading the records from a messages .jsonl. TRL loads the file's dequantized folder
-                (loraft.gguf_base.hf_folder), in the dtype loraft's plan loads it (bf16 where the CPU has bf16, else
-                fp32), and tokenizes the same records in TRL's conversational prompt-completion format. The records
-                are a narrow task, drawn from --seed: an ISO date as day/month/year, or a word in capitals in brackets.
-  bloom-1b4-zh  the recipe's shape with random weights (common.ensure_model_dir) and its adapter (LoRA on
-                `.*\\.1.*query_key_value`, word_embeddings trained in full, lr 5e-5, batch 1 x grad-accum 8, max_length
-                256) on alpaca-zh-like token ids (common.make_samples): loraft gets them pre-tokenized, TRL as a
-                pre-tokenized dataset with a completion_mask (as TRL documents). --quick: the bloom-small shape.
+                lr 2e-4 cosine, batch 8 x grad-accum 2, max_length 512, the model's chat template), its data stage
+                reading a messages .jsonl. TRL loads the file's dequantized folder (loraft.gguf_base.hf_folder) in the
+                dtype loraft's plan loads it (bf16 where the CPU has bf16, else fp32; TRL's own default is fp32) and
+                tokenizes the same records in its conversational prompt-completion format. The records are a narrow
+                task drawn from --seed: an ISO date as day/month/year, or a word in capitals in brackets.
+  bloom-1b4-zh  the recipe's shape with random weights and its adapter (LoRA on `.*\\.1.*query_key_value`,
+                word_embeddings trained in full, lr 5e-5, batch 1 x grad-accum 8, max_length 256) on alpaca-zh-like
+                token ids (common.make_samples): loraft gets them pre-tokenized, TRL as a pre-tokenized dataset with a
+                completion_mask, as TRL documents. --quick: the bloom-small shape.
 
-Variants, each in its own process (its peak RSS is its own), all with the same LoraConfig (loraft.model's, from the
-run's config), learning rate, schedule, batch, accumulation, max_length and seed, over the same samples:
-  trl          SFTTrainer(model=<folder>, args=SFTConfig(...), train_dataset=..., peft_config=LoraConfig(...)) with
-               TRL's defaults (gradient checkpointing on, TRL's fused lm_head loss, loss on the completion only) and
-               the precision loraft's plan picks here: TRL's bf16=True default is emulated on CPUs without bf16
-               (hundreds of times slower matmuls), so there it would measure the emulation (as dpo_speed.py does).
+Variants, each in its own process (its peak RSS is its own), all with one LoraConfig (loraft.model's, from the run's
+config), learning rate, schedule, batch, accumulation, max_length and seed, over the same samples:
+  trl          SFTTrainer(model=<folder>, args=SFTConfig(...), train_dataset=..., peft_config=LoraConfig(...)), TRL's
+               defaults (gradient checkpointing, its fused lm_head loss, loss on the completion only) in the precision
+               loraft's plan picks: TRL's bf16=True default is emulated on CPUs without bf16 (as in dpo_speed.py).
   trl-nogc     the same with gradient_checkpointing=False.
-  trl-fastest  trl-nogc with padding_free=True (each micro-batch one row, no padding; transformers masks the
-               samples apart by their position_ids). Llama-type models only (BLOOM takes no position_ids); TRL then
-               needs max_length=None, which cuts nothing here (every sample fits). Packing is left out: it changes
-               which samples share a step.
-  loraft       loraft.train.train() with loraft's defaults (autotune, length-grouped sampler: the same samples per
-               epoch in another order; with the gguf-lora preset also the retention guard: a forward/backward on 2
-               general conversations a step, work TRL does not do).
-  loraft-noguard  loraft with train.retention=off (smollm2 only: the recipe's preset has it off).
-  loraft-fp32  train.precision=fp32, train.sampling=random (the order TRL samples in), adapter dropout 0, no
-  trl-fp32     retention guard, on exactly the ids and labels TRL trains on; trl-fp32 is trl in fp32 with dropout 0.
-               Their per-step losses must match: the largest difference is reported.
+  trl-fastest  trl-nogc with padding_free=True: each micro-batch one row, no padding, the samples kept apart by their
+               position_ids (so Llama-type models only, not BLOOM); TRL then wants max_length=None, which cuts nothing
+               here. Packing is left out: it changes which samples share a step.
+  loraft       loraft.train.train() with loraft's defaults (autotune, the length-grouped sampler: the same samples in
+               another order) and the objective TRL trains: train.retention=off.
+  loraft-guard all of loraft's defaults, the retention guard included (train.retention auto: on for a LoRA on an
+               unquantized base; a forward/backward on 2 general conversations a step, work TRL does not do);
+               smollm2 only (the recipe's preset has it off).
+  loraft-fp32  train.precision=fp32, train.sampling=random (TRL's order), adapter dropout 0, no guard, on exactly the
+  trl-fp32     ids and labels TRL trains on; trl-fp32 is trl in fp32 with dropout 0. Their losses must match.
   loraft-ordered  (only when named) loraft with train.sampling=random: its sampler's share of the speed.
 
-Reported per variant: median seconds per optimizer step (the first, warm-up, left out), tokens/s (non-padding tokens
-of the steps after the first), the training's own time, the whole process's time (interpreter start to the end of
-training, less this script's GEMM readings; loraft's includes what it measures or computes once when its caches
-lack it, the autotune per machine and shape and the guard's targets per base: said, and left out in "caches warm"),
-peak RSS, every step's loss, and a checksum of each step's token ids (the same samples in the same order). TRL
-tokenizes the records itself; its input ids must equal loraft's or the variant fails. TRL's completion also holds
-the newline after <|im_end|>, which loraft's template does not supervise: the fp32 pair trains on TRL's labels.
+Reported per variant: median seconds per optimizer step and tokens/s (non-padding tokens), both without the first
+step (warm-up); the training's time; the whole process's time (interpreter start to the end of training, less this
+script's GEMM readings; loraft's includes the autotune per machine and shape and the guard's targets per base where
+its caches lacked them: said, and left out under "caches warm"); peak RSS; each step's loss, and a checksum of its
+token ids (the same samples in the same order). TRL tokenizes the records itself; its input ids must equal loraft's
+or the variant fails. TRL's completion also holds the newline after <|im_end|>, which loraft's template does not
+supervise: the fp32 pair trains on TRL's labels.
 """
 
 from __future__ import annotations
@@ -64,11 +62,11 @@ from types import SimpleNamespace
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-VARIANTS = ["trl", "trl-nogc", "trl-fastest", "loraft", "loraft-noguard", "loraft-fp32", "trl-fp32", "loraft-ordered"]
+VARIANTS = ["trl", "trl-nogc", "trl-fastest", "loraft", "loraft-guard", "loraft-fp32", "trl-fp32", "loraft-ordered"]
 DEFAULT_VARIANTS = VARIANTS[:-1]
 BASELINES = ("trl", "trl-nogc", "trl-fastest")
-LORAFT_OVERRIDES = {"loraft": [], "loraft-noguard": ["train.retention=off"],
-                    "loraft-ordered": ["train.sampling=random"],
+LORAFT_OVERRIDES = {"loraft": ["train.retention=off"], "loraft-guard": [],
+                    "loraft-ordered": ["train.retention=off", "train.sampling=random"],
                     "loraft-fp32": ["train.precision=fp32", "train.sampling=random", "adapter.dropout=0",
                                     "train.retention=off"],
                     "trl-fp32": ["train.precision=fp32", "adapter.dropout=0"]}
@@ -342,7 +340,7 @@ def format_report(report: dict) -> str:
               ("| loraft variant | TRL variant | speed | process | process, caches warm | train | RSS "
                "| max \\|Δloss\\| |"),
               "|---|---|---:|---:|---:|---:|---:|---:|"]
-    pairs = [(name, b) for name in ("loraft", "loraft-noguard") for b in BASELINES]
+    pairs = [(name, b) for name in ("loraft", "loraft-guard") for b in BASELINES]
     for name, base in pairs + [("loraft-ordered", "trl"), ("loraft-fp32", "trl-fp32")]:
         c = results.get(name, {}).get(f"vs_{base}")
         if c:
@@ -389,7 +387,7 @@ def main(argv=None) -> int:
     if set(variants) - set(VARIANTS):
         parser.error(f"unknown variants: {', '.join(sorted(set(variants) - set(VARIANTS)))}")
     for variant, why in (("trl-fastest", "padding_free needs position_ids, which BLOOM does not take"),
-                         ("loraft-noguard", "the recipe's preset has the retention guard off already")):
+                         ("loraft-guard", "the recipe's preset has the retention guard off")):
         if not smollm2 and variant in variants:
             variants.remove(variant)
             print(f"[bench] {variant} left out: {why}", flush=True)
