@@ -93,3 +93,9 @@ def test_a_missing_model_file_is_one_sentence(tmp_path, capsys):
     assert main(["demo", "--model", str(tmp_path / "nope.gguf"), "--workdir", str(tmp_path)]) != 0
     err = capsys.readouterr().err.strip()
     assert "nope.gguf: no such file" in err and "Traceback" not in err and len(err.splitlines()) == 1
+
+
+def test_real_with_another_stage_is_one_sentence(tmp_path, capsys):
+    assert main(["demo", "--real", "--stage", "preference", "--workdir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--real/--model is a stage of its own" in err and len(err.splitlines()) == 1
