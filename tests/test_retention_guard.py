@@ -131,26 +131,51 @@ def test_the_top_k_kl_never_exceeds_the_full_kl_and_equals_it_with_the_whole_voc
     assert [float(whole.kl(model, step, contextlib.nullcontext)) for step in range(3)] == pytest.approx(full, rel=1e-4)
 
 
-def test_the_base_targets_are_computed_once_and_then_read_from_the_cache(tiny_llama_dir, tmp_path, monkeypatch):
+def test_the_base_targets_are_computed_once_for_the_rows_a_run_scores_and_then_read_from_the_cache(
+        tiny_llama_dir, tmp_path, monkeypatch):
     import contextlib
 
     tokenizer = _tokenizer(tiny_llama_dir)
     model = _perturbed_llama(tiny_llama_dir)
     rows = encode_guard_texts(tokenizer, get_template("chatml", tokenizer), max_length=128)[:20]
-    first = RetentionGuard(rows, weight=1.0, rows_per_step=2, pad_id=0, seed=0, cache=tmp_path / "targets.safetensors")
-    first.prepare(model, contextlib.nullcontext)
-    assert (tmp_path / "targets.safetensors").is_file()
+    cache = tmp_path / "targets.safetensors"
+    first = RetentionGuard(rows, weight=1.0, rows_per_step=2, pad_id=0, seed=0, cache=cache)
+    first.kl(model, 0, contextlib.nullcontext, last_step=2)  # a 3-step run: its 6 rows, not all 20
+    assert sorted(first.targets) == sorted(first.rows_of_steps(range(3))) and len(first.targets) == 6
+    assert cache.is_file()
     calls = []
-    monkeypatch.setattr(RetentionGuard, "_log_probs", staticmethod(lambda *a: calls.append(1)))
-    second = RetentionGuard(rows, weight=1.0, rows_per_step=2, pad_id=0, seed=0, cache=tmp_path / "targets.safetensors")
-    second.prepare(model, contextlib.nullcontext)
-    assert not calls
-    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first.targets, second.targets))
-    (tmp_path / "targets.safetensors").write_bytes(b"not a tensor file")  # a damaged cache is computed again, not trusted
-    monkeypatch.undo()
-    third = RetentionGuard(rows, weight=1.0, rows_per_step=2, pad_id=0, seed=0, cache=tmp_path / "targets.safetensors")
+    real_log_probs = RetentionGuard._log_probs
+    monkeypatch.setattr(RetentionGuard, "_log_probs", staticmethod(lambda *a: calls.append(1) or real_log_probs(*a)))
+    second = RetentionGuard(rows, weight=1.0, rows_per_step=2, pad_id=0, seed=0, cache=cache)
+    second.prepare(model, contextlib.nullcontext, range(3))
+    assert not calls  # all read from the cache
+    assert sorted(second.targets) == sorted(first.targets)
+    assert all(torch.equal(first.targets[i][0], second.targets[i][0]) and
+               torch.equal(first.targets[i][1], second.targets[i][1]) for i in first.targets)
+    second.prepare(model, contextlib.nullcontext)  # every row: only the 14 missing ones are computed, then cached
+    assert len(calls) == 7 and len(second.targets) == 20
+    calls.clear()
+    third = RetentionGuard(rows, weight=1.0, rows_per_step=2, pad_id=0, seed=0, cache=cache)
     third.prepare(model, contextlib.nullcontext)
-    assert all(torch.equal(a[1], b[1]) for a, b in zip(first.targets, third.targets))
+    assert not calls and len(third.targets) == 20
+    cache.write_bytes(b"not a tensor file")  # a damaged cache is computed again, not trusted
+    fourth = RetentionGuard(rows, weight=1.0, rows_per_step=2, pad_id=0, seed=0, cache=cache)
+    fourth.prepare(model, contextlib.nullcontext)
+    assert len(calls) == 10 and all(torch.equal(third.targets[i][1], fourth.targets[i][1]) for i in range(20))
+
+
+def test_the_base_side_has_the_run_side_s_shapes_so_a_zero_adapter_scores_zero_in_bf16(tiny_llama_dir):
+    import contextlib
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = _tokenizer(tiny_llama_dir)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.bfloat16),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+    rows = encode_guard_texts(tokenizer, get_template("chatml", tokenizer), max_length=128)
+    guard = RetentionGuard(rows, weight=1.0, rows_per_step=2, pad_id=0, seed=0)
+    assert [float(guard.kl(model, step, contextlib.nullcontext, last_step=3)) for step in range(4)] == [0.0] * 4
 
 
 def test_auto_is_the_guard_for_sft_and_off_for_preference_prompt_learning_and_the_recipe():

@@ -6,8 +6,9 @@ from the base's next-token distribution to the run's, over the replies of `train
 conversations the project ships (loraft/retention_guard.jsonl, disjoint from the prompts `loraft eval` measures
 retention on), rendered in the run's template. The base is the same model with the adapter switched off (as DPO's
 reference: no second copy of the weights). Its distribution on the shipped texts never changes, so its top-TOP_K
-next-token log-probabilities are computed once per base, template and precision (one forward over the texts) and
-cached; each step then costs one forward/backward on its rows, and no generation.
+next-token log-probabilities on a text are computed once per base, template and precision (one forward, for the texts
+a run will score, at its first guarded step) and cached; each step then costs one forward/backward on its rows, and
+no generation.
 
 The rows of step N are a fixed, seeded rotation through the texts: a resumed run sees the same rows at the same step.
 """
@@ -63,7 +64,7 @@ class RetentionGuard:
         self.order = list(range(len(self.rows)))
         random.Random(f"retention-{seed}").shuffle(self.order)
         self.cache = cache
-        self.targets: Optional[list[tuple[torch.Tensor, torch.Tensor]]] = None  # per row: top-k ids, log-probs
+        self.targets: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # row -> the base's top-k ids, log-probs
 
     @classmethod
     def for_run(cls, config, tokenizer, template, precision: str) -> Optional["RetentionGuard"]:
@@ -110,58 +111,75 @@ class RetentionGuard:
                       use_cache=False).last_hidden_state
         return torch.log_softmax(head(hidden[batch["scored"]]).float(), dim=-1)
 
-    @torch.no_grad()
-    def prepare(self, model, autocast, batch_size: int = 8) -> float:
-        """The base's top-TOP_K next-token log-probabilities at every scored position of every row (the adapter
-        switched off), read from the cache or computed once and cached; returns the seconds it took."""
-        started = time.monotonic()
-        if self.cache is not None and self.cache.is_file():
-            from safetensors import SafetensorError
-            from safetensors.torch import load_file
+    def rows_of_steps(self, steps: Sequence[int]) -> list[int]:
+        """The rows steps `steps` score, each once, in order of first use."""
+        return list(dict.fromkeys(i for step in steps for i in self._chosen(step)))
 
-            try:
-                saved = load_file(str(self.cache))
-                counts = saved["counts"].tolist()
-                if len(counts) == len(self.rows):
-                    self.targets = list(zip(saved["ids"].split(counts), saved["values"].split(counts)))
-                    logger.info("retention guard: the base's next-token targets on %d general conversations read "
-                                "from %s", len(self.rows), self.cache)
-                    return time.monotonic() - started
-            except (OSError, KeyError, SafetensorError, RuntimeError) as exc:
-                logger.warning("retention guard: %s unreadable (%s); computing the base's targets again", self.cache,
-                               exc)
+    def _read_cache(self) -> None:
+        from safetensors import SafetensorError
+        from safetensors.torch import load
+
+        try:
+            saved = load(self.cache.read_bytes())  # read, not mapped: a cache file changed later cannot pull the rug
+            counts = saved["counts"].tolist()
+            pairs = zip(saved["ids"].split(counts), saved["values"].split(counts))
+            self.targets.update((int(row), pair) for row, pair in zip(saved["rows"].tolist(), pairs)
+                                if 0 <= int(row) < len(self.rows))
+        except (OSError, KeyError, SafetensorError, RuntimeError) as exc:
+            logger.warning("retention guard: %s unreadable (%s); computing the base's targets again", self.cache, exc)
+
+    def _write_cache(self) -> None:
+        from safetensors.torch import save_file
+
+        rows = sorted(self.targets)
+        try:
+            self.cache.parent.mkdir(parents=True, exist_ok=True)
+            partial = self.cache.with_name(f".{self.cache.name}.{os.getpid()}.partial")
+            save_file({"rows": torch.tensor(rows), "counts": torch.tensor([len(self.targets[r][0]) for r in rows]),
+                       "ids": torch.cat([self.targets[r][0] for r in rows]),
+                       "values": torch.cat([self.targets[r][1] for r in rows])}, str(partial))
+            os.replace(partial, self.cache)
+        except OSError as exc:
+            logger.warning("retention guard: could not cache the base's targets in %s (%s)", self.cache, exc)
+
+    @torch.no_grad()
+    def prepare(self, model, autocast, steps: Optional[Sequence[int]] = None) -> float:
+        """The base's top-TOP_K next-token log-probabilities at every scored position of the rows steps `steps`
+        score (None: every row), the adapter switched off: read from the cache, the missing ones computed and added
+        to it. Each step's rows are computed together, padded as the step pads them, so the base's side has the
+        shapes (and so the low-precision rounding) of the run's side at that step. Returns the seconds it took."""
+        started = time.monotonic()
+        steps = range(-(-len(self.rows) // max(1, self.rows_per_step))) if steps is None else steps
+        if self.cache is not None and self.cache.is_file() and not self.targets:
+            self._read_cache()
+        missing = [step for step in steps if any(i not in self.targets for i in self._chosen(step))]
+        if not missing:
+            logger.info("retention guard: the base's next-token targets on %d general conversations read from %s",
+                        len(self.rows_of_steps(steps)), self.cache)
+            return time.monotonic() - started
         device = next(model.parameters()).device
         training = model.training
         model.eval()  # the base's own distribution: no dropout
-        targets = []
+        computed = 0
         with autocast(), model.disable_adapter():
-            for start in range(0, len(self.rows), batch_size):
-                batch = self._pad(range(start, min(start + batch_size, len(self.rows))), device)
-                log_probs = self._log_probs(model, batch)
-                values, ids = log_probs.topk(TOP_K, dim=-1)
+            for step in missing:
+                if all(i in self.targets for i in self._chosen(step)):
+                    continue  # an earlier step in this loop scored the same rows
+                batch = self.batch(step, device)
+                values, ids = self._log_probs(model, batch).topk(TOP_K, dim=-1)
                 counts = batch["scored"].sum(dim=1).tolist()
-                for row_ids, row_values in zip(ids.split(counts), values.split(counts)):
-                    targets.append((row_ids.to(torch.int32).cpu(), row_values.cpu()))
+                for row, row_ids, row_values in zip(batch["rows"], ids.split(counts), values.split(counts)):
+                    self.targets.setdefault(row, (row_ids.to(torch.int32).cpu(), row_values.cpu()))
+                computed += len(batch["rows"])
         model.train(training)
-        self.targets = targets
         if self.cache is not None:
-            from safetensors.torch import save_file
-
-            try:
-                self.cache.parent.mkdir(parents=True, exist_ok=True)
-                partial = self.cache.with_name(f".{self.cache.name}.{os.getpid()}.partial")
-                tensors = {"ids": torch.cat([ids for ids, _ in targets]), "values": torch.cat([v for _, v in targets]),
-                           "counts": torch.tensor([len(ids) for ids, _ in targets])}
-                save_file(tensors, str(partial))
-                os.replace(partial, self.cache)
-            except OSError as exc:
-                logger.warning("retention guard: could not cache the base's targets in %s (%s)", self.cache, exc)
+            self._write_cache()
         seconds = time.monotonic() - started
         logger.info("retention guard: the base's next-token targets on %d general conversations in %.1f s (cached: "
-                    "%s)", len(self.rows), seconds, self.cache)
+                    "%s)", computed, seconds, self.cache)
         return seconds
 
-    def kl(self, model, step: int, autocast) -> torch.Tensor:
+    def kl(self, model, step: int, autocast, last_step: Optional[int] = None) -> torch.Tensor:
         """Mean KL(base || run) per reply token on step `step`'s rows, with gradients for the run's side.
 
         The base's distribution is its top-TOP_K tokens and one bucket for the rest (the KL between those coarsened
@@ -170,9 +188,11 @@ class RetentionGuard:
         Args:
             model: the PeftModel being trained (unwrapped); the base is its adapter switched off.
             autocast: the trainer's autocast context factory (accelerator.autocast).
+            last_step: the run's last step: the base's targets missing for this step are computed for every step up
+                to it at once (None: this step's only).
         """
-        if self.targets is None:
-            self.prepare(model, autocast)
+        if any(i not in self.targets for i in self._chosen(step)):
+            self.prepare(model, autocast, range(step, max(step, last_step if last_step is not None else step) + 1))
         batch = self.batch(step, next(model.parameters()).device)
         with autocast():
             current = self._log_probs(model, batch)
@@ -195,7 +215,7 @@ def _targets_file(config, template, rows, precision: str) -> Path:
     from loraft.files import cache_dir, model_fingerprint
 
     parts = {"model": model_fingerprint(config.model.name_or_path, config.model.revision), "precision": precision,
-             "template": hashlib.sha256(template.jinja.encode()).hexdigest(), "top_k": TOP_K, "version": 1,
+             "template": hashlib.sha256(template.jinja.encode()).hexdigest(), "top_k": TOP_K, "version": 2,
              "rows": hashlib.sha256(json.dumps(rows).encode()).hexdigest(),
              "quantization": config.model.quantization}
     key = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
@@ -228,6 +248,6 @@ def describe(config) -> tuple[str, str]:
     value = (f"KL to the base, weight {config.train.retention_weight:g}, {config.train.retention_rows} shipped "
              "general conversation(s) a step")
     reason = ("one forward/backward on those rows per optimizer step, against the base's next-token targets "
-              "computed once per base and template (one forward over the shipped set, cached); its share of the "
+              "computed once per base and template (one forward over the rows the run scores, cached); its share of the "
               "training time is logged as retention_seconds; train.retention=off turns it off")
     return value, reason

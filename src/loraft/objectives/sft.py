@@ -86,7 +86,8 @@ class LoraftTrainer(RunGuarantees, Trainer):
         started = time.monotonic()
         self._guard_step = self.state.global_step
         with self.accelerator.no_sync(model):
-            kl = self.guard.kl(self.accelerator.unwrap_model(model), self.state.global_step, self.accelerator.autocast)
+            kl = self.guard.kl(self.accelerator.unwrap_model(model), self.state.global_step, self.accelerator.autocast,
+                               last_step=self.state.max_steps - 1)
             self.accelerator.backward(self.guard.weight * kl)
         self._guard_kl += float(kl.detach())
         self._guard_steps += 1
