@@ -217,7 +217,7 @@ def _run(tmp_path, model_dir, name, overrides=()):
 def test_the_guard_changes_the_update_logs_its_kl_and_the_plan_names_it(tmp_path, tiny_bloom_dir):
     from safetensors.torch import load_file
 
-    guarded = _run(tmp_path, tiny_bloom_dir, "guarded")
+    guarded = _run(tmp_path, tiny_bloom_dir, "guarded", ["train.retention_every=1"])
     plain = _run(tmp_path, tiny_bloom_dir, "plain", ["train.retention=off"])
     metrics = [json.loads(line) for line in (guarded / "metrics.jsonl").read_text().splitlines()]
     kls = [m["retention_kl"] for m in metrics if "retention_kl" in m]
@@ -230,3 +230,34 @@ def test_the_guard_changes_the_update_logs_its_kl_and_the_plan_names_it(tmp_path
     record = json.loads((guarded / "loraft_run.json").read_text())
     assert record["plan"]["retention"].startswith("KL to the base")
     assert json.loads((plain / "loraft_run.json").read_text())["plan"]["retention"] == "off"
+
+
+def test_auto_spaces_the_guard_so_its_tokens_stay_within_a_tenth_of_the_tasks():
+    rows = [([1] * 80, 40), ([1] * 82, 40)]  # 81 tokens a row on average, 2 a guarded step: 162
+    guard = RetentionGuard(rows, weight=0.3, rows_per_step=2, pad_id=0, seed=0)
+    assert guard.tokens_per_step == 162
+    for task_tokens, every in ((16 * 55, 2), (1620, 1), (1619, 2), (810, 2), (809, 3), (405, 4)):
+        line = guard.set_every("auto", task_tokens)
+        assert guard.every == every and 162 / task_tokens / every <= 0.1 + 1e-9, (task_tokens, line)
+    guard.set_every("auto", 100)  # 17 would keep a tenth, but a guarded step comes at least every 4
+    assert guard.every == 4
+    assert guard.set_every(3, 100000).startswith("retention guard: every 3 optimizer step(s), weight 0.3 x 3")
+    assert [s for s in range(10) if guard.guarded(s)] == [0, 3, 6, 9]
+
+
+def test_a_guard_every_n_steps_is_the_guard_with_n_times_the_weight_on_those_steps(tmp_path, tiny_bloom_dir):
+    from safetensors.torch import load_file
+
+    spaced = _run(tmp_path, tiny_bloom_dir, "spaced", ["train.retention_every=2", "train.retention_weight=0.5"])
+    assert "retention guard: every 2 optimizer step(s), weight 0.5 x 2" in (spaced / "train.log").read_text()
+    logged = [(m["step"], "retention_kl" in m) for m in map(json.loads, (spaced / "metrics.jsonl").read_text().splitlines())
+              if "loss" in m]
+    assert logged == [(1, True), (2, False), (3, True)]  # guarded steps 0 and 2 (logged after them)
+    one = _run(tmp_path, tiny_bloom_dir, "one", ["train.retention_every=2", "train.retention_weight=0.5",
+                                                 "train.max_steps=1"])
+    doubled = _run(tmp_path, tiny_bloom_dir, "doubled", ["train.retention_every=1", "train.retention_weight=1.0",
+                                                         "train.max_steps=1"])
+    a, b = load_file(one / "adapter_model.safetensors"), load_file(doubled / "adapter_model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ConfigError, match="train.retention_every"):
+        load_config(None, ["train.retention_every=0"])

@@ -251,7 +251,8 @@ def _run(model_dir, data_dir, out_dir, *overrides):
     config = load_config(None, [
         f"model.name_or_path={model_dir}", f"data.path={data_dir}", f"output_dir={out_dir}",
         "train.max_steps=4", "train.logging_steps=1", "train.learning_rate=0.01", "train.save_steps=1000",
-        "train.per_device_train_batch_size=1", "train.gradient_accumulation_steps=8", *overrides,
+        "train.per_device_train_batch_size=1", "train.gradient_accumulation_steps=8", "train.retention_every=1",
+        *overrides,
     ])
     train(config)
     lines = (out_dir / "metrics.jsonl").read_text().splitlines()

@@ -22,6 +22,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -395,19 +396,25 @@ def test_no_request_holds_the_server(real_ui):
     watcher = threading.Thread(target=_health_latencies, args=(real_ui.url, stop, latencies))
     watcher.start()
     try:
-        with httpx.Client(base_url=real_ui.url, timeout=60) as ui:
-            started = time.monotonic()
-            answer = ui.post("/api/plan", json={"config": "configs/run.yaml",
-                                                "overrides": [f"adapter.target_modules={BACKTRACKING}"]})
-            took = time.monotonic() - started
+        with httpx.Client(base_url=real_ui.url, timeout=60) as ui, ThreadPoolExecutor(2) as pool:
+            # the plan, and a start (it checks the same plan: the pattern is stopped there, not in a run that would
+            # hang), at once: each holds one of the UI's two workers until the time limit
+            def timed_plan():
+                started = time.monotonic()
+                answer = ui.post("/api/plan", json={"config": "configs/run.yaml",
+                                                    "overrides": [f"adapter.target_modules={BACKTRACKING}"]})
+                return answer, time.monotonic() - started
+
+            planned = pool.submit(timed_plan)
+            started = pool.submit(ui.post, "/api/runs", json={"name": "backtracks", "config": "configs/run.yaml",
+                                                              "overrides": [f"adapter.target_modules={BACKTRACKING}"]})
+            answer, took = planned.result()
             assert_refused(answer, 400, f"the plan took longer than {TIME_LIMIT} s and was stopped (loraft ui "
                                         "--time-limit): a "
                                         "target pattern that backtracks, or more data than this machine checks in "
                                         "that time?")
             assert took < TIME_LIMIT + 16
-            # a start checks the same plan: the pattern is stopped there, not in a run that would hang
-            answer = ui.post("/api/runs", json={"name": "backtracks", "config": "configs/run.yaml",
-                                                "overrides": [f"adapter.target_modules={BACKTRACKING}"]})
+            answer = started.result()
             assert answer.status_code == 400 and answer.json()["error"].startswith(
                 f"the config check took longer than {TIME_LIMIT} s"), answer.text
             aliases = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(

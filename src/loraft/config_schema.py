@@ -225,8 +225,12 @@ class TrainConfig(_Section):
     )
     retention_weight: float = Field(0.3, gt=0, description="Weight of the retention guard's KL term (0.3: chosen "
                                     "on a real model, docs/benchmarks.md, Retention).")
-    retention_rows: int = Field(2, gt=0, description="General conversations the retention guard scores per optimizer "
+    retention_rows: int = Field(2, gt=0, description="General conversations the retention guard scores per guarded "
                                 "step (a fixed seeded rotation through the shipped set).")
+    retention_every: Union[Literal["auto"], int] = Field(
+        "auto", description="The retention guard runs every N optimizer steps with N x its weight (the same pull on "
+        "average at 1/N of the cost); auto = the fewest that keep its tokens within 10% of a step's task tokens, from "
+        "the prepared data, at most 4 (train.log says which).")
     logging_steps: int = Field(10, description="Log loss every N optimizer steps (as the reference).")
     save_steps: int = Field(
         500, description="Checkpoint every N optimizer steps (the reference's save_steps=1 writes 380 MB a step)."
@@ -249,6 +253,13 @@ class TrainConfig(_Section):
     def _yaml_switch(cls, value):
         # YAML 1.1 reads a bare `off` / `on` as a boolean: `train.retention: off` means what it says
         return {False: "off", True: "kl"}.get(value, value) if isinstance(value, bool) else value
+
+    @field_validator("retention_every")
+    @classmethod
+    def _every(cls, value):
+        if value != "auto" and value <= 0:
+            raise ValueError(f"must be auto or > 0 (got {value})")
+        return value
 
     @field_validator("micro_batch_tokens")
     @classmethod

@@ -10,12 +10,16 @@ next-token log-probabilities on a text are computed once per base, template and 
 a run will score, at its first guarded step) and cached; each step then costs one forward/backward on its rows, and
 no generation.
 
-The rows of step N are a fixed, seeded rotation through the texts: a resumed run sees the same rows at the same step.
+Every `train.retention_every` optimizer steps (auto: sized from the data, so the guard's tokens stay within about
+TOKEN_SHARE of the task's), with its weight times that many steps: the same pull on average, at a fraction of the cost
+where the task's samples are short. The rows of the Nth guarded step are a fixed, seeded rotation through the texts: a
+resumed run sees the same rows at the same step.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import random
 import time
@@ -27,6 +31,8 @@ import torch
 logger = logging.getLogger("loraft")
 GUARD_MAX_TOKENS = 192  # a guard text longer than this (rendered) is cut: its reply is short
 TOP_K = 64  # the base's most likely next tokens kept per position (the rest is one bucket)
+TOKEN_SHARE = 0.10  # train.retention_every auto: the guard's tokens at most this share of the task's (on average)
+MAX_EVERY = 4  # ... but a guarded step at least every MAX_EVERY steps: a sparser guard pulls hard on the steps it runs
 
 
 def encode_guard_texts(tokenizer, template, max_length: int) -> list[tuple[list[int], int]]:
@@ -64,6 +70,7 @@ class RetentionGuard:
         self.order = list(range(len(self.rows)))
         random.Random(f"retention-{seed}").shuffle(self.order)
         self.cache = cache
+        self.every = 1  # optimizer steps per guarded step (set_every)
         self.targets: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # row -> the base's top-k ids, log-probs
 
     @classmethod
@@ -79,6 +86,26 @@ class RetentionGuard:
         rows = encode_guard_texts(tokenizer, template, config.data.max_length)
         return cls(rows, config.train.retention_weight, config.train.retention_rows, pad, config.train.seed,
                    cache=_targets_file(config, template, rows, precision))
+
+    @property
+    def tokens_per_step(self) -> float:
+        """The mean tokens one guarded step scores (its rows' mean length x rows)."""
+        return sum(len(ids) for ids, _ in self.rows) / len(self.rows) * min(self.rows_per_step, len(self.rows))
+
+    def set_every(self, setting, task_tokens_per_step: float) -> str:
+        """Resolve train.retention_every (auto: the fewest optimizer steps between guarded ones that keep the guard's
+        tokens within TOKEN_SHARE of the task's) and return train.log's line about it."""
+        ratio = self.tokens_per_step / max(task_tokens_per_step, 1.0)
+        auto = min(MAX_EVERY, max(1, math.ceil(ratio / TOKEN_SHARE - 1e-9)))
+        self.every = auto if setting == "auto" else int(setting)
+        return (f"retention guard: every {self.every} optimizer step(s), weight {self.weight:g} x {self.every} "
+                f"({'auto' if setting == 'auto' else 'train.retention_every'}); its {self.tokens_per_step:.0f} tokens "
+                f"a guarded step against about {task_tokens_per_step:.0f} task tokens a step: "
+                f"{100 * ratio / self.every:.0f}% more tokens")
+
+    def guarded(self, step: int) -> bool:
+        """Whether optimizer step `step` (0-based) takes the guard's term."""
+        return step % self.every == 0
 
     def _chosen(self, step: int) -> list[int]:
         count = min(self.rows_per_step, len(self.rows))
@@ -245,9 +272,12 @@ def describe(config) -> tuple[str, str]:
         else:
             why = f"adapter.method={config.adapter.method}: no adapter to switch off inside the model"
         return "off", why
+    every = config.train.retention_every
     value = (f"KL to the base, weight {config.train.retention_weight:g}, {config.train.retention_rows} shipped "
-             "general conversation(s) a step")
-    reason = ("one forward/backward on those rows per optimizer step, against the base's next-token targets "
-              "computed once per base and template (one forward over the rows the run scores, cached); its share of the "
-              "training time is logged as retention_seconds; train.retention=off turns it off")
+             "general conversation(s) " + ("every few steps (auto)" if every == "auto" else f"every {every} step(s)"))
+    reason = ("one forward/backward on those rows per guarded step, against the base's next-token targets computed "
+              "once per base and template (one forward over the rows the run scores, cached); "
+              + (f"auto: as often as keeps its tokens within {TOKEN_SHARE:.0%} of the task's, at least every "
+                 f"{MAX_EVERY} steps (train.log says how often); " if every == "auto" else "")
+              + "its time is logged as retention_seconds; train.retention=off turns it off")
     return value, reason

@@ -7,6 +7,7 @@ Trainer's own behaviour where it does not apply; tests/test_trainer.py checks ea
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from pathlib import Path
 from typing import Optional
@@ -17,6 +18,8 @@ from transformers import Trainer
 from loraft.config import RunConfig
 from loraft.data import prepare_datasets as prepare  # noqa: F401  (the interface: prepare(config, tokenizer))
 from loraft.trainer import RunGuarantees, build_training_arguments
+
+logger = logging.getLogger("loraft")
 
 
 def check(config: RunConfig) -> None:
@@ -35,6 +38,10 @@ def build_trainer(config: RunConfig, plan, args, model, info: dict, tokenizer, p
 
     guard = RetentionGuard.for_run(config, tokenizer, get_template(config.data.template, tokenizer),
                                    precision=f"{plan.precision}|{plan.weights}")
+    if guard is not None:
+        tokens = prepared.report.get("tokens", {}).get("total", 0) / max(1, prepared.report.get("samples_kept", 1))
+        logger.info(guard.set_every(config.train.retention_every, tokens * config.train.per_device_train_batch_size
+                                    * config.train.gradient_accumulation_steps))
     return LoraftTrainer(model=model, args=args, train_dataset=prepared.train, eval_dataset=prepared.eval,
                          processing_class=tokenizer,
                          data_collator=DataCollatorForSeq2Seq(tokenizer=tokenizer, padding=True),
@@ -83,12 +90,14 @@ class LoraftTrainer(RunGuarantees, Trainer):
         """The retention guard's term, once per optimizer step, before the step's first micro-batch: its gradients
         join the step's (under DDP they are reduced with the step's last backward; every rank scores the same rows,
         so the average is the term itself)."""
-        started = time.monotonic()
-        self._guard_step = self.state.global_step
+        self._guard_step = step = self.state.global_step
+        if not self.guard.guarded(step):
+            return
+        started, every = time.monotonic(), self.guard.every
         with self.accelerator.no_sync(model):
-            kl = self.guard.kl(self.accelerator.unwrap_model(model), self.state.global_step, self.accelerator.autocast,
-                               last_step=self.state.max_steps - 1)
-            self.accelerator.backward(self.guard.weight * kl)
+            kl = self.guard.kl(self.accelerator.unwrap_model(model), step // every, self.accelerator.autocast,
+                               last_step=(self.state.max_steps - 1) // every)
+            self.accelerator.backward(self.guard.weight * every * kl)
         self._guard_kl += float(kl.detach())
         self._guard_steps += 1
         self._guard_seconds += time.monotonic() - started
