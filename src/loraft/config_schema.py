@@ -1,5 +1,5 @@
-"""The run config's schema: one typed section per stage (model, data, preference, adapter, train, generation) under
-RunConfig, a one-line description on every field, and the checks of single values and across sections. Import these
+"""The run config's schema: one typed section per stage (model, data, preference (loraft.config_preference),
+adapter, train, generation) under RunConfig, a one-line description on every field, and the checks of single values and across sections. Import these
 names from loraft.config, which loads, overrides, saves and describes them.
 
 Defaults reproduce the reference recipe (Langboat/bloom-1b4-zh, alpaca_data_zh, human_assistant
@@ -13,13 +13,14 @@ from __future__ import annotations
 
 from typing import Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
+from loraft.config_preference import DPO_LOSS_TYPES, KTO_LOSS_TYPES, PreferenceConfig
+from loraft.config_section import Section as _Section
 from loraft.objective_table import OBJECTIVE_NAMES
 
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+__all__ = ["DPO_LOSS_TYPES", "KTO_LOSS_TYPES", "OBJECTIVES", "AdapterConfig", "DataConfig", "GenerationConfig",
+           "ModelConfig", "PreferenceConfig", "RunConfig", "TrainConfig"]
 
 
 class ModelConfig(_Section):
@@ -148,10 +149,6 @@ class AdapterConfig(_Section):
 
 
 OBJECTIVES = OBJECTIVE_NAMES  # the objective table's names (loraft.objectives)
-# TRL 1.16's DPOConfig.loss_type values (trl/trainer/dpo_config.py) and KTOConfig's
-DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
-                  "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
-KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
 
 
 class TrainConfig(_Section):
@@ -292,59 +289,6 @@ class GenerationConfig(_Section):
         description="Weights dtype for chat/generate: auto = what train.precision=auto picks on this machine "
         "(bf16 halves the bytes decoding reads per token), else fp32; fp32 = the trained function exactly.",
     )
-
-
-class PreferenceConfig(_Section):
-    """Preference tuning (train.objective dpo, kto or orpo): the loss's settings, passed to TRL's trainer, and the
-    length limits of preference data (preference_* and unpaired_* formats), on top of data.max_length.
-
-    TRL 1.16 has only max_length (prompt + completion, cut keeping the start); both limits here default to off, so
-    loraft cuts exactly where TRL's collator would. They are TRL 0.x's max_prompt_length / max_completion_length."""
-
-    beta: float = Field(
-        0.1, gt=0,
-        description="How far the policy may move from the reference (DPO/KTO), or the odds-ratio weight (ORPO, "
-        "TRL's lambda); TRL's default 0.1. For the ipo loss, the regularisation tau.",
-    )
-    loss_type: Optional[Union[str, list[str]]] = Field(
-        None,
-        description="The loss variant, as TRL names it: dpo: sigmoid (the DPO paper's), hinge, ipo, exo_pair, "
-        "nca_pair, robust, bco_pair, sppo_hard, aot, aot_unpaired, apo_zero, apo_down, discopop, sft or "
-        "sigmoid_norm, or a list of them summed with loss_weights (e.g. [sigmoid, sft]: DPO plus the chosen "
-        "answers' NLL, TRL's RPO); kto: kto or apo_zero_unpaired; None = the objective's default (sigmoid, kto); "
-        "orpo has one.",
-    )
-    loss_weights: Optional[list[float]] = Field(
-        None, description="DPO with a list of loss types: the weight of each (None = 1.0 each), as TRL's loss_weights."
-    )
-    label_smoothing: float = Field(
-        0.0, ge=0, lt=0.5,
-        description="DPO robust/exo_pair losses: the probability that a preference label is flipped (TRL's "
-        "label_smoothing).",
-    )
-    desirable_weight: float = Field(1.0, gt=0, description="KTO: weight of the losses of desirable (label true) "
-                                    "completions, to balance unequal counts.")
-    undesirable_weight: float = Field(1.0, gt=0, description="KTO: weight of the losses of undesirable (label "
-                                      "false) completions.")
-
-    max_prompt_length: Optional[int] = Field(
-        None,
-        description="Cut a longer prompt to its last N tokens (the turn nearest the answer stays), so it leaves "
-        "room for the completion; None = prompts stay whole, as TRL 1.16 keeps them, and a prompt that fills "
-        "data.max_length is refused.",
-    )
-    max_completion_length: Optional[int] = Field(
-        None,
-        description="Cut each completion (chosen, rejected, or a KTO completion) to its first N tokens; None = "
-        "what data.max_length leaves after the prompt, as in TRL 1.16.",
-    )
-
-    @field_validator("max_prompt_length", "max_completion_length")
-    @classmethod
-    def _positive_or_off(cls, value: Optional[int]) -> Optional[int]:
-        if value is not None and value <= 0:
-            raise ValueError(f"must be > 0 or null (got {value})")
-        return value
 
 
 class RunConfig(_Section):
