@@ -56,7 +56,7 @@ def pytest_xdist_auto_num_workers(config):
 
 # Test files whose tests take longest, longest first: they are collected first, so pytest-xdist (--dist loadfile
 # --no-loadscope-reorder) hands them out first and no long file starts last. A file missing here only runs later.
-SLOWEST_FILES = ("test_demo_real.py", "test_real_model.py", "test_ui_confinement.py", "test_gguf.py", "test_ui_e2e.py", "test_ui_fuzz.py",
+SLOWEST_FILES = ("test_real_model.py", "test_ui_confinement.py", "test_gguf.py", "test_ui_e2e.py", "test_ui_fuzz.py",
                  "test_preference_train.py", "test_lifecycle.py", "test_ui_api.py",
                  "test_distributed.py", "test_train.py", "test_install.py")
 
