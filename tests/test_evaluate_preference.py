@@ -78,6 +78,8 @@ def pairs(tmp_path_factory):
 
 
 def run_eval(run_dir, data, *flags):
+    """`loraft eval RUN --data FILE` (retention is tested on its own: test_retention_is_reported_beside_the_preferences)"""
+    flags = flags if any(flag.startswith("--retention") for flag in flags) else (*flags, "--no-retention")
     assert main(["eval", str(run_dir), "--data", str(data), "--batch-size", "3", *flags]) == 0
     metrics = json.loads((run_dir / "eval" / "metrics.json").read_text(encoding="utf-8"))
     predictions = (run_dir / "eval" / "predictions.jsonl").read_text(encoding="utf-8")
@@ -225,7 +227,7 @@ def test_the_reference_adapter_shares_the_runs_base_weights(runs, tiny_bloom_dir
     from loraft.evaluate_preference import load_preference_model
     from loraft.rundir import open_run
 
-    model, _, _, reference = load_preference_model(open_run(runs["dpo_on_start"]))
+    model, _, _, reference, _ = load_preference_model(open_run(runs["dpo_on_start"]))
     assert reference.adapter == "reference" and set(model.peft_config) == {"default", "reference"}
 
     def base_storages(module) -> set[int]:
@@ -274,8 +276,19 @@ def test_cli_eval_missing_reference_run(runs, pairs, tmp_path, capsys):
                                        f"be used: {tmp_path / 'gone'}: run directory not found\n")
     # reference-free: an orpo run needs its reference only for --base
     orpo = derived_run(runs["tuned"], tmp_path / "orpo", "orpo", tmp_path / "gone")
-    assert main(["eval", str(orpo), "--data", str(pairs)]) == 0
+    assert main(["eval", str(orpo), "--data", str(pairs), "--no-retention"]) == 0
     assert main(["eval", str(orpo), "--data", str(pairs), "--base"]) == 2
+
+
+def test_retention_is_reported_beside_the_preferences(runs, pairs, capsys):
+    """A preference run's eval measures what it kept of its base (the adapters off) as an SFT run's does."""
+    capsys.readouterr()
+    metrics, _ = run_eval(runs["dpo_on_start"], pairs, "--limit", "2", "--retention-limit", "4")
+    out = capsys.readouterr().out
+    retention = metrics["retention"]
+    assert retention["prompts"] == 4 and retention["kl_per_token"] >= 0 and "accuracy" in retention
+    assert out.splitlines()[-1].startswith("retention on 4 general prompts (") and "KL from the base" in out
+    assert metrics["preference"]["adapter"]["pairs"] == 2
 
 
 def test_held_out_format_follows_the_kind_of_records(tmp_path):

@@ -301,7 +301,8 @@ def evaluate(
         from loraft.evaluate_preference import evaluate_preferences
 
         return evaluate_preferences(run, data_path, data_config, RunDir(run_dir).eval_dir, limit=limit, base=base,
-                                    batch_size=batch_size, device=device, access=access)
+                                    batch_size=batch_size, device=device, access=access, retention=retention,
+                                    retention_limit=retention_limit)
     # Read the data before loading the model, so a bad file fails in a second.
     records = load_eval_records(data_path, data_config, limit)
     model, tokenizer, template, info = load_run(run, device=device)

@@ -58,7 +58,7 @@ def load_preference_model(run, device: Optional[str] = None, access=None, with_r
         access: RunAccess; its trust_remote_code also applies to the adapter_from run.
         with_reference: False loads no reference adapter (an orpo or sft run scored without --base needs none).
     Returns:
-        (peft_model in eval mode, tokenizer, template, Reference or None)
+        (peft_model in eval mode, tokenizer, template, Reference or None, run_info as loraft.generate.load_run's)
     """
     from loraft.generate import load_run
     from loraft.rundir import RunAccess, open_run
@@ -75,15 +75,15 @@ def load_preference_model(run, device: Optional[str] = None, access=None, with_r
             raise RunError(f"{run.run_dir}: its reference {adapter_from} (model.adapter_from) was trained on "
                            f"{source.config.model.name_or_path}, not on this run's base "
                            f"{run.config.model.name_or_path}")
-    model, tokenizer, template, _ = load_run(run, device=device)
+    model, tokenizer, template, info = load_run(run, device=device)
     if not with_reference:
-        return model, tokenizer, template, None
+        return model, tokenizer, template, None, info
     description = describe_reference(run.config)
     if source is None:
-        return model, tokenizer, template, Reference(None, description)
+        return model, tokenizer, template, Reference(None, description), info
     model.load_adapter(str(source.adapter_dir), adapter_name=REFERENCE_ADAPTER)
     model.eval()
-    return model, tokenizer, template, Reference(REFERENCE_ADAPTER, description)
+    return model, tokenizer, template, Reference(REFERENCE_ADAPTER, description), info
 
 
 @contextlib.contextmanager
@@ -184,13 +184,16 @@ def unpaired_summary(measure: str, completion_rewards: Sequence[float], labels: 
 
 
 def evaluate_preferences(run, data_path: str | Path, data_config, out_dir: Path, limit: Optional[int] = None,
-                         base: bool = False, batch_size: int = 8, device: Optional[str] = None, access=None) -> dict:
+                         base: bool = False, batch_size: int = 8, device: Optional[str] = None, access=None,
+                         retention: bool = True, retention_limit: Optional[int] = None) -> dict:
     """Score a run on preference records and write `predictions.jsonl` and `metrics.json` into `out_dir`.
 
     Args:
         run: a UsableRun (loraft.rundir.open_run).
         data_config: the run's data section with the held-out file's record format (a preference_* or unpaired_*).
         base: also score the run's starting point (the reference), by log-probability.
+        retention: also measure what the run kept of its base (the adapters off) on the project's general prompts,
+            as for an SFT run (loraft.retention); retention_limit: the first N prompts only.
     Returns:
         the metrics written to metrics.json: {"run_dir", "data", "format", "records", "template", "objective",
         "beta", "reference", ..., "preference": {"adapter": {...}, "reference": {...} (with base)}}.
@@ -206,7 +209,8 @@ def evaluate_preferences(run, data_path: str | Path, data_config, out_dir: Path,
     objective, beta = config.train.objective, config.preference.beta
     measure = MEASURES[objective]
     needs_reference = measure == IMPLICIT_REWARD or base
-    model, tokenizer, template, reference = load_preference_model(run, device, access, with_reference=needs_reference)
+    model, tokenizer, template, reference, info = load_preference_model(run, device, access,
+                                                                        with_reference=needs_reference)
     dataset, token_report = tokenize_preferences(preferences, tokenizer, template, config.data.max_length,
                                                  config.preference, path=str(data_path))
     names = sides(preferences[0])
@@ -246,6 +250,10 @@ def evaluate_preferences(run, data_path: str | Path, data_config, out_dir: Path,
                         "higher for chosen, a tie counting as no preference; margin: mean reward chosen - rejected",
         "preference": results,
     }
+    if retention:
+        from loraft.retention import retention_of_run
+
+        metrics["retention"] = retention_of_run(model, tokenizer, template, info, batch_size, retention_limit)
     lines = []
     for index, preference in enumerate(preferences):
         row = {"source": preference["source"]}
