@@ -328,3 +328,24 @@ def test_progress_lines_come_on_time_with_an_eta(monkeypatch):
     assert printed == [5, 25, 45, 65, 85, 100]
     assert lines[0] == "  step 5/100  loss 1.0  5s elapsed, ~95s left"
     assert lines[-1].endswith("100s elapsed, ~0s left")
+
+
+def test_a_demo_fine_tune_prints_its_progress_and_keeps_the_plan_in_train_log(tiny_bloom_dir, tmp_path, caplog):
+    """The demo's console gets its own progress lines; the trainer's INFO lines (the plan, the target list) go to the
+    run's train.log only; a warning would still reach the console."""
+    import logging
+
+    from conftest import write_alpaca
+    from loraft.config import load_config
+    from loraft.demo.run import demo_train
+
+    config = load_config(None, [f"model.name_or_path={tiny_bloom_dir}", f"data.path={write_alpaca(tmp_path / 'a.jsonl')}",
+                                f"output_dir={tmp_path / 'run'}", "train.max_steps=2", "train.save_steps=1000"])
+    printed: list[str] = []
+    with caplog.at_level(logging.INFO, logger="loraft"):
+        run_dir = demo_train(config, printed.append)
+        logging.getLogger("loraft").warning("after the fine-tune")
+    assert printed and printed[-1].startswith("  fine-tune step 2/2")
+    assert not [r for r in caplog.records if r.name.startswith("loraft") and r.levelno < logging.WARNING]
+    assert "after the fine-tune" in [r.getMessage() for r in caplog.records]
+    assert "plan:" in (run_dir / "train.log").read_text() and "adapter targets" in (run_dir / "train.log").read_text()

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from loraft.demo.run import FineTuneProgress, _sample_chat, exact_match, run_demo
+from loraft.demo.run import _sample_chat, demo_train, exact_match, run_demo
 from loraft.demo.tasks import TASK_FAMILIES, _write_jsonl, make_records, read_jsonl
 from loraft.files import write_json_atomically
 
@@ -183,7 +183,6 @@ def run_preference_demo(
     from loraft.evaluate_preference import evaluate_preferences
     from loraft.generate import load_run
     from loraft.rundir import open_run
-    from loraft.train import train
 
     workdir = Path(workdir)
     sft_dir, run_dir = workdir / "run", workdir / "preference-run"
@@ -226,7 +225,7 @@ def run_preference_demo(
         f"{config.train.max_steps} steps x {config.train.per_device_train_batch_size} pairs (the plan: train.log)")
     step_started = time.time()
     # loraft's training stage, exactly as `loraft train` runs it
-    run_dir = train(config, callbacks=[FineTuneProgress(config.train.max_steps, log, "DPO step")], progress_bar=False)
+    run_dir = demo_train(config, log, "DPO step")
     timings["dpo"] = time.time() - step_started
 
     step_started = time.time()
@@ -234,8 +233,9 @@ def run_preference_demo(
     model, tokenizer, _, _ = load_run(dpo)
     after = rule_following(model, tokenizer, heldout, max_new_tokens)
     del model
+    # no retention: the demo's toy base has no general chat to keep (`loraft demo --real` shows retention)
     metrics = evaluate_preferences(dpo, heldout_path, dpo.config.data, workdir / "preference-eval", base=True,
-                                   batch_size=50)
+                                   batch_size=50, retention=False)
     accuracy = metrics["preference"]
     timings["eval_after"] = time.time() - step_started
     log(f"[4/4] after: the DPO run: answers ending in {RULE_MARK} {after['rule_following']:.1%}, content correct "

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from loraft.demo.format_task import format_task_records
-from loraft.demo.run import FineTuneProgress
+from loraft.demo.run import demo_train
 from loraft.files import write_json_atomically, write_text_atomically
 
 STEPS = 60  # optimizer steps of 16 samples: one epoch over the 960 training records
@@ -82,7 +82,6 @@ def run_real_demo(model: Optional[str] = None, workdir: str | Path = "loraft-dem
     from loraft.presets import preset_path
     from loraft.retention import RETENTION_TOKENS, measure_retention
     from loraft.smollm2 import smollm2_gguf
-    from loraft.train import train
 
     root = Path(workdir) / "real"
     runs = {"guarded": root / "run", "unguarded": root / "run-unguarded"}
@@ -110,7 +109,7 @@ def run_real_demo(model: Optional[str] = None, workdir: str | Path = "loraft-dem
         log(f"[{number}/6] LoRA fine-tune {label}: r={config.adapter.r} on every linear layer, {steps} steps x 16 "
             "samples (the plan: train.log)")
         step_started = time.time()
-        train(config, callbacks=[FineTuneProgress(steps, log)], progress_bar=False)
+        demo_train(config, log)
         timings[f"train_{key}"] = round(time.time() - step_started, 1)
 
     log(f"[5/6] evaluation: task exact match on {len(heldout)} held-out records; retention on the first "

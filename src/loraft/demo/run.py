@@ -4,6 +4,7 @@ after, a results table and a short chat."""
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -89,6 +90,24 @@ def _sample_chat(heldout: Sequence[dict], before: dict, after: dict, count: int 
     return lines
 
 
+def demo_train(config, log: Callable[[str], None], label: str = "fine-tune step") -> Path:
+    """`loraft train` for a demo stage: its progress as FineTuneProgress lines; its INFO lines (the plan, the target
+    list, the data report) go to the run's train.log only, not to the console the demo prints to."""
+    from loraft.train import train
+
+    def console(record: logging.LogRecord) -> bool:
+        return not (record.name.startswith("loraft") and record.levelno < logging.WARNING)
+
+    handlers = list(logging.getLogger().handlers)
+    for handler in handlers:
+        handler.addFilter(console)
+    try:
+        return train(config, callbacks=[FineTuneProgress(config.train.max_steps, log, label)], progress_bar=False)
+    finally:
+        for handler in handlers:
+            handler.removeFilter(console)
+
+
 class FineTuneProgress(TrainerCallback):
     """A TrainerCallback that prints the fine-tune's Progress lines (step, latest logged loss, ETA)."""
 
@@ -132,7 +151,6 @@ def run_demo(
     from loraft.config import load_config
     from loraft.errors import RunError
     from loraft.precision import resolve_device
-    from loraft.train import train
 
     workdir = Path(workdir)
     run_dir = workdir / "run"
@@ -171,7 +189,7 @@ def run_demo(
         "(the plan: train.log)")
     step_started = time.time()
     # loraft's training stage, exactly as `loraft train` runs it
-    run_dir = train(config, callbacks=[FineTuneProgress(config.train.max_steps, log)], progress_bar=False)
+    run_dir = demo_train(config, log)
     timings["finetune"] = time.time() - step_started
 
     tuned = PeftModel.from_pretrained(base, run_dir).eval()
