@@ -30,7 +30,8 @@ HELDOUT = 600
 def run_variant(name: str, overrides: list[str], root: Path) -> dict:
     from loraft.config import load_config
     from loraft.demo.format_task import format_task_records
-    from loraft.generate import cli_flag, generate_answers, load_run, resolve_generation
+    from loraft.demo.real import task_exact_match
+    from loraft.generate import load_run
     from loraft.presets import preset_path
     from loraft.retention import retention_of_run
     from loraft.smollm2 import smollm2_gguf
@@ -47,13 +48,7 @@ def run_variant(name: str, overrides: list[str], root: Path) -> dict:
     train(config, progress_bar=False)
     train_seconds = time.time() - started
     model, tokenizer, template, info = load_run(out)
-    settings = resolve_generation(info["config"].generation, {"temperature": 0.0, "max_new_tokens": 16}, label=cli_flag)
-    answers = generate_answers(model, tokenizer, template,
-                               [[{"role": "user", "content": r["instruction"]}] for r in heldout], settings, 25)
-
-    def exact(task=None) -> float:
-        pairs = [(a.text.strip(), r["output"]) for a, r in zip(answers, heldout) if task in (None, r["task"])]
-        return round(100.0 * sum(a == b for a, b in pairs) / len(pairs), 1)
+    task = task_exact_match(model, tokenizer, template, heldout, info["config"].generation)
 
     retention = retention_of_run(model, tokenizer, template, info, 16, None)
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -63,7 +58,7 @@ def run_variant(name: str, overrides: list[str], root: Path) -> dict:
                                   None),
             "guard_seconds": max([m.get("retention_seconds", 0) for m in metrics] or [0]),
             "targets_line": next((line for line in log.splitlines() if "next-token targets" in line), None),
-            "task": exact(), "task_by": {t: exact(t) for t in ("date", "bracket")},
+            "task": task["exact_match"], "task_by": task["by_task"],
             "base_accuracy": retention["base_accuracy"], "accuracy": retention["accuracy"],
             "kept": retention["kept"], "kl_per_token": retention["kl_per_token"],
             "by_language": retention["by_language"]}

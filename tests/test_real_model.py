@@ -223,6 +223,7 @@ def test_the_real_model_demo_runs_both_runs_and_puts_the_adapter_on_the_original
     assert "sample answers (greedy):" in text and "general:" in text
     saved = json.loads((root / "demo_results.json").read_text())
     assert saved["model"] == str(smollm2) and saved["steps"] == 2
+    assert set(saved["guarded"]["task"]["by_task"]) == {"bracket", "date"}
     assert saved["retention"]["guarded"]["prompts"] == 4
     # the base's general answers are the same whichever run is measured (the adapter switched off, cached)
     assert saved["retention"]["guarded"]["base_accuracy"] == saved["retention"]["unguarded"]["base_accuracy"]

@@ -1,6 +1,6 @@
 """The run config's schema: one typed section per stage (model, data, preference (loraft.config_preference),
-adapter, train, generation) under RunConfig, a one-line description on every field, and the checks of single values and across sections. Import these
-names from loraft.config, which loads, overrides, saves and describes them.
+adapter, train, generation) under RunConfig, a one-line description on every field, and the checks of single values
+and across sections. Import these names from loraft.config, which loads, overrides, saves and describes them.
 
 Defaults reproduce the reference recipe (Langboat/bloom-1b4-zh, alpaca_data_zh, human_assistant
 template, max_length 256, LoRA on `.*\\.1.*query_key_value` with `word_embeddings` saved, 1 epoch,
@@ -215,10 +215,11 @@ class TrainConfig(_Section):
     )
     retention: Literal["auto", "kl", "off"] = Field(
         "auto",
-        description="The retention guard (loraft.retention_guard): kl adds, each optimizer step, retention_weight x "
-        "the KL divergence from the base (the adapter switched off) to the run on a few general conversations the "
-        "project ships, so a narrow fine-tune keeps the model's general answers; auto = kl for sft with a LoRA-family "
-        "adapter on an unquantized base, else off; off = the plain objective (the reference recipe's preset).",
+        description="The retention guard (loraft.retention_guard): kl adds, every retention_every optimizer steps, "
+        "retention_weight x the KL divergence from the base (the adapter switched off) to the run on a few general "
+        "conversations the project ships, so a narrow fine-tune keeps the model's general answers; auto = kl for sft "
+        "with a LoRA-family adapter on an unquantized base, else off; off = the plain objective (the reference "
+        "recipe's preset).",
     )
     retention_weight: float = Field(0.3, gt=0, description="Weight of the retention guard's KL term (0.3: chosen "
                                     "on a real model, docs/benchmarks.md, Retention).")

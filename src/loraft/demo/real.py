@@ -22,19 +22,28 @@ from loraft.files import write_json_atomically, write_text_atomically
 
 STEPS = 60  # optimizer steps of 16 samples: one epoch over the 960 training records
 RETENTION_PROMPTS = 120  # the first 120 general prompts (both languages, every kind): the demo's time limit
+TASK_TOKENS = 16  # new tokens for a task answer: the longest output ("[SQUIRREL]", a date) fits
 
 
 def _conversation(record: dict) -> list[dict]:
     return [{"role": "user", "content": record["instruction"]}]
 
 
-def _task_exact_match(model, tokenizer, template, records: Sequence[dict], settings) -> dict:
-    from loraft.generate import generate_answers
+def task_exact_match(model, tokenizer, template, records: Sequence[dict], generation) -> dict:
+    """Greedy answers (TASK_TOKENS new tokens; the run's other `generation` settings) to the format task's records
+    against their outputs: {"exact_match": percent, "by_task": {task: percent}, "predictions"}."""
+    from loraft.generate import cli_flag, generate_answers, resolve_generation
 
+    settings = resolve_generation(generation, {"temperature": 0.0, "max_new_tokens": TASK_TOKENS}, label=cli_flag)
     answers = [a.text.strip() for a in generate_answers(model, tokenizer, template,
                                                          [_conversation(r) for r in records], settings, 25)]
-    correct = sum(answer == record["output"] for answer, record in zip(answers, records))
-    return {"exact_match": round(100.0 * correct / len(records), 1), "predictions": answers}
+
+    def percent(task=None) -> float:
+        pairs = [(a, r["output"]) for a, r in zip(answers, records) if task in (None, r["task"])]
+        return round(100.0 * sum(a == b for a, b in pairs) / max(1, len(pairs)), 1)
+
+    return {"exact_match": percent(), "by_task": {task: percent(task) for task in sorted({r["task"] for r in records})},
+            "predictions": answers}
 
 
 def _table(results: dict) -> list[str]:
@@ -117,19 +126,17 @@ def run_real_demo(model: Optional[str] = None, workdir: str | Path = "loraft-dem
     step_started = time.time()
     model_, tokenizer, template, info = load_run(runs["guarded"])
     model_.load_adapter(str(runs["unguarded"]), adapter_name="unguarded")
-    task_settings = resolve_generation(info["config"].generation, {"temperature": 0.0, "max_new_tokens": 16},
-                                       label=cli_flag)
     general_settings = resolve_generation(info["config"].generation,
                                           {"temperature": 0.0, "max_new_tokens": RETENTION_TOKENS}, label=cli_flag)
     results: dict = {}
     retention: dict = {}
     with model_.disable_adapter():
-        results["base"] = {"task": _task_exact_match(model_, tokenizer, template, heldout, task_settings)}
+        results["base"] = {"task": task_exact_match(model_, tokenizer, template, heldout, info["config"].generation)}
     for key, adapter in (("guarded", "default"), ("unguarded", "unguarded")):
         model_.set_adapter(adapter)
         retention[key] = measure_retention(model_, tokenizer, template, info["config"], general_settings,
                                            info["dtype"], batch_size=16, limit=retention_prompts)
-        results[key] = {"task": _task_exact_match(model_, tokenizer, template, heldout, task_settings),
+        results[key] = {"task": task_exact_match(model_, tokenizer, template, heldout, info["config"].generation),
                         "general_accuracy": retention[key]["accuracy"], "kept": retention[key]["kept"],
                         "kl_per_token": retention[key]["kl_per_token"]}
     results["base"]["general_accuracy"] = retention["guarded"]["base_accuracy"]

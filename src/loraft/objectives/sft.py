@@ -87,8 +87,8 @@ class LoraftTrainer(RunGuarantees, Trainer):
         return self._training_step(model, inputs, num_items_in_batch)
 
     def _retention_step(self, model) -> None:
-        """The retention guard's term, once per optimizer step, before the step's first micro-batch: its gradients
-        join the step's (under DDP they are reduced with the step's last backward; every rank scores the same rows,
+        """The retention guard's term, before the first micro-batch of each guarded step (every guard.every steps,
+        at guard.every x its weight): its gradients join the step's (under DDP they are reduced with the step's last backward; every rank scores the same rows,
         so the average is the term itself)."""
         self._guard_step = step = self.state.global_step
         if not self.guard.guarded(step):
