@@ -6,8 +6,8 @@
 1. Peak RSS: `loraft train gguf-lora` on the narrow format task (loraft.demo.format_task), train.retention=off and
    train.retention=kl (every step), each run in its own process (its ru_maxrss is its own), at each --steps.
 2. --dropout: median milliseconds of nn.Dropout(0.05) on a 1024 x 1536 bf16 activation (SmolLM2's MLP width),
-   of the matmul that activation feeds (to 576 columns), and of a mask drawn as 16-bit slices of 64-bit random
-   words (p rounded to 1/65536) applied with masked_fill: where a step's dropout time goes.
+   of the matmul that activation feeds (to 576 columns), and of loraft.fastpaths.dropout.LoraDropout(0.05), which
+   the plan puts in nn.Dropout's place on a CPU: where a step's dropout time goes.
 
 Where a whole step goes was read with py-spy (not a loraft dependency):
     py-spy record -r 50 -f raw --native -o prof.txt -- python benchmarks/guard_step_costs.py --worker off 16
@@ -49,16 +49,13 @@ def worker(retention: str, steps: int) -> dict:
 def dropout_costs(repeats: int = 20) -> dict:
     import torch
 
+    from loraft.fastpaths.dropout import LoraDropout
+
     torch.manual_seed(0)
     x = torch.randn(1024, 1536, dtype=torch.bfloat16)
     weight = torch.randn(1536, 576, dtype=torch.bfloat16)
     dropout = torch.nn.Dropout(0.05).train()
-
-    def sliced_mask(x, p=0.05):
-        words = torch.randint(-2**63, 2**63 - 1, ((x.numel() + 3) // 4,), dtype=torch.int64)
-        threshold = round(p * 65536) - 32768
-        draws = words.view(torch.int16)[:x.numel()].view(x.shape)
-        return x.masked_fill(draws < threshold, 0).mul_(1 / (1 - (threshold + 32768) / 65536))
+    fast = LoraDropout(0.05).train()  # what the plan puts in place of peft's nn.Dropout on a CPU
 
     def median_ms(fn) -> float:
         fn()
@@ -70,7 +67,7 @@ def dropout_costs(repeats: int = 20) -> dict:
         return round(statistics.median(times), 2)
 
     return {"threads": torch.get_num_threads(), "nn_dropout_ms": median_ms(lambda: dropout(x)),
-            "matmul_ms": median_ms(lambda: x @ weight), "sliced_mask_ms": median_ms(lambda: sliced_mask(x))}
+            "matmul_ms": median_ms(lambda: x @ weight), "lora_dropout_ms": median_ms(lambda: fast(x))}
 
 
 def main() -> int:

@@ -295,7 +295,8 @@ def reference_yaml(model, data, output_dir=None, max_steps: int = REFERENCE_STEP
         "model:", f"  name_or_path: {model}", "data:", f"  path: {data}", "train:", f"  max_steps: {max_steps}",
         f"  save_steps: {save_steps}", "  save_total_limit: null", "  logging_steps: 1",
         "  per_device_train_batch_size: 2", "  gradient_accumulation_steps: 2", "  learning_rate: 0.01",
-        "  precision: fp32", "  sampling: random"]
+        "  precision: fp32", "  sampling: random",
+        "adapter:", "  dropout: 0.1"]  # LoRA dropout on: a resume must restore its masks too (fastpaths.dropout)
     return "\n".join(lines) + "\n"
 
 

@@ -16,6 +16,7 @@ from loraft import gguf_base
 from loraft.config import AdapterConfig, ModelConfig, RunConfig
 from loraft.errors import ModelError
 from loraft.fastpaths import apply_patch, patches_on_load, supports_supervised_loss
+from loraft.fastpaths.dropout import use_fast_dropout
 from loraft.precision import DTYPES, resolve_device
 from loraft.weights import (cast_frozen_weights, cast_parameters, detach_from_checkpoint, prepare_for_training,
                             quantization_config)
@@ -315,6 +316,8 @@ def load_model_for_training(config: RunConfig, plan, tokenizer=None, attach: boo
     else:
         model, info = attach_adapter(base, config.adapter, tokenizer, config.model.name_or_path)
     cast_for_plan(model, config, plan, info)
+    if getattr(plan, "fast_dropout", False):
+        info["fast_dropout"] = use_fast_dropout(model)
     return model, info
 
 

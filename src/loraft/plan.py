@@ -28,6 +28,7 @@ from loraft.precision import Capabilities, choose_inference_dtype, choose_precis
 from loraft.retention_guard import describe as describe_guard
 
 PROMPT_LEARNING = ("prompt_tuning", "prefix_tuning")
+FAST_DROPOUT = "loraft's 16-bit masks"  # the plan's lora_dropout when loraft.fastpaths.dropout replaces nn.Dropout
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,7 @@ class Plan:
     world_size: int
     generation_dtype: str
     retention: str = "off"  # the retention guard (loraft.retention_guard.describe)
+    lora_dropout: str = "none"  # FAST_DROPOUT: loraft.fastpaths.dropout's masks; "torch's"; "none"
     reasons: dict = field(default_factory=dict)
     capabilities: dict = field(default_factory=dict)
     tuning: Optional[dict] = None  # the measurement the speed choices came from (loraft.tune), or None
@@ -88,6 +90,7 @@ class Plan:
             ("optimizer", self.optimizer, "optimizer"),
             ("grad checkpointing", "yes" if self.gradient_checkpointing else "no", "gradient_checkpointing"),
             ("generation dtype", self.generation_dtype, "generation_dtype"),
+            ("lora dropout", self.lora_dropout, "lora_dropout"),
             ("retention guard", self.retention, "retention"),
         ]
         lines = [f"  {name:19} {value}" + (f"  ({self.reasons[key]})" if self.reasons.get(key) else "")
@@ -97,6 +100,11 @@ class Plan:
             lines.append(f"  {'measured':19} in {self.tuning.get('seconds')} s at the model's width: a step predicted "
                          f"{predicted.get('chosen')} s, the reference's path {predicted.get('recipe')} s")
         return "plan:\n" + "\n".join(lines)
+
+    @property
+    def fast_dropout(self) -> bool:
+        """LoRA dropout's nn.Dropout modules are replaced by loraft.fastpaths.dropout's."""
+        return self.lora_dropout == FAST_DROPOUT
 
     @property
     def attention_label(self) -> str:
@@ -234,6 +242,7 @@ def make_plan(config: RunConfig, caps: Capabilities, model_config: Any, world_si
         reasons["optimizer"] = "measured fastest on this machine (loraft.tune)"
 
     reasons["gradient_checkpointing"] = "train.gradient_checkpointing"
+    lora_dropout, reasons["lora_dropout"] = choose_lora_dropout(config, caps.device, goal)
     generation_dtype, reasons["generation_dtype"] = choose_inference_dtype(config.generation.dtype, caps)
     retention, reasons["retention"] = describe_guard(config)
     return Plan(
@@ -241,9 +250,21 @@ def make_plan(config: RunConfig, caps: Capabilities, model_config: Any, world_si
         samples_per_batch=samples, accumulation=accumulation, sampler=sampler, fused_loss=fused,
         packing=packing, model_type=kind, speed_path=speed_path, attention=attention, attention_patch=patch,
         optimizer=optimizer, gradient_checkpointing=train.gradient_checkpointing, world_size=world_size,
-        generation_dtype=generation_dtype, retention=retention, reasons=reasons, capabilities=caps.to_dict(),
+        generation_dtype=generation_dtype, retention=retention, lora_dropout=lora_dropout, reasons=reasons, capabilities=caps.to_dict(),
         tuning=tuning,
     )
+
+
+def choose_lora_dropout(config: RunConfig, device: str, goal) -> tuple[str, str]:
+    """(the plan's lora_dropout, its reason): loraft's CPU masks where peft's nn.Dropout would run on the CPU."""
+    adapter = config.adapter
+    if adapter.method != "lora" or adapter.dropout == 0:
+        return "none", ("adapter.dropout=0" if adapter.method == "lora" else f"adapter.method={adapter.method}")
+    if goal.loss != "loraft":
+        return "none", f"train.objective={config.train.objective}: TRL's trainer disables dropout"
+    if device != "cpu":
+        return "torch's", f"nn.Dropout: the {device} generator is parallel"
+    return FAST_DROPOUT, "same distribution as nn.Dropout at a third of its cost on a CPU (loraft.fastpaths.dropout)"
 
 
 # ------------------------------------------------------------------------------------------ gathering the inputs
