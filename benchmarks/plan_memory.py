@@ -51,8 +51,8 @@ def main(argv=None) -> int:
     plan = estimate["plan"]
     print(f"{'demo'}: precision {plan['precision']}, sub-batches {plan['micro_batch_tokens']}, "
           f"fused loss {plan['fused_loss']}; train {seconds:.0f} s")
-    print(f"| shape | estimate GiB | measured peak RSS GiB | estimate / measured | parts of the estimate |")
-    print(f"|---|---:|---:|---:|---|")
+    print("| shape | estimate GiB | measured peak RSS GiB | estimate / measured | parts of the estimate |")
+    print("|---|---:|---:|---:|---|")
     parts = ", ".join(f"{name} {value}" for name, value in estimate["memory"]["parts_gib"].items())
     print(f"| {'demo'} | {estimate['memory']['peak_gib']:.2f} | {measured:.2f} | "
           f"{estimate['memory']['peak_gib'] / measured:.2f} | {parts} |")

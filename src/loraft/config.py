@@ -15,16 +15,17 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from loraft.config_schema import (DPO_LOSS_TYPES, KTO_LOSS_TYPES, OBJECTIVES, AdapterConfig, DataConfig,
-                                  GenerationConfig, ModelConfig, PreferenceConfig, RunConfig, TrainConfig)
+                                  GenerationConfig, GrpoConfig, ModelConfig, PreferenceConfig, RewardConfig, RunConfig,
+                                  TrainConfig)
 from loraft.errors import ConfigError
 from loraft.files import write_text_atomically
 
 __all__ = [
     # the schema, from loraft.config_schema
-    "AdapterConfig", "DataConfig", "DPO_LOSS_TYPES", "GenerationConfig", "KTO_LOSS_TYPES", "ModelConfig", "OBJECTIVES",
-    "PreferenceConfig", "RunConfig", "TrainConfig",
+    "AdapterConfig", "DataConfig", "DPO_LOSS_TYPES", "GenerationConfig", "GrpoConfig", "KTO_LOSS_TYPES", "ModelConfig",
+    "OBJECTIVES", "PreferenceConfig", "RewardConfig", "RunConfig", "TrainConfig",
     # reading, writing and describing it
-    "ConfigLoader", "config_from_sections", "describe_fields", "load_config", "parse_yaml", "save_config",
+    "ConfigLoader", "REQUIRED", "config_from_sections", "describe_fields", "load_config", "parse_yaml", "save_config",
 ]
 
 
@@ -168,15 +169,27 @@ def _type_name(annotation: Any) -> str:
     return getattr(annotation, "__name__", str(annotation))
 
 
+REQUIRED = "(required)"  # describe_fields' default for a key without one (a reward's type)
+
+
 def describe_fields(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[tuple[str, str, Any, str]]:
-    """Flatten the schema into (key, type, default, description) rows for docs and `loraft config`."""
+    """Flatten the schema into (key, type, default, description) rows for docs and `loraft config`; a list of
+    sections (grpo.rewards) is one row, then its entries' keys as `name[].key`."""
     rows: list[tuple[str, str, Any, str]] = []
     for name, field in model.model_fields.items():
         annotation = field.annotation
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             rows.extend(describe_fields(annotation, f"{prefix}{name}."))
             continue
+        item = get_args(annotation)[0] if get_origin(annotation) is list and get_args(annotation) else None
+        if isinstance(item, type) and issubclass(item, BaseModel):  # a list of sections: the list, then an entry's keys
+            default = field.default_factory() if field.default_factory is not None else field.default
+            rows.append((f"{prefix}{name}", "list", default, field.description or ""))
+            rows.extend(describe_fields(item, f"{prefix}{name}[]."))
+            continue
         type_name = _type_name(annotation)
         default = field.default_factory() if field.default_factory is not None else field.default
+        if field.is_required():
+            default = REQUIRED
         rows.append((f"{prefix}{name}", type_name, default, field.description or ""))
     return rows

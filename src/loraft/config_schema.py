@@ -1,5 +1,5 @@
 """The run config's schema: one typed section per stage (model, data, preference (loraft.config_preference),
-adapter, train, generation) under RunConfig, a one-line description on every field, and the checks of single values
+grpo (loraft.config_grpo), adapter, train, generation) under RunConfig, a one-line description on every field, and the checks of single values
 and across sections. Import these names from loraft.config, which loads, overrides, saves and describes them.
 
 Defaults reproduce the reference recipe (Langboat/bloom-1b4-zh, alpaca_data_zh, human_assistant
@@ -15,12 +15,13 @@ from typing import Literal, Optional, Union
 
 from pydantic import Field, field_validator, model_validator
 
+from loraft.config_grpo import GrpoConfig, RewardConfig
 from loraft.config_preference import DPO_LOSS_TYPES, KTO_LOSS_TYPES, PreferenceConfig
 from loraft.config_section import Section as _Section
 from loraft.objective_table import OBJECTIVE_NAMES
 
 __all__ = ["DPO_LOSS_TYPES", "KTO_LOSS_TYPES", "OBJECTIVES", "AdapterConfig", "DataConfig", "GenerationConfig",
-           "ModelConfig", "PreferenceConfig", "RunConfig", "TrainConfig"]
+           "GrpoConfig", "ModelConfig", "PreferenceConfig", "RewardConfig", "RunConfig", "TrainConfig"]
 
 
 class ModelConfig(_Section):
@@ -157,7 +158,8 @@ class TrainConfig(_Section):
         description="What is learnt: sft (supervised fine-tuning on instruction data, the reference recipe), or "
         "preference tuning on preference data with TRL's trainers: dpo (chosen/rejected pairs, against a frozen "
         "reference), kto (unpaired completions with a boolean label, against a reference) or orpo (pairs, "
-        "reference-free; TRL experimental). See the preference section.",
+        "reference-free; TRL experimental), see the preference section; or grpo (reinforcement learning on "
+        "prompt-only records with checkable rewards, TRL's GRPOTrainer), see the grpo section.",
     )
     num_train_epochs: float = Field(1.0, description="Epochs over the training data.")
     max_steps: int = Field(-1, description="Stop after this many optimizer steps (-1 = run the epochs).")
@@ -300,6 +302,8 @@ class RunConfig(_Section):
     preference: PreferenceConfig = Field(
         default_factory=PreferenceConfig, description="Preference tuning (DPO/KTO/ORPO): the loss and the length limits of preference data."
     )
+    grpo: GrpoConfig = Field(default_factory=GrpoConfig, description="GRPO (train.objective=grpo): the rewards, the "
+                             "sampling and the loss.")
     adapter: AdapterConfig = Field(default_factory=AdapterConfig, description="peft adapter.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Trainer settings.")
     generation: GenerationConfig = Field(default_factory=GenerationConfig, description="Default sampling settings.")
@@ -326,6 +330,13 @@ class RunConfig(_Section):
         if self.adapter.method in ("prompt_tuning", "prefix_tuning"):
             raise ValueError(f"train.retention=kl needs a LoRA-family adapter (its base is the adapter switched "
                              f"off inside the model); adapter.method={self.adapter.method} (leave it auto or off)")
+        return self
+
+    @model_validator(mode="after")
+    def _grpo_has_rewards(self) -> "RunConfig":
+        if self.train.objective == "grpo" and not self.grpo.rewards:
+            raise ValueError("train.objective=grpo needs at least one reward in grpo.rewards, e.g. "
+                             "grpo.rewards=[{type: exact_match, field: answer}]")
         return self
 
     @model_validator(mode="after")

@@ -53,6 +53,10 @@ OBJECTIVES = {
                      sequential="KTO estimates its KL term from batch neighbours: TRL requires the sequential order "
                                 "(loraft shuffles the data once, seeded)", **_TRL),
     "orpo": Objective("orpo", "loraft.objectives.orpo", attach_adapter=True, **_TRL),
+    # GRPO: TRL wraps the base too (with grpo.beta > 0 its reference is the adapter switched off); one sample is one
+    # prompt, sampled grpo.num_generations times
+    "grpo": Objective("grpo", "loraft.objectives.grpo", loss="trl", attach_adapter=False, extra="preference",
+                      extra_module="trl"),
 }
 OBJECTIVE_NAMES = tuple(OBJECTIVES)
 

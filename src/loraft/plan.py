@@ -54,6 +54,7 @@ class Plan:
     generation_dtype: str
     retention: str = "off"  # the retention guard (loraft.retention_guard.describe)
     lora_dropout: str = "none"  # FAST_DROPOUT: loraft.fastpaths.dropout's masks; "torch's"; "none"
+    rollout: str = ""  # GRPO: how completions are sampled (describe_rollout); "" for the other objectives
     reasons: dict = field(default_factory=dict)
     capabilities: dict = field(default_factory=dict)
     tuning: Optional[dict] = None  # the measurement the speed choices came from (loraft.tune), or None
@@ -93,6 +94,8 @@ class Plan:
             ("lora dropout", self.lora_dropout, "lora_dropout"),
             ("retention guard", self.retention, "retention"),
         ]
+        if self.rollout:
+            rows.append(("rollout", self.rollout, "rollout"))
         lines = [f"  {name:19} {value}" + (f"  ({self.reasons[key]})" if self.reasons.get(key) else "")
                  for name, value, key in rows]
         if self.tuning:
@@ -243,6 +246,9 @@ def make_plan(config: RunConfig, caps: Capabilities, model_config: Any, world_si
 
     reasons["gradient_checkpointing"] = "train.gradient_checkpointing"
     lora_dropout, reasons["lora_dropout"] = choose_lora_dropout(config, caps.device, goal)
+    rollout = ""
+    if train.objective == "grpo":
+        rollout, reasons["rollout"] = describe_rollout(config, precision, world_size)
     generation_dtype, reasons["generation_dtype"] = choose_inference_dtype(config.generation.dtype, caps)
     retention, reasons["retention"] = describe_guard(config)
     return Plan(
@@ -250,9 +256,24 @@ def make_plan(config: RunConfig, caps: Capabilities, model_config: Any, world_si
         samples_per_batch=samples, accumulation=accumulation, sampler=sampler, fused_loss=fused,
         packing=packing, model_type=kind, speed_path=speed_path, attention=attention, attention_patch=patch,
         optimizer=optimizer, gradient_checkpointing=train.gradient_checkpointing, world_size=world_size,
-        generation_dtype=generation_dtype, retention=retention, lora_dropout=lora_dropout, reasons=reasons, capabilities=caps.to_dict(),
+        generation_dtype=generation_dtype, retention=retention, lora_dropout=lora_dropout, rollout=rollout, reasons=reasons, capabilities=caps.to_dict(),
         tuning=tuning,
     )
+
+
+def describe_rollout(config: RunConfig, precision: str, world_size: int) -> tuple[str, str]:
+    """GRPO's sampling as the plan shows it, and what sets its cost: (line, reason)."""
+    grpo, train = config.grpo, config.train
+    rows = train.per_device_train_batch_size * train.gradient_accumulation_steps * world_size
+    prompts = max(rows // grpo.num_generations, 1)
+    line = (f"{prompts} prompt(s) a step x {grpo.num_generations} completions of <= {grpo.max_completion_length} "
+            f"tokens, T {grpo.temperature}, top_p {grpo.top_p}{f', top_k {grpo.top_k}' if grpo.top_k else ''}; "
+            f"transformers generate (KV cache, {rows // world_size} rows a batch) on the policy in {precision}")
+    reason = (f"cost: generation is {grpo.max_completion_length} sequential decoding steps of {rows // world_size} "
+              f"rows (on a CPU each step reads every weight, so their count, not the FLOPs, sets the time); the update "
+              f"is a forward and backward over the same rows' prompt + completion tokens, about 3 forwards; "
+              f"metrics.jsonl logs the measured generation_seconds beside step_time")
+    return line, reason
 
 
 def choose_lora_dropout(config: RunConfig, device: str, goal) -> tuple[str, str]:

@@ -28,7 +28,7 @@ from loraft.sources import (FILE_KINDS, Records, describe_value, field_names, lo
 __all__ = [
     "ASSISTANT_TAGS", "CHAT_ROLES", "PAIRED_FIELDS", "PREFERENCE_FORMATS", "PROMPT_FIELD", "PROMPT_STYLES",
     "SHAREGPT_FIELD", "SHAREGPT_ROLES", "UNPAIRED_FIELDS", "Conversation", "Preference", "chat_turns",
-    "load_conversations", "load_preferences", "read_preferences_with_report", "read_with_report", "source_format",
+    "load_conversations", "load_preferences", "prompt_messages", "read_preferences_with_report", "read_with_report", "source_format",
     # read by loraft.sources, imported from here too
     "FILE_KINDS", "Records", "load_hub_dataset", "read_json_records",
 ]
@@ -232,8 +232,12 @@ def read_with_report(path: str, data: DataConfig) -> tuple[list[Conversation], d
 # ------------------------------------------------------------------------------ preference records
 
 
-def _preference_prompt(path: str, where: str, record: dict, style: str, data: DataConfig) -> list[dict]:
-    field = _prompt_field(style, data, preference=True)
+def prompt_messages(path: str, where: str, record: dict, style: str, data: DataConfig,
+                    field: str | None = None) -> list[dict]:
+    """A prompt's messages, ending with the user turn a completion answers (a preference record's prompt, a GRPO
+    prompt record): alpaca instruction/input, a string (the user turn) or messages under `field` (default: the
+    style's prompt field), or ShareGPT turns, with data.system_prompt added; DataError names the record and field."""
+    field = field or _prompt_field(style, data, preference=True)
     if style == "alpaca":
         messages = _alpaca_prompt(path, where, record, data)
     elif style == "messages" and isinstance(record.get(field), str):
@@ -296,7 +300,7 @@ def _read_preferences(path: str, data: DataConfig) -> tuple[list[Preference], st
     paired, _, style = fmt.partition("_")
     preferences = []
     for where, record in records:
-        item = {"prompt": _preference_prompt(path, where, record, style, data), "source": f"{path}, {where}",
+        item = {"prompt": prompt_messages(path, where, record, style, data), "source": f"{path}, {where}",
                 "prompt_field": _prompt_field(style, data, preference=True)}
         if paired == "preference":
             chosen, rejected = (_completion(path, where, record, field) for field in PAIRED_FIELDS)

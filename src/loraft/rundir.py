@@ -41,6 +41,7 @@ CONSOLE_FILE = "console.log"
 CONFIG_FILE = "config.yaml"  # the resolved config
 DATA_REPORT_FILE = "data_report.json"  # what the data stage read, kept, dropped and truncated
 METRICS_FILE, LOSS_PLOT = "metrics.jsonl", "loss.png"  # every logged step, and the loss curve
+COMPLETIONS_FILE = "completions.jsonl"  # GRPO: sampled completions with their rewards, at each logging step
 LOG_FILE = "train.log"  # what loraft decided (e.g. tied embeddings)
 CHECKPOINTS = "checkpoints"  # Trainer's checkpoints, checkpoint-N, for --resume
 EVAL_DIR = "eval"  # what `loraft eval` measured last: EVAL_METRICS and EVAL_PREDICTIONS
@@ -51,7 +52,7 @@ CHECKPOINT_PREFIX = "checkpoint-"  # Trainer's checkpoint folders: checkpoint-ST
 CHECKPOINT_NAME = re.compile(CHECKPOINT_PREFIX + "([0-9]+)")
 # What a run writes into its directory besides checkpoints/: a fresh start clears these of an earlier run.
 RUN_RECORDS = (
-    METRICS_FILE, LOSS_PLOT, LOG_FILE, CONFIG_FILE, DATA_REPORT_FILE, ADAPTER_CONFIG, "adapter_model.safetensors",
+    METRICS_FILE, COMPLETIONS_FILE, LOSS_PLOT, LOG_FILE, CONFIG_FILE, DATA_REPORT_FILE, ADAPTER_CONFIG, "adapter_model.safetensors",
     "adapter_model.bin", "README.md", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
     "chat_template.jinja", "vocab.json", "merges.txt", "tokenizer.model",
 )
@@ -235,7 +236,7 @@ class RunDir:
     record_file, lock_file, console_file = _file(RUN_FILE), _file(LOCK_FILE), _file(CONSOLE_FILE)
     config_file, data_report_file, log_file = _file(CONFIG_FILE), _file(DATA_REPORT_FILE), _file(LOG_FILE)
     metrics_file, loss_plot, eval_dir = _file(METRICS_FILE), _file(LOSS_PLOT), _file(EVAL_DIR)
-    checkpoints = _file(CHECKPOINTS)
+    checkpoints, completions_file = _file(CHECKPOINTS), _file(COMPLETIONS_FILE)
 
     def checkpoint(self, step: int) -> Path:
         """Where Trainer saves the checkpoint of `step` (complete once it holds TRAINER_STATE)."""
@@ -359,11 +360,15 @@ class RunDir:
     def trim_metrics(self, last_step: int) -> None:
         """Keep the metrics logged up to `last_step` (the checkpoint a resume starts from), so the steps between
         that checkpoint and a crash are logged once, by the resumed run; rewritten atomically."""
-        if not self.metrics_file.is_file():
+        if not self.metrics_file.is_file() and not self.completions_file.is_file():
             return
         # the end-of-training summary (train_loss, ...) is written again by the resumed run
         kept = [r for r in read_metrics(self.metrics_file) if r["step"] <= last_step and "train_loss" not in r]
         write_text_atomically(self.metrics_file, "".join(json.dumps(record) + "\n" for record in kept))
+        if self.completions_file.is_file():  # GRPO's completions, logged with the same steps
+            kept = [r for r in read_metrics(self.completions_file) if r["step"] <= last_step]
+            write_text_atomically(self.completions_file,
+                                  "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in kept))
 
     @staticmethod
     def identity_fields(config: RunConfig, report: dict) -> dict:

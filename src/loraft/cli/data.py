@@ -9,26 +9,38 @@ import json
 import sys
 
 
-def _data_settings(args):
-    """The data flags as a validated config: a bad value is one sentence naming its key."""
-    from loraft.config import config_from_sections
+DATA_FLAG_DEFAULTS = {"template": "auto", "max_length": 256, "format": "auto"}
 
-    fields = {"path": args.path, "template": args.template, "max_length": args.max_length, "format": args.format,
-              "allow_empty_responses": getattr(args, "allow_empty_responses", False)}
+
+def _data_settings(args):
+    """The data flags as a validated config: a bad value is one sentence naming its key. With --config, that run
+    config (its objective and rewards decide how the records are read: a GRPO config's prompts are checked against
+    its rewards) with data.path and the flags given on the command line in place of its own."""
+    from loraft.config import config_from_sections, load_config
+
+    given = {name: getattr(args, name) for name in DATA_FLAG_DEFAULTS if getattr(args, name) is not None}
+    if getattr(args, "allow_empty_responses", False):
+        given["allow_empty_responses"] = True
     if getattr(args, "limit", None):
-        fields["limit"] = args.limit
-    limits = {"max_prompt_length": args.max_prompt_length, "max_completion_length": args.max_completion_length}
+        given["limit"] = args.limit
+    limits = {name: getattr(args, name) for name in ("max_prompt_length", "max_completion_length")
+              if getattr(args, name) is not None}
+    if getattr(args, "config", None):
+        overrides = [f"data.path={args.path}", *(f"data.{k}={v}" for k, v in given.items()),
+                     *(f"preference.{k}={v}" for k, v in limits.items())]
+        return load_config(args.config, overrides)
+    fields = {**DATA_FLAG_DEFAULTS, "path": args.path, "allow_empty_responses": False, **given}
     return config_from_sections("command line", data=fields, preference=limits)
 
 
 def _add_data_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("path", help="data: save_to_disk dir, .json, .jsonl, .csv, .parquet, or hub dataset id")
-    parser.add_argument("--template", default="auto",
+    parser.add_argument("--template",
                         help="prompt template: a name from `loraft templates`, model (the tokenizer's own "
                         "chat_template) or auto (the tokenizer's own when it has one, else human_assistant; default)")
-    parser.add_argument("--max-length", type=int, default=256,
+    parser.add_argument("--max-length", type=int,
                         help="truncation length, data.max_length (default: 256); preference data: prompt + completion")
-    parser.add_argument("--format", default="auto", choices=[
+    parser.add_argument("--format", choices=[
         "auto", "alpaca", "messages", "sharegpt", "preference_alpaca", "preference_messages", "preference_sharegpt",
         "unpaired_alpaca", "unpaired_messages", "unpaired_sharegpt"], help="record format (data.format; default: auto)")
     parser.add_argument("--max-prompt-length", type=int,
@@ -38,6 +50,8 @@ def _add_data_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allow-empty-responses", action="store_true",
                         help="accept data in which every response is empty (data.allow_empty_responses)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
+    parser.add_argument("--config", help="a run config (YAML or preset) to read the records as its run would: its "
+                        "data settings, and for train.objective=grpo its prompts checked against its rewards")
 
 
 def check_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,7 +63,7 @@ def cmd_data_check(args) -> int:
     from loraft.objectives.kinds import record_kind
 
     settings = _data_settings(args)
-    kind = record_kind(settings)  # conversations (loraft.data) or preference records (loraft.preference)
+    kind = record_kind(settings)  # conversations (loraft.data), preferences (loraft.preference), prompts (GRPO)
     report = kind.check(args.path, settings, _tokenizer(args.model) if args.model else None)
     print(json.dumps(report, ensure_ascii=False) if args.json else kind.format_report(report))
     return 0
@@ -130,7 +144,7 @@ def config_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_config(args) -> int:
-    from loraft.config import describe_fields
+    from loraft.config import REQUIRED, describe_fields
     from loraft.presets import preset_names, preset_path
 
     if args.presets:
@@ -144,7 +158,7 @@ def cmd_config(args) -> int:
     if args.markdown:
         print("| key | type | default | description |\n|---|---|---|---|")
     for key, type_name, default, description in describe_fields():
-        default_text = json.dumps(default, ensure_ascii=False)
+        default_text = "required" if default is REQUIRED else json.dumps(default, ensure_ascii=False)
         if args.markdown:
             cell = default_text.replace("|", "\\|")
             print(f"| `{key}` | {type_name.replace('|', ' or ')} | `{cell}` | {description} |")

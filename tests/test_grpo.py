@@ -1,0 +1,298 @@
+"""train.objective=grpo (loraft.objectives.grpo, loraft.prompts, loraft.rewards) on a tiny random Llama: the
+prompts are loraft's, the rewards guarded, a reward rises, a bad reward or record is one sentence, and a run killed
+mid-training resumes to the uninterrupted run's adapter bit for bit."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import one_thread
+from loraft.cli import main
+from loraft.config import load_config
+from loraft.errors import ConfigError, DataError
+from loraft.rewards import (RECORD_COLUMN, GuardedReward, RewardError, exact_match, last_number, length_penalty,
+                            number_match, regex_match)
+
+HOOK = Path(__file__).parent / "kill_hook"
+
+
+def digit_share(completions, **columns):
+    """A graded reward a random model can climb: the share of digits in the completion (the test's function)."""
+    return [sum(c.isdigit() for c in text) / max(len(text), 1) for text in completions]
+
+
+def raises_on_three(completions, answer, **columns):
+    if 6 in answer:
+        raise ValueError("no sixes here")
+    return [0.0] * len(completions)
+
+
+def write_prompts(path: Path, count: int = 16) -> Path:
+    lines = [json.dumps({"instruction": f"请计算 {i} 加 {i}", "answer": 2 * i}, ensure_ascii=False) for i in range(count)]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def grpo_yaml(model: Path, data: Path, run_dir: Path, rewards: str, steps: int = 3, save_steps: int = 100,
+              extra: str = "") -> Path:
+    path = run_dir.with_suffix(".yaml")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"""output_dir: {run_dir}
+model: {{name_or_path: {model}}}
+data: {{path: {data}, max_length: 64}}
+adapter: {{target_modules: [q_proj, v_proj], modules_to_save: null, r: 8}}
+train: {{objective: grpo, max_steps: {steps}, save_steps: {save_steps}, save_total_limit: null, logging_steps: 1,
+  learning_rate: 0.02, per_device_train_batch_size: 4, gradient_accumulation_steps: 2, precision: fp32}}
+grpo: {{num_generations: 4, max_completion_length: 10, rewards: {rewards}}}
+{extra}""", encoding="utf-8")
+    return path
+
+
+@pytest.fixture()
+def in_tests_dir(monkeypatch):
+    """The test module importable as a reward function's module (`test_grpo:digit_share`)."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+
+
+# ----------------------------------------------------------------------------------------------- config
+
+
+@pytest.mark.parametrize("overrides, sentence", [
+    (["train.objective=grpo"], "train.objective=grpo needs at least one reward in grpo.rewards"),
+    (["train.objective=grpo", "grpo.rewards=[{type: regex}]"], "a regex reward needs `pattern`"),
+    (["train.objective=grpo", "grpo.rewards=[{type: function, function: nocolon}]"], "must be written module:function"),
+    (["train.objective=grpo", "grpo.rewards=[{type: regex, pattern: '('}]"], "is not a valid regular expression"),
+    (["train.objective=grpo", "grpo.rewards=[{type: number}, {type: number, field: b}]"],
+     "two rewards are named 'number'"),
+])
+def test_config_refuses_what_grpo_cannot_run(overrides, sentence):
+    with pytest.raises(ConfigError, match=sentence):
+        load_config(None, overrides)
+
+
+def test_a_step_must_hold_whole_groups():
+    from loraft.objectives.grpo import generations_fit
+
+    config = load_config(None, ["train.objective=grpo", "grpo.rewards=[{type: number}]", "grpo.num_generations=3"])
+    with pytest.raises(ConfigError, match=r"= 8 completions, which must be a multiple of grpo.num_generations \(3\)"):
+        generations_fit(config, 1)
+
+
+# ---------------------------------------------------------------------------------------------- rewards
+
+
+def test_builtin_rewards():
+    assert last_number("so 12 apples, then 1,234.5 left") == 1234.5 and last_number("none") is None
+    assert number_match(["the answer is 42.", "41", "4 2", "x"], ["42", 41, "2", "1"]) == [1.0, 1.0, 1.0, 0.0]
+    assert exact_match([" 06/01/2024 \n", "6/1/2024"], ["06/01/2024", "06/01/2024"]) == [1.0, 0.0]
+    assert regex_match(["[WORD]", "[WORD] and more", "x\n[W]"], r"\[[A-Z]+\]") == [1.0, 0.0, 0.0]
+    assert length_penalty([[1] * 4, [1] * 10, [1] * 16], 8) == [0.0, -0.25, -1.0]
+
+
+def _columns(count: int) -> dict:
+    return {RECORD_COLUMN: [f"p.jsonl, line {i + 1}" for i in range(count)], "answer": list(range(count))}
+
+
+def test_a_reward_that_raises_names_the_record_it_raised_on():
+    def picky(prompts, completions, completion_ids, answer, **rest):
+        if 2 in answer:
+            raise KeyError("two")
+        return [1.0] * len(completions)
+
+    reward = GuardedReward("picky", picky)
+    assert reward(["p"] * 2, ["a", "b"], [[1], [2]], **_columns(2)) == [1.0, 1.0]
+    with pytest.raises(RewardError, match=r"reward picky raised KeyError \('two'\) on the completion of "
+                                          r"p.jsonl, line 3: 'c'"):
+        reward(["p"] * 4, ["a", "b", "c", "d"], [[1]] * 4, **_columns(4))
+
+
+@pytest.mark.parametrize("values, sentence", [
+    ([1.0], r"reward r returned 1 values for 2 completions \(records from p.jsonl, line 1\)"),
+    ([1.0, float("nan")], r"reward r returned nan for the completion of p.jsonl, line 2: a reward must be finite"),
+    ([float("inf"), 0.0], r"reward r returned inf for the completion of p.jsonl, line 1"),
+    ([1.0, "high"], r"reward r returned 'high' \(str\) for the completion of p.jsonl, line 2: a reward is a number"),
+])
+def test_a_reward_with_a_bad_value_names_the_reward_and_the_record(values, sentence):
+    reward = GuardedReward("r", lambda **kwargs: values)
+    with pytest.raises(RewardError, match=sentence):
+        reward(["p", "p"], ["a", "b"], [[1], [2]], **_columns(2))
+
+
+def test_none_is_not_applicable_as_in_trl_and_numbers_of_any_kind_pass():
+    reward = GuardedReward("r", lambda **kwargs: [None, True, torch.tensor(0.5)])
+    assert reward(["p"] * 3, ["a", "b", "c"], [[1]] * 3, **_columns(3)) == [None, 1.0, 0.5]
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+
+def _settings(path: Path, *overrides: str, rewards: str = "[{type: number, field: answer}]"):
+    return load_config(None, [f"data.path={path}", "train.objective=grpo", f"grpo.rewards={rewards}", *overrides])
+
+
+def test_prompt_records_in_every_style_render_as_generation_encodes_them(tiny_llama_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    from loraft.generate import encode_prompt
+    from loraft.objectives.kinds import record_kind
+    from loraft.prompts import prepare
+    from loraft.templates import get_template
+
+    path = tmp_path / "mixed.jsonl"
+    records = [
+        {"instruction": "加法", "input": "1 加 2", "answer": 3},
+        {"prompt": "2 加 2", "answer": "4"},
+        {"prompt": [{"role": "system", "content": "算"}, {"role": "user", "content": "3 加 2"}], "answer": 5.0},
+        {"messages": [{"role": "user", "content": "9"}, {"role": "assistant", "content": "9"},
+                      {"role": "user", "content": "3 加 3"}], "answer": 6},
+        {"conversations": [{"from": "human", "value": "3 加 4"}], "answer": 7, "note": None},
+    ]
+    path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in records), encoding="utf-8")
+    settings = _settings(path)
+    assert record_kind(settings).KIND == "prompts"
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    prepared = prepare(settings.model_copy(update={"model": settings.model}), tokenizer)
+    train = prepared.train
+    assert len(train) == 5 and prepared.report["samples_kept"] == 5
+    template = get_template(settings.data.template, tokenizer)
+    expected = [[{"role": "user", "content": "加法\n1 加 2"}], [{"role": "user", "content": "2 加 2"}],
+                records[2]["prompt"], records[3]["messages"], [{"role": "user", "content": "3 加 4"}]]
+    assert train["prompt_ids"] == [encode_prompt(tokenizer, template, messages) for messages in expected]
+    assert train[RECORD_COLUMN] == [f"{path}, line {i}" for i in range(1, 6)]
+    assert train["answer"] == ["3", "4", "5.0", "6", "7"]  # int, str and float across records: passed as text
+    assert train["note"] == [None] * 5
+
+
+@pytest.mark.parametrize("record, rewards, sentence", [
+    ({"instruction": "x"}, "[{type: number, field: answer}]",
+     r"p.jsonl, line 2, field 'answer': has no 'answer', which the number reward compares the completion with"),
+    ({"instruction": "x", "answer": "many"}, "[{type: number, field: answer}]",
+     r"p.jsonl, line 2, field 'answer': 'many' is not a number, which the number reward needs"),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "answer": 1},
+     "[{type: number}]", r"p.jsonl, line 2, field 'messages': the prompt ends with a message from the assistant"),
+    ({"question": "a", "answer": 1}, "[{type: number}]", r"p.jsonl, line 2: no prompt among its fields"),
+])
+def test_data_check_names_the_record_and_field(tmp_path, capsys, record, rewards, sentence):
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"instruction": "ok", "answer": 1}) + "\n" + json.dumps(record) + "\n",
+                    encoding="utf-8")
+    config = tmp_path / "c.yaml"
+    config.write_text(f"train: {{objective: grpo}}\ngrpo: {{rewards: {rewards}}}\n", encoding="utf-8")
+    assert main(["data", "check", str(path), "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert __import__("re").search(sentence, err), err
+
+
+def test_prompts_longer_than_max_length_are_dropped_and_counted(tiny_llama_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    from loraft.prompts import DROPPED_LONG_PROMPT, tokenize_prompts, read_prompts
+    from loraft.templates import get_template
+
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"instruction": "1 2 3 4 5 6 7 8 9 0 " * 8, "answer": 1}) + "\n"
+                    + json.dumps({"instruction": "短", "answer": 2}) + "\n", encoding="utf-8")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    records = read_prompts(str(path), _settings(path).data)[0]
+    dataset, report = tokenize_prompts(records, tokenizer, get_template("human_assistant", tokenizer), 40, str(path))
+    assert len(dataset) == 1 and report["dropped"] == {DROPPED_LONG_PROMPT: 1} and dataset["answer"] == [2]
+    with pytest.raises(DataError, match="the only prompt is longer than data.max_length 40"):
+        tokenize_prompts(records[:1], tokenizer, get_template("human_assistant", tokenizer), 40, str(path))
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
+def test_a_run_writes_its_rewards_completions_and_a_standard_adapter(tiny_llama_dir, tmp_path, in_tests_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    data = write_prompts(tmp_path / "p.jsonl")
+    run = tmp_path / "run"
+    config = grpo_yaml(tiny_llama_dir, data, run,
+                       "[{type: function, function: 'test_grpo:digit_share'}, {type: number, weight: 0.5}]")
+    assert main(["train", str(config)]) == 0
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [m for m in metrics if "loss" in m]
+    assert [m["step"] for m in steps] == [1, 2, 3]
+    for m in steps:
+        assert {"reward", "reward_std", "rewards/digit_share/mean", "rewards/number/mean", "completions/mean_length",
+                "generation_seconds"} <= set(m) and m["generation_seconds"] > 0
+    completions = [json.loads(line) for line in (run / "completions.jsonl").read_text().splitlines()]
+    assert [c["step"] for c in completions] == [s for s in (1, 2, 3) for _ in range(8)]
+    assert all(set(c["rewards"]) == {"digit_share", "number"} and c["prompt"].startswith("Human: 请计算")
+               and math.isfinite(c["advantage"]) for c in completions)
+    assert "rollout             2 prompt(s) a step x 4 completions of <= 10 tokens" in (run / "train.log").read_text()
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), run)
+    assert any("lora_A" in name for name, _ in model.named_parameters())
+
+
+def test_a_reward_rises_on_a_tiny_model(tiny_llama_dir, tmp_path, in_tests_dir):
+    """The share of digits in 6-token completions, from ~0.05 (random weights) to most of the completion, with the
+    output layer trained in full (a LoRA on q/v alone barely moves a 32-wide model's output in 16 steps)."""
+    data = write_prompts(tmp_path / "p.jsonl", 32)
+    run = tmp_path / "run"
+    config = grpo_yaml(tiny_llama_dir, data, run, "[{type: function, function: 'test_grpo:digit_share'}]", steps=16)
+    assert main(["train", str(config), "train.learning_rate=0.3", "grpo.max_completion_length=6",
+                 "adapter.modules_to_save=[lm_head]"]) == 0
+    rewards = [json.loads(line)["reward"] for line in (run / "metrics.jsonl").read_text().splitlines()
+               if "reward" in json.loads(line)]
+    first, last = sum(rewards[:4]) / 4, sum(rewards[-4:]) / 4
+    assert first < 0.2 and last > first + 0.5, rewards
+
+
+def test_a_reward_that_raises_stops_the_run_with_one_sentence(tiny_llama_dir, tmp_path, capsys, in_tests_dir):
+    data = write_prompts(tmp_path / "p.jsonl")
+    run = tmp_path / "run"
+    config = grpo_yaml(tiny_llama_dir, data, run, "[{type: function, function: 'test_grpo:raises_on_three'}]",
+                       steps=8)
+    assert main(["train", str(config)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert f"reward raises_on_three raised ValueError (no sixes here) on the completion of {data}, line 4" in err[-1]
+    assert json.loads((run / "loraft_run.json").read_text())["status"] == "failed"
+
+
+def test_a_reward_function_that_cannot_be_imported_is_one_sentence(tiny_llama_dir, tmp_path, capsys):
+    data = write_prompts(tmp_path / "p.jsonl")
+    config = grpo_yaml(tiny_llama_dir, data, tmp_path / "run", "[{type: function, function: 'no_such_mod:f'}]")
+    assert main(["train", str(config)]) == 2
+    assert "grpo reward function no_such_mod:f: cannot import no_such_mod" in capsys.readouterr().err
+
+
+def test_a_killed_run_resumes_to_the_uninterrupted_adapter(tiny_llama_dir, tmp_path):
+    """kill -9 as checkpoint-4 is moved into place (steps 3 and 4 lost), resume from checkpoint-2: the adapter and
+    the logged steps and completions equal the uninterrupted run's (fp32, one thread, sampling included)."""
+    data = write_prompts(tmp_path / "p.jsonl")
+    rewards = "[{type: number}, {type: regex, pattern: '.*[0-9].*', weight: 0.5}]"
+    reference = tmp_path / "reference"
+    with one_thread():
+        assert main(["train", str(grpo_yaml(tiny_llama_dir, data, reference, rewards, steps=6, save_steps=2))]) == 0
+    killed = tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "KILL_ON": "os.rename|checkpoints/checkpoint-4",
+           "PYTHONPATH": os.pathsep.join([str(HOOK), os.environ.get("PYTHONPATH", "")])}
+    config = grpo_yaml(tiny_llama_dir, data, killed, rewards, steps=6, save_steps=2)
+    process = subprocess.run([sys.executable, "-m", "loraft.cli", "train", str(config)], env=env,
+                             capture_output=True, text=True, timeout=300)
+    assert process.returncode == -9, process.stderr[-2000:]
+    assert sorted(p.name for p in (killed / "checkpoints").iterdir() if not p.name.startswith(".")) == ["checkpoint-2"]
+    with one_thread():
+        assert main(["train", str(config), "--resume"]) == 0
+    final, expected = load_file(killed / "adapter_model.safetensors"), load_file(reference / "adapter_model.safetensors")
+    assert final.keys() == expected.keys() and all(torch.equal(final[k], expected[k]) for k in final)
+
+    def logged(run_dir: Path, name: str) -> list:
+        return [json.loads(line) for line in (run_dir / name).read_text().splitlines()]
+
+    assert [m["step"] for m in logged(killed, "metrics.jsonl") if "loss" in m] == [1, 2, 3, 4, 5, 6]
+    assert [(c["step"], c["completion"]) for c in logged(killed, "completions.jsonl")] == \
+        [(c["step"], c["completion"]) for c in logged(reference, "completions.jsonl")]
