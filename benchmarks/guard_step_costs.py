@@ -2,6 +2,7 @@
 
     python benchmarks/guard_step_costs.py                 # peak RSS with the guard and without, at 4 and 16 steps
     python benchmarks/guard_step_costs.py --dropout       # LoRA dropout's mask against its matmul, one activation
+    python benchmarks/guard_step_costs.py --dropout-steps 16  # whole steps: nn.Dropout, loraft's masks, no dropout
 
 1. Peak RSS: `loraft train gguf-lora` on the narrow format task (loraft.demo.format_task), train.retention=off and
    train.retention=kl (every step), each run in its own process (its ru_maxrss is its own), at each --steps.
@@ -27,7 +28,10 @@ import time
 from pathlib import Path
 
 
-def worker(retention: str, steps: int) -> dict:
+def worker(retention: str, steps: int, dropout: str = "fast") -> dict:
+    """One `loraft train gguf-lora` run; dropout: fast (the plan's LoraDropout), nn (peft's nn.Dropout kept: the
+    plan's replacement skipped), none (adapter.dropout=0)."""
+    import loraft.model
     from loraft.config import load_config
     from loraft.demo.format_task import format_task_records
     from loraft.presets import preset_path
@@ -40,9 +44,15 @@ def worker(retention: str, steps: int) -> dict:
     config = load_config(preset_path("gguf-lora"), [
         f"model.name_or_path={smollm2_gguf()}", f"data.path={root / 'train.jsonl'}", f"output_dir={root / 'run'}",
         f"train.max_steps={steps}", "train.save_steps=1000", "train.logging_steps=1", f"train.retention={retention}",
-        "train.retention_every=1"])
-    train(config, progress_bar=False)
-    return {"retention": retention, "steps": steps,
+        "train.retention_every=1", *(["adapter.dropout=0"] if dropout == "none" else [])])
+    if dropout == "nn":
+        loraft.model.use_fast_dropout = lambda model: 0
+    run_dir = train(config, progress_bar=False)
+    times = [json.loads(line)["time"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(line)]
+    step_s = [b - a for a, b in zip(times, times[1:])]
+    return {"retention": retention, "steps": steps, "dropout": dropout,
+            "median_step_s": round(statistics.median(step_s), 4) if step_s else None,
             "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)}
 
 
@@ -74,18 +84,28 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", default="4,16", help="comma-separated step counts (default 4,16)")
     parser.add_argument("--dropout", action="store_true", help="the dropout micro-benchmark only")
-    parser.add_argument("--worker", nargs=2, metavar=("RETENTION", "STEPS"), help=argparse.SUPPRESS)
+    parser.add_argument("--dropout-steps", type=int, metavar="STEPS",
+                        help="whole steps with LoRA dropout three ways (nn.Dropout, loraft's masks, none), guard off, "
+                        "each in its own process, twice in alternation: median s/step")
+    parser.add_argument("--worker", nargs=3, metavar=("RETENTION", "STEPS", "DROPOUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker[0], int(args.worker[1]))))
+        print(json.dumps(worker(args.worker[0], int(args.worker[1]), args.worker[2])))
+        return 0
+    if args.dropout_steps:
+        for _ in range(2):
+            for dropout in ("nn", "fast", "none"):
+                done = subprocess.run([sys.executable, __file__, "--worker", "off", str(args.dropout_steps), dropout],
+                                      capture_output=True, text=True, check=True)
+                print(done.stdout.strip().splitlines()[-1], flush=True)
         return 0
     if args.dropout:
         print(json.dumps(dropout_costs()))
         return 0
     for steps in (int(s) for s in args.steps.split(",")):
         for retention in ("off", "kl"):
-            done = subprocess.run([sys.executable, __file__, "--worker", retention, str(steps)], capture_output=True,
-                                  text=True, check=True)
+            done = subprocess.run([sys.executable, __file__, "--worker", retention, str(steps), "fast"],
+                                  capture_output=True, text=True, check=True)
             print(done.stdout.strip().splitlines()[-1], flush=True)
     return 0
 

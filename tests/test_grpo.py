@@ -296,3 +296,110 @@ def test_a_killed_run_resumes_to_the_uninterrupted_adapter(tiny_llama_dir, tmp_p
     assert [m["step"] for m in logged(killed, "metrics.jsonl") if "loss" in m] == [1, 2, 3, 4, 5, 6]
     assert [(c["step"], c["completion"]) for c in logged(killed, "completions.jsonl")] == \
         [(c["step"], c["completion"]) for c in logged(reference, "completions.jsonl")]
+
+
+def test_losses_and_adapter_equal_trls_own_grpotrainer(tiny_llama_dir, tmp_path):
+    """The same settings (loraft's GRPOConfig), data and seed through plain TRL (its own prompt tokenization,
+    generate and reward call) and through `loraft train`: the same losses and the same adapter, so loraft's prompt
+    ids, guarded rewards, timing and run guarantees change nothing TRL computes (fp32)."""
+    from datasets import Dataset
+    from peft import get_peft_model_state_dict
+    from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+    from trl import GRPOTrainer
+
+    from loraft.model import build_peft_config
+    from loraft.objectives.grpo import arguments
+    from loraft.plan import plan_run, read_model_config
+
+    data = write_prompts(tmp_path / "p.jsonl")
+    run = tmp_path / "run"
+    path = grpo_yaml(tiny_llama_dir, data, run, "[{type: number}]", steps=3)
+    with one_thread():
+        assert main(["train", str(path)]) == 0
+    loraft_losses = [m["loss"] for m in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+                     if "loss" in m]
+
+    config = load_config(path, [f"output_dir={tmp_path / 'trl'}"])
+    plan = plan_run(config, read_model_config(config)[0], measure=False)
+    args = arguments(config, plan, tmp_path / "trl", False)
+    args.reward_weights = [1.0]
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    tokenizer.padding_side = "left"
+    records = [json.loads(line) for line in data.read_text(encoding="utf-8").splitlines()]
+    dataset = Dataset.from_dict({"prompt": [f"Human: {r['instruction']}\n\nAssistant: " for r in records],
+                                 "answer": [r["answer"] for r in records]})
+
+    def number(completions, answer, **kwargs):
+        return number_match(completions, answer)
+
+    with one_thread():
+        set_seed(config.train.seed)
+        model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+        trainer = GRPOTrainer(model=model, reward_funcs=[number], args=args, train_dataset=dataset,
+                              processing_class=tokenizer,
+                              peft_config=build_peft_config(config.adapter, tokenizer, str(tiny_llama_dir)))
+        trainer.train()
+    trl_losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert trl_losses == loraft_losses
+    theirs = get_peft_model_state_dict(trainer.model)
+    ours = load_file(run / "adapter_model.safetensors")
+    assert sorted(ours) == sorted(theirs) and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_eval_reports_each_rewards_mean_and_pass_at_1_for_run_and_base(tiny_llama_dir, tmp_path, capsys):
+    data = write_prompts(tmp_path / "p.jsonl")
+    run = tmp_path / "run"
+    rewards = "[{type: number}, {type: length, max_tokens: 4}]"
+    assert main(["train", str(grpo_yaml(tiny_llama_dir, data, run, rewards, steps=2))]) == 0
+    held_out = write_prompts(tmp_path / "held_out.jsonl", 5)
+    capsys.readouterr()
+    assert main(["eval", str(run), "--data", str(held_out), "--base", "--no-retention"]) == 0
+    table = capsys.readouterr().out
+    assert "5 prompts from" in table and "base pass@1%" in table and "adapter pass@1%" in table
+    metrics = json.loads((run / "eval" / "metrics.json").read_text())
+    for column in ("base", "adapter"):
+        entry = metrics["rewards"][column]
+        assert set(entry) == {"number", "length", "all"} and entry["number"]["scored"] == 5
+        assert 0 <= entry["all"]["pass@1"] <= min(entry["number"]["pass@1"], entry["length"]["pass@1"])
+    rows = [json.loads(line) for line in (run / "eval" / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 5 and all(set(r["rewards"]) == {"number", "length"} and "base_prediction" in r for r in rows)
+    assert rows[0]["rewards"]["length"] == -max(0, len(
+        __import__("transformers").AutoTokenizer.from_pretrained(tiny_llama_dir)(
+            rows[0]["prediction"], add_special_tokens=False)["input_ids"]) - 4) / 4
+
+
+def test_two_process_grpo_writes_one_run_directory(tiny_llama_dir, tmp_path):
+    """torchrun, 2 ranks x 4 completions a step: the step's 8 completions (2 prompts x 4) are gathered, each step is
+    logged once with all 8, and only rank 0 writes the run directory (rank 1 stages its RNG state per checkpoint)."""
+    import socket
+
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_gloo_available()):
+        pytest.skip("needs torch.distributed with the gloo backend")
+    data = write_prompts(tmp_path / "p.jsonl")
+    run = (tmp_path / "run").resolve()
+    config = grpo_yaml(tiny_llama_dir, data, run, "[{type: number}]", steps=3, save_steps=2)
+    audit = tmp_path / "writes"
+    audit.mkdir()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "LORAFT_HOME": str(tmp_path / "home"),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parent / "write_audit"),
+                                                       os.environ.get("PYTHONPATH")])),
+           "WRITE_AUDIT_DIR": str(run), "WRITE_AUDIT_LOG_DIR": str(audit)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+               "--master-port", str(port), "-m", "loraft.cli", "train", str(config),
+               "train.gradient_accumulation_steps=1"]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics if "loss" in m] == [1, 2, 3]
+    completions = [json.loads(line) for line in (run / "completions.jsonl").read_text().splitlines()]
+    assert [c["step"] for c in completions] == [s for s in (1, 2, 3) for _ in range(8)]
+    assert "rollout             2 prompt(s) a step x 4 completions" in (run / "train.log").read_text()
+    assert json.loads((run / "loraft_run.json").read_text())["status"] == "finished"
+    writes = [set((audit / f"rank{rank}.txt").read_text().splitlines()) for rank in range(2)]
+    assert {"open metrics.jsonl", "open train.log", "open completions.jsonl"} <= writes[0]
+    assert all(write.startswith("os.mkdir checkpoints") for write in writes[1]), writes[1]

@@ -251,13 +251,18 @@ def test_host_and_origin_are_checked_before_anything_else(workspace):
         assert ui.get("/", headers={"Sec-Fetch-Site": "cross-site"}).status_code == 200  # the page holds no data
 
 
-def test_a_config_reaches_nothing_outside_the_workspace_and_runs_no_model_code(client, workspace):
+def test_a_config_reaches_nothing_outside_the_workspace_and_runs_no_model_code_or_reward_code(client, workspace):
     def plan(yaml_text):
         return client.post("/api/plan", json={"config": yaml_text, "name": "x"})
 
     assert_refused(plan("model:\n  name_or_path: base\n  trust_remote_code: true\n"), 400,
                    "model.trust_remote_code: the UI does not run code shipped with a model; train such a model with "
                    "`loraft train` on the command line")
+    # a GRPO reward names code to import: the UI offers the built-ins only
+    assert_refused(plan("model:\n  name_or_path: base\ntrain:\n  objective: grpo\ngrpo:\n  rewards:\n"
+                        "    - {type: number}\n    - {type: function, function: 'os:system'}\n"), 400,
+                   "grpo.rewards.1: the UI offers the built-in rewards only and never imports code a request names "
+                   "(os:system); train with a function reward with `loraft train` on the command line")
     assert_refused(plan("model:\n  name_or_path: /etc\n"), 400,
                    f"model.name_or_path '/etc' is outside the workspace {workspace}; give a path inside it")
     assert_refused(plan("model:\n  name_or_path: base\ndata:\n  path: ../secret.jsonl\n"), 400,

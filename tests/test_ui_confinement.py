@@ -215,6 +215,10 @@ def test_a_resume_is_checked_as_a_start_is(client, places):
                                                                      "true\n"),
                         "model.trust_remote_code: the UI does not run code shipped with a model; train such a model "
                         "with `loraft train` on the command line"),
+        "function-reward": (RUN_YAML + "grpo:\n  rewards: [{type: function, function: 'canary:reward'}]\n",
+                            "grpo.rewards.0: the UI offers the built-in rewards only and never imports code a "
+                            "request names (canary:reward); train with a function reward with `loraft train` on the "
+                            "command line"),
         "home-data": (RUN_YAML.replace("path: data/train.jsonl", "path: ~/canary.jsonl"),
                       f"data.path '~/canary.jsonl' ({places['home'] / 'canary.jsonl'}) is outside the workspace "
                       f"{workspace}; give a path inside it"),

@@ -404,6 +404,35 @@ def test_a_preference_runs_rewards_are_charted_and_an_sft_run_has_none(ui, brows
     assert browser.js("document.getElementById('reward-panel').hidden") is True
 
 
+def test_a_grpo_runs_rewards_are_charted_and_its_completions_shown(ui, browser, workspace):
+    """metrics.jsonl's reward and reward_std on the reward chart, and completions.jsonl's newest rows (newest first)
+    in the completions panel; a run without completions keeps the panel hidden."""
+    run_dir = workspace / "fake-grpo"
+    run_dir.mkdir()
+    (run_dir / "loraft_run.json").write_text(json.dumps({"status": "finished", "total_steps": 3}))
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(
+        {"step": step, "loss": 0.01, "reward": step / 4, "reward_std": 0.3, "rewards/number/mean": step / 4}) + "\n"
+        for step in (1, 2, 3)))
+    (run_dir / "completions.jsonl").write_text("".join(json.dumps(
+        {"step": step, "prompt": f"Human: 请计算 {step} 加 {step}\n\nAssistant: ", "completion": f"答案 <{2 * step}>",
+         "rewards": {"number": 1.0 if step == 3 else 0.0}, "advantage": step - 2.0}, ensure_ascii=False) + "\n"
+        for step in (1, 2, 3)), encoding="utf-8")
+    open_page(browser, ui.url + "/#/run/fake-grpo")
+    browser.wait_for("window.loraftUI.points.reward.length === 3 && !document.getElementById('reward-panel').hidden")
+    rows = browser.wait_for("(() => { const rows = [...document.querySelectorAll('#completions-rows tr')]; "
+                            "return !document.getElementById('completions-panel').hidden && rows.length === 3 && "
+                            "rows.map(r => [...r.cells].map(c => c.textContent)); })()")
+    assert rows[0][:3] == ["3", "Human: 请计算 3 加 3\n\nAssistant: ", "答案 <6>"]  # newest first, text as text
+    assert rows[0][3] == "number 1.000" and rows[2][4] == "-1.000"
+    plain = workspace / "fake-no-completions"
+    plain.mkdir()
+    (plain / "loraft_run.json").write_text(json.dumps({"status": "finished", "total_steps": 1}))
+    (plain / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 0.5}) + "\n")
+    open_page(browser, ui.url + "/#/run/fake-no-completions")
+    browser.wait_for("window.loraftUI.points.loss.length === 1")
+    assert browser.js("document.getElementById('completions-panel').hidden") is True
+
+
 def test_a_preference_eval_job_shows_its_accuracies(ui, browser, workspace):
     """An eval job on preference records (metrics as `loraft eval` writes them) shows the run beside its starting
     point, each with its measure, not the SFT rows."""

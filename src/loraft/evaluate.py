@@ -7,7 +7,8 @@ and over characters, plus teacher-forced loss and perplexity on the references w
 With `base=True` the same records are scored with the adapter switched off, so the table shows before
 and after. Results go to `RUN_DIR/eval/predictions.jsonl` and `RUN_DIR/eval/metrics.json`.
 Preference records (chosen/rejected pairs, or unpaired completions with a label) get preference accuracy
-instead: loraft.evaluate_preference.
+instead: loraft.evaluate_preference; a GRPO run's prompt records its rewards' means and pass@1:
+loraft.evaluate_rewards.
 """
 
 from __future__ import annotations
@@ -296,6 +297,12 @@ def evaluate(
         from loraft.retention import evaluate_retention
 
         return evaluate_retention(run, run_dir, batch_size, device, retention_limit)
+    if run.config.train.objective == "grpo":  # prompt records, scored by the run's rewards
+        from loraft.evaluate_rewards import evaluate_rewards
+
+        return evaluate_rewards(run, run_dir, data_path, limit=limit, base=base, batch_size=batch_size,
+                                max_new_tokens=max_new_tokens, device=device, retention=retention,
+                                retention_limit=retention_limit)
     data_config = run.config.data.model_copy(update={"format": held_out_format(data_path, run.config.data)})
     if data_config.format in PREFERENCE_FORMATS:
         from loraft.evaluate_preference import evaluate_preferences
@@ -377,6 +384,10 @@ def format_table(metrics: dict) -> str:
     from loraft.retention import format_retention
 
     retention = [format_retention(metrics["retention"])] if "retention" in metrics else []
+    if "rewards" in metrics:
+        from loraft.evaluate_rewards import format_rewards_table
+
+        return "\n".join([format_rewards_table(metrics)] + retention)
     if "preference" in metrics:
         from loraft.evaluate_preference import format_preference_table
 

@@ -110,9 +110,10 @@ def cmd_ui(args) -> int:
 
 def demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workdir", default="loraft-demo", help="where the demo writes data and its run")
-    parser.add_argument("--stage", choices=("sft", "preference"), default="sft",
+    parser.add_argument("--stage", choices=("sft", "preference", "rl"), default="sft",
                         help="sft: the LoRA fine-tune (run/); preference: DPO on generated pairs from the sft stage's "
-                        "run (preference-run/), running the sft stage first where workdir has no finished one")
+                        "run (preference-run/); rl: GRPO on longer inputs from the sft stage's run, rewarded for the "
+                        "exact answer (rl-run/); both run the sft stage first where workdir has no finished one")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace a previous demo run of this stage in workdir")
     parser.add_argument("--rebuild-base", action="store_true",
@@ -127,10 +128,10 @@ def demo_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_demo(args) -> int:
-    from loraft.demo import run_demo, run_preference_demo
+    from loraft.demo import run_demo, run_preference_demo, run_rl_demo
     from loraft.train import TrainingStopped
 
-    stage = run_preference_demo if args.stage == "preference" else run_demo
+    stage = {"sft": run_demo, "preference": run_preference_demo, "rl": run_rl_demo}[args.stage]
     try:
         if args.real or args.model:
             if args.stage != "sft" or args.rebuild_base:
@@ -143,7 +144,7 @@ def cmd_demo(args) -> int:
         else:
             stage(workdir=args.workdir, overwrite=args.overwrite, rebuild_base=args.rebuild_base)
     except TrainingStopped as stopped:
-        again = " --stage preference" if args.stage == "preference" else ""
+        again = f" --stage {args.stage}" if args.stage != "sft" else ""
         print(f"{stopped}; run loraft demo{again} --overwrite to start it again", file=sys.stderr)
         return STOPPED_EXIT_CODE
     return 0

@@ -87,8 +87,8 @@ def eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir")
     parser.add_argument("--data",
                         help="held-out records (any format `loraft data check` reads); preference records "
-                        "(chosen/rejected, or completion/label) are scored by preference accuracy; without it, "
-                        "retention alone")
+                        "(chosen/rejected, or completion/label) are scored by preference accuracy; a GRPO run's "
+                        "prompt records by its rewards (mean and pass@1); without it, retention alone")
     parser.add_argument("--no-retention", dest="retention", action="store_false",
                         help="skip retention: general accuracy of base and run on loraft's general prompts, and the "
                         "KL per token from the base (the base's answers are cached)")

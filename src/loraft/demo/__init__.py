@@ -16,6 +16,8 @@ Nothing is downloaded. The demo makes everything it needs:
 5. `loraft demo --stage preference` (demo/preference.py): DPO from that run's adapter on generated pairs whose chosen
    answer follows a rule the SFT data never showed (end with "。") and whose rejected one is the bare answer; held-out
    preference accuracy, rule-following and content before (the SFT run) and after (the DPO run).
+6. `loraft demo --stage rl` (demo/rl.py): GRPO from that run's adapter on prompts with inputs longer than any it
+   trained on, rewarded for the exact answer; held-out exact match before (the SFT run) and after (the GRPO run).
 """
 
 from loraft.demo.base import (BLOOM_SPLIT_PATTERN, DEMO_BASE_VERSION, PREBUILT_DIR, STAMP_FILE, BaseRecipe,
@@ -25,6 +27,7 @@ from loraft.demo.base import (BLOOM_SPLIT_PATTERN, DEMO_BASE_VERSION, PREBUILT_D
 from loraft.demo.preference import (PREFERENCE_CONFIG, RULE_MARK, follows_rule, make_preference_records,
                                     rule_following, run_preference_demo, with_rule, without_rule,
                                     write_preference_data)
+from loraft.demo.rl import LONGER, RL_CONFIG, make_rl_records, run_rl_demo, write_rl_data
 from loraft.demo.run import DEFAULT_CONFIG, exact_match, run_demo
 from loraft.demo.tasks import (ANTONYM_PAIRS, ANTONYMS, ENGLISH_WORDS, TASK_FAMILIES, TASKS,
                                TaskFamily, is_heldout_input, make_records, pretraining_documents,
@@ -32,11 +35,12 @@ from loraft.demo.tasks import (ANTONYM_PAIRS, ANTONYMS, ENGLISH_WORDS, TASK_FAMI
 
 __all__ = [
     "ANTONYMS", "ANTONYM_PAIRS", "BLOOM_SPLIT_PATTERN", "BaseRecipe", "DEFAULT_CONFIG", "DEMO_BASE_VERSION",
-    "ENGLISH_WORDS", "PREBUILT_DIR", "PREFERENCE_CONFIG", "Progress", "RULE_MARK", "STAMP_FILE", "TASKS",
+    "ENGLISH_WORDS", "LONGER", "PREBUILT_DIR", "PREFERENCE_CONFIG", "Progress", "RL_CONFIG", "RULE_MARK", "STAMP_FILE",
+    "TASKS",
     "TASK_FAMILIES", "TaskFamily",
     "bloom_pre_tokenizer", "build_demo_base", "build_demo_tokenizer", "build_tokenizer", "common_chinese_characters",
     "default_home", "demo_characters", "exact_match", "follows_rule", "is_heldout_input", "make_preference_records",
-    "make_records", "pretraining_documents", "pretraining_examples", "raw_form_accuracy", "read_jsonl", "rule_following",
-    "run_demo", "run_preference_demo", "ship_demo_base", "with_rule", "without_rule", "write_demo_data",
-    "write_preference_data",
+    "make_records", "make_rl_records", "pretraining_documents", "pretraining_examples", "raw_form_accuracy", "read_jsonl", "rule_following",
+    "run_demo", "run_preference_demo", "run_rl_demo", "ship_demo_base", "with_rule", "without_rule", "write_demo_data",
+    "write_preference_data", "write_rl_data",
 ]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import time
 from pathlib import Path
 from typing import Optional
@@ -69,14 +70,19 @@ class LoraftGRPOTrainer(RunGuarantees, GRPOTrainer):
             self._write_completions()
 
     def _write_completions(self) -> None:
+        # TRL has no public hook that hands out the sampled completions: _logs is where it keeps the last batch's
         logged = self._logs
         count = min(self.completions_logged, len(logged["prompt"]))
+
+        def number(value):  # a reward that did not apply (None, NaN in TRL's table) is null, as JSON has no NaN
+            return value if isinstance(value, (int, float)) and math.isfinite(value) else None
+
         with self.completions_file.open("a", encoding="utf-8") as handle:
             for index in range(len(logged["prompt"]) - count, len(logged["prompt"])):
                 row = {"step": self.state.global_step, "prompt": logged["prompt"][index],
                        "completion": logged["completion"][index],
-                       "rewards": {name: values[index] for name, values in logged["rewards"].items()},
-                       "advantage": logged["advantages"][index]}
+                       "rewards": {name: number(values[index]) for name, values in logged["rewards"].items()},
+                       "advantage": number(logged["advantages"][index])}
                 handle.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
@@ -123,7 +129,6 @@ def build_trainer(config: RunConfig, plan, args, model, info: dict, tokenizer, p
     reward_funcs, weights = build_rewards(config.grpo.rewards)
     args.reward_weights = weights
     kwargs = {"peft_config": info.pop("peft_config")} if "peft_config" in info else {}
-    tokenizer.padding_side = "left"  # TRL's requirement; loraft's prompts carry their own ids
     trainer = LoraftGRPOTrainer(
         model=model, reward_funcs=reward_funcs, args=args, train_dataset=prepared.train,
         eval_dataset=prepared.eval, processing_class=tokenizer, callbacks=callbacks,

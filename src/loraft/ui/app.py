@@ -13,6 +13,7 @@ import contextlib
 import functools
 import json
 import logging
+import math
 import mimetypes
 import re
 from pathlib import Path
@@ -112,6 +113,31 @@ def run_log(workspace: Workspace, name: str, lines: int) -> dict:
     run_dir = workspace.run_dir(name)
     return {"train_log": tail_lines(RunDir(run_dir).log_file, lines),
             "console": tail_lines(workspace.console_log(name), lines)}
+
+
+def run_completions(workspace: Workspace, name: str, lines: int) -> dict:
+    """A GRPO run's newest sampled completions (completions.jsonl: step, prompt, completion, rewards, advantage);
+    [] for a run that logs none. A line cut off by a crash is skipped."""
+    rows = []
+    for line in tail_lines(RunDir(workspace.run_dir(name)).completions_file, lines):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict):
+            rows.append(_finite(row))
+    return {"completions": rows}
+
+
+def _finite(value):
+    """`value` with every non-finite float as None: the JSON answer has no NaN (a file written by hand may)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_finite(item) for item in value]
+    return value
 
 
 def listed_state(workspace: Workspace, name: str) -> dict:
@@ -272,6 +298,10 @@ def create_app(workspace: Union[str, Path, Workspace], settings: UISettings = UI
     @app.get("/api/runs/{name:path}/log")
     async def log(name: str, request: Request):
         return await run_in_threadpool(run_log, workspace, name, lines_query(request, 200))
+
+    @app.get("/api/runs/{name:path}/completions")
+    async def completions(name: str, request: Request):
+        return await run_in_threadpool(run_completions, workspace, name, lines_query(request, 8))
 
     @app.get("/api/runs/{name:path}/events")
     async def events(name: str, request: Request):

@@ -218,7 +218,8 @@ class Workspace:
 
     def confine_config(self, config: RunConfig) -> RunConfig:
         """`config` as the UI may use or launch it: every path key (PATH_KEYS) placed in the workspace (`place`:
-        absolute, symbolic links resolved; a hub id only where allowed), and no model code.
+        absolute, symbolic links resolved; a hub id only where allowed), no model code, and no user code as a GRPO
+        reward (the built-in rewards only).
 
         Raises:
             RequestError (400) naming the first key that leads outside or runs a model's own code.
@@ -226,6 +227,11 @@ class Workspace:
         if config.model.trust_remote_code:
             raise refused("model.trust_remote_code: the UI does not run code shipped with a model; train such a "
                           "model with `loraft train` on the command line")
+        for index, reward in enumerate(config.grpo.rewards):
+            if reward.type == "function":
+                raise refused(f"grpo.rewards.{index}: the UI offers the built-in rewards only and never imports code "
+                              f"a request names ({reward.function}); train with a function reward with `loraft train` "
+                              "on the command line")
         sections: dict[str, dict] = {}
         for key in PATH_KEYS:
             section, _, field = key.rpartition(".")

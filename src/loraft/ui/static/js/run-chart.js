@@ -1,5 +1,5 @@
 // The run view's charts: the training curves (loss, eval loss, learning rate, gradient norm; log scale, series
-// toggles) and, for a preference run, the reward and accuracy charts, drawn with the vendored uPlot (a global).
+// toggles) and, for a preference or GRPO run, the reward and accuracy charts, drawn with the vendored uPlot (a global).
 
 import { $, el } from "./dom.js";
 import { DASH, formatDecimal, formatInteger, formatRate, isNumber } from "./format.js";
@@ -16,12 +16,15 @@ const SERIES_STYLE = {
 const REWARD_KEYS = {
   "rewards/chosen": "series.rewards_chosen", "rewards/rejected": "series.rewards_rejected",
   "rewards/margins": "series.rewards_margins", "rewards/accuracies": "series.reward_accuracy",
+  reward: "series.reward", reward_std: "series.reward_std",
 };
 const REWARD_STYLE = {
   "rewards/chosen": { stroke: "#2b8a3e", width: 2 },
   "rewards/rejected": { stroke: "#c92a2a", width: 2 },
   "rewards/margins": { stroke: "#2f6fec", width: 1.5, dash: [6, 4] },
   "rewards/accuracies": { stroke: "#9c36b5", width: 2 },
+  reward: { stroke: "#2b8a3e", width: 2 },
+  reward_std: { stroke: "#868e96", width: 1.5, dash: [6, 4] },
 };
 
 /** The charts of `run` (its chart, rewardCharts, chartTimer, resizeObserver and shown fields); `afterDraw` runs

@@ -6,7 +6,8 @@ import { isNumber } from "./format.js";
 
 export const SERIES = ["loss", "eval_loss", "learning_rate", "grad_norm"];
 // a preference run (DPO, KTO, ORPO) logs TRL's implicit rewards too: two more charts, shown once one is logged
-export const REWARD_SERIES = ["rewards/chosen", "rewards/rejected", "rewards/margins"];
+// a GRPO run logs the mean and spread of its summed reward (reward, reward_std) on the same chart
+export const REWARD_SERIES = ["rewards/chosen", "rewards/rejected", "rewards/margins", "reward", "reward_std"];
 export const ACCURACY_SERIES = ["rewards/accuracies"]; // DPO and ORPO; KTO logs none
 const ALL_SERIES = [...SERIES, ...REWARD_SERIES, ...ACCURACY_SERIES];
 

@@ -1,11 +1,13 @@
 // #/run/NAME: one run, live. The view makes the run's state (run-state.js) and its parts, each given that state and
 // the few functions of the others it calls: the charts, the status and details, the event stream, the jobs and the
-// actions. One poll every 2 s keeps the details, the log and the jobs fresh; the stream draws the curve.
+// actions. One poll every 2 s keeps the details, the log, a GRPO run's completions and the jobs fresh; the stream
+// draws the curve.
 
 import { $, poller, POLL_MS } from "./dom.js";
 import { ACTIVE_STATUSES, setStatus } from "./format.js";
 import { runActions } from "./run-actions.js";
 import { runChart } from "./run-chart.js";
+import { runCompletions } from "./run-completions.js";
 import { runJobs } from "./run-jobs.js";
 import { createRunState, emptyPoints } from "./run-state.js";
 import { runStatus } from "./run-status.js";
@@ -26,20 +28,22 @@ export function runView() {
     const status = runStatus(run, { startStream: () => stream.start() });
     const stream = runStream(run, { applyState: status.applyState, scheduleChart: chart.schedule });
     const jobs = runJobs(run);
+    const completions = runCompletions(run);
     const actions = runActions(run, { applyState: status.applyState, refreshDetail: status.refreshDetail,
                                       reconnect: stream.reconnect });
-    return { chart, status, stream, jobs, actions };
+    return { chart, status, stream, jobs, actions, completions };
   }
 
   // one poll every 2 s: details and log while the run is live, jobs while one runs; everything every 10 s
   async function pollTick() {
-    const { status, jobs, stream } = parts;
+    const { status, jobs, stream, completions } = parts;
     const live = !run.state || ACTIVE_STATUSES.includes(run.state.status) || run.stopping;
     const everything = run.tick++ % 5 === 0;
     const jobsRunning = run.jobs.some((job) => job.status === "running");
     await Promise.all([
       live || everything ? status.refreshDetail() : null,
       live || everything ? status.refreshLog() : null,
+      live || everything ? completions.refresh() : null,
       jobsRunning || everything ? jobs.refresh() : null,
     ]);
     if (run.state && ACTIVE_STATUSES.includes(run.state.status) && !run.streaming) stream.start();
@@ -57,6 +61,7 @@ export function runView() {
       parts.jobs.mount();
       $("log-source").addEventListener("change", parts.status.refreshLog);
       parts.chart.mount();
+      parts.completions.mount();
       run.poll = poller(pollTick, POLL_MS);
       parts.stream.start();
     },

@@ -1,0 +1,230 @@
+"""GRPO step time and peak RSS: `loraft train` with train.objective=grpo against TRL's GRPOTrainer (issue 28).
+
+    python benchmarks/grpo_speed.py                       # SmolLM2-135M-Instruct, 10 steps x 2 prompts x 8 answers
+    python benchmarks/grpo_speed.py --steps 4 --quick     # a check that every variant runs (tiny lengths)
+
+The model is the real one, SmolLM2-135M-Instruct (its Q4_1 GGUF, loraft.smollm2): loraft trains the .gguf file as a
+user does (the `gguf-lora` preset's LoRA: r 16, alpha 32 on every linear layer of a block), TRL its dequantized
+folder (loraft.gguf_base.hf_folder) loaded as its docs show (a path; TRL's own dtype default, float32). The prompts
+are a narrow task with a checkable answer (an ISO date as day/month/year, a word in capitals in brackets), one
+exact-match reward against the record's `answer`, the same for every variant, and the same sampling (temperature
+1, top_p 1, --completion-tokens at most, --generations per prompt) and seed. Variants, each in its own process
+(its peak RSS is its own):
+
+  trl       GRPOTrainer(model=<folder>, reward_funcs=[exact match], args=GRPOConfig(...), train_dataset=<prompt,
+            answer>, peft_config=LoraConfig(...)) with use_vllm=False and TRL's defaults (gradient checkpointing on,
+            bf16 autocast where loraft's plan picks bf16, else fp32: TRL's bf16 default is emulated without bf16
+            instructions), the benchmark's batch, steps, lr and sampling; the prompt is the chat template's text.
+  trl-nogc  the same with gradient_checkpointing=False.
+  loraft    loraft.train.train() with train.objective=grpo and loraft's defaults (the plan's precision: frozen
+            weights stored in bf16 where it picks bf16, so generation reads half the bytes; no checkpointing).
+
+Reported per variant: median seconds per optimizer step (the first, warm-up, left out), the generated completion
+tokens per step and per second (sampling decides the lengths, so the cost per generated token is the fair
+comparison), loraft's generation share (generation_seconds / step_time), peak RSS, and each step's mean reward.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+from sft_speed import WORDS, gguf_path  # noqa: E402
+
+VARIANTS = ["trl", "trl-nogc", "loraft"]
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def make_prompts(count: int, seed: int) -> list[dict]:
+    """Prompt records {"prompt": [user turn], "answer"} of the narrow task, drawn from `seed`."""
+    rng = random.Random(seed)
+    records = []
+    for _ in range(count):
+        if rng.random() < 0.5:
+            day = datetime.date(1990, 1, 1) + datetime.timedelta(days=rng.randrange(365 * 50))
+            question, answer = f"Write the date {day.isoformat()} as day/month/year", day.strftime("%d/%m/%Y")
+        else:
+            word = rng.choice(WORDS)
+            question, answer = f"Write the word in brackets, in capitals: {word}", f"[{word.upper()}]"
+        records.append({"prompt": [{"role": "user", "content": question}], "answer": answer})
+    return records
+
+
+def loraft_config(args, out_dir: Path):
+    from loraft.config import load_config
+    from loraft.presets import preset_path
+
+    return load_config(preset_path("gguf-lora"), [
+        f"model.name_or_path={args.gguf}", f"data.path={args.run_root}/prompts.jsonl", f"output_dir={out_dir}",
+        "overwrite=true", "train.objective=grpo", f"train.max_steps={args.steps}", "train.logging_steps=1",
+        "train.save_steps=100000", f"train.per_device_train_batch_size={args.prompts * args.generations}",
+        "train.gradient_accumulation_steps=1", f"train.learning_rate={args.lr}", "train.warmup_steps=0",
+        "train.lr_scheduler_type=constant", "adapter.dropout=0", "train.retention=off",
+        f"grpo.num_generations={args.generations}", f"grpo.max_completion_length={args.completion_tokens}",
+        "grpo.rewards=[{type: exact_match, field: answer}]", "grpo.completions_logged=0"])
+
+
+class Clock:
+    """Each optimizer step's end time and the logged metrics (a TrainerCallback made on first use)."""
+
+    def __init__(self):
+        from transformers import TrainerCallback
+
+        clock = self
+        self.started, self.ends, self.logs = None, [], []
+
+        class Callback(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kwargs):
+                clock.started = time.perf_counter()
+
+            def on_step_end(self, args, state, control, **kwargs):
+                clock.ends.append(time.perf_counter() - clock.started)
+
+            def on_log(self, args, state, control, logs=None, **kwargs):
+                if logs and "loss" in logs:
+                    clock.logs.append(dict(logs))
+
+        self.callback = Callback()
+
+
+def run_trl(args, variant: str, clock: Clock) -> dict:
+    from datasets import Dataset
+    from transformers import AutoTokenizer, set_seed
+    from trl import GRPOConfig, GRPOTrainer
+
+    from loraft import gguf_base
+    from loraft.model import build_peft_config
+    from loraft.precision import resolve_precision
+    from loraft.rewards import exact_match
+
+    config = loraft_config(args, Path(args.run_root) / variant)
+    precision = resolve_precision(config.train.precision)
+    folder = gguf_base.hf_folder(str(args.gguf), weights="fp32")  # TRL's default dtype: float32
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    records = [json.loads(line) for line in (Path(args.run_root) / "prompts.jsonl").read_text().splitlines()]
+    dataset = Dataset.from_list(records)
+
+    def exact(completions, answer, **kwargs):
+        return exact_match([c[0]["content"] if isinstance(c, list) else c for c in completions], answer)
+
+    train = config.train
+    arguments = GRPOConfig(
+        output_dir=str(Path(args.run_root) / variant), max_steps=train.max_steps, logging_steps=1, save_strategy="no",
+        report_to="none", per_device_train_batch_size=train.per_device_train_batch_size,
+        gradient_accumulation_steps=1, learning_rate=train.learning_rate, lr_scheduler_type="constant",
+        warmup_steps=0, seed=train.seed, use_cpu=True, bf16=precision == "bf16", use_vllm=False,
+        num_generations=args.generations, max_completion_length=args.completion_tokens, temperature=1.0, top_p=1.0,
+        gradient_checkpointing=variant == "trl")
+    set_seed(train.seed)
+    trainer = GRPOTrainer(model=str(folder), reward_funcs=[exact], args=arguments, train_dataset=dataset,
+                          processing_class=tokenizer, peft_config=build_peft_config(config.adapter),
+                          callbacks=[clock.callback])
+    trainer.train()
+    return {"precision": precision, "weights_dtype": "float32", "gradient_checkpointing": arguments.gradient_checkpointing}
+
+
+def run_loraft(args, variant: str, clock: Clock) -> dict:
+    from loraft.train import train
+
+    run_dir = train(loraft_config(args, Path(args.run_root) / variant), callbacks=[clock.callback],
+                    progress_bar=False)
+    plan = json.loads((run_dir / "loraft_run.json").read_text())["plan"]
+    return {key: plan.get(key) for key in ("precision", "weights", "gradient_checkpointing", "rollout")}
+
+
+def worker(args) -> None:
+    clock = Clock()
+    setup = (run_loraft if args.worker == "loraft" else run_trl)(args, args.worker, clock)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    common.write_json(Path(args.run_root) / f"{args.worker}.json",
+                      {"variant": args.worker, "setup": setup, "ends": clock.ends, "logs": clock.logs,
+                       "peak_rss_gib": peak, "load_average": common.load_average()})
+
+
+def summarize(result: dict) -> dict:
+    ends, logs = result["ends"], result["logs"]
+    step_s = [b - a for a, b in zip(ends, ends[1:])]
+    lengths = [log.get("completions/mean_length", 0) for log in logs]
+    generation = [log["generation_seconds"] / log["step_time"] for log in logs
+                  if log.get("generation_seconds") and log.get("step_time")]
+    return {"setup": result["setup"], "median_step_s": statistics.median(step_s), "step_s": step_s,
+            "mean_completion_length": statistics.mean(lengths[1:] or lengths),
+            "generation_share": statistics.median(generation) if generation else None,
+            "rewards": [log.get("reward") for log in logs], "peak_rss_gib": result["peak_rss_gib"],
+            "load_average": result["load_average"]}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--prompts", type=int, default=2, help="prompts per optimizer step")
+    parser.add_argument("--generations", type=int, default=8, help="completions per prompt")
+    parser.add_argument("--completion-tokens", type=int, default=32, help="most tokens per completion")
+    parser.add_argument("--lr", type=float, default=1e-5)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="8-token completions, 4 per prompt")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--json", help="the report (default: benchmarks/results/DATE-CLASS-grpo_speed.json)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--run-root", help=argparse.SUPPRESS)
+    parser.add_argument("--gguf", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.completion_tokens, args.generations = 8, 4
+    if args.worker:
+        worker(args)
+        return 0
+
+    import tempfile
+
+    args.gguf = str(gguf_path())
+    root = Path(tempfile.mkdtemp(prefix="grpo-speed-"))
+    records = make_prompts(args.steps * args.prompts, args.seed)
+    (root / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    results = {}
+    for variant in args.variants.split(","):
+        print(f"[bench] {variant} ...", file=sys.stderr, flush=True)
+        command = [sys.executable, __file__, "--worker", variant, "--run-root", str(root), "--gguf", args.gguf,
+                   "--steps", str(args.steps), "--prompts", str(args.prompts), "--generations", str(args.generations),
+                   "--completion-tokens", str(args.completion_tokens), "--lr", str(args.lr)]
+        subprocess.run(command, check=True)
+        results[variant] = summarize(json.loads((root / f"{variant}.json").read_text()))
+    for name, s in results.items():
+        base = results.get("trl")
+        if base and name != "trl":
+            s["vs_trl"] = {"step": base["median_step_s"] / s["median_step_s"],
+                           "per_token": (base["median_step_s"] / base["mean_completion_length"])
+                           / (s["median_step_s"] / s["mean_completion_length"]),
+                           "rss": s["peak_rss_gib"] / base["peak_rss_gib"]}
+    machine = common.machine()
+    report = {"benchmark": "grpo_speed", "date": datetime.date.today().isoformat(), "machine": machine,
+              "steps": args.steps, "prompts": args.prompts, "generations": args.generations,
+              "completion_tokens": args.completion_tokens, "results": results}
+    out = Path(args.json) if args.json else RESULTS / (f"{report['date']}-{machine['hardware_class']}-grpo_speed"
+                                                      + ("-quick" if args.quick else "") + ".json")
+    common.write_json(out, report)
+    print("| variant | precision | grad ckpt | s/step (median) | completion tokens (mean) | generation share "
+          "| peak RSS GiB | vs trl: step | per token | RSS |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for name, s in results.items():
+        c = s.get("vs_trl", {})
+        share = f"{s['generation_share']:.0%}" if s["generation_share"] is not None else ""
+        print(f"| {name} | {s['setup'].get('precision')} | {'yes' if s['setup'].get('gradient_checkpointing') else 'no'}"
+              f" | {s['median_step_s']:.2f} | {s['mean_completion_length']:.1f} | {share} | {s['peak_rss_gib']:.2f}"
+              + (f" | {c['step']:.2f}x | {c['per_token']:.2f}x | {c['rss']:.2f} |" if c else " | | | |"))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,184 @@
+"""The demo's RL stage (`loraft demo --stage rl`): GRPO teaches the SFT demo's run inputs longer than any it saw.
+
+The SFT demo trains each task family on short inputs (upper and numerals 3-7 characters, antonym 2-5, spell and
+translate 2-4). Here every prompt is the same kind of instruction with a longer input (LONGER: a few characters
+past the longest trained), where the SFT run's greedy answers are often wrong: it stops early or loses its place.
+GRPO samples grpo.num_generations answers per prompt from the SFT run's adapter and rewards the exact answer
+(the built-in exact_match reward against the record's `answer`), so the answers it moves toward are the ones
+that got the whole long input right. Before is the SFT run, after the GRPO run, both on held-out long inputs that
+never appear in training (the SFT demo's hash split): exact match per task, greedy.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+from loraft.demo.preference import _padded, finished_sft_run
+from loraft.demo.run import _sample_chat, demo_train, exact_match, run_demo
+from loraft.demo.tasks import (ANTONYMS, ENGLISH_WORDS, LETTERS, TASK_FAMILIES, TASKS, _random_string, _write_jsonl,
+                               is_heldout_input, read_jsonl)
+from loraft.files import write_json_atomically
+
+RL_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo-rl.yaml"  # package data
+# per task family: the alphabet and the input lengths of the RL stage, past the SFT demo's longest
+LONGER = {
+    "upper": (LETTERS, 8, 10),
+    "numerals": ("0123456789", 8, 10),
+    "antonym": ("".join(sorted(ANTONYMS)), 6, 7),
+    "spell": ("0123456789", 5, 6),
+    "translate": ("".join(sorted(ENGLISH_WORDS)), 5, 6),
+}
+
+
+def make_rl_records(seed: int = 0, train_per_task: int = 200, heldout_per_task: int = 40,
+                    tasks: Sequence[str] = tuple(LONGER)) -> tuple[list[dict], list[dict]]:
+    """Prompt records {"instruction", "input", "answer", "task"} with LONGER inputs, for each task of `tasks`.
+
+    Returns:
+        (train, heldout); the held-out inputs are disjoint from the training inputs (tasks.is_heldout_input).
+    """
+    rng = random.Random(f"rl-{seed}")
+    train: list[dict] = []
+    heldout: list[dict] = []
+    for name in tasks:
+        family = TASKS[name]
+        alphabet, low, high = LONGER[name]
+        make = _random_string(alphabet, low, high)
+        for split, count, wanted in ((train, train_per_task, False), (heldout, heldout_per_task, True)):
+            seen: set[str] = set()
+            for _ in range(count * 1000):
+                if sum(r["task"] == name for r in split) == count:
+                    break
+                text = make(rng)
+                if is_heldout_input(text) != wanted or text in seen:
+                    continue
+                seen.add(text)
+                split.append({"instruction": rng.choice(family.instructions), "input": text,
+                              "answer": family.answer(text), "task": name})
+    rng.shuffle(train)
+    return train, heldout
+
+
+def write_rl_data(out_dir: Path, seed: int = 0, train_per_task: int = 200, heldout_per_task: int = 40,
+                  tasks: Sequence[str] = tuple(LONGER)) -> tuple[Path, Path]:
+    """Write the prompts as `rl_train.jsonl` and `rl_heldout.jsonl` under out_dir: (train_path, heldout_path)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    train, heldout = make_rl_records(seed, train_per_task, heldout_per_task, tasks)
+    train_path, heldout_path = out_dir / "rl_train.jsonl", out_dir / "rl_heldout.jsonl"
+    _write_jsonl(train_path, train)
+    _write_jsonl(heldout_path, heldout)
+    return train_path, heldout_path
+
+
+def _results_table(before: dict, after: dict, heldout_count: int, tasks: Sequence[str]) -> list[str]:
+    lines = [f"held-out exact match: {heldout_count} prompts with inputs longer than any the SFT run trained on, "
+             "never in training; greedy", f"  {'task':<24}{'SFT (before)':>14}{'GRPO (after)':>14}"]
+    for family in TASK_FAMILIES:
+        if family.name in tasks:
+            b, a = before["per_task"][family.name], after["per_task"][family.name]
+            lines.append(f"  {_padded(f'{family.name} {family.title}', 24)}{b['accuracy']:>14.0%}"
+                         f"{a['accuracy']:>14.0%}   ({a['correct']}/{a['total']})")
+    lines.append(f"  {'overall':<24}{before['overall']:>14.0%}{after['overall']:>14.0%}")
+    return lines
+
+
+def run_rl_demo(
+    workdir: str | Path = "loraft-demo",
+    overwrite: bool = False,
+    home: Optional[Path] = None,
+    config_path: Optional[Path] = None,
+    seed: int = 0,
+    rebuild_base: bool = False,
+    log: Callable[[str], None] = print,
+    train_per_task: int = 200,
+    heldout_per_task: int = 40,
+    overrides: Sequence[str] = (),
+    tasks: Sequence[str] = tuple(LONGER),
+) -> dict:
+    """The RL stage: long-input prompts, the SFT run's answers, GRPO from the SFT run, the GRPO run's answers.
+
+    Where `workdir/run` holds no finished SFT demo run, the SFT demo (run_demo) runs first.
+
+    Args:
+        workdir: the SFT demo's workdir; the stage writes `data/rl_*.jsonl`, `rl-run/` and `rl_results.json` there.
+        overwrite: replace a previous RL run (and an unfinished SFT demo run, where that runs first).
+        config_path: the GRPO config (default: configs/demo-rl.yaml); model, adapter_from, data and output paths are
+            filled in.
+        train_per_task, heldout_per_task, overrides, tasks: smaller data, config overrides (key=value) and fewer
+            task families, for tests.
+    Returns:
+        {"before", "after", "run_dir", "timings"}; before/after as demo.run.exact_match returns.
+    """
+    from loraft.config import load_config
+    from loraft.errors import RunError
+    from loraft.generate import load_run
+    from loraft.rundir import open_run
+
+    workdir = Path(workdir)
+    sft_dir, run_dir = workdir / "run", workdir / "rl-run"
+    if run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
+        raise RunError(f"{run_dir}: holds a previous RL demo run; pass --overwrite to replace it")
+    timings: dict[str, float] = {}
+    sft = finished_sft_run(sft_dir)
+    if sft is None:
+        log(f"rl stage: {sft_dir} holds no finished SFT demo run, so the SFT demo (`loraft demo`) runs first")
+        step_started = time.time()
+        run_demo(workdir, overwrite=overwrite, home=home, seed=seed, rebuild_base=rebuild_base, log=log)
+        timings["sft_demo"] = time.time() - step_started
+        sft = open_run(sft_dir)
+        log("")
+    elif rebuild_base:
+        log(f"rl stage: {sft_dir} is a finished SFT demo run, so its base is used (--rebuild-base ignored)")
+
+    stage_started = time.time()
+    train_path, heldout_path = write_rl_data(workdir / "data", seed, train_per_task, heldout_per_task, tasks)
+    config = load_config(config_path or RL_CONFIG, [
+        f"model.name_or_path={sft.config.model.name_or_path}", f"model.adapter_from={sft_dir}",
+        f"data.path={train_path}", f"output_dir={run_dir}", "overwrite=true", *overrides])
+    heldout = [{**record, "output": record["answer"]} for record in read_jsonl(heldout_path)]
+    log(f"[1/4] RL prompts: {len(read_jsonl(train_path))} training and {len(heldout)} held-out -> "
+        f"{train_path.parent}; the SFT tasks with longer inputs ("
+        + ", ".join(f"{name} {LONGER[name][1]}-{LONGER[name][2]}" for name in tasks) + " characters)")
+
+    step_started = time.time()
+    model, tokenizer, _, _ = load_run(sft)
+    max_new_tokens = max(len(tokenizer(r["answer"])["input_ids"]) for r in heldout) + 4
+    before = exact_match(model, tokenizer, heldout, max_new_tokens)
+    del model
+    timings["eval_before"] = time.time() - step_started
+    log(f"[2/4] before: the SFT run {sft_dir}: exact match {before['overall']:.1%} ({timings['eval_before']:.0f}s)")
+
+    grpo = config.grpo
+    prompts = config.train.per_device_train_batch_size * config.train.gradient_accumulation_steps // grpo.num_generations
+    log(f"[3/4] GRPO from the SFT run's adapter: {config.train.max_steps} steps x {prompts} prompts x "
+        f"{grpo.num_generations} sampled answers (<= {grpo.max_completion_length} tokens, T {grpo.temperature:g}), "
+        "reward: " + ", ".join(f"{r.label} x {r.weight:g}" for r in grpo.rewards) + " (the plan: train.log)")
+    step_started = time.time()
+    run_dir = demo_train(config, log, "GRPO step")
+    timings["grpo"] = time.time() - step_started
+
+    step_started = time.time()
+    model, tokenizer, _, _ = load_run(open_run(run_dir))
+    after = exact_match(model, tokenizer, heldout, max_new_tokens)
+    del model
+    timings["eval_after"] = time.time() - step_started
+    log(f"[4/4] after: the GRPO run: exact match {after['overall']:.1%} ({timings['eval_after']:.0f}s)")
+
+    for line in ([""] + _results_table(before, after, len(heldout), tasks) + [""]
+                 + _sample_chat(heldout, before, after, 3, title="sample answers (held-out long inputs, greedy):",
+                                labels=("SFT", "SFT + GRPO"))):
+        log(line)
+    timings["stage"] = time.time() - stage_started
+    log(f"times: rl stage {timings['stage']:.0f}s (GRPO {timings['grpo']:.0f}s, evaluation "
+        f"{timings['eval_before'] + timings['eval_after']:.0f}s)"
+        + (f"; the SFT demo before it {timings['sft_demo']:.0f}s" if "sft_demo" in timings else ""))
+    log(f"run directory: {run_dir}  (sampled completions: {run_dir / 'completions.jsonl'}; try: loraft chat {run_dir})")
+    results = {"task": "the SFT tasks with longer inputs", "before": before, "after": after, "run_dir": str(run_dir),
+               "sft_run_dir": str(sft_dir), "timings": timings}
+    write_json_atomically(workdir / "rl_results.json", results)
+    return {**results, "run_dir": run_dir}
+
