@@ -14,17 +14,29 @@ FAST = ["train.max_steps=2", "train.per_device_train_batch_size=8", "grpo.num_ge
         "grpo.max_completion_length=8", "train.logging_steps=1"]
 
 
-def test_rl_prompts_are_longer_than_any_sft_input_and_held_out_ones_never_train():
+def test_held_out_rl_prompts_are_longer_than_any_sft_input_and_never_train():
     sft_train, sft_heldout = demo.make_records(seed=0)
     longest = {name: max(len(r["input"]) for r in sft_train + sft_heldout if r["task"] == name) for name in demo.TASKS}
     train, heldout = demo.make_rl_records(seed=0)
     for record in train + heldout:
         family = demo.TASKS[record["task"]]
-        assert len(record["input"]) > longest[record["task"]], record
         assert record["answer"] == family.answer(record["input"]) and record["instruction"] in family.instructions
+    assert all(len(r["input"]) > longest[r["task"]] for r in heldout)
+    # the training prompts span the SFT lengths and the longer ones (the reward teaches where to stop too)
+    for name in demo.LONGER:
+        lengths = {len(r["input"]) for r in train if r["task"] == name}
+        assert min(lengths) <= longest[name] < max(lengths), (name, lengths)
     assert {r["input"] for r in heldout}.isdisjoint(r["input"] for r in train)
     assert all(demo.is_heldout_input(r["input"]) for r in heldout)
-    assert len(heldout) == 5 * 40 and len(train) == 5 * 200
+    assert len(heldout) == len(demo.LONGER) * 40 and len(train) == len(demo.LONGER) * 200
+
+
+def test_place_accuracy_counts_units_in_place_over_the_longer():
+    from loraft.demo.rl import place_accuracy
+
+    assert place_accuracy(["ABCD", "ABC", "ABCDE", " ABXD\n", "one two", "one three two"],
+                          ["ABCD", "ABCD", "ABCD", "ABCD", "one two three", "one two three"]) == [
+        1.0, 0.75, 0.8, 0.75, 2 / 3, 1 / 3]
 
 
 def test_the_shipped_config_is_grpo_with_the_exact_answer_reward_and_cuts_no_prompt(tmp_path):
@@ -38,7 +50,8 @@ def test_the_shipped_config_is_grpo_with_the_exact_answer_reward_and_cuts_no_pro
     assert path.resolve() == demo.RL_CONFIG
     config = load_config(path)
     assert config.train.objective == "grpo" and config.model.adapter_from == "loraft-demo/run"
-    assert [(r.type, r.field) for r in config.grpo.rewards] == [("exact_match", "answer")]
+    assert [(r.type, r.field, r.function) for r in config.grpo.rewards] == [
+        ("exact_match", "answer", None), ("function", "answer", "loraft.demo.rl:place_accuracy")]
     assert config.data.template == load_config(REPO / "configs" / "demo.yaml").data.template
     tokenizer = AutoTokenizer.from_pretrained(demo.PREBUILT_DIR)
     for prompts_path in demo.write_rl_data(tmp_path, seed=0):

@@ -45,11 +45,14 @@ class LoraftGRPOTrainer(RunGuarantees, GRPOTrainer):
         self.generation_seconds = 0.0  # since the last log: TRL generates through the policy's own generate
         generate = self.model.generate
 
+        # Generation runs outside the step's autocast (Trainer enters it for the loss only); under a bf16 or fp16
+        # plan the frozen weights are stored in that dtype (cast_for_plan), so generation needs the same autocast
         @functools.wraps(generate)
         def timed_generate(*args, **kwargs):
             started = time.perf_counter()
             try:
-                return generate(*args, **kwargs)
+                with self.accelerator.autocast():
+                    return generate(*args, **kwargs)
             finally:
                 self.generation_seconds += time.perf_counter() - started
 
