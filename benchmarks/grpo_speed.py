@@ -17,7 +17,8 @@ exact-match reward against the record's `answer`, the same for every variant, an
             instructions), the benchmark's batch, steps, lr and sampling; the prompt is the chat template's text.
   trl-nogc  the same with gradient_checkpointing=False.
   loraft    loraft.train.train() with train.objective=grpo and loraft's defaults (the plan's precision: frozen
-            weights stored in bf16 where it picks bf16, so generation reads half the bytes; no checkpointing).
+            weights stored in bf16 where it picks bf16, generation under its autocast; no checkpointing).
+  loraft-fp32  the same with train.precision=fp32: fp32 weights, generation and update without autocast.
 
 Reported per variant: median seconds per optimizer step (the first, warm-up, left out), the generated completion
 tokens per step and per second (sampling decides the lengths, so the cost per generated token is the fair
@@ -39,28 +40,23 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
-from sft_speed import WORDS, gguf_path  # noqa: E402
+from sft_speed import draw_task, gguf_path  # noqa: E402
 
-VARIANTS = ["trl", "trl-nogc", "loraft"]
+VARIANTS = ["trl", "trl-nogc", "loraft", "loraft-fp32"]
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def make_prompts(count: int, seed: int) -> list[dict]:
-    """Prompt records {"prompt": [user turn], "answer"} of the narrow task, drawn from `seed`."""
+    """Prompt records {"prompt": [user turn], "answer"} of sft_speed's narrow task, drawn from `seed`."""
     rng = random.Random(seed)
     records = []
     for _ in range(count):
-        if rng.random() < 0.5:
-            day = datetime.date(1990, 1, 1) + datetime.timedelta(days=rng.randrange(365 * 50))
-            question, answer = f"Write the date {day.isoformat()} as day/month/year", day.strftime("%d/%m/%Y")
-        else:
-            word = rng.choice(WORDS)
-            question, answer = f"Write the word in brackets, in capitals: {word}", f"[{word.upper()}]"
+        question, answer = draw_task(rng)
         records.append({"prompt": [{"role": "user", "content": question}], "answer": answer})
     return records
 
 
-def loraft_config(args, out_dir: Path):
+def loraft_config(args, out_dir: Path, overrides=()):
     from loraft.config import load_config
     from loraft.presets import preset_path
 
@@ -71,7 +67,7 @@ def loraft_config(args, out_dir: Path):
         "train.gradient_accumulation_steps=1", f"train.learning_rate={args.lr}", "train.warmup_steps=0",
         "train.lr_scheduler_type=constant", "adapter.dropout=0", "train.retention=off",
         f"grpo.num_generations={args.generations}", f"grpo.max_completion_length={args.completion_tokens}",
-        "grpo.rewards=[{type: exact_match, field: answer}]", "grpo.completions_logged=0"])
+        "grpo.rewards=[{type: exact_match, field: answer}]", "grpo.completions_logged=0", *overrides])
 
 
 class Clock:
@@ -81,7 +77,7 @@ class Clock:
         from transformers import TrainerCallback
 
         clock = self
-        self.started, self.ends, self.logs = None, [], []
+        self.started, self.ends, self.logs, self.generation = None, [], [], []
 
         class Callback(TrainerCallback):
             def on_train_begin(self, args, state, control, **kwargs):
@@ -124,11 +120,22 @@ def run_trl(args, variant: str, clock: Clock) -> dict:
         gradient_accumulation_steps=1, learning_rate=train.learning_rate, lr_scheduler_type="constant",
         warmup_steps=0, seed=train.seed, use_cpu=True, bf16=precision == "bf16", use_vllm=False,
         num_generations=args.generations, max_completion_length=args.completion_tokens, temperature=1.0, top_p=1.0,
-        gradient_checkpointing=variant == "trl")
+        gradient_checkpointing=variant == "trl",
+        model_init_kwargs={"variant": "fp32", "dtype": "float32"})  # the folder's fp32 weights file
     set_seed(train.seed)
     trainer = GRPOTrainer(model=str(folder), reward_funcs=[exact], args=arguments, train_dataset=dataset,
                           processing_class=tokenizer, peft_config=build_peft_config(config.adapter),
                           callbacks=[clock.callback])
+    generate = trainer.model.generate
+
+    def timed(*args, **kwargs):  # the generation time loraft logs as generation_seconds, measured the same way
+        started = time.perf_counter()
+        try:
+            return generate(*args, **kwargs)
+        finally:
+            clock.generation.append(time.perf_counter() - started)
+
+    trainer.model.generate = timed
     trainer.train()
     return {"precision": precision, "weights_dtype": "float32", "gradient_checkpointing": arguments.gradient_checkpointing}
 
@@ -136,7 +143,8 @@ def run_trl(args, variant: str, clock: Clock) -> dict:
 def run_loraft(args, variant: str, clock: Clock) -> dict:
     from loraft.train import train
 
-    run_dir = train(loraft_config(args, Path(args.run_root) / variant), callbacks=[clock.callback],
+    overrides = ["train.precision=fp32"] if variant == "loraft-fp32" else []
+    run_dir = train(loraft_config(args, Path(args.run_root) / variant, overrides), callbacks=[clock.callback],
                     progress_bar=False)
     plan = json.loads((run_dir / "loraft_run.json").read_text())["plan"]
     return {key: plan.get(key) for key in ("precision", "weights", "gradient_checkpointing", "rollout")}
@@ -144,7 +152,7 @@ def run_loraft(args, variant: str, clock: Clock) -> dict:
 
 def worker(args) -> None:
     clock = Clock()
-    setup = (run_loraft if args.worker == "loraft" else run_trl)(args, args.worker, clock)
+    setup = (run_loraft if args.worker.startswith("loraft") else run_trl)(args, args.worker, clock)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     common.write_json(Path(args.run_root) / f"{args.worker}.json",
                       {"variant": args.worker, "setup": setup, "ends": clock.ends, "logs": clock.logs,
@@ -155,8 +163,10 @@ def summarize(result: dict) -> dict:
     ends, logs = result["ends"], result["logs"]
     step_s = [b - a for a, b in zip(ends, ends[1:])]
     lengths = [log.get("completions/mean_length", 0) for log in logs]
-    generation = [log["generation_seconds"] / log["step_time"] for log in logs
-                  if log.get("generation_seconds") and log.get("step_time")]
+    generation = ([g / log["step_time"] for g, log in zip(result["generation"], logs) if log.get("step_time")]
+                  if result.get("generation") else
+                  [log["generation_seconds"] / log["step_time"] for log in logs
+                   if log.get("generation_seconds") and log.get("step_time")])
     return {"setup": result["setup"], "median_step_s": statistics.median(step_s), "step_s": step_s,
             "mean_completion_length": statistics.mean(lengths[1:] or lengths),
             "generation_share": statistics.median(generation) if generation else None,

@@ -83,17 +83,22 @@ WORDS = ("apple river stone cloud garden window mirror candle forest bridge penc
 # ----------------------------------------------------------------------------------------------- the data
 
 
+def draw_task(rng: random.Random) -> tuple[str, str]:
+    """One (question, answer) of a narrow task the base cannot do exactly: an ISO date as day/month/year, or a word
+    in capitals in brackets (benchmarks/grpo_speed.py draws its prompts here too)."""
+    if rng.random() < 0.5:
+        day = datetime.date(1990, 1, 1) + datetime.timedelta(days=rng.randrange(365 * 50))
+        return f"Write the date {day.isoformat()} as day/month/year", day.strftime("%d/%m/%Y")
+    word = rng.choice(WORDS)
+    return f"Write the word in brackets, in capitals: {word}", f"[{word.upper()}]"
+
+
 def make_records(count: int, seed: int) -> list[dict]:
-    """Chat records of a narrow task the base cannot do exactly, drawn from `seed`."""
+    """Chat records of the narrow task (draw_task), drawn from `seed`."""
     rng = random.Random(seed)
     records = []
     for _ in range(count):
-        if rng.random() < 0.5:
-            day = datetime.date(1990, 1, 1) + datetime.timedelta(days=rng.randrange(365 * 50))
-            question, answer = f"Write the date {day.isoformat()} as day/month/year", day.strftime("%d/%m/%Y")
-        else:
-            word = rng.choice(WORDS)
-            question, answer = f"Write the word in brackets, in capitals: {word}", f"[{word.upper()}]"
+        question, answer = draw_task(rng)
         records.append({"messages": [{"role": "user", "content": question},
                                      {"role": "assistant", "content": answer}]})
     return records

@@ -13,7 +13,6 @@ loraft.evaluate_rewards.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections import Counter
@@ -23,8 +22,7 @@ from typing import Optional, Sequence
 import torch
 
 from loraft.errors import DataError, RunError
-from loraft.files import write_text_atomically
-from loraft.rundir import EVAL_METRICS, EVAL_PREDICTIONS, RunDir
+from loraft.rundir import RunDir
 
 
 # --- text metrics ------------------------------------------------------------------------------------
@@ -350,18 +348,14 @@ def evaluate(
 
         metrics["retention"] = retention_of_run(model, tokenizer, template, info, batch_size, retention_limit)
 
-    out_dir = RunDir(run_dir).eval_dir
-    out_dir.mkdir(exist_ok=True)
-    lines = []
+    rows = []
     for index, record in enumerate(records):
         row = {"source": record["source"], "prompt": record["prompt"], "reference": record["reference"],
                "prediction": predictions[index]}
         if base_predictions is not None:
             row["base_prediction"] = base_predictions[index]
-        lines.append(json.dumps(row, ensure_ascii=False) + "\n")
-    write_text_atomically(out_dir / EVAL_PREDICTIONS, "".join(lines))
-    write_text_atomically(out_dir / EVAL_METRICS, json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
-    return metrics
+        rows.append(row)
+    return RunDir(run_dir).write_eval(rows, metrics)
 
 
 TABLE_ROWS = [

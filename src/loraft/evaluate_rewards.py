@@ -9,12 +9,8 @@ a built-in check at 1 (exact_match, number, regex), no length penalty (length), 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional, Sequence
-
-from loraft.files import write_text_atomically
-from loraft.rundir import EVAL_METRICS, EVAL_PREDICTIONS
 
 
 def passes(reward_type: str, value: Optional[float]) -> Optional[bool]:
@@ -95,18 +91,15 @@ def evaluate_rewards(run, run_dir: Path, data_path, limit: Optional[int] = None,
         from loraft.retention import retention_of_run
 
         metrics["retention"] = retention_of_run(model, tokenizer, template, info, batch_size, retention_limit)
-    out_dir = RunDir(run_dir).eval_dir
-    out_dir.mkdir(exist_ok=True)
-    lines = []
+    rows = []
     for index, record in enumerate(records):
         row = {"source": record["source"], "prompt": prompts_text[index], "fields": record["fields"],
                "prediction": adapter_texts[index], "rewards": adapter_rows[index]}
         if base_rows is not None:
             row.update(base_prediction=base_texts[index], base_rewards=base_rows[index])
-        lines.append(json.dumps(row, ensure_ascii=False) + "\n")
-    write_text_atomically(out_dir / EVAL_PREDICTIONS, "".join(lines))
-    write_text_atomically(out_dir / EVAL_METRICS, json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
-    return metrics
+        rows.append(row)
+    return RunDir(run_dir).write_eval(rows, metrics)
+
 
 
 def format_rewards_table(metrics: dict) -> str:

@@ -238,6 +238,15 @@ class RunDir:
     metrics_file, loss_plot, eval_dir = _file(METRICS_FILE), _file(LOSS_PLOT), _file(EVAL_DIR)
     checkpoints, completions_file = _file(CHECKPOINTS), _file(COMPLETIONS_FILE)
 
+    def write_eval(self, rows, metrics: dict) -> dict:
+        """What `loraft eval` measured: eval/predictions.jsonl (one row a record) and eval/metrics.json, each written
+        atomically; returns metrics."""
+        self.eval_dir.mkdir(exist_ok=True)
+        write_text_atomically(self.eval_dir / EVAL_PREDICTIONS, "".join(json.dumps(row, ensure_ascii=False) + "\n"
+                                                                        for row in rows))
+        write_text_atomically(self.eval_dir / EVAL_METRICS, json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
+        return metrics
+
     def checkpoint(self, step: int) -> Path:
         """Where Trainer saves the checkpoint of `step` (complete once it holds TRAINER_STATE)."""
         return self.checkpoints / f"{CHECKPOINT_PREFIX}{step}"

@@ -150,6 +150,26 @@ def finished_sft_run(run_dir: Path):
     return run
 
 
+def sft_run_for_stage(stage: str, workdir: Path, run_sft: Callable, timings: dict, overwrite: bool,
+                      home: Optional[Path], seed: int, rebuild_base: bool, log: Callable[[str], None]):
+    """The finished SFT demo run in `workdir/run` a later stage (preference, rl) starts from: run first with `run_sft`
+    (loraft.demo.run.run_demo) where there is none, its time in timings["sft_demo"]. Returns a UsableRun."""
+    from loraft.rundir import open_run
+
+    sft_dir = Path(workdir) / "run"
+    sft = finished_sft_run(sft_dir)
+    if sft is None:
+        log(f"{stage} stage: {sft_dir} holds no finished SFT demo run, so the SFT demo (`loraft demo`) runs first")
+        started = time.time()
+        run_sft(workdir, overwrite=overwrite, home=home, seed=seed, rebuild_base=rebuild_base, log=log)
+        timings["sft_demo"] = time.time() - started
+        sft = open_run(sft_dir)
+        log("")
+    elif rebuild_base:
+        log(f"{stage} stage: {sft_dir} is a finished SFT demo run, so its base is used (--rebuild-base ignored)")
+    return sft
+
+
 def run_preference_demo(
     workdir: str | Path = "loraft-demo",
     overwrite: bool = False,
@@ -189,16 +209,8 @@ def run_preference_demo(
     if run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
         raise RunError(f"{run_dir}: holds a previous preference demo run; pass --overwrite to replace it")
     timings: dict[str, float] = {}
-    sft = finished_sft_run(sft_dir)
-    if sft is None:
-        log(f"preference stage: {sft_dir} holds no finished SFT demo run, so the SFT demo (`loraft demo`) runs first")
-        step_started = time.time()
-        run_demo(workdir, overwrite=overwrite, home=home, seed=seed, rebuild_base=rebuild_base, log=log)
-        timings["sft_demo"] = time.time() - step_started
-        sft = open_run(sft_dir)
-        log("")
-    elif rebuild_base:
-        log(f"preference stage: {sft_dir} is a finished SFT demo run, so its base is used (--rebuild-base ignored)")
+    sft = sft_run_for_stage("preference", workdir, run_demo, timings, overwrite=overwrite, home=home, seed=seed,
+                            rebuild_base=rebuild_base, log=log)
 
     stage_started = time.time()
     train_path, heldout_path = write_preference_data(workdir / "data", seed, train_per_task, heldout_per_task)

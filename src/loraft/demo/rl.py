@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from loraft.demo.preference import _padded, finished_sft_run
+from loraft.demo.preference import _padded, sft_run_for_stage
 from loraft.demo.run import _sample_chat, demo_train, exact_match, run_demo
 from loraft.demo.tasks import (ANTONYMS, LETTERS, TASK_FAMILIES, TASKS, _random_string, _write_jsonl,
                                is_heldout_input, read_jsonl, write_demo_data)
@@ -147,16 +147,8 @@ def run_rl_demo(
         raise RunError(f"{run_dir}: holds a previous RL demo run; pass --overwrite to replace it")
     tasks = tuple(tasks)
     timings: dict[str, float] = {}
-    sft = finished_sft_run(sft_dir)
-    if sft is None:
-        log(f"rl stage: {sft_dir} holds no finished SFT demo run, so the SFT demo (`loraft demo`) runs first")
-        step_started = time.time()
-        run_demo(workdir, overwrite=overwrite, home=home, seed=seed, rebuild_base=rebuild_base, log=log)
-        timings["sft_demo"] = time.time() - step_started
-        sft = open_run(sft_dir)
-        log("")
-    elif rebuild_base:
-        log(f"rl stage: {sft_dir} is a finished SFT demo run, so its base is used (--rebuild-base ignored)")
+    sft = sft_run_for_stage("rl", workdir, run_demo, timings, overwrite=overwrite, home=home, seed=seed,
+                            rebuild_base=rebuild_base, log=log)
 
     stage_started = time.time()
     train_path, heldout_path = write_rl_data(workdir / "data", seed, train_per_task, heldout_per_task, tasks)
