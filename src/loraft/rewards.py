@@ -28,6 +28,8 @@ from loraft.errors import LoraftError
 RECORD_COLUMN = "loraft_record"  # where each prompt came from ("data.jsonl, line 3"), passed along with the fields
 NUMBER = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:[eE][-+]?\d+)?|[-+]?\.\d+")
 TRL_KEYWORDS = ("trainer_state", "log_extra", "log_metric", "environments")  # what TRL adds to a reward's kwargs
+# reward functions that ship with loraft (not a user's code): the UI, which imports no code a request names, allows these
+SHIPPED_FUNCTIONS = ("loraft.demo.rl:place_accuracy",)
 
 
 class RewardError(LoraftError):

@@ -24,6 +24,7 @@ from loraft.config import RunConfig
 from loraft.errors import LoraftError
 from loraft.files import cache_home
 from loraft.liveness import find_runs, run_state
+from loraft.rewards import SHIPPED_FUNCTIONS
 from loraft.rundir import CHECKPOINTS, CONSOLE_FILE, RUN_FILE, read_record
 from loraft.rundir import complete_checkpoints as complete_checkpoint_dirs
 
@@ -219,7 +220,7 @@ class Workspace:
     def confine_config(self, config: RunConfig) -> RunConfig:
         """`config` as the UI may use or launch it: every path key (PATH_KEYS) placed in the workspace (`place`:
         absolute, symbolic links resolved; a hub id only where allowed), no model code, and no user code as a GRPO
-        reward (the built-in rewards only).
+        reward (the built-in rewards and the functions loraft ships, rewards.SHIPPED_FUNCTIONS).
 
         Raises:
             RequestError (400) naming the first key that leads outside or runs a model's own code.
@@ -228,7 +229,7 @@ class Workspace:
             raise refused("model.trust_remote_code: the UI does not run code shipped with a model; train such a "
                           "model with `loraft train` on the command line")
         for index, reward in enumerate(config.grpo.rewards):
-            if reward.type == "function":
+            if reward.type == "function" and reward.function not in SHIPPED_FUNCTIONS:
                 raise refused(f"grpo.rewards.{index}: the UI offers the built-in rewards only and never imports code "
                               f"a request names ({reward.function}); train with a function reward with `loraft train` "
                               "on the command line")
