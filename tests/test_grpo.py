@@ -403,3 +403,17 @@ def test_two_process_grpo_writes_one_run_directory(tiny_llama_dir, tmp_path):
     writes = [set((audit / f"rank{rank}.txt").read_text().splitlines()) for rank in range(2)]
     assert {"open metrics.jsonl", "open train.log", "open completions.jsonl"} <= writes[0]
     assert all(write.startswith("os.mkdir checkpoints") for write in writes[1]), writes[1]
+
+
+def test_a_bf16_plan_generates_and_trains(tiny_llama_dir, tmp_path):
+    """train.precision=bf16 stores the frozen weights in bf16: generation runs under the plan's autocast (it failed
+    with a dtype mismatch without it), on any machine (where bf16 is emulated, slowly: a tiny model, 2 steps). The
+    other tests of this file run the fp32 branch."""
+    data = write_prompts(tmp_path / "p.jsonl")
+    run = tmp_path / "run"
+    assert main(["train", str(grpo_yaml(tiny_llama_dir, data, run, "[{type: number}]", steps=2)),
+                 "train.precision=bf16"]) == 0
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics if "loss" in m] == [1, 2]
+    assert all(m["generation_seconds"] > 0 for m in metrics if "loss" in m)
+    assert "precision           bf16" in (run / "train.log").read_text()

@@ -53,14 +53,13 @@ def evaluate_rewards(run, run_dir: Path, data_path, limit: Optional[int] = None,
     """Score a GRPO run (a UsableRun) on prompt records; writes eval/metrics.json and eval/predictions.jsonl.
     With `retention`, also what the run kept of its base on the general prompts (loraft.retention), as for SFT."""
     from loraft.generate import cli_flag, generate_answers, load_run, resolve_generation
-    from loraft.prompts import read_prompts
-    from loraft.rewards import RECORD_COLUMN, build_rewards, check_fields
+    from loraft.prompts import check_reward_fields, read_prompts
+    from loraft.rewards import RECORD_COLUMN, build_rewards
     from loraft.rundir import RunDir
 
     config = run.config
     records = read_prompts(str(data_path), config.data)[0][:limit]
-    check_fields(str(data_path), config.grpo.rewards,
-                 [{"where": r["source"].rpartition(", ")[2], "fields": r["fields"]} for r in records])
+    check_reward_fields(str(data_path), config, records)
     functions, _ = build_rewards(config.grpo.rewards)
     model, tokenizer, template, info = load_run(run, device=device)
     settings = resolve_generation(config.generation, {

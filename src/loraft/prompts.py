@@ -16,14 +16,14 @@ report, as SFT drops a sample left with no response token; the completion's budg
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Sequence
 
 from loraft.config import DataConfig, RunConfig
 from loraft.data import PROMPT_CLOSE, PROMPT_OPEN, PreparedData, check_tokenizer, split_eval, token_pieces
 from loraft.encode import BatchEncoder, encode_rendered
 from loraft.errors import DataError, TemplateError
 from loraft.records import PROMPT_FIELD, SHAREGPT_FIELD, prompt_messages
-from loraft.rewards import RECORD_COLUMN, check_fields
+from loraft.rewards import RECORD_COLUMN, TRL_KEYWORDS, check_fields
 from loraft.sources import describe_value, field_names, read_records
 from loraft.templates import Template, get_template
 
@@ -31,8 +31,8 @@ KIND = "prompts"
 DROPPED_LONG_PROMPT = "prompt_longer_than_max_length"
 ENCODE_BATCH = 1000
 # names TRL gives its own arguments of a reward function: a record field of that name is not passed along
-RESERVED = ("prompt", "prompts", "completion", "completions", "completion_ids", "prompt_ids", "trainer_state",
-            "log_extra", "log_metric", "environments", RECORD_COLUMN)
+RESERVED = ("prompt", "prompts", "completion", "completions", "completion_ids", "prompt_ids", RECORD_COLUMN,
+            *TRL_KEYWORDS)
 
 PromptRecord = dict  # {"prompt": [messages], "fields": {name: scalar}, "source": "<file>, line 3", "style": ...}
 
@@ -84,6 +84,12 @@ def read_with_report(path: str, data: DataConfig) -> tuple[list[PromptRecord], d
         "records_read": len(prompts), "fields": fields,
         "multi_turn_records": sum(sum(m["role"] == "user" for m in p["prompt"]) > 1 for p in prompts),
     }
+
+
+def check_reward_fields(path: str, settings: RunConfig, prompts: Sequence[PromptRecord]) -> None:
+    """rewards.check_fields on prompt records: each has the fields the run's rewards read (DataError otherwise)."""
+    check_fields(path, settings.grpo.rewards,
+                 [{"where": p["source"].rpartition(", ")[2], "fields": p["fields"]} for p in prompts])
 
 
 def encode_prompts(prompts: Sequence[PromptRecord], encoder: BatchEncoder, template: Template,
@@ -143,8 +149,7 @@ def tokenize_prompts(prompts: Sequence[PromptRecord], tokenizer, template: Templ
 def prepare_prompts(path: str, settings: RunConfig, tokenizer):
     """Read, check against the rewards, and tokenize a prompt source: (dataset, the full data report)."""
     prompts, report = read_with_report(str(path), settings.data)
-    check_fields(str(path), settings.grpo.rewards, [{"where": p["source"].rpartition(", ")[2], "fields": p["fields"]}
-                                                   for p in prompts])
+    check_reward_fields(str(path), settings, prompts)
     dataset, tokens_report = tokenize_prompts(prompts, tokenizer, get_template(settings.data.template, tokenizer),
                                               settings.data.max_length, path=str(path))
     return dataset, {**report, **tokens_report}
@@ -181,8 +186,7 @@ def check(path: str, settings: RunConfig, tokenizer=None) -> dict:
     tokenizer also the token-level report (through the cache, as training reads it)."""
     if tokenizer is None:
         prompts, report = read_with_report(str(path), settings.data)
-        check_fields(str(path), settings.grpo.rewards,
-                     [{"where": p["source"].rpartition(", ")[2], "fields": p["fields"]} for p in prompts])
+        check_reward_fields(str(path), settings, prompts)
         return report
     return _cached_prompts(path, settings, tokenizer)[1]
 
@@ -235,9 +239,3 @@ def prompt_lookup(*datasets) -> dict[str, list[int]]:
             lookup.update(zip(dataset["prompt"], dataset["prompt_ids"]))
     return lookup
 
-
-def answer_field(settings: RunConfig) -> Optional[str]:
-    """The first field a reward compares with (the eval's and demo's expected answer), or None."""
-    from loraft.rewards import field_of
-
-    return next((field_of(r) for r in settings.grpo.rewards if field_of(r)), None)
