@@ -81,7 +81,7 @@ def assert_handled(response: httpx.Response, engine: Engine) -> None:
         assert "server_error" not in response.text and response.text.endswith("data: [DONE]\n\n")
     else:
         assert response.json()["choices"]
-    assert engine.waiting == 0 and engine.active_generations == 0 and not engine.lock.locked()
+    assert engine.waiting == 0 and engine.active_generations == 0 and engine.batcher.idle
 
 
 @FUZZ

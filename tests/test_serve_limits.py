@@ -34,7 +34,7 @@ def loaded(run_dir):
 
 
 def new_engine(loaded, run_dir, **options) -> Engine:
-    """An Engine of its own (its asyncio lock binds to the event loop of the test that uses it)."""
+    """An Engine of its own (counters and batcher untouched by other tests)."""
     model, tokenizer, template, info = loaded
     return Engine(model, tokenizer, template, run_dir.name, info["config"].generation, info, **options)
 
@@ -47,14 +47,13 @@ def engine(loaded, run_dir):
 def record_generations(engine, monkeypatch) -> list:
     """The Answer of every generation the engine runs from now on."""
     answers = []
-    original = engine.generate_blocking
+    original = engine.answered
 
-    def recording(*args, **kwargs):
-        answer = original(*args, **kwargs)
+    def recording(answer, *args):
         answers.append(answer)
-        return answer
+        return original(answer, *args)
 
-    monkeypatch.setattr(engine, "generate_blocking", recording)
+    monkeypatch.setattr(engine, "answered", recording)
     return answers
 
 
@@ -240,14 +239,14 @@ def test_full_queue_answers_429_with_retry_after(loaded, run_dir):
     async def go():
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1", timeout=60) as client:
-            await engine.lock.acquire()  # a generation holds the model
+            engine.batcher.set_paused(True)  # the batch takes no one in
             queued = [asyncio.ensure_future(client.post("/v1/chat/completions", json=chat_body(engine)))
                       for _ in range(2)]
             await wait_until(lambda: engine.waiting == 2)
             refused = [await client.post(path, json=chat_body(engine, prompt="北京", stream=stream))
                        for path in ("/v1/chat/completions", "/v1/completions") for stream in (False, True)]
             health = (await client.get("/health")).json()
-            engine.lock.release()
+            engine.batcher.set_paused(False)
             return refused, await asyncio.gather(*queued), health
 
     refused, queued, health = asyncio.run(go())
@@ -257,7 +256,7 @@ def test_full_queue_answers_429_with_retry_after(loaded, run_dir):
         assert error["type"] == "rate_limit_error" and response.headers["retry-after"] == "1"
     assert health == {"status": "ok", "generating": 0, "waiting": 2}
     assert [r.status_code for r in queued] == [200, 200]
-    assert engine.waiting == 0 and not engine.lock.locked()
+    assert engine.waiting == 0 and engine.batcher.idle
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -276,7 +275,7 @@ def test_a_client_that_disconnects_stops_its_generation(loaded, run_dir, monkeyp
             await asyncio.sleep(0.05)
         disconnect.set()
         await asyncio.wait_for(task, timeout=60)
-        await wait_until(lambda: not engine.lock.locked())
+        await wait_until(lambda: engine.batcher.idle)
 
     asyncio.run(go())
     assert len(answers) == 1 and 0 < answers[0].tokens < LONG / 2
@@ -289,14 +288,14 @@ def test_a_queued_client_that_disconnects_never_generates(loaded, run_dir, monke
     app = create_app(engine, ServeSettings(max_tokens_cap=8))
 
     async def go():
-        await engine.lock.acquire()  # a generation holds the model
+        engine.batcher.set_paused(True)  # the batch takes no one in
         for stream in (False, True):
             task, disconnect, _ = asgi_client(app, "/v1/chat/completions", chat_body(engine, stream=stream))
             await wait_until(lambda: engine.waiting == 1)
             disconnect.set()
             await asyncio.wait_for(task, timeout=10)
             assert engine.waiting == 0
-        engine.lock.release()
+        engine.batcher.set_paused(False)
 
     asyncio.run(go())
     assert answers == []
@@ -442,9 +441,9 @@ def test_both_endpoints_share_one_handler_and_tokenize_each_prompt_once(engine, 
     tokenized, handled = [], []
     original_tokenize = engine.prompt_token_ids
 
-    def counting(messages, template):
+    def counting(messages, template, tokenizer=None):
         tokenized.append(template.name)
-        return original_tokenize(messages, template)
+        return original_tokenize(messages, template, tokenizer)
 
     def never(*args, **kwargs):  # the generation starts from the ids the context check counted
         raise AssertionError("the prompt was tokenized a second time")

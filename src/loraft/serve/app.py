@@ -19,7 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from loraft.errors import RunError
 from loraft.generate import Answer
 from loraft.serve.engine import (
-    FALLBACK_CONTEXT_LENGTH, Engine, QueueFull, QueuePlace, cut_at_stop, model_context_length,
+    FALLBACK_CONTEXT_LENGTH, Engine, QueueFull, QueuePlace, Served, Use, cut_at_stop, model_context_length,
 )
 from loraft.serve.validation import (
     APIError, HostRule, check_api_key, check_content_type, check_messages, check_model, check_prompt,
@@ -82,9 +82,9 @@ class GenerationStream(StreamingResponse):
     finished, the client gone (Starlette cancels the body), or the server stopping. The body iterator may
     never start when the client leaves at once, so its own cleanup cannot be relied on for this."""
 
-    def __init__(self, content, place: QueuePlace, cancel: threading.Event, **kwargs):
+    def __init__(self, content, place: QueuePlace, cancel: threading.Event, use: "Use", **kwargs):
         super().__init__(content, **kwargs)
-        self.place, self.cancel = place, cancel
+        self.place, self.cancel, self.use = place, cancel, use
 
     async def __call__(self, scope, receive, send) -> None:
         sent = {"start": False, "end": False}
@@ -110,6 +110,7 @@ class GenerationStream(StreamingResponse):
         finally:
             self.place.release()
             self.cancel.set()
+            self.use.release()
 
 
 def chat_page() -> str:
@@ -170,11 +171,12 @@ def create_app(engine: Engine, settings: ServeSettings = ServeSettings()):
         if api_key is not None:
             check_api_key(request.scope["headers"], api_key)
 
-    def model_card() -> dict:
+    def model_card(served) -> dict:
         return {
-            "id": engine.model_id, "object": "model", "created": engine.created, "owned_by": "loraft",
-            "loraft": {"template": engine.template.name, "base_model": engine.info.get("base_model"),
-                       "max_tokens_cap": settings.max_tokens_cap, "context_length": engine.context_length},
+            "id": served.name, "object": "model", "created": served.created, "owned_by": "loraft",
+            "loraft": {"template": served.template.name, "base_model": served.info.get("base_model"),
+                       "adapter": served.adapter is not None, "max_tokens_cap": settings.max_tokens_cap,
+                       "context_length": engine.context_length},
         }
 
     @app.get("/health")
@@ -188,46 +190,52 @@ def create_app(engine: Engine, settings: ServeSettings = ServeSettings()):
     @app.get("/v1/models")
     async def list_models(request: Request):
         authorize(request)
-        return {"object": "list", "data": [model_card()]}
+        return {"object": "list", "data": [model_card(engine.models[name]) for name in engine.names]}
 
     @app.get("/v1/models/{model_id:path}")
     async def get_model(model_id: str, request: Request):
         authorize(request)
-        if model_id != engine.model_id:
+        served = engine.lookup(model_id)
+        if served is None:
             raise APIError(404, f"The model {model_id!r} does not exist.", param="model", code="model_not_found")
-        return model_card()
+        return model_card(served)
 
-    async def parse(request: Request) -> dict:
+    async def parse(request: Request) -> tuple[dict, Served]:
         authorize(request)
         check_content_type(request.headers.get("content-type"))
         payload = await read_json_body(request, settings.max_body_bytes)
-        check_model(payload, engine.model_id)
-        return payload
+        served = engine.lookup(check_model(payload, engine.names))
+        if served is None:  # unloaded meanwhile
+            raise APIError(404, f"The model '{payload['model']}' does not exist.", param="model",
+                           code="model_not_found")
+        return payload, served
 
-    async def generate(request: Request, payload: dict, messages: list[dict], template: Template,
+    async def generate(request: Request, payload: dict, served: Served, messages: list[dict], template: Template,
                        prompt_param: str, shape: ResponseShape):
-        sampling = check_sampling(payload, engine.defaults, settings.max_tokens_cap)
+        sampling = check_sampling(payload, served.defaults, settings.max_tokens_cap)
         stops = check_stop(payload)
         stream, include_usage = check_stream(payload)
         try:
             place: Optional[QueuePlace] = engine.reserve()
         except QueueFull as full:
             raise queue_full(full) from None
+        use: Optional[Use] = engine.hold(served)  # an unload of this model waits for this request
         cancel = threading.Event()
         try:
-            prompt_ids = await engine.tokenize_prompt(messages, template)
+            prompt_ids = await engine.tokenize_prompt(messages, template, served.tokenizer)
             prompt_tokens = len(prompt_ids)
             generation = fit_context(sampling, prompt_tokens, engine.context_length, prompt_param)
             if stream:
-                events = event_stream(engine, engine.stream(prompt_ids, template, generation, sampling.seed, stops,
-                                                             place, cancel),
-                                       stops, shape, prompt_tokens, include_usage)
-                response = GenerationStream(events, place, cancel, media_type="text/event-stream",
+                events = event_stream(served, engine.stream(prompt_ids, template, generation, sampling.seed, stops,
+                                                             place, cancel, served),
+                                      stops, shape, prompt_tokens, include_usage)
+                response = GenerationStream(events, place, cancel, use, media_type="text/event-stream",
                                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-                place = None  # the response owns it now
+                place = use = None  # the response owns them now
                 return response
             result = await _unless_client_leaves(
-                request, engine.complete(prompt_ids, template, generation, sampling.seed, stops, place, cancel),
+                request, engine.complete(prompt_ids, template, generation, sampling.seed, stops, place, cancel,
+                                         served),
                 cancel)
         except asyncio.CancelledError:
             # uvicorn cancels what is left once shutdown_timeout has passed; answer that instead of its plain 500
@@ -235,26 +243,28 @@ def create_app(engine: Engine, settings: ServeSettings = ServeSettings()):
         finally:
             if place is not None:
                 place.release()
+            if use is not None:
+                use.release()
         if result is None:  # nobody is there to read this; the access log shows nginx's "client closed request"
             return Response(status_code=499)
         text, stopped = cut_at_stop(result.text, stops)
-        completion_tokens, finish = completion_usage(engine, result, text, stopped)
+        completion_tokens, finish = completion_usage(served, result, text, stopped)
         return shape.whole(text, finish, {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                                           "total_tokens": prompt_tokens + completion_tokens})
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        payload = await parse(request)
+        payload, served = await parse(request)
         messages = check_messages(payload)
-        return await generate(request, payload, messages, engine.template, "messages",
-                              ResponseShape(engine.model_id, chat=True))
+        return await generate(request, payload, served, messages, served.template, "messages",
+                              ResponseShape(served.name, chat=True))
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        payload = await parse(request)
+        payload, served = await parse(request)
         prompt = check_prompt(payload)
-        return await generate(request, payload, [{"role": "user", "content": prompt}], RAW_TEXT, "prompt",
-                              ResponseShape(engine.model_id, chat=False))
+        return await generate(request, payload, served, [{"role": "user", "content": prompt}], RAW_TEXT, "prompt",
+                              ResponseShape(served.name, chat=False))
 
     return app
 

@@ -1,21 +1,20 @@
-"""The model behind the server: one generation at a time behind a bounded FIFO queue, prompts tokenized off
-the event loop, and generations that stop when their client leaves or their stop string appears."""
+"""The model behind the server: the names it is served under (one base, any number of adapters on it), a
+bounded FIFO queue in front of the batcher (loraft.serve.batcher), prompts tokenized off the event loop, and
+generations that stop when their client leaves or their stop string appears."""
 
 from __future__ import annotations
 
 import asyncio
-import functools
+import contextlib
 import math
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable, Optional, Sequence, Union
 
-import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
-
 from loraft.config import GenerationConfig
-from loraft.generate import Answer, encode_prompt, stream_answer
+from loraft.generate import Answer, encode_prompt, stop_token_ids
 from loraft.templates import Template
 
 # When neither the model's config nor its tokenizer states a context (BLOOM: ALiBi, no position table),
@@ -34,39 +33,6 @@ def model_context_length(model, tokenizer) -> Optional[int]:
     if isinstance(limit, int) and 0 < limit < 10**7:
         return limit
     return None
-
-
-class StopWhenCancelled(StoppingCriteria):
-    """Ends generation at the next token once `cancel` is set (the client left, or the server is stopping)."""
-
-    def __init__(self, cancel: threading.Event):
-        self.cancel = cancel
-
-    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
-        return torch.full((input_ids.shape[0],), self.cancel.is_set(), dtype=torch.bool, device=input_ids.device)
-
-
-class StopOnText(StoppingCriteria):
-    """Ends generation once the decoded answer contains a stop string.
-
-    transformers' StopStringCriteria matches token strings from the vocabulary, which for byte-level BPE
-    (BLOOM, Qwen) are byte symbols, so it never matches Chinese text; this decodes instead. Only the last
-    few tokens are decoded: each holds at least one byte, so a stop string that just appeared lies within
-    its UTF-8 length in tokens, plus a margin for tokens that decode to nothing.
-    """
-
-    def __init__(self, tokenizer, stops: Sequence[str], prompt_length: int):
-        self.tokenizer, self.prompt_length = tokenizer, prompt_length
-        self.stops = [s for s in stops if s]
-        self.window = max((len(s.encode("utf-8")) for s in self.stops), default=0) + 8
-
-    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
-        start = max(self.prompt_length, input_ids.shape[1] - self.window)
-        hits = []
-        for row in input_ids:
-            tail = self.tokenizer.decode(row[start:], skip_special_tokens=True)
-            hits.append(any(stop in tail for stop in self.stops))
-        return torch.tensor(hits, dtype=torch.bool, device=input_ids.device)
 
 
 class StopScanner:
@@ -110,9 +76,10 @@ class QueueFull(Exception):
         self.waiting, self.limit, self.retry_after = waiting, limit, retry_after
 
 
+
 class QueuePlace:
-    """A request's place in the queue, held from admission (before its prompt is tokenized) until it holds
-    the model or gives up. Releasing twice is harmless, so every path that may end a request releases it."""
+    """A request's place in the queue, held from admission (before its prompt is tokenized) until its generation
+    starts or it gives up. Releasing twice is harmless, so every path that may end a request releases it."""
 
     def __init__(self, engine: "Engine"):
         self._engine = engine
@@ -125,32 +92,114 @@ class QueuePlace:
             self._engine.waiting -= 1
 
 
-class Engine:
-    """The loaded run plus a FIFO lock: one generation at a time, in a worker thread, behind a queue of at
-    most `max_queue` requests.
+@dataclass
+class Served:
+    """One model name the server answers to: an adapter on the shared base (or the base itself), with the
+    tokenizer, template and generation defaults of its run."""
 
-    The counters (`waiting`, and the lock) change on the event loop only; `active_generations` also from
-    worker threads, under a lock.
+    name: str
+    adapter: Optional[str]  # peft's adapter name in the shared model; None = the base without any adapter
+    tokenizer: object
+    template: Template
+    defaults: GenerationConfig
+    info: dict = field(default_factory=dict)
+    created: int = field(default_factory=lambda: int(time.time()))
+    in_flight: int = 0  # requests that chose this model and have not ended
+    unloading: bool = False
+
+    def stop_ids(self, template: Template) -> list[int]:
+        return stop_token_ids(self.tokenizer, template)
+
+
+class Engine:
+    """The shared model, the names it is served under, and the batcher that decodes every request.
+
+    A request takes a queue place (at most `max_queue` wait: QueueFull past that), is tokenized in the tokenizer
+    thread, and waits until the batcher takes it into the running batch (at most `max_batch` rows decode together,
+    mixing adapters). `waiting` changes on the event loop only; the generation counters also from the batcher's
+    thread, under a lock.
+
+    The first Served (from the constructor's arguments) is the primary one: `model_id`, `template`, `tokenizer`,
+    `defaults` and `info` are its own.
     """
 
     def __init__(self, model, tokenizer, template: Template, model_id: str, defaults: GenerationConfig,
-                 info: Optional[dict] = None, max_queue: int = 16, context_length: Optional[int] = None):
-        self.model, self.tokenizer, self.template = model, tokenizer, template
-        self.model_id = model_id
-        self.defaults = defaults
-        self.info = info or {}
+                 info: Optional[dict] = None, max_queue: int = 16, context_length: Optional[int] = None,
+                 max_batch: int = 8, mix_adapters: bool = True, adapter: Union[str, None, bool] = True):
+        from loraft.serve.batcher import Batcher
+
+        self.model = model
         self.max_queue = max_queue
         self.context_length = context_length or model_context_length(model, tokenizer) or FALLBACK_CONTEXT_LENGTH
-        self.created = int(time.time())
-        self.lock = asyncio.Lock()
+        if adapter is True:  # the model's active adapter, if it has one
+            adapter = model.active_adapter if hasattr(model, "peft_config") else None
+        self.models: dict[str, Served] = {}
+        self.add(Served(model_id, adapter, tokenizer, template, defaults, info or {}))
+        self.primary = self.models[model_id]
+        self.created = self.primary.created
         self._counter_lock = threading.Lock()
         self.active_generations = 0
         self.most_concurrent_generations = 0
-        self.waiting = 0  # requests admitted and not yet generating: tokenizing, or queued on the lock
+        self.waiting = 0  # requests admitted and not yet generating: tokenizing, or queued for the batch
         self.cancelled_generations = 0
         self.mean_generation_seconds = 1.0  # running mean, for Retry-After
+        pad = getattr(tokenizer, "pad_token_id", None)
+        pad = pad if pad is not None else (getattr(tokenizer, "eos_token_id", None) or 0)
+        self.batcher = Batcher(model, max_batch=max_batch, mix_adapters=mix_adapters, pad_token_id=pad)
         # One thread tokenizes prompts in arrival order: a 1 MiB prompt takes a while, never on the event loop.
         self._tokenizer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loraft-tokenize")
+
+    # --- the primary model's attributes ----------------------------------------------------------------------
+
+    @property
+    def model_id(self) -> str:
+        return self.primary.name
+
+    @property
+    def tokenizer(self):
+        return self.primary.tokenizer
+
+    @property
+    def template(self) -> Template:
+        return self.primary.template
+
+    @property
+    def defaults(self) -> GenerationConfig:
+        return self.primary.defaults
+
+    @property
+    def info(self) -> dict:
+        return self.primary.info
+
+    # --- the served names ------------------------------------------------------------------------------------
+
+    def add(self, served: Served) -> None:
+        self.models[served.name] = served
+
+    def lookup(self, name: str) -> Optional[Served]:
+        """The model served under `name` (None when there is none, or it is being unloaded)."""
+        served = self.models.get(name)
+        return None if served is None or served.unloading else served
+
+    @property
+    def names(self) -> list[str]:
+        return [name for name, served in self.models.items() if not served.unloading]
+
+    def hold(self, served: Served) -> "Use":
+        """Count a request on `served` until the returned Use is released (an unload waits for it)."""
+        with self._counter_lock:
+            served.in_flight += 1
+        return Use(self, served)
+
+    def _let_go(self, served: Served) -> None:
+        with self._counter_lock:
+            served.in_flight -= 1
+            drained = served.unloading and served.in_flight == 0
+        if drained:
+            self._drained(served)
+
+    def _drained(self, served: Served) -> None:
+        """The last request on an unloading model ended (loraft.serve.adapters sets what happens)."""
 
     # --- admission ---------------------------------------------------------------------------------------
 
@@ -163,7 +212,11 @@ class Engine:
         """Let go of the model and tokenizer (a UI evicting it from its cache). Routes built by create_app keep a
         reference to this Engine for the process's life (FastAPI caches route functions), so the weights are only
         freed if the Engine itself drops them."""
-        self.model = self.tokenizer = None
+        self.batcher.close()
+        self.batcher.thread.join(timeout=30)
+        self.batcher.model = self.model = None
+        for served in self.models.values():
+            served.tokenizer = None
         self._tokenizer_thread.shutdown(wait=False)
 
     def reserve(self) -> QueuePlace:
@@ -173,97 +226,87 @@ class Engine:
             QueueFull: when `max_queue` requests wait already (with the seconds after which to retry).
         """
         if self.waiting >= self.max_queue:
-            # a place frees up when the running generation ends: about one generation from now
+            # a place frees up when a running generation ends: about one generation from now
             raise QueueFull(self.waiting, self.max_queue, max(1, math.ceil(self.mean_generation_seconds)))
         return QueuePlace(self)
 
-    def prompt_token_ids(self, messages: Sequence[dict], template: Template) -> list[int]:
-        return encode_prompt(self.tokenizer, template, messages)
+    def prompt_token_ids(self, messages: Sequence[dict], template: Template, tokenizer=None) -> list[int]:
+        return encode_prompt(tokenizer or self.tokenizer, template, messages)
 
-    async def tokenize_prompt(self, messages: Sequence[dict], template: Template) -> list[int]:
+    async def tokenize_prompt(self, messages: Sequence[dict], template: Template, tokenizer=None) -> list[int]:
         """The prompt's token ids, tokenized once, in the tokenizer thread (the event loop stays free): the
         context check counts them and the generation starts from them."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._tokenizer_thread, self.prompt_token_ids, messages, template)
+        return await loop.run_in_executor(self._tokenizer_thread, self.prompt_token_ids, messages, template, tokenizer)
 
-    def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else 0
+    @contextlib.contextmanager
+    def paused(self):
+        """Hold admissions to the batch while inside (requests queue up); tests use it to build a queue."""
+        self.batcher.set_paused(True)
+        try:
+            yield
+        finally:
+            self.batcher.set_paused(False)
 
-    # --- generation (worker thread) ----------------------------------------------------------------------
+    # --- generation --------------------------------------------------------------------------------------
 
-    def _enter(self) -> None:
+    def _started(self) -> None:  # the batcher's thread
         with self._counter_lock:
             self.active_generations += 1
             self.most_concurrent_generations = max(self.most_concurrent_generations, self.active_generations)
 
-    def _leave(self, seconds: float, cancelled: bool) -> None:
+    def answered(self, answer: Answer, seconds: float, cancelled: bool) -> None:
+        """A generation ended (the batcher's thread)."""
         with self._counter_lock:
             self.active_generations -= 1
             self.cancelled_generations += cancelled
             self.mean_generation_seconds = 0.8 * self.mean_generation_seconds + 0.2 * seconds
 
-    def generate_blocking(self, prompt_ids: Sequence[int], template: Template, settings: GenerationConfig,
-                          seed: Optional[int], stops: Sequence[str], cancel: threading.Event,
-                          on_piece: Optional[Callable[[str], None]] = None) -> Answer:
-        """The answer, generated here and now; each decoded piece also goes to `on_piece`. Generation ends at
-        an end token, max_new_tokens, the first stop string, or once `cancel` is set."""
-        self._enter()
-        started = time.monotonic()
-        try:
-            if seed is not None:
-                torch.manual_seed(seed)
-            criteria = [StopWhenCancelled(cancel)]
-            if any(stops):
-                criteria.append(StopOnText(self.tokenizer, stops, len(prompt_ids)))
-            answer = stream_answer(self.model, self.tokenizer, template, (), settings, prompt_ids=prompt_ids,
-                                   stopping_criteria=StoppingCriteriaList(criteria))
-            pieces = []
-            for piece in answer:
-                pieces.append(piece)
-                if on_piece is not None:
-                    on_piece(piece)
-            return Answer("".join(pieces), answer.tokens, answer.ended)
-        finally:
-            self._leave(time.monotonic() - started, cancel.is_set())
+    def _job(self, served: Optional[Served], prompt_ids, template: Template, settings: GenerationConfig,
+             seed: Optional[int], stops: Sequence[str], place: QueuePlace, cancel: threading.Event,
+             on_piece=None):
+        from loraft.serve.batcher import Job
 
-    # --- generation (event loop) -------------------------------------------------------------------------
+        served = served or self.primary
+        loop = asyncio.get_running_loop()
 
-    async def _wait_turn(self, place: QueuePlace) -> None:
-        """Acquire the model lock; the queue place is given up then (or when the wait is cancelled)."""
-        try:
-            await self.lock.acquire()
-        finally:
-            place.release()
+        def on_start() -> None:
+            self._started()
+            try:
+                loop.call_soon_threadsafe(place.release)
+            except RuntimeError:  # the loop closed (server stopped)
+                pass
 
-    def _start(self, work: Callable[[], Answer]) -> asyncio.Future:
-        """Run `work` in a worker thread; the lock (held by the caller) is released when it ends, not when
-        its caller goes away, so the next generation never overlaps this one."""
-        try:
-            future = asyncio.get_running_loop().run_in_executor(None, work)
-        except BaseException:
-            self.lock.release()
-            raise
-        future.add_done_callback(lambda _: self.lock.release())
-        return future
+        job = Job(prompt_ids, served.adapter, served.tokenizer, served.stop_ids(template), settings, seed, stops,
+                  cancel, on_piece=on_piece, on_start=on_start)
+
+        def ended(future) -> None:
+            if job.started_at and not future.cancelled() and future.exception() is None:
+                self.answered(future.result(), time.monotonic() - job.started_at, cancel.is_set())
+            elif job.started_at:
+                with self._counter_lock:
+                    self.active_generations -= 1
+
+        job.future.add_done_callback(ended)
+        return job
 
     async def complete(self, prompt_ids, template: Template, settings: GenerationConfig, seed: Optional[int],
-                       stops: Sequence[str], place: QueuePlace, cancel: threading.Event) -> Answer:
+                       stops: Sequence[str], place: QueuePlace, cancel: threading.Event,
+                       served: Optional[Served] = None) -> Answer:
         """The whole answer; waits its turn. Cancelling this stops the generation at its next token."""
-        await self._wait_turn(place)
-        future = self._start(functools.partial(self.generate_blocking, prompt_ids, template, settings, seed, stops,
-                                               cancel))
+        job = self._job(served, prompt_ids, template, settings, seed, stops, place, cancel)
         try:
-            return await asyncio.shield(future)
+            return await asyncio.shield(asyncio.wrap_future(self.batcher.submit(job)))
         except asyncio.CancelledError:
             cancel.set()
+            place.release()
             raise
 
     async def stream(self, prompt_ids, template: Template, settings: GenerationConfig, seed: Optional[int],
-                     stops: Sequence[str], place: QueuePlace,
-                     cancel: threading.Event) -> AsyncIterator[Union[str, Answer]]:
+                     stops: Sequence[str], place: QueuePlace, cancel: threading.Event,
+                     served: Optional[Served] = None) -> AsyncIterator[Union[str, Answer]]:
         """The answer piece by piece, then its Answer (text empty; token count and end). Closing the iterator
         early stops the generation at its next token."""
-        await self._wait_turn(place)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
 
@@ -273,17 +316,18 @@ class Engine:
             except RuntimeError:  # the loop closed (server stopped); nobody is listening any more
                 pass
 
-        def produce() -> Answer:
-            try:
-                answer = self.generate_blocking(prompt_ids, template, settings, seed, stops, cancel,
-                                                on_piece=lambda piece: put(("piece", piece)))
-                put(("done", Answer("", answer.tokens, answer.ended)))
-                return answer
-            except BaseException as exc:  # handed to the consumer below
-                put(("error", exc))
-                raise
+        job = self._job(served, prompt_ids, template, settings, seed, stops, place, cancel,
+                        on_piece=lambda piece: put(("piece", piece)))
 
-        self._start(produce)
+        def ended(future) -> None:
+            if future.cancelled() or future.exception() is not None:
+                put(("error", future.exception() or RuntimeError("cancelled")))
+            else:
+                answer = future.result()
+                put(("done", Answer("", answer.tokens, answer.ended)))
+
+        job.future.add_done_callback(ended)
+        self.batcher.submit(job)
         finished = False
         try:
             while True:
@@ -301,3 +345,14 @@ class Engine:
             if not finished:
                 cancel.set()
 
+
+class Use:
+    """A request's hold on the model it chose (Engine.hold); releasing twice is harmless."""
+
+    def __init__(self, engine: Engine, served: Served):
+        self._engine, self.served, self.held = engine, served, True
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            self._engine._let_go(self.served)

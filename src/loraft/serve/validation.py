@@ -11,7 +11,7 @@ import hmac
 import ipaddress
 import json
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Optional, Sequence
+from typing import Any, NamedTuple, Optional, Sequence, Union
 
 from starlette.responses import Response
 
@@ -196,15 +196,20 @@ def _text(value: str, param: str) -> str:
     return value
 
 
-def check_model(payload: dict, model_id: str) -> None:
+def check_model(payload: dict, served: Union[str, Sequence[str]]) -> str:
+    """The requested model's name, which must be one of `served`."""
+    served = [served] if isinstance(served, str) else list(served)
     model = payload.get("model")
     if model is None:
         raise APIError(400, "You must provide a model parameter.", param="model")
     if not isinstance(model, str):
         raise APIError(400, "model must be a string.", param="model")
-    if model != model_id:
-        raise APIError(404, f"The model '{model}' does not exist; this server serves '{model_id}'.",
+    if model not in served:
+        listed = ", ".join(f"'{name}'" for name in served[:8]) + (f" and {len(served) - 8} more" if len(served) > 8
+                                                                  else "")
+        raise APIError(404, f"The model '{model}' does not exist; this server serves {listed}.",
                        param="model", code="model_not_found")
+    return model
 
 
 def _message_text(content: Any, index: int) -> str:

@@ -11,7 +11,7 @@ from contextlib import aclosing
 from typing import Any, AsyncIterator, Optional, Sequence
 
 from loraft.generate import Answer
-from loraft.serve.engine import Engine, StopScanner
+from loraft.serve.engine import Served, StopScanner
 from loraft.serve.validation import APIError
 
 logger = logging.getLogger("loraft")
@@ -47,11 +47,11 @@ class ResponseShape:
         return self._object("chat.completion.chunk" if self.chat else "text_completion", choices, **extra)
 
 
-def completion_usage(engine: Engine, result: Answer, text: str, cut_at_stop: bool) -> tuple[int, str]:
+def completion_usage(served: Served, result: Answer, text: str, cut_at_stop: bool) -> tuple[int, str]:
     """(completion_tokens, finish_reason): the generated token count, or, when a stop string cut the text,
-    the count of the text kept."""
+    the count of the text kept (in the served model's tokens)."""
     if cut_at_stop:
-        return engine.count_tokens(text), "stop"
+        return (len(served.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else 0), "stop"
     return result.tokens, "stop" if result.ended else "length"
 
 
@@ -60,7 +60,7 @@ def sse(payload: Any) -> str:
     return "data: " + (payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)) + "\n\n"
 
 
-async def event_stream(engine: Engine, pieces: AsyncIterator, stops: Sequence[str], shape: ResponseShape,
+async def event_stream(served: Served, pieces: AsyncIterator, stops: Sequence[str], shape: ResponseShape,
                         prompt_tokens: int, include_usage: bool) -> AsyncIterator[str]:
     """Server-sent events: an opening role chunk (chat), content chunks, a finish chunk, usage, [DONE]."""
     if shape.chat:
@@ -88,7 +88,7 @@ async def event_stream(engine: Engine, pieces: AsyncIterator, stops: Sequence[st
         logger.exception("generation failed while streaming")
         yield sse(APIError(500, "The server hit an internal error while generating.", error_type="server_error").body())
         return
-    completion_tokens, finish = completion_usage(engine, result, "".join(kept), scanner.stopped)
+    completion_tokens, finish = completion_usage(served, result, "".join(kept), scanner.stopped)
     yield sse(shape.chunk({}, finish))
     if include_usage:
         yield sse(shape.chunk({}, None, usage={"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
