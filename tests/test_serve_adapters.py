@@ -7,12 +7,15 @@ import json
 import httpx
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from loraft.errors import RunError
 from loraft.generate import generate_answers, load_run
 from loraft.rundir import RunAccess, open_run
 from loraft.serve import ServeSettings, create_app
 from loraft.serve.adapters import load_runs
+from test_serve_fuzz import FUZZ, json_values, text
 from run_helpers import trained_run
 
 PROMPTS = ["人工智能是什么", "北京", "写一首关于春天的诗，要长一点，再长一点", "你好", "1+1=?", "翻译成英文：今天天气很好",
@@ -228,3 +231,208 @@ def test_adapter_kinds_that_cannot_mix_are_refused_but_serve_alone(runs, tmp_pat
 
 def sse(text):
     return [json.loads(block[6:]) for block in text.split("\n\n") if block.startswith("data: {")]
+
+
+# --- live load and unload (vLLM's endpoints) ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def live(runs, tiny_bloom_dir, tmp_path_factory):
+    """A server of the first run with --adapters-dir holding copies of the other two, a run still training, a run
+    of another base, and a link that points out of the directory."""
+    import shutil
+
+    from loraft.serve.adapters import LiveAdapters
+
+    adapters = tmp_path_factory.mktemp("adapters")
+    for run in runs[1:]:
+        shutil.copytree(run, adapters / run.name)
+    unfinished = adapters / "unfinished"
+    shutil.copytree(runs[1], unfinished)
+    record = json.loads((unfinished / "loraft_run.json").read_text())
+    (unfinished / "loraft_run.json").write_text(json.dumps({**record, "status": "running"}))
+    llama = trained_run(tmp_path_factory, "llama-default", tiny_llama_dir_of(tmp_path_factory),
+                        ["adapter.target_modules=[q_proj]", "adapter.modules_to_save=null"])
+    shutil.copytree(llama, adapters / "other-base")
+    (adapters / "escape").symlink_to(runs[2].parent)
+    engine, shared = load_runs(opened(runs[:1]), [runs[0].name], device="cpu", dtype="fp32", max_batch=8)
+    app = create_app(engine, ServeSettings(max_tokens_cap=64), live=LiveAdapters(engine, shared, adapters))
+    yield engine, app, adapters
+    engine.close()
+
+
+def tiny_llama_dir_of(tmp_path_factory):
+    path = tmp_path_factory.getbasetemp() / "tiny-llama0"
+    assert path.is_dir(), "the tiny llama fixture made it"
+    return path
+
+
+def call(app, *requests):
+    """Send each (method, path, json) in turn; the responses."""
+    async def go():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1", timeout=120) as client:
+            return [await client.request(method, path, json=body) for method, path, body in requests]
+
+    return asyncio.run(go())
+
+
+def chat(name, prompt="你好", tokens=6):
+    return ("POST", "/v1/chat/completions", {"model": name, "messages": [{"role": "user", "content": prompt}],
+                                            "temperature": 0, "max_tokens": tokens})
+
+
+def test_an_adapter_loaded_live_answers_as_its_run_alone_and_unloads(live, alone, runs, tiny_llama_dir):
+    engine, app, adapters = live
+    loaded, models, answer, again = call(
+        app, ("POST", "/v1/load_lora_adapter", {"lora_name": "mlp", "lora_path": "bloom-mlp"}),
+        ("GET", "/v1/models", None), chat("mlp", PROMPTS[2], 8),
+        ("POST", "/v1/load_lora_adapter", {"lora_name": "mlp", "lora_path": "bloom-mlp"}))
+    assert loaded.json() == {"status": "loaded", "lora_name": "mlp"}
+    assert [m["id"] for m in models.json()["data"]] == ["bloom-default", "tiny-bloom0", "mlp"]
+    model, tokenizer, template, info = alone["bloom-mlp"]
+    settings = info["config"].generation.model_copy(update={"temperature": 0.0, "max_new_tokens": 8})
+    expected = generate_answers(model, tokenizer, template, [[{"role": "user", "content": PROMPTS[2]}]], settings,
+                                batch_size=1)[0]
+    assert answer.json()["choices"][0]["message"]["content"] == expected.text
+    assert again.status_code == 400 and again.json()["error"]["message"] == (
+        "The adapter 'mlp' is loaded already; unload it first.")
+    adapter = engine.models["mlp"].adapter
+    unloaded, gone, models = call(app, ("POST", "/v1/unload_lora_adapter", {"lora_name": "mlp"}), chat("mlp"),
+                                  ("GET", "/v1/models", None))
+    assert unloaded.json() == {"status": "unloaded", "lora_name": "mlp", "waited_for_requests": 0}
+    assert gone.status_code == 404 and gone.json()["error"]["code"] == "model_not_found"
+    assert [m["id"] for m in models.json()["data"]] == ["bloom-default", "tiny-bloom0"]
+    assert adapter not in engine.model.peft_config  # its weights are gone from the model
+
+
+def test_an_unload_waits_for_the_requests_running_on_the_adapter(live, alone):
+    engine, app, _ = live
+    call(app, ("POST", "/v1/load_lora_adapter", {"lora_name": "all", "lora_path": "bloom-all-linear"}))
+    long = {"model": "all", "messages": [{"role": "user", "content": "你好"}], "temperature": 0, "max_tokens": 48,
+            "min_tokens": 48}
+
+    async def go():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1", timeout=120) as client:
+            running = asyncio.ensure_future(client.post("/v1/chat/completions", json=long))
+            while engine.active_generations == 0:
+                await asyncio.sleep(0.005)
+            unload = asyncio.ensure_future(client.post("/v1/unload_lora_adapter", json={"lora_name": "all"}))
+            while not engine.models["all"].unloading:
+                await asyncio.sleep(0.005)
+            refused = await client.post("/v1/chat/completions", json=long)  # new requests are refused at once
+            return await running, await unload, refused
+
+    running, unload, refused = asyncio.run(go())
+    assert running.status_code == 200 and running.json()["usage"]["completion_tokens"] == 48
+    assert unload.json() == {"status": "unloaded", "lora_name": "all", "waited_for_requests": 1}
+    assert refused.status_code == 404
+
+
+@pytest.mark.parametrize("body, status, message", [
+    ({"lora_name": "x", "lora_path": "../bloom-default"}, 400, "lora_path must be inside the server's --adapters-dir."),
+    ({"lora_name": "x", "lora_path": "/etc"}, 400, "lora_path must be inside the server's --adapters-dir."),
+    ({"lora_name": "x", "lora_path": "escape"}, 400, "lora_path must be inside the server's --adapters-dir."),
+    ({"lora_name": "x", "lora_path": "nothing-here"}, 400,
+     "lora_path 'nothing-here' is not a run directory inside --adapters-dir."),
+    ({"lora_name": "x", "lora_path": "unfinished"}, 400, None),
+    ({"lora_name": "x", "lora_path": "other-base"}, 400, None),
+    ({"lora_name": "", "lora_path": "bloom-mlp"}, 400, "lora_name must be a non-empty string."),
+    ({"lora_name": "bloom-default", "lora_path": "bloom-mlp"}, 400,
+     "The adapter 'bloom-default' is loaded already; unload it first."),
+    ({"lora_name": "x" * 129, "lora_path": "bloom-mlp"}, 400, "lora_name must be at most 128 printable characters."),
+    ({"lora_name": "x", "lora_path": "bloom-mlp", "extra": 1}, 400, "Unknown field 'extra'."),
+    ({"lora_name": "x", "lora_path": 7}, 400, "lora_path must be a non-empty path string."),
+])
+def test_bad_loads_are_a_4xx_in_one_sentence(live, body, status, message):
+    engine, app, _ = live
+    response = call(app, ("POST", "/v1/load_lora_adapter", body))[0]
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    if message is not None:
+        assert error["message"] == message
+    assert error["message"].count(". ") == 0 and "/" not in error["message"].replace("--adapters-dir", ""), error
+    assert engine.names == ["bloom-default", "tiny-bloom0"]
+
+
+def test_unfinished_and_foreign_runs_are_named_in_their_sentence(live):
+    _, app, _ = live
+    unfinished, foreign = call(app, ("POST", "/v1/load_lora_adapter", {"lora_name": "u", "lora_path": "unfinished"}),
+                               ("POST", "/v1/load_lora_adapter", {"lora_name": "f", "lora_path": "other-base"}))
+    assert unfinished.json()["error"]["message"].startswith("unfinished: ")
+    assert "still running" in unfinished.json()["error"]["message"] or "not finished" in unfinished.json()[
+        "error"]["message"]
+    assert foreign.json()["error"]["message"].startswith("other-base: its base is ")
+
+
+@pytest.mark.parametrize("body, status, message", [
+    ({"lora_name": "nope"}, 404, "The adapter 'nope' is not loaded."),
+    ({"lora_name": "tiny-bloom0"}, 400, "'tiny-bloom0' is the base model, not an adapter."),
+    ({"lora_name": "bloom-default"}, 400, "'bloom-default' holds the shared base's adapter slot (the first run the "
+                                          "server started with); it stays loaded."),
+    ({}, 400, "lora_name must be a non-empty string."),
+])
+def test_bad_unloads_are_a_4xx_in_one_sentence(live, body, status, message):
+    response = call(live[1], ("POST", "/v1/unload_lora_adapter", body))[0]
+    assert response.status_code == status and response.json()["error"]["message"] == message
+
+
+def test_live_loading_is_off_without_an_adapters_dir_and_needs_a_key_off_loopback(shared, runs, tmp_path):
+    from loraft.serve import serve
+
+    response = call(create_app(shared), ("POST", "/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "y"}))[0]
+    assert response.status_code == 404 and response.json()["error"]["message"] == (
+        "Loading adapters while serving is off: start the server with --adapters-dir DIR.")
+    with pytest.raises(RunError, match=r"^--adapters-dir on 0\.0\.0\.0 needs --api-key: off loopback, loading "
+                                       r"adapters takes a key, as `loraft ui` does$"):
+        serve(runs[:1], host="0.0.0.0", adapters_dir=tmp_path)
+    keyed = create_app(shared, ServeSettings(api_key="k"))
+    assert call(keyed, ("POST", "/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "y"}))[0].status_code == 401
+
+
+def test_a_flood_of_loads_is_answered_without_a_5xx(live):
+    engine, app, _ = live
+
+    async def go():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1", timeout=120) as client:
+            return await asyncio.gather(*[client.post("/v1/load_lora_adapter", json={
+                "lora_name": f"flood-{index}", "lora_path": "bloom-mlp"}) for index in range(12)])
+
+    responses = asyncio.run(go())
+    statuses = sorted(response.status_code for response in responses)
+    assert set(statuses) <= {200, 429} and 200 in statuses and 429 in statuses, statuses
+    assert all(r.headers["retry-after"] == "1" for r in responses if r.status_code == 429)
+    loaded = [name for name in engine.names if name.startswith("flood-")]
+    assert len(loaded) == statuses.count(200)
+    unloads = call(app, *[("POST", "/v1/unload_lora_adapter", {"lora_name": name}) for name in loaded])
+    assert [r.status_code for r in unloads] == [200] * len(loaded)
+    assert engine.names == ["bloom-default", "tiny-bloom0"]
+
+
+@FUZZ
+@given(path=st.sampled_from(["/v1/load_lora_adapter", "/v1/unload_lora_adapter"]), data=st.data())
+def test_any_load_or_unload_body_gets_an_answer_never_a_500(live, path, data):
+    engine, app, _ = live
+    anything = json_values | text | st.sampled_from(["bloom-mlp", "../bloom-default", "escape", "/", ".", "..",
+                                                     "bloom-default", "tiny-bloom0", "unfinished", "other-base"])
+    body = data.draw(st.one_of(json_values, st.dictionaries(st.sampled_from(["lora_name", "lora_path",
+                                                                              "load_inplace", "x"]), anything,
+                                                             max_size=3)))
+
+    async def go():
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1", timeout=60) as client:
+            return await client.post(path, content=json.dumps(body).encode(),
+                                     headers={"content-type": "application/json"})
+
+    response = asyncio.run(go())
+    assert response.status_code < 500, response.text
+    if response.status_code >= 400:
+        error = response.json()["error"]
+        assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    elif path.endswith("/load_lora_adapter"):  # loaded: take it out again, so the names stay as they were
+        name = response.json()["lora_name"]
+        assert call(app, ("POST", "/v1/unload_lora_adapter", {"lora_name": name}))[0].status_code == 200
+    assert engine.names == ["bloom-default", "tiny-bloom0"]

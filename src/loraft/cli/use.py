@@ -159,7 +159,9 @@ def cmd_export(args) -> int:
 
 
 def serve_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run_dir")
+    parser.add_argument("run_dir", nargs="+", metavar="RUN_DIR",
+                        help="one run directory, or several on one base (served on one copy of it, each under its "
+                             "directory's name; the base under its own)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $LORAFT_API_KEY, else none)")
@@ -175,6 +177,15 @@ def serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="weights dtype (default: the run's generation.dtype)")
     parser.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default: 1 MiB)")
     parser.add_argument("--base", action="store_true", help="serve the run's base model, without the adapter")
+    parser.add_argument("--max-batch", type=int, default=8,
+                        help="most requests decoded together, of any of the runs (default: 8; 1: one at a time)")
+    parser.add_argument("--one-adapter-per-batch", action="store_true",
+                        help="batch only requests for one adapter at a time (default: batches mix adapters)")
+    parser.add_argument("--adapters-dir", metavar="DIR",
+                        help="allow POST /v1/load_lora_adapter and /v1/unload_lora_adapter for runs inside DIR "
+                             "(off loopback this needs --api-key)")
+    parser.add_argument("--max-adapters", type=int, default=64,
+                        help="most adapters loaded at once through /v1/load_lora_adapter (default: 64)")
     _add_run_access_options(parser)
 
 
@@ -185,5 +196,7 @@ def cmd_serve(args) -> int:
     serve(args.run_dir, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("LORAFT_API_KEY"),
           max_tokens_cap=args.max_tokens_cap, max_body_bytes=args.max_body_bytes, max_queue=args.max_queue,
           allowed_hosts=args.allowed_hosts, shutdown_timeout=args.shutdown_timeout,
-          context_length=args.context_length, dtype=args.dtype, access=_access(args), base_only=args.base)
+          context_length=args.context_length, dtype=args.dtype, access=_access(args), base_only=args.base,
+          max_batch=args.max_batch, mix_adapters=not args.one_adapter_per_batch, adapters_dir=args.adapters_dir,
+          max_adapters=args.max_adapters)
     return 0

@@ -24,10 +24,14 @@ __all__ = ["APIError", "Engine", "RAW_TEXT", "ServeSettings", "StopScanner", "ch
 def __getattr__(name: str):
     # loaded on first use, as loraft.export's names: `loraft.serve.validation` (the Host rule `loraft ui` checks
     # before it confines itself) comes without torch, which starts a thread at import
-    if name in ("ServeSettings", "chat_page", "create_app", "serve"):
+    if name in ("ServeSettings", "chat_page", "create_app"):
         from loraft.serve import app
 
         return getattr(app, name)
+    if name == "serve":
+        from loraft.serve.start import serve
+
+        return serve
     if name in ("Engine", "StopScanner", "model_context_length"):
         from loraft.serve import engine
 

@@ -10,6 +10,7 @@ several runs refuses them, and serves them alone.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import threading
@@ -17,8 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
-from loraft.errors import RunError
+from loraft.errors import LoraftError, RunError
 from loraft.serve.engine import Engine, Served
+from loraft.serve.validation import APIError
 
 ADAPTER_CONFIG = "adapter_config.json"
 
@@ -81,15 +83,16 @@ class RunsOnOneBase:
         self._names = itertools.count(1)
         self._lock = threading.Lock()
 
-    def check(self, run, name: str, taken: Sequence[str]) -> None:
+    def check(self, run, name: str, taken: Sequence[str], show=str) -> None:
+        """Raises RunError when the run cannot join; `show` writes a base (a client is shown its name only)."""
         where = run.run_dir
         if name in taken:
             raise RunError(f"{where}: the name {name!r} is served already (runs are served under their directory's "
                            "name: rename one, or give it another name)")
         key = base_key(run)
         if key != self.key:
-            raise RunError(f"{where}: its base is {key}, not the {self.key} this server shares: serve it from a server "
-                           "of its own")
+            raise RunError(f"{where}: its base is {show(key)}, not the {show(self.key)} this server shares: serve it "
+                           "from a server of its own")
         problem = mix_problem(run.adapter_dir)
         if problem is not None:
             raise RunError(f"{where}: cannot share a base with other adapters: {problem}; serve it alone")
@@ -144,3 +147,139 @@ def load_runs(runs: Sequence, names: Sequence[str], device: Optional[str], dtype
                               {**info, "adapter_dir": None}))
     model.eval()
     return engine, shared
+
+
+class LiveAdapters:
+    """Loading and unloading runs while the server runs, confined to `adapters_dir`.
+
+    A load is checked (the path inside `adapters_dir`, a finished run, the shared base, a mixable kind, a free name)
+    before its weights are read; the weights go into the model on the batcher's thread, between two decode steps.
+    An unload stops new requests for the name at once, waits until the requests already on it have ended, then
+    deletes the adapter's weights. Loads run one at a time; at most `max_pending` wait (429 past that).
+    """
+
+    NAME_LIMIT = 128
+
+    def __init__(self, engine: Engine, shared: RunsOnOneBase, adapters_dir: Path, max_adapters: int = 64,
+                 max_pending: int = 4):
+        self.engine, self.shared = engine, shared
+        self.adapters_dir = Path(adapters_dir).resolve()
+        self.max_adapters, self.max_pending = max_adapters, max_pending
+        self._load_lock = asyncio.Lock()
+        self.pending = 0
+        self._claimed: set[str] = set()  # names being loaded now
+        self._drains: dict[str, asyncio.Event] = {}
+        engine._drained = self._drained
+
+    # --- checks ---------------------------------------------------------------------------------------------
+
+    def check_name(self, name, taken: bool) -> str:
+        """`lora_name` checked: a string of 1 to 128 printable characters; `taken` says it must be served now."""
+        if not isinstance(name, str) or not name:
+            raise APIError(400, "lora_name must be a non-empty string.", param="lora_name")
+        if len(name) > self.NAME_LIMIT or not name.isprintable():
+            raise APIError(400, f"lora_name must be at most {self.NAME_LIMIT} printable characters.",
+                           param="lora_name")
+        served = self.engine.lookup(name)
+        if taken and served is None:
+            raise APIError(404, f"The adapter '{name}' is not loaded.", param="lora_name", code="model_not_found")
+        if not taken and (served is not None or name in self._claimed):
+            raise APIError(400, f"The adapter '{name}' is loaded already; unload it first.", param="lora_name")
+        return name
+
+    def confine(self, path) -> Path:
+        """`lora_path` as a directory inside `adapters_dir` (relative paths are relative to it; links resolved)."""
+        if not isinstance(path, str) or not path or "\x00" in path or len(path) > 4096:
+            raise APIError(400, "lora_path must be a non-empty path string.", param="lora_path")
+        try:
+            resolved = (self.adapters_dir / path).resolve()
+        except (OSError, RuntimeError, ValueError):
+            raise APIError(400, "lora_path cannot be resolved.", param="lora_path") from None
+        if not resolved.is_relative_to(self.adapters_dir):
+            raise APIError(400, "lora_path must be inside the server's --adapters-dir.", param="lora_path")
+        if not resolved.is_dir():
+            raise APIError(400, f"lora_path {path!r} is not a run directory inside --adapters-dir.", param="lora_path")
+        return resolved
+
+    # --- load and unload ------------------------------------------------------------------------------------
+
+    async def load(self, name, path) -> Served:
+        from loraft.rundir import RunAccess, open_run
+
+        name = self.check_name(name, taken=False)
+        run_dir = self.confine(path)
+        loaded = sum(1 for served in self.engine.models.values() if served.adapter is not None)
+        if loaded + len(self._claimed) >= self.max_adapters:
+            raise APIError(400, f"{self.max_adapters} adapters are loaded (the server's --max-adapters); unload one "
+                                "first.", param="lora_name")
+        if self.pending >= self.max_pending:
+            raise APIError(429, f"{self.pending} adapter loads are waiting; retry later.", code="too_many_loads",
+                           error_type="rate_limit_error", headers={"Retry-After": "1"})
+        self._claimed.add(name)
+        self.pending += 1
+        try:
+            async with self._load_lock:
+                loop = asyncio.get_running_loop()
+                try:
+                    run = await loop.run_in_executor(None, open_run, run_dir, RunAccess())
+                    self.shared.check(run, name, self.engine.names, show=lambda key: key.name)
+                    adapter = self.shared.adapter_name()
+                    served = await loop.run_in_executor(None, self.shared.served, run, name, adapter)
+                except LoraftError as exc:
+                    raise APIError(400, _sentence(exc, run_dir, self.adapters_dir), param="lora_path") from None
+
+                def put_in() -> None:  # the batcher's thread, between steps
+                    self.engine.model.load_adapter(str(run.adapter_dir), adapter_name=adapter, is_trainable=False)
+                    self.engine.batcher.mixed.forget()
+
+                try:
+                    await asyncio.wrap_future(self.engine.batcher.call(put_in))
+                except Exception as exc:
+                    from loraft.model import first_line
+
+                    raise APIError(400, f"{Path(path)}: cannot load the adapter ({first_line(exc)}).",
+                                   param="lora_path") from None
+                self.engine.add(served)
+                return served
+        finally:
+            self.pending -= 1
+            self._claimed.discard(name)
+
+    async def unload(self, name) -> int:
+        """Unload `name` once its requests have ended; the number of requests it waited for."""
+        name = self.check_name(name, taken=True)
+        served = self.engine.models[name]
+        if served.adapter is None:
+            raise APIError(400, f"'{name}' is the base model, not an adapter.", param="lora_name")
+        if served.adapter == self.engine.model.active_adapter:
+            raise APIError(400, f"'{name}' holds the shared base's adapter slot (the first run the server started "
+                                "with); it stays loaded.", param="lora_name")
+        drained = self._drains[served.adapter] = asyncio.Event()
+        waited = served.in_flight
+        served.unloading = True  # new requests for the name are refused from now on
+        if served.in_flight == 0:
+            drained.set()
+        await drained.wait()
+
+        def take_out() -> None:
+            self.engine.model.delete_adapter(served.adapter)
+            self.engine.batcher.mixed.forget()
+
+        await asyncio.wrap_future(self.engine.batcher.call(take_out))
+        self.engine.models.pop(name, None)
+        self._drains.pop(served.adapter, None)
+        return waited
+
+    def _drained(self, served: Served) -> None:
+        event = self._drains.get(served.adapter)
+        if event is not None:
+            event.set()
+
+
+def _sentence(exc: Exception, run_dir: Path, root: Path) -> str:
+    """A load refusal's sentence, with the run's path shown relative to --adapters-dir (no server paths leak)."""
+    text = str(exc)
+    for shown in (str(run_dir), str(root)):
+        text = text.replace(shown + "/", "").replace(shown, str(run_dir.relative_to(root)) if shown == str(run_dir)
+                                                     else "--adapters-dir")
+    return text.rstrip(".") + "."

@@ -8,8 +8,7 @@ import logging
 import threading
 from dataclasses import dataclass
 from importlib import resources
-from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -19,11 +18,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from loraft.errors import RunError
 from loraft.generate import Answer
 from loraft.serve.engine import (
-    FALLBACK_CONTEXT_LENGTH, Engine, QueueFull, QueuePlace, Served, Use, cut_at_stop, model_context_length,
+    Engine, QueueFull, QueuePlace, Served, Use, cut_at_stop,
 )
 from loraft.serve.validation import (
     APIError, HostRule, check_api_key, check_content_type, check_messages, check_model, check_prompt,
-    check_sampling, check_stop, check_stream, fit_context, host_rule, is_loopback, read_json_body,
+    check_sampling, check_stop, check_stream, fit_context, host_rule, read_json_body,
 )
 from loraft.serve.wire import ResponseShape, completion_usage, event_stream, sse
 from loraft.templates import RAW_TEXT, Template
@@ -139,8 +138,9 @@ async def _unless_client_leaves(request: Request, work, cancel: threading.Event)
     return task.result() if task.done() and not task.cancelled() else None
 
 
-def create_app(engine: Engine, settings: ServeSettings = ServeSettings()):
-    """The FastAPI application serving `engine` under `settings`."""
+def create_app(engine: Engine, settings: ServeSettings = ServeSettings(), live=None):
+    """The FastAPI application serving `engine` under `settings`; `live` (loraft.serve.adapters.LiveAdapters) turns
+    on vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter."""
     app = FastAPI(title="loraft", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine = engine
     rule = host_rule(settings.host, settings.port, settings.allowed_hosts)
@@ -252,6 +252,35 @@ def create_app(engine: Engine, settings: ServeSettings = ServeSettings()):
         return shape.whole(text, finish, {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                                           "total_tokens": prompt_tokens + completion_tokens})
 
+    async def live_request(request: Request) -> dict:
+        authorize(request)
+        if live is None:
+            raise APIError(404, "Loading adapters while serving is off: start the server with --adapters-dir DIR.",
+                           code="live_loading_off", error_type="not_found_error")
+        check_content_type(request.headers.get("content-type"))
+        payload = await read_json_body(request, settings.max_body_bytes)
+        unknown = sorted(set(payload) - {"lora_name", "lora_path", "load_inplace"})
+        if unknown:
+            raise APIError(400, f"Unknown field {unknown[0]!r}.", param=unknown[0])
+        return payload
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(request: Request):
+        payload = await live_request(request)
+        if payload.get("load_inplace") not in (None, False):
+            raise APIError(400, "load_inplace is not supported: unload the adapter, then load it.",
+                           param="load_inplace")
+        served = await live.load(payload.get("lora_name"), payload.get("lora_path"))
+        return {"status": "loaded", "lora_name": served.name}
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(request: Request):
+        payload = await live_request(request)
+        if "lora_path" in payload:
+            raise APIError(400, "Unknown field 'lora_path'.", param="lora_path")
+        waited = await live.unload(payload.get("lora_name"))
+        return {"status": "unloaded", "lora_name": payload["lora_name"], "waited_for_requests": waited}
+
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         payload, served = await parse(request)
@@ -267,80 +296,6 @@ def create_app(engine: Engine, settings: ServeSettings = ServeSettings()):
                               ResponseShape(served.name, chat=False))
 
     return app
-
-
-def served_model_id(run_dir: Path, adapter_dir: Path, base_only: bool = False) -> str:
-    """The model id a run is served under: the run's name; `RUN/checkpoint-N` for one of its checkpoints; `RUN/base`
-    for its base model without the adapter."""
-    name = run_dir.resolve().name
-    if base_only:
-        return f"{name}/base"
-    return name if adapter_dir.resolve() == run_dir.resolve() else f"{name}/{adapter_dir.name}"
-
-
-def serve(
-    run_dir: str | Path,
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    api_key: Optional[str] = None,
-    max_tokens_cap: int = 1024,
-    max_body_bytes: int = 1 << 20,
-    device: Optional[str] = None,
-    max_queue: int = 16,
-    allowed_hosts: Sequence[str] = (),
-    shutdown_timeout: float = 30.0,
-    context_length: Optional[int] = None,
-    dtype: Optional[str] = None,
-    access=None,
-    base_only: bool = False,
-) -> None:
-    """Load a finished run and serve it until Ctrl-C / SIGTERM.
-
-    Args:
-        max_queue: requests that may wait for the model; more get 429 with Retry-After.
-        allowed_hosts: Host names answered besides the bound address (`*`: any).
-        shutdown_timeout: seconds that in-flight and queued requests get after SIGTERM; then they are cancelled.
-        context_length: most prompt + answer tokens; None = the model's (max_position_embeddings, else the
-            tokenizer's model_max_length, else 2048).
-        dtype: weights dtype (auto, fp32, bf16, fp16); None = the run's `generation.dtype`.
-        access: a loraft.rundir.RunAccess (unfinished runs, a checkpoint, remote code); None = the finished adapter.
-        base_only: serve the run's base model without the adapter, under the model id `RUN/base`.
-    """
-    from loraft.generate import cli_flag, load_run, resolve_generation
-    from loraft.rundir import RunAccess, open_run
-
-    run_dir = Path(run_dir)
-    if max_tokens_cap < 1:
-        raise RunError(f"--max-tokens-cap must be > 0 (got {max_tokens_cap})")
-    if not 0 <= port <= 65535:
-        raise RunError(f"--port must be between 0 and 65535 (got {port})")
-    if max_queue < 1:
-        raise RunError(f"--max-queue must be > 0 (got {max_queue})")
-    if shutdown_timeout < 0:
-        raise RunError(f"--shutdown-timeout must be >= 0 (got {shutdown_timeout})")
-    if context_length is not None and context_length < 2:
-        raise RunError(f"--context-length must be > 1 (got {context_length})")
-    if max_body_bytes < 1:
-        raise RunError(f"--max-body-bytes must be > 0 (got {max_body_bytes})")
-    # the run's own generation.dtype unless --dtype says otherwise; open_run is the check every consumer makes first
-    run = open_run(run_dir, access or RunAccess())
-    dtype = resolve_generation(run.config.generation, {"dtype": dtype}, label=cli_flag).dtype
-    model, tokenizer, template, info = load_run(run, device=device, dtype=dtype, base_only=base_only)
-    if context_length is None and model_context_length(model, tokenizer) is None:
-        logger.warning("neither the model's config nor its tokenizer states a context length: prompts are limited "
-                       "to %d tokens with the answer (set --context-length to change it)", FALLBACK_CONTEXT_LENGTH)
-    engine = Engine(model, tokenizer, template, served_model_id(run_dir, run.adapter_dir, base_only),
-                    info["config"].generation, info,
-                    max_queue=max_queue, context_length=context_length)
-    app = create_app(engine, ServeSettings(api_key=api_key, max_tokens_cap=max_tokens_cap,
-                                           max_body_bytes=max_body_bytes, host=host, port=port,
-                                           allowed_hosts=tuple(allowed_hosts)))
-    if not is_loopback(host) and api_key is None:
-        logger.warning("serving on %s without --api-key: anyone who can reach this address can use the model", host)
-    logger.info("serving %s as model %r (%s template, %s weights, context %d tokens) at http://%s:%d/", run_dir,
-                engine.model_id, template.name, str(next(model.parameters()).dtype).replace("torch.", ""),
-                engine.context_length, host, port)
-    run_uvicorn(app, host, port, shutdown_timeout, "info", "the server")
 
 
 def run_uvicorn(app, host: str, port: int, shutdown_timeout: float, log_level: str, what: str) -> None:

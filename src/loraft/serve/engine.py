@@ -11,7 +11,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable, Optional, Sequence, Union
+from typing import AsyncIterator, Optional, Sequence, Union
 
 from loraft.config import GenerationConfig
 from loraft.generate import Answer, encode_prompt, stop_token_ids
