@@ -214,7 +214,7 @@ class Engine:
         freed if the Engine itself drops them."""
         self.batcher.close()
         self.batcher.thread.join(timeout=30)
-        self.batcher.model = self.model = None
+        self.batcher.model = self.batcher.mixed = self.model = None
         for served in self.models.values():
             served.tokenizer = None
         self._tokenizer_thread.shutdown(wait=False)
