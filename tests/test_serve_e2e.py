@@ -32,8 +32,10 @@ class Server(ServerProcess):
     def __init__(self, run_dir: Path, log_path: Path):
         super().__init__(lambda port: [
             sys.executable, "-m", "loraft.cli", "serve", str(run_dir), "--host", "127.0.0.1", "--port", str(port),
-            # a long shutdown timeout: the SIGTERM test checks that queued work is finished, on any machine
-            "--api-key", KEY, "--max-tokens-cap", "64", "--shutdown-timeout", "600"], log_path, stop_timeout=30)
+            # a long shutdown timeout: the SIGTERM test checks that queued work is finished, on any machine; one
+            # request at a time, so a second one queues behind the first (batching is tested in test_serve_adapters)
+            "--api-key", KEY, "--max-tokens-cap", "64", "--shutdown-timeout", "600", "--max-batch", "1"], log_path,
+            stop_timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +55,8 @@ def client(server):
     return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
 
 
-def test_openai_client_lists_the_run_and_chats(server, client, run_dir):
-    assert [m.id for m in client.models.list().data] == [run_dir.name]
+def test_openai_client_lists_the_run_and_chats(server, client, run_dir, tiny_bloom_dir):
+    assert [m.id for m in client.models.list().data] == [run_dir.name, tiny_bloom_dir.name]  # the run, its base
     messages = [{"role": "system", "content": "你是一个有帮助的助手。"}, {"role": "user", "content": "人工智能是什么"}]
     reply = client.chat.completions.create(model=run_dir.name, messages=messages, temperature=0, max_tokens=12)
     answer = reply.choices[0].message.content

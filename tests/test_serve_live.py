@@ -46,7 +46,7 @@ def chat(run_dir, **extra) -> dict:
 
 
 def test_sigterm_cancels_what_is_left_after_the_shutdown_timeout(run_dir, tmp_path):
-    server = LiveServer(run_dir, tmp_path / "serve.log", max_tokens_cap=LONG, shutdown_timeout=1)
+    server = LiveServer(run_dir, tmp_path / "serve.log", max_tokens_cap=LONG, shutdown_timeout=1, max_batch=1)
     try:
         body = chat(run_dir, max_tokens=LONG, min_tokens=LONG)
         outcomes: dict = {}

@@ -445,10 +445,12 @@ class Batcher:
 
     def _settle(self, batch: Batch) -> None:
         """Give each row its chosen token; finished rows leave the batch."""
-        keep = []
+        keep, done = [], []
         for row, job in enumerate(batch.jobs):
             if job.cancel.is_set() or job.take(int(batch.last[row])):
-                job.finish()
+                done.append(job)
             else:
                 keep.append(row)
         batch.keep(keep)
+        for job in done:  # answered once out of the batch: an idle batcher is idle when its last answer arrives
+            job.finish()

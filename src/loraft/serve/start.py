@@ -24,7 +24,7 @@ def served_model_id(run_dir: Path, adapter_dir: Path, base_only: bool = False) -
 
 
 def serve(
-    run_dirs: Union[str, Path, Sequence[Union[str, Path]]],
+    run_dir: Union[str, Path, Sequence[Union[str, Path]]],
     host: str = "127.0.0.1",
     port: int = 8000,
     api_key: Optional[str] = None,
@@ -46,7 +46,7 @@ def serve(
     """Load finished runs on one copy of their base and serve them until Ctrl-C / SIGTERM.
 
     Args:
-        run_dirs: one run directory or several; several must share a base (loraft.serve.adapters), and each is
+        run_dir: one run directory or several; several must share a base (loraft.serve.adapters), and each is
             served under its directory's name, the base under its own.
         max_queue: requests that may wait for the model; more get 429 with Retry-After.
         allowed_hosts: Host names answered besides the bound address (`*`: any).
@@ -65,7 +65,7 @@ def serve(
     from loraft.rundir import RunAccess, open_run
     from loraft.serve.adapters import LiveAdapters, load_runs, mix_problem
 
-    run_dirs = [Path(run_dirs)] if isinstance(run_dirs, (str, Path)) else [Path(p) for p in run_dirs]
+    run_dirs = [Path(run_dir)] if isinstance(run_dir, (str, Path)) else [Path(p) for p in run_dir]
     for flag, value, least in (("--max-tokens-cap", max_tokens_cap, 1), ("--max-queue", max_queue, 1),
                                ("--max-body-bytes", max_body_bytes, 1), ("--max-batch", max_batch, 1),
                                ("--max-adapters", max_adapters, 1)):
