@@ -57,6 +57,7 @@ def ensure_runs() -> list[Path]:
     from safetensors.torch import load_file, save_file
 
     from loraft.config import load_config
+    from loraft.presets import preset_path
     from loraft.rundir import read_run_status
     from loraft.smollm2 import smollm2_gguf
     from loraft.train import train
@@ -70,7 +71,7 @@ def ensure_runs() -> list[Path]:
                             + "\n" for prompt in PROMPTS), encoding="utf-8")
     first = ROOT / "trained"
     if read_run_status(first) != "finished":
-        config = load_config("gguf-lora", [f"model.name_or_path={smollm2_gguf()}", f"data.path={data}",
+        config = load_config(preset_path("gguf-lora"), [f"model.name_or_path={smollm2_gguf()}", f"data.path={data}",
                                            f"output_dir={first}", "overwrite=true", "train.max_steps=1",
                                            "train.retention=off", "train.per_device_train_batch_size=2",
                                            "train.gradient_accumulation_steps=1"])
@@ -91,9 +92,11 @@ def ensure_runs() -> list[Path]:
 
 
 def peak_rss_mib() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's peak RSS since it started (VmHWM: unlike ru_maxrss, not inherited from the parent at fork)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def load(runs: list[Path], **options):
@@ -101,7 +104,9 @@ def load(runs: list[Path], **options):
     from loraft.serve.adapters import load_runs
 
     opened = [open_run(run, RunAccess()) for run in runs]
-    engine, _ = load_runs(opened, [run.name for run in runs], device="cpu", dtype=None, **options)
+    # the dtype `loraft serve` loads in: the run's generation.dtype (auto: bf16 where this machine computes it fast)
+    engine, _ = load_runs(opened, [run.name for run in runs], device="cpu", dtype=opened[0].config.generation.dtype,
+                          **options)
     return engine
 
 
@@ -178,10 +183,14 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         kind, value = args.child
+        if kind == "runs":
+            ensure_runs()
+            print(json.dumps({"runs": COUNT}))
+            return
         result = child_memory(int(value)) if kind == "memory" else child_throughput(value)
         print(json.dumps(result))
         return
-    ensure_runs()
+    run_child("runs", COUNT)  # trained in a process of its own: this one stays small
     memory = [run_child("memory", count) for count in (1, 4, 16)]
     for row in memory:
         print(f"memory {row}", flush=True)

@@ -436,3 +436,34 @@ def test_any_load_or_unload_body_gets_an_answer_never_a_500(live, path, data):
         name = response.json()["lora_name"]
         assert call(app, ("POST", "/v1/unload_lora_adapter", {"lora_name": name}))[0].status_code == 200
     assert engine.names == ["bloom-default", "tiny-bloom0"]
+
+
+def test_one_adapter_per_batch_never_mixes_and_answers_the_same(runs, alone):
+    engine, _ = load_runs(opened(runs), [run.name for run in runs], device="cpu", dtype="fp32", max_batch=8,
+                          mix_adapters=False, max_queue=64)
+    seen = []
+    forward = engine.batcher._forward
+    engine.batcher._forward = lambda *args: seen.append(set(args[-1])) or forward(*args)
+    app = create_app(engine, ServeSettings(max_tokens_cap=32))
+    requests = [(runs[index % 3].name, PROMPTS[index], 5) for index in range(6)]
+
+    async def go():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1", timeout=120) as client:
+            with engine.paused():
+                calls = [asyncio.ensure_future(client.post("/v1/chat/completions", json={
+                    "model": name, "messages": [{"role": "user", "content": prompt}], "temperature": 0,
+                    "max_tokens": tokens})) for name, prompt, tokens in requests]
+                while len(engine.batcher.waiting) < len(requests):
+                    await asyncio.sleep(0.01)
+            return await asyncio.gather(*calls)
+
+    responses = asyncio.run(go())
+    assert all(len(adapters) == 1 for adapters in seen) and engine.batcher.largest_batch == 2
+    for (name, prompt, tokens), response in zip(requests, responses):
+        model, tokenizer, template, info = alone[name]
+        settings = info["config"].generation.model_copy(update={"temperature": 0.0, "max_new_tokens": tokens})
+        expected = generate_answers(model, tokenizer, template, [[{"role": "user", "content": prompt}]], settings,
+                                    batch_size=1)[0]
+        assert response.json()["choices"][0]["message"]["content"] == expected.text
+    engine.close()

@@ -695,8 +695,9 @@ def test_chat_with_the_run_and_its_base(client, trained):
     assert client.get("/chat/tiny", follow_redirects=False).headers["location"] == "/chat/tiny/"
 
 
-def test_chat_models_load_what_was_asked_and_an_evicted_one_is_freed(workspace, trained):
-    """The cache hands out the adapter, a checkpoint's adapter or the base alone, and a model it evicts is really
+def test_chat_models_share_one_base_copy_and_an_evicted_one_is_freed(workspace, trained, tiny_llama_dir):
+    """The run, its checkpoint and its base are three chat models on one base copy (three names of one Engine,
+    answering as each alone); a model of another base evicts them with capacity 1, and the evicted copy is really
     gone from memory (FastAPI keeps the route functions, and so the Engine, alive: the Engine must drop it)."""
     import asyncio
     import gc
@@ -704,16 +705,29 @@ def test_chat_models_load_what_was_asked_and_an_evicted_one_is_freed(workspace, 
 
     from peft import PeftModel
 
+    from loraft.train import train
     from loraft.ui.chat import ChatModels
+
+    if not (workspace / "other-base" / "loraft_run.json").is_file():  # a finished run of another base, in the workspace
+        shutil.copytree(tiny_llama_dir, workspace / "base-llama", dirs_exist_ok=True)
+        train(load_config(None, [f"model.name_or_path={workspace / 'base-llama'}",
+                                 f"data.path={workspace / 'data' / 'train.jsonl'}", f"output_dir={workspace / 'other-base'}",
+                                 "adapter.target_modules=[q_proj]", "adapter.modules_to_save=null", "train.max_steps=1",
+                                 "train.precision=fp32", "generation.dtype=fp32"]))
 
     async def scenario():
         chats = ChatModels(Workspace(workspace), capacity=1)
-        engine = (await chats.app_for("tiny", "checkpoint-2", False)).state.engine
+        checkpoint = await chats.app_for("tiny", "checkpoint-2", False)
+        engine = checkpoint.state.engine
         assert isinstance(engine.model, PeftModel) and engine.info["adapter_dir"].endswith("checkpoints/checkpoint-2")
+        final, base = await chats.app_for("tiny", None, False), await chats.app_for("tiny", None, True)
+        assert final.state.engine is engine and base.state.engine is engine and chats.base_copies == 1
+        assert engine.models["tiny/base"].adapter is None and engine.models["tiny"].adapter != engine.models[
+            "tiny/checkpoint-2"].adapter
+        assert chats.loaded == [("tiny", "checkpoint-2", False), ("tiny", None, False), ("tiny", None, True)]
         weights = weakref.ref(engine.model)
-        base = (await chats.app_for("tiny", None, True)).state.engine
-        assert not isinstance(base.model, PeftModel) and base.info["adapter_dir"] is None
-        assert chats.loaded == [("tiny", None, True)]
+        other = await chats.app_for("other-base", None, False)
+        assert other.state.engine is not engine and chats.loaded == [("other-base", None, False)]
         for _ in range(50):  # the release waits for the engine to be idle: it is
             await asyncio.sleep(0.05)
             gc.collect()

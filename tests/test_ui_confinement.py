@@ -327,8 +327,8 @@ def test_each_cap_is_a_429_with_one_sentence(places):
             assert_refused(ui.get("/api/runs/capped/events"), 429,
                            "0 event streams are open, this UI's limit; close a page that follows a run")
             assert_refused(ui.get("/chat/capped/v1/models"), 429,
-                           "0 models are loading for chat already (the UI loads at most 0 at once); try again when "
-                           "they are loaded")
+                           "0 models are loading for chat already (the UI loads at most 0 base models at once); try "
+                           "again when they are loaded")
     finally:
         shutil.rmtree(run_dir)
 

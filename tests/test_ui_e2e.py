@@ -519,20 +519,33 @@ def test_the_language_switch_changes_every_visible_string(ui, browser, finished_
                       f"JSON.stringify(Object.keys(TEXT['zh-CN']))\")")
 
 
-def test_chat_with_the_run_and_its_base_side_by_side(ui, browser, finished_run):
+def test_chat_with_the_run_and_its_base_side_by_side(ui, browser, finished_run, workspace):
+    other = finished_run + "-copy"  # a second finished run of the same base
+    if not (workspace / other).exists():
+        shutil.copytree(workspace / finished_run, workspace / other)
     open_page(browser, ui.url + f"/#/chat/{finished_run}")
-    for frame, model in (("chat-adapter", finished_run), ("chat-base", f"{finished_run}/base")):
-        browser.wait_for(  # each frame asked its own model for its name: both are loaded and answering
+    browser.wait_for(f"[...document.getElementById('chat-compare').options].some(o => o.value === {json.dumps(other)})",
+                     timeout=60)
+    browser.js(f"{{ const s = document.getElementById('chat-compare'); s.value = {json.dumps(other)}; "
+               "s.dispatchEvent(new Event('change')); }")
+    for frame, model in (("chat-adapter", finished_run), ("chat-base", f"{finished_run}/base"), ("chat-other", other)):
+        browser.wait_for(  # each frame asked its own model for its name: all are loaded and answering
             f"(() => {{ const d = document.getElementById({json.dumps(frame)}).contentDocument; "
             f"const m = d && d.getElementById('model-name'); return m && m.textContent === {json.dumps(model)}; }})()",
             timeout=120)
-    browser.js("const d = document.getElementById('chat-adapter').contentDocument; "
-               "d.getElementById('prompt').value = '人工智能是什么'; d.getElementById('temperature').value = '0'; "
-               "d.getElementById('send').click()")
-    answer = browser.wait_for("(() => { const d = document.getElementById('chat-adapter').contentDocument; "
-                              "const m = [...d.querySelectorAll('.message.assistant')].pop(); "
-                              "return m && m.dataset.done === 'true' && m.textContent; })()", timeout=120)
-    assert answer
+    for frame in ("chat-adapter", "chat-other"):
+        browser.js(f"{{ const d = document.getElementById({json.dumps(frame)}).contentDocument; "
+                   "d.getElementById('prompt').value = '人工智能是什么'; d.getElementById('temperature').value = '0'; "
+                   "d.getElementById('send').click(); }")
+        answer = browser.wait_for(f"(() => {{ const d = document.getElementById({json.dumps(frame)}).contentDocument; "
+                                  "const m = [...d.querySelectorAll('.message.assistant')].pop(); "
+                                  "return m && m.dataset.done === 'true' && m.textContent; })()", timeout=120)
+        assert answer
+    # three chat models, one copy of the base in the UI's memory
+    chat = httpx.get(ui.url + "/api/info", timeout=30).json()["chat"]
+    assert chat["base_copies"] == 1
+    assert sorted(map(tuple, chat["models"])) == [(finished_run, None, False), (finished_run, None, True),
+                                                  (other, None, False)]
     shoot(browser, "chat")
 
 

@@ -168,8 +168,6 @@ class LiveAdapters:
         self._load_lock = asyncio.Lock()
         self.pending = 0
         self._claimed: set[str] = set()  # names being loaded now
-        self._drains: dict[str, asyncio.Event] = {}
-        engine._drained = self._drained
 
     # --- checks ---------------------------------------------------------------------------------------------
 
@@ -228,18 +226,13 @@ class LiveAdapters:
                 except LoraftError as exc:
                     raise APIError(400, _sentence(exc, run_dir, self.adapters_dir), param="lora_path") from None
 
-                def put_in() -> None:  # the batcher's thread, between steps
-                    self.engine.model.load_adapter(str(run.adapter_dir), adapter_name=adapter, is_trainable=False)
-                    self.engine.batcher.mixed.forget()
-
                 try:
-                    await asyncio.wrap_future(self.engine.batcher.call(put_in))
+                    await put_in(self.engine, run, served)
                 except Exception as exc:
                     from loraft.model import first_line
 
                     raise APIError(400, f"{Path(path)}: cannot load the adapter ({first_line(exc)}).",
                                    param="lora_path") from None
-                self.engine.add(served)
                 return served
         finally:
             self.pending -= 1
@@ -254,26 +247,37 @@ class LiveAdapters:
         if served.adapter == self.engine.model.active_adapter:
             raise APIError(400, f"'{name}' holds the shared base's adapter slot (the first run the server started "
                                 "with); it stays loaded.", param="lora_name")
-        drained = self._drains[served.adapter] = asyncio.Event()
-        waited = served.in_flight
-        served.unloading = True  # new requests for the name are refused from now on
-        if served.in_flight == 0:
-            drained.set()
-        await drained.wait()
+        return await take_out(self.engine, served)
 
-        def take_out() -> None:
-            self.engine.model.delete_adapter(served.adapter)
-            self.engine.batcher.mixed.forget()
 
-        await asyncio.wrap_future(self.engine.batcher.call(take_out))
-        self.engine.models.pop(name, None)
-        self._drains.pop(served.adapter, None)
-        return waited
+async def put_in(engine: Engine, run, served: Served) -> None:
+    """Load a run's adapter into the engine's model as `served.adapter` (on the batcher's thread, between two
+    steps), then serve it under `served.name`."""
 
-    def _drained(self, served: Served) -> None:
-        event = self._drains.get(served.adapter)
-        if event is not None:
-            event.set()
+    def load() -> None:
+        engine.model.load_adapter(str(run.adapter_dir), adapter_name=served.adapter, is_trainable=False)
+        engine.batcher.mixed.forget()
+
+    await asyncio.wrap_future(engine.batcher.call(load))
+    engine.add(served)
+
+
+async def take_out(engine: Engine, served: Served, poll_seconds: float = 0.02) -> int:
+    """Stop serving `served` (new requests for its name are refused at once), wait until the requests already on it
+    have ended, then delete its adapter's weights; the number of requests it waited for."""
+    waited = served.in_flight
+    served.unloading = True
+    while served.in_flight:
+        await asyncio.sleep(poll_seconds)
+    if served.adapter is not None:
+
+        def delete() -> None:
+            engine.model.delete_adapter(served.adapter)
+            engine.batcher.mixed.forget()
+
+        await asyncio.wrap_future(engine.batcher.call(delete))
+    engine.models.pop(served.name, None)
+    return waited
 
 
 def _sentence(exc: Exception, run_dir: Path, root: Path) -> str:

@@ -138,9 +138,17 @@ async def _unless_client_leaves(request: Request, work, cancel: threading.Event)
     return task.result() if task.done() and not task.cancelled() else None
 
 
-def create_app(engine: Engine, settings: ServeSettings = ServeSettings(), live=None):
+def create_app(engine: Engine, settings: ServeSettings = ServeSettings(), live=None, only: Optional[str] = None):
     """The FastAPI application serving `engine` under `settings`; `live` (loraft.serve.adapters.LiveAdapters) turns
-    on vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter."""
+    on vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter; `only` answers for that one of the engine's models
+    (the UI's chat app for one run, on an engine it shares with other runs of the base)."""
+
+    def names() -> list[str]:
+        return [only] if only is not None and engine.lookup(only) is not None else [] if only else engine.names
+
+    def lookup(name: str) -> Optional[Served]:
+        return engine.lookup(name) if only is None or name == only else None
+
     app = FastAPI(title="loraft", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine = engine
     rule = host_rule(settings.host, settings.port, settings.allowed_hosts)
@@ -190,12 +198,12 @@ def create_app(engine: Engine, settings: ServeSettings = ServeSettings(), live=N
     @app.get("/v1/models")
     async def list_models(request: Request):
         authorize(request)
-        return {"object": "list", "data": [model_card(engine.models[name]) for name in engine.names]}
+        return {"object": "list", "data": [model_card(engine.models[name]) for name in names()]}
 
     @app.get("/v1/models/{model_id:path}")
     async def get_model(model_id: str, request: Request):
         authorize(request)
-        served = engine.lookup(model_id)
+        served = lookup(model_id)
         if served is None:
             raise APIError(404, f"The model {model_id!r} does not exist.", param="model", code="model_not_found")
         return model_card(served)
@@ -204,7 +212,7 @@ def create_app(engine: Engine, settings: ServeSettings = ServeSettings(), live=N
         authorize(request)
         check_content_type(request.headers.get("content-type"))
         payload = await read_json_body(request, settings.max_body_bytes)
-        served = engine.lookup(check_model(payload, engine.names))
+        served = lookup(check_model(payload, names()))
         if served is None:  # unloaded meanwhile
             raise APIError(404, f"The model '{payload['model']}' does not exist.", param="model",
                            code="model_not_found")

@@ -343,18 +343,20 @@ class Batcher:
         with self.condition:
             if self.paused or (len(self.batch) and not self.splice):
                 return admitted
-            adapters = {job.adapter for job in self.batch.jobs}
+            adapter = self.batch.jobs[0].adapter if len(self.batch) else None  # one-adapter batches: whose
+            passed: list[Job] = []  # jobs of other adapters, left waiting in their order
             while self.waiting and len(self.batch) + len(admitted) < self.max_batch:
-                job = self.waiting[0]
+                job = self.waiting.popleft()
                 if job.cancel.is_set():
-                    self.waiting.popleft()
                     job.finish()
                     continue
                 if not self.mix_adapters:
-                    adapters |= {job.adapter} if not adapters else set()
-                    if job.adapter not in adapters:
-                        break
-                admitted.append(self.waiting.popleft())
+                    adapter = adapter or job.adapter
+                    if job.adapter != adapter:
+                        passed.append(job)
+                        continue
+                admitted.append(job)
+            self.waiting.extendleft(reversed(passed))
         return admitted
 
     def _forward(self, input_ids, mask, positions, cache, adapters: list[str]):

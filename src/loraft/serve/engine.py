@@ -194,12 +194,6 @@ class Engine:
     def _let_go(self, served: Served) -> None:
         with self._counter_lock:
             served.in_flight -= 1
-            drained = served.unloading and served.in_flight == 0
-        if drained:
-            self._drained(served)
-
-    def _drained(self, served: Served) -> None:
-        """The last request on an unloading model ended (loraft.serve.adapters sets what happens)."""
 
     # --- admission ---------------------------------------------------------------------------------------
 

@@ -272,7 +272,9 @@ def create_app(workspace: Union[str, Path, Workspace], settings: UISettings = UI
                 "token_required": settings.token is not None, "presets": preset_names(), "yaml_files": yaml_files,
                 "model_files": model_files,
                 "languages": languages(), "allow_hub": workspace.allow_hub, "caches": [str(path) for path in caches()],
-                "kernel_confinement": app.state.kernel_confinement}
+                "kernel_confinement": app.state.kernel_confinement,
+                # what chat holds in memory: base copies, and the chat models on them ([run, checkpoint, base])
+                "chat": {"base_copies": chats.base_copies, "models": chats.loaded}}
 
     @app.get("/api/schema")
     async def schema():
