@@ -16,6 +16,8 @@ Each measurement runs in a process of its own, through loraft.serve's in-process
               mixed        --max-batch 8: one batch holds every adapter's requests (peft adapter_names)
               one-adapter  --max-batch 8 --one-adapter-per-batch: a batch holds one adapter's requests; the others wait
               serial       --max-batch 1: one request at a time (loraft serve before batching)
+              single-adapter  (--modes single-adapter) all 8 clients on one adapter, --max-batch 8: the cost of
+                           mixing, against batching one adapter's requests only
 """
 
 from __future__ import annotations
@@ -37,7 +39,9 @@ ROOT = common.CACHE / "serve-adapters"
 COUNT = 16
 CLIENTS, REQUESTS, TOKENS = 8, 4, 48
 MODES = {"mixed": {"max_batch": 8, "mix_adapters": True}, "one-adapter": {"max_batch": 8, "mix_adapters": False},
-         "serial": {"max_batch": 1, "mix_adapters": True}}
+         "serial": {"max_batch": 1, "mix_adapters": True},
+         # every client on the first adapter, batches of 8: what batching gives without peft's mixed path
+         "single-adapter": {"max_batch": 8, "mix_adapters": True}}
 PROMPTS = ["What is the capital of France?", "Write a short poem about the sea.", "Explain what a GPU does.",
            "Give three tips for learning a language.", "人工智能是什么？", "How many legs does a spider have?",
            "Translate to French: good morning", "Summarize: the cat sat on the mat all day long.",
@@ -154,7 +158,8 @@ def child_throughput(mode: str) -> dict:
     asyncio.run(client_round(app, [(runs[0].name, "Hello")]))  # warm up
 
     async def everyone():
-        work = [[(runs[client % 4].name, PROMPTS[(client * REQUESTS + k) % len(PROMPTS)]) for k in range(REQUESTS)]
+        spread = 1 if mode == "single-adapter" else 4
+        work = [[(runs[client % spread].name, PROMPTS[(client * REQUESTS + k) % len(PROMPTS)]) for k in range(REQUESTS)]
                 for client in range(CLIENTS)]
         return await asyncio.gather(*[client_round(app, requests) for requests in work])
 
@@ -179,6 +184,9 @@ def run_child(kind: str, value) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--modes", nargs="+", choices=list(MODES), default=["mixed", "one-adapter", "serial"])
+    parser.add_argument("--no-memory", action="store_true", help="skip the memory measurements")
+    parser.add_argument("--out", default="serve_adapters.json", help="file name under benchmarks/results/")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -191,21 +199,21 @@ def main() -> None:
         print(json.dumps(result))
         return
     run_child("runs", COUNT)  # trained in a process of its own: this one stays small
-    memory = [run_child("memory", count) for count in (1, 4, 16)]
+    memory = [] if args.no_memory else [run_child("memory", count) for count in (1, 4, 16)]
     for row in memory:
         print(f"memory {row}", flush=True)
     rounds = []
     for index in range(args.rounds):  # interleaved, so a noisy stretch hits every mode
-        for mode in MODES:
+        for mode in args.modes:
             row = run_child("throughput", mode)
             rounds.append(row)
             print(f"round {index + 1} {row}", flush=True)
-    medians = {mode: statistics.median(r["tokens_per_s"] for r in rounds if r["mode"] == mode) for mode in MODES}
+    medians = {mode: statistics.median(r["tokens_per_s"] for r in rounds if r["mode"] == mode) for mode in args.modes}
     result = {"date": datetime.date.today().isoformat(), "machine": common.machine(), "memory": memory,
               "rounds": rounds, "median_tokens_per_s": medians,
-              "mixed_over_one_adapter": round(medians["mixed"] / medians["one-adapter"], 2),
-              "mixed_over_serial": round(medians["mixed"] / medians["serial"], 2)}
-    out = Path(__file__).resolve().parent / "results" / "serve_adapters.json"
+              "ratios_to_mixed": {mode: round(medians["mixed"] / medians[mode], 2) for mode in medians
+                                  if "mixed" in medians and mode != "mixed"}}
+    out = Path(__file__).resolve().parent / "results" / args.out
     common.write_json(out, result)
     print(json.dumps(result, indent=2))
 

@@ -100,6 +100,8 @@ def test_mixed_batches_give_each_adapter_its_alone_tokens_and_first_logits(share
     finally:
         del shared.batcher.first_logits
     assert shared.most_concurrent_generations == 16 and len(captured) == 1  # one prefill of all 16 rows
+    kinds = [kind for _, kind in shared.batcher.mixed.modules()]  # LoRA linear layers took the stacked path
+    assert kinds.count("stacked") > 12 and "wrapper" in kinds  # (the recipe's word_embeddings: peft's own)
     rows, logits = captured[0]
     for (name, prompt, tokens), response in zip(requests, responses):
         assert response.status_code == 200, response.text
@@ -467,3 +469,20 @@ def test_one_adapter_per_batch_never_mixes_and_answers_the_same(runs, alone):
                                     batch_size=1)[0]
         assert response.json()["choices"][0]["message"]["content"] == expected.text
     engine.close()
+
+
+def test_the_stacked_lora_path_equals_peft_mixed_path(shared, runs):
+    """loraft.serve.lora_rows against peft's own adapter_names on the same mixed batch: logits within 1e-5 (fp32)."""
+    from loraft.serve.batcher import MixedAdapters
+
+    model = shared.model
+    names = [shared.models[run.name].adapter for run in runs] + ["__base__", shared.models[runs[0].name].adapter]
+    ids = torch.randint(5, 300, (len(names), 9), generator=torch.Generator().manual_seed(0))
+    own = {id(module) for module in model.modules() if "forward" in vars(module)}
+    with torch.no_grad():
+        with MixedAdapters(model, stacked=True).rows(names):
+            stacked = model(input_ids=ids).logits
+        with MixedAdapters(model, stacked=False).rows(names):
+            peft = model(input_ids=ids).logits
+    torch.testing.assert_close(stacked, peft, rtol=0, atol=1e-5)
+    assert {id(module) for module in model.modules() if "forward" in vars(module)} == own  # layers' own forwards back
