@@ -486,3 +486,20 @@ def test_the_stacked_lora_path_equals_peft_mixed_path(shared, runs):
             peft = model(input_ids=ids).logits
     torch.testing.assert_close(stacked, peft, rtol=0, atol=1e-5)
     assert {id(module) for module in model.modules() if "forward" in vars(module)} == own  # layers' own forwards back
+
+
+@FUZZ
+@given(path=st.sampled_from(["/v1/load_lora_adapter", "/v1/unload_lora_adapter"]), raw=st.binary(max_size=200),
+       content_type=st.sampled_from(["application/json", "text/plain", ""]))
+def test_any_bytes_to_load_or_unload_get_a_4xx(live, path, raw, content_type):
+    engine, app, _ = live
+
+    async def go():
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1", timeout=60) as client:
+            return await client.post(path, content=raw, headers={"content-type": content_type})
+
+    response = asyncio.run(go())
+    assert 400 <= response.status_code < 500, response.text
+    assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+    assert engine.names == ["bloom-default", "tiny-bloom0"]
