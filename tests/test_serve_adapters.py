@@ -473,7 +473,7 @@ def test_one_adapter_per_batch_never_mixes_and_answers_the_same(runs, alone):
 
 def test_the_stacked_lora_path_equals_peft_mixed_path(shared, runs):
     """loraft.serve.lora_rows against peft's own adapter_names on the same mixed batch: logits within 1e-5 (fp32)."""
-    from loraft.serve.batcher import MixedAdapters
+    from loraft.serve.lora_rows import MixedAdapters
 
     model = shared.model
     names = [shared.models[run.name].adapter for run in runs] + ["__base__", shared.models[runs[0].name].adapter]

@@ -1,5 +1,6 @@
-"""Each row of a batch through its own LoRA adapter in two batched matmuls per layer, whatever the number of
-adapters in the batch (the gathered matmul of punica and S-LoRA), instead of peft's loop over them.
+"""Each row of a batch through its own adapter (`MixedAdapters`, below): plain LoRA linear layers in two batched
+matmuls per layer, whatever the number of adapters in the batch (the gathered matmul of punica and S-LoRA), instead
+of peft's loop over them; every other adapter layer through peft's `adapter_names`.
 
 peft's mixed batch (`adapter_names`) runs, in every LoRA layer, one gather, two matmuls, a scaling and a scatter
 per adapter in the batch: at 4 adapters on SmolLM2-135M that made a batch of 8 decode at half the speed of a batch
@@ -14,11 +15,13 @@ input with one row per request); any other adapter layer keeps peft's own mixed 
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from typing import Optional, Sequence
 
 import torch
 
-BASE_ADAPTER = "__base__"
+from loraft.serve.job import BASE_ADAPTER
 
 
 def eligible(module) -> bool:
@@ -91,3 +94,64 @@ class StackedLora:
             else:
                 forwards[module] = StackedForward(module, *stacked, slots.to(stacked[0].device), list(names))
         return forwards
+
+
+def _adapter_names_hook(module, args, kwargs, names):
+    return args, {**kwargs, "adapter_names": names}
+
+
+class MixedAdapters:
+    """Each row of a batch through its own adapter.
+
+    Plain LoRA linear layers take loraft.serve.lora_rows' stacked path: two gathered matmuls per layer whatever the
+    number of adapters in the batch. Every other adapter layer gets peft's `adapter_names`, handed to it by a
+    pre-forward hook as peft's own `adapter_names` argument does, with one difference: peft hands every layer the
+    same names, and a module trained in full by some adapters and not by others (`modules_to_save`) fails on a row
+    whose adapter has no copy of it (KeyError in ModulesToSaveWrapper, peft 0.21). Here such a row gets the base
+    module there (`__base__`), which is what that adapter alone computes."""
+
+    def __init__(self, model, stacked: bool = True):
+        self.model, self.stacked = model, stacked
+        self._modules: Optional[list] = None
+        self._stacks = StackedLora()
+
+    def forget(self) -> None:
+        """Adapters were loaded or deleted: look the layers up again."""
+        self._modules = None
+        self._stacks.forget()
+
+    def modules(self) -> list:
+        """(module, kind) of every adapter layer: "stacked", "wrapper" (a module trained in full) or "layer"."""
+        if self._modules is None:
+            from peft.tuners.tuners_utils import BaseTunerLayer
+            from peft.utils.other import AuxiliaryTrainingWrapper
+
+            self._modules = []
+            for module in self.model.modules():
+                if isinstance(module, AuxiliaryTrainingWrapper):
+                    self._modules.append((module, "wrapper"))
+                elif isinstance(module, BaseTunerLayer):
+                    self._modules.append((module, "stacked" if self.stacked and eligible(module) else "layer"))
+        return self._modules
+
+    @contextlib.contextmanager
+    def rows(self, names: Sequence[str]):
+        handles, patched = [], []
+        try:
+            stacked = [module for module, kind in self.modules() if kind == "stacked"]
+            for module, forward in self._stacks.forwards(stacked, names).items():
+                module.forward = forward
+                patched.append(module)
+            for module, kind in self.modules():
+                if kind == "stacked":
+                    continue
+                per_row = ([name if name in module._adapters else BASE_ADAPTER for name in names]
+                           if kind == "wrapper" else names)
+                handles.append(module.register_forward_pre_hook(
+                    functools.partial(_adapter_names_hook, names=list(per_row)), with_kwargs=True))
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+            for module in patched:
+                del module.forward
