@@ -493,3 +493,35 @@ def test_any_bytes_to_load_or_unload_get_a_4xx(live, path, raw, content_type):
     assert 400 <= response.status_code < 500, response.text
     assert set(response.json()["error"]) == {"message", "type", "param", "code"}
     assert engine.names == ["bloom-default", "tiny-bloom0"]
+
+
+def test_the_cli_serves_several_runs_and_loads_one_live(runs, tmp_path, tiny_bloom_dir):
+    """`loraft serve RUN RUN --adapters-dir DIR` as a user starts it: both runs and the base answer over HTTP, a third
+    run loads and unloads live, and SIGTERM stops the server."""
+    import shutil
+    import sys
+
+    from run_helpers import ServerProcess
+
+    adapters = tmp_path / "adapters"
+    shutil.copytree(runs[2], adapters / "later")
+    server = ServerProcess(lambda port: [
+        sys.executable, "-m", "loraft.cli", "serve", str(runs[0]), str(runs[1]), "--port", str(port),
+        "--adapters-dir", str(adapters), "--dtype", "fp32", "--max-tokens-cap", "16"], tmp_path / "serve.log")
+    try:
+        with httpx.Client(base_url=server.url, timeout=120) as client:
+            models = [m["id"] for m in client.get("/v1/models").json()["data"]]
+            assert models == [runs[0].name, runs[1].name, tiny_bloom_dir.name]
+            loaded = client.post("/v1/load_lora_adapter", json={"lora_name": "later", "lora_path": "later"})
+            assert loaded.json() == {"status": "loaded", "lora_name": "later"}
+            for name in models + ["later"]:
+                answer = client.post("/v1/chat/completions", json={
+                    "model": name, "messages": [{"role": "user", "content": "你好"}], "temperature": 0,
+                    "max_tokens": 4})
+                assert answer.status_code == 200 and answer.json()["model"] == name, answer.text
+            assert client.post("/v1/unload_lora_adapter", json={"lora_name": "later"}).status_code == 200
+            assert [m["id"] for m in client.get("/v1/models").json()["data"]] == models
+    finally:
+        server.stop()
+    log = (tmp_path / "serve.log").read_text()
+    assert "Traceback" not in log and f"serving model '{runs[1].name}'" in log
