@@ -102,3 +102,18 @@ def test_loraft_demo_stage_rl_reaches_the_stage(monkeypatch, tmp_path, capsys):
     assert main(["demo", "--stage", "rl", "--workdir", str(tmp_path)]) == STOPPED_EXIT_CODE
     assert capsys.readouterr().err == (f"{tmp_path / 'rl-run'}: stopped before its first checkpoint; run "
                                        "loraft demo --stage rl --overwrite to start it again\n")
+
+
+def test_a_previous_rl_run_is_never_replaced_without_overwrite(tmp_path):
+    from loraft.errors import RunError
+
+    previous = tmp_path / "rl-run"
+    previous.mkdir()
+    (previous / "adapter_model.safetensors").write_bytes(b"weights")
+    try:
+        demo_rl.run_rl_demo(tmp_path)
+    except RunError as refused:
+        assert str(refused) == f"{previous}: holds a previous RL demo run; pass --overwrite to replace it"
+    else:
+        raise AssertionError("the previous RL run was not protected")
+    assert (previous / "adapter_model.safetensors").read_bytes() == b"weights"

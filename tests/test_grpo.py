@@ -79,6 +79,16 @@ def test_config_refuses_what_grpo_cannot_run(overrides, sentence):
         load_config(None, overrides)
 
 
+@pytest.mark.parametrize("method", ["prompt_tuning", "prefix_tuning"])
+def test_grpo_refuses_prompt_and_prefix_tuning(method):
+    from loraft.objectives.grpo import check
+
+    config = load_config(None, ["train.objective=grpo", "grpo.rewards=[{type: number}]", f"adapter.method={method}"])
+    with pytest.raises(ConfigError, match=rf"^train.objective=grpo trains a LoRA-family adapter; adapter.method="
+                                          rf"{method} is not supported by TRL's GRPOTrainer here$"):
+        check(config)
+
+
 def test_a_step_must_hold_whole_groups():
     from loraft.objectives.grpo import generations_fit
 
@@ -116,6 +126,7 @@ def test_a_reward_that_raises_names_the_record_it_raised_on():
 
 
 @pytest.mark.parametrize("values, sentence", [
+    (3.0, r"^reward r returned float, not a list of one number per completion \(2\)$"),
     ([1.0], r"reward r returned 1 values for 2 completions \(records from p.jsonl, line 1\)"),
     ([1.0, float("nan")], r"reward r returned nan for the completion of p.jsonl, line 2: a reward must be finite"),
     ([float("inf"), 0.0], r"reward r returned inf for the completion of p.jsonl, line 1"),
