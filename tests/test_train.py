@@ -285,3 +285,16 @@ def test_default_fast_path_trains_close_to_the_reference(tiny_bloom_dir, disk_da
     grouped = _run(tiny_bloom_dir, disk_data, tmp_path / "grouped")
     torch.testing.assert_close(fast, reference, rtol=0.02, atol=0)
     assert all(torch.isfinite(torch.tensor(grouped))) and grouped[-1] < grouped[0]
+
+
+@pytest.mark.parametrize("report, words", [
+    ({"truncated_samples": 3}, "3 truncated"),
+    ({"truncated_prompts": 2, "truncated_completions": {"chosen": 1, "rejected": 4}},
+     "2 prompts and 5 completions truncated"),
+    ({"samples_kept": 9, "dropped": {"prompt over data.max_length": 1}},
+     "none truncated: a prompt over data.max_length is dropped"),
+])
+def test_train_log_says_what_each_record_kind_truncated(report, words):
+    from loraft.train import truncation
+
+    assert truncation(report) == words

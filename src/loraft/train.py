@@ -22,6 +22,16 @@ from loraft.rundir import RunDir, checkpoint_step, local_time
 logger = logging.getLogger("loraft")
 
 
+def truncation(report: dict) -> str:
+    """What the data report says was cut, in train.log's words, for each record kind's report."""
+    if "truncated_samples" in report:  # sft
+        return f"{report['truncated_samples']} truncated"
+    if "truncated_prompts" in report:  # preference pairs
+        completions = sum((report.get("truncated_completions") or {}).values())
+        return f"{report['truncated_prompts']} prompts and {completions} completions truncated"
+    return "none truncated: a prompt over data.max_length is dropped"  # grpo prompts
+
+
 def save_adapter(model, run_dir: Path) -> None:
     """Write the peft adapter into the run directory, staged and then renamed into place (the trained adapter
     only: not a preference run's frozen reference copy)."""
@@ -184,11 +194,9 @@ def train(config: RunConfig, resume: bool = False, callbacks: Optional[list] = N
                 save_config(config, run.config_file)
                 write_json_atomically(run.data_report_file, prepared.report)
                 run.begin(config, plan, template.name, prepared.report, process, started, _versions())
-                logger.info(
-                    "data: %s samples kept of %s records (%s dropped, %s truncated)",
-                    prepared.report.get("samples_kept"), prepared.report.get("records_read"),
-                    sum(prepared.report.get("dropped", {}).values()), prepared.report.get("truncated_samples"),
-                )
+                logger.info("data: %s samples kept of %s records (%s dropped, %s)", prepared.report.get("samples_kept"),
+                            prepared.report.get("records_read"), sum(prepared.report.get("dropped", {}).values()),
+                            truncation(prepared.report))
             set_seed(config.train.seed)
             model, info = load_model_for_training(config, plan, tokenizer, attach=entry.attach_adapter)
             if info["target_matches"]:
