@@ -525,3 +525,25 @@ def test_the_cli_serves_several_runs_and_loads_one_live(runs, tmp_path, tiny_blo
         server.stop()
     log = (tmp_path / "serve.log").read_text()
     assert "Traceback" not in log and f"serving model '{runs[1].name}'" in log
+
+
+def test_rows_that_end_at_their_first_token_while_a_batch_runs(shared, runs):
+    """Requests of one token join a running batch and end in their prefill (the load test found this)."""
+    app = create_app(shared, ServeSettings(max_tokens_cap=64))
+    long = {"model": runs[0].name, "messages": [{"role": "user", "content": "你好"}], "temperature": 0,
+            "max_tokens": 40, "min_tokens": 40}
+
+    async def go():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1", timeout=120) as client:
+            running = asyncio.ensure_future(client.post("/v1/chat/completions", json=long))
+            while shared.active_generations == 0:
+                await asyncio.sleep(0.005)
+            short = await asyncio.gather(*[client.post("/v1/chat/completions", json={
+                **long, "model": runs[i % 3].name, "max_tokens": 1, "min_tokens": 1}) for i in range(3)])
+            return await running, short
+
+    running, short = asyncio.run(go())
+    assert running.status_code == 200 and running.json()["usage"]["completion_tokens"] == 40
+    assert [r.status_code for r in short] == [200] * 3
+    assert all(r.json()["usage"]["completion_tokens"] == 1 for r in short)

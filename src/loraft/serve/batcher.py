@@ -71,6 +71,8 @@ class Batch:
 
     def join(self, other: "Batch") -> None:
         """Append another batch's rows: the shorter cache is left-padded (masked) to the longer one's length."""
+        if not other.jobs:  # every new row ended at its first token
+            return
         if not self.jobs:
             self.jobs, self.mask, self.cache, self.last = other.jobs, other.mask, other.cache, other.last
             return
