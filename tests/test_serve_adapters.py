@@ -547,3 +547,10 @@ def test_rows_that_end_at_their_first_token_while_a_batch_runs(shared, runs):
     assert running.status_code == 200 and running.json()["usage"]["completion_tokens"] == 40
     assert [r.status_code for r in short] == [200] * 3
     assert all(r.json()["usage"]["completion_tokens"] == 1 for r in short)
+
+
+def test_a_prompt_that_encodes_to_no_tokens_is_a_400(shared, runs, monkeypatch):
+    app = create_app(shared)
+    monkeypatch.setattr(shared, "prompt_token_ids", lambda *args: [])
+    response = call(app, ("POST", "/v1/completions", {"model": runs[0].name, "prompt": " ", "max_tokens": 2}))[0]
+    assert response.status_code == 400 and response.json()["error"]["message"] == "The prompt encodes to no tokens."

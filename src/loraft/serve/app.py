@@ -232,6 +232,9 @@ def create_app(engine: Engine, settings: ServeSettings = ServeSettings(), live=N
         try:
             prompt_ids = await engine.tokenize_prompt(messages, template, served.tokenizer)
             prompt_tokens = len(prompt_ids)
+            if not prompt_tokens:  # a tokenizer that drops whitespace-only text: nothing to continue from
+                verb = "encode" if prompt_param == "messages" else "encodes"
+                raise APIError(400, f"The {prompt_param} {verb} to no tokens.", param=prompt_param)
             generation = fit_context(sampling, prompt_tokens, engine.context_length, prompt_param)
             if stream:
                 events = event_stream(served, engine.stream(prompt_ids, template, generation, sampling.seed, stops,
