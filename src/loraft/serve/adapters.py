@@ -88,7 +88,7 @@ class RunsOnOneBase:
         where = run.run_dir
         if name in taken:
             raise RunError(f"{where}: the name {name!r} is served already (runs are served under their directory's "
-                           "name: rename one, or give it another name)")
+                           "name: copy or rename one of them)")
         key = base_key(run)
         if key != self.key:
             raise RunError(f"{where}: its base is {show(key)}, not the {show(self.key)} this server shares: serve it "
@@ -127,13 +127,13 @@ def load_runs(runs: Sequence, names: Sequence[str], device: Optional[str], dtype
     from loraft.generate import load_run
 
     first = runs[0]
+    if len(runs) > 1:  # every run checked before any weight loads (the vocabularies, once the tokenizers load)
+        taken: list[str] = []
+        for run, name in zip(runs, names):
+            RunsOnOneBase(base_key(first), None, None).check(run, name, taken)
+            taken.append(name)
     model, tokenizer, template, info = load_run(first, device=device, dtype=dtype)
     shared = RunsOnOneBase(base_key(first), tokenizer, info["dtype"])
-    if len(runs) > 1:
-        taken: list[str] = []
-        for run, name in zip(runs, names):  # every run checked before more weights load
-            shared.check(run, name, taken)
-            taken.append(name)
     engine = Engine(model, tokenizer, template, names[0], first.config.generation, info, **engine_options)
     for run, name in zip(runs[1:], names[1:]):
         adapter = shared.adapter_name()
