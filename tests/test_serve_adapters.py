@@ -313,25 +313,34 @@ def test_an_adapter_loaded_live_answers_as_its_run_alone_and_unloads(live, alone
     assert adapter not in engine.model.peft_config  # its weights are gone from the model
 
 
+def while_one_runs(engine, app, body: dict, meanwhile):
+    """(the response to `body`, what `meanwhile(client)` returns): it runs once `body`'s request is generating."""
+    async def go():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1", timeout=120) as client:
+            running = asyncio.ensure_future(client.post("/v1/chat/completions", json=body))
+            while engine.active_generations == 0:
+                await asyncio.sleep(0.005)
+            result = await meanwhile(client)
+            return await running, result
+
+    return asyncio.run(go())
+
+
 def test_an_unload_waits_for_the_requests_running_on_the_adapter(live, alone):
     engine, app, _ = live
     call(app, ("POST", "/v1/load_lora_adapter", {"lora_name": "all", "lora_path": "bloom-all-linear"}))
     long = {"model": "all", "messages": [{"role": "user", "content": "你好"}], "temperature": 0, "max_tokens": 48,
             "min_tokens": 48}
 
-    async def go():
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1", timeout=120) as client:
-            running = asyncio.ensure_future(client.post("/v1/chat/completions", json=long))
-            while engine.active_generations == 0:
-                await asyncio.sleep(0.005)
-            unload = asyncio.ensure_future(client.post("/v1/unload_lora_adapter", json={"lora_name": "all"}))
-            while not engine.models["all"].unloading:
-                await asyncio.sleep(0.005)
-            refused = await client.post("/v1/chat/completions", json=long)  # new requests are refused at once
-            return await running, await unload, refused
+    async def meanwhile(client):
+        unload = asyncio.ensure_future(client.post("/v1/unload_lora_adapter", json={"lora_name": "all"}))
+        while not engine.models["all"].unloading:
+            await asyncio.sleep(0.005)
+        refused = await client.post("/v1/chat/completions", json=long)  # new requests are refused at once
+        return await unload, refused
 
-    running, unload, refused = asyncio.run(go())
+    running, (unload, refused) = while_one_runs(engine, app, long, meanwhile)
     assert running.status_code == 200 and running.json()["usage"]["completion_tokens"] == 48
     assert unload.json() == {"status": "unloaded", "lora_name": "all", "waited_for_requests": 1}
     assert refused.status_code == 404
@@ -533,17 +542,11 @@ def test_rows_that_end_at_their_first_token_while_a_batch_runs(shared, runs):
     long = {"model": runs[0].name, "messages": [{"role": "user", "content": "你好"}], "temperature": 0,
             "max_tokens": 40, "min_tokens": 40}
 
-    async def go():
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1", timeout=120) as client:
-            running = asyncio.ensure_future(client.post("/v1/chat/completions", json=long))
-            while shared.active_generations == 0:
-                await asyncio.sleep(0.005)
-            short = await asyncio.gather(*[client.post("/v1/chat/completions", json={
-                **long, "model": runs[i % 3].name, "max_tokens": 1, "min_tokens": 1}) for i in range(3)])
-            return await running, short
+    async def meanwhile(client):
+        return await asyncio.gather(*[client.post("/v1/chat/completions", json={
+            **long, "model": runs[i % 3].name, "max_tokens": 1, "min_tokens": 1}) for i in range(3)])
 
-    running, short = asyncio.run(go())
+    running, short = while_one_runs(shared, app, long, meanwhile)
     assert running.status_code == 200 and running.json()["usage"]["completion_tokens"] == 40
     assert [r.status_code for r in short] == [200] * 3
     assert all(r.json()["usage"]["completion_tokens"] == 1 for r in short)
