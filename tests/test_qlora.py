@@ -110,3 +110,37 @@ def test_int8_loads_and_trains_one_step(tmp_path_factory, tmp_path, alpaca_jsonl
                                    "model.quantization=int8", "adapter.target_modules=[q_proj,v_proj]",
                                    "adapter.modules_to_save=null", "train.max_steps=1", "train.precision=fp32"]))
     assert json.loads((run / "loraft_run.json").read_text())["status"] == "finished"
+
+
+def test_two_qlora_runs_mix_in_one_batch_and_answer_as_each_alone(qlora_run, tmp_path):
+    """`loraft serve` of two QLoRA runs on one 4-bit base: a mixed batch (peft's 4-bit LoRA layers take peft's own
+    mixed path) gives each run's first-token logits and greedy answers as that run loaded alone."""
+    from loraft.generate import encode_prompt, load_run
+    from loraft.rundir import RunAccess, open_run
+    from loraft.serve import ServeSettings, create_app
+    from loraft.serve.adapters import load_runs
+    from loraft.train import train
+    from test_serve_adapters import alone_answer, in_one_batch
+
+    base, first = qlora_run
+    second = train(load_config(None, [
+        f"model.name_or_path={base}", f"data.path={write_alpaca(tmp_path / 'train.jsonl')}",
+        f"output_dir={tmp_path / 'second'}", "model.quantization=nf4", "adapter.target_modules=[q_proj,v_proj]",
+        "adapter.modules_to_save=null", "train.max_steps=4", "train.learning_rate=0.03",
+        "train.per_device_train_batch_size=4", "train.gradient_accumulation_steps=1", "train.precision=fp32"]))
+    runs = [first, second]
+    engine, _ = load_runs([open_run(run, RunAccess()) for run in runs], ["first", "second"], device="cpu",
+                          dtype="fp32")
+    captured = []
+    engine.batcher.first_logits = lambda jobs, logits: captured.append(([j.adapter for j in jobs], logits.clone()))
+    prompts = ["人工智能是什么", "北京", "你好", "写一首诗"]
+    requests = [(["first", "second"][i % 2], prompt, 6) for i, prompt in enumerate(prompts)]
+    responses = in_one_batch(engine, create_app(engine, ServeSettings(max_tokens_cap=16)), requests)
+    alone = {"first": load_run(first, dtype="fp32"), "second": load_run(second, dtype="fp32")}
+    assert len(captured) == 1 and len(set(captured[0][0])) == 2  # one prefill, both adapters in it
+    for row, ((name, prompt, tokens), response) in enumerate(zip(requests, responses)):
+        assert response.json()["choices"][0]["message"]["content"] == alone_answer(alone, name, prompt, tokens).text
+        model, tokenizer, template, _ = alone[name]
+        ids = torch.tensor([encode_prompt(tokenizer, template, [{"role": "user", "content": prompt}])])
+        torch.testing.assert_close(captured[0][1][row], _logits(model, ids)[0, -1], rtol=0, atol=1e-5)
+    engine.close()
