@@ -128,10 +128,9 @@ def load_runs(runs: Sequence, names: Sequence[str], device: Optional[str], dtype
 
     first = runs[0]
     if len(runs) > 1:  # every run checked before any weight loads (the vocabularies, once the tokenizers load)
-        taken: list[str] = []
-        for run, name in zip(runs, names):
-            RunsOnOneBase(base_key(first), None, None).check(run, name, taken)
-            taken.append(name)
+        before_loading = RunsOnOneBase(base_key(first), None, None)
+        for index, (run, name) in enumerate(zip(runs, names)):
+            before_loading.check(run, name, names[:index])
     model, tokenizer, template, info = load_run(first, device=device, dtype=dtype)
     shared = RunsOnOneBase(base_key(first), tokenizer, info["dtype"])
     engine = Engine(model, tokenizer, template, names[0], first.config.generation, info, **engine_options)

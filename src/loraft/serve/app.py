@@ -144,7 +144,7 @@ def create_app(engine: Engine, settings: ServeSettings = ServeSettings(), live=N
     (the UI's chat app for one run, on an engine it shares with other runs of the base)."""
 
     def names() -> list[str]:
-        return [only] if only is not None and engine.lookup(only) is not None else [] if only else engine.names
+        return engine.names if only is None else [name for name in engine.names if name == only]
 
     def lookup(name: str) -> Optional[Served]:
         return engine.lookup(name) if only is None or name == only else None

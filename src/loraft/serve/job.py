@@ -60,11 +60,11 @@ class Job:
     def take(self, token: int) -> bool:
         """Add the chosen token; True when the answer is finished."""
         if token in self.stop_ids:
-            self.ended = True
-            self._emit(final=True)
+            self.ended = True  # finish() hands over the rest of the text
             return True
         self.generated.append(token)
-        stopped = self._emit(final=False)
+        # decoded every step only for a stream's pieces or a stop string; a whole answer is decoded once, at the end
+        stopped = self._emit(final=False) if self.on_piece is not None or self.stops else False
         return stopped or len(self.generated) >= self.settings.max_new_tokens or self.cancel.is_set()
 
     def _emit(self, final: bool) -> bool:

@@ -101,11 +101,11 @@ def serve(
         engine = Engine(model, tokenizer, template, names[0], info["config"].generation, info, **options)
     else:
         # an adapter that cannot mix serves alone, without the base beside it
-        mixable = mix_problem(runs[0].adapter_dir) is None
-        if adapters_dir is not None and not mixable:
-            raise RunError(f"{runs[0].run_dir}: {mix_problem(runs[0].adapter_dir)}, so no other adapter can be loaded "
-                           "beside it: serve it without --adapters-dir")
-        engine, shared = load_runs(runs, names, device=device, dtype=dtype, serve_base=mixable, **options)
+        problem = mix_problem(runs[0].adapter_dir)
+        if adapters_dir is not None and problem is not None:
+            raise RunError(f"{runs[0].run_dir}: {problem}, so no other adapter can be loaded beside it: serve it "
+                           "without --adapters-dir")
+        engine, shared = load_runs(runs, names, device=device, dtype=dtype, serve_base=problem is None, **options)
         if adapters_dir is not None:
             live = LiveAdapters(engine, shared, Path(adapters_dir), max_adapters=max_adapters)
     model = engine.model

@@ -50,6 +50,12 @@ def chat_query(checkpoint: Optional[str], base: Optional[str]) -> tuple[Optional
     return checkpoint, base in ("1", "true")
 
 
+def chat_model_id(key: tuple) -> str:
+    """The model id a chat model answers to: RUN, RUN/checkpoint-N, or RUN/base."""
+    name, checkpoint, base = key
+    return f"{name}/base" if base else f"{name}/{checkpoint}" if checkpoint else name
+
+
 class BaseCopy:
     """One base model in memory (a loraft.serve Engine) and the chat models on it: runs' adapters, checkpoints'
     adapters and the base itself, each one Served of the engine."""
@@ -124,7 +130,7 @@ class ChatModels:
                     await self._drop(key)
                 name, checkpoint, base = key
                 run = await run_in_threadpool(open_chat_run, self.workspace, run_dir, checkpoint)
-                model_id = f"{name}/base" if base else f"{name}/{checkpoint}" if checkpoint else name
+                model_id = chat_model_id(key)
                 shares = mix_problem(run.adapter_dir) is None
                 where = base_key(run) if shares else key  # a run that cannot share keeps a copy of its own
                 copy = self._bases.get(where)
@@ -164,9 +170,7 @@ class ChatModels:
         if copy is None:
             return
         copy.keys.discard(key)
-        name, checkpoint, base = key
-        model_id = f"{name}/base" if base else f"{name}/{checkpoint}" if checkpoint else name
-        served = copy.engine.models.get(model_id)
+        served = copy.engine.models.get(chat_model_id(key))
         if not copy.keys:
             self._evict_base(where)
         elif served is not None and served is not copy.engine.primary:
@@ -179,10 +183,8 @@ class ChatModels:
 
         where = self._loaded[key][2]
         copy = self._bases.get(where)
-        name, checkpoint, base = key
-        model_id = f"{name}/base" if base else f"{name}/{checkpoint}" if checkpoint else name
-        served = copy.engine.models.get(model_id) if copy is not None else None
-        if copy is None or served is None or served is copy.engine.primary or not base and not copy.shared:
+        served = copy.engine.models.get(chat_model_id(key)) if copy is not None else None
+        if copy is None or served is None or served is copy.engine.primary or copy.shared is None:
             self._loaded.pop(key)
             if copy is not None:
                 self._evict_base(where)
