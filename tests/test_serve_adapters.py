@@ -247,7 +247,7 @@ def sse(text):
 
 
 @pytest.fixture(scope="module")
-def live(runs, tiny_bloom_dir, tmp_path_factory):
+def live(runs, tiny_bloom_dir, tiny_llama_dir, tmp_path_factory):
     """A server of the first run with --adapters-dir holding copies of the other two, a run still training, a run
     of another base, and a link that points out of the directory."""
     import shutil
@@ -261,20 +261,16 @@ def live(runs, tiny_bloom_dir, tmp_path_factory):
     shutil.copytree(runs[1], unfinished)
     record = json.loads((unfinished / "loraft_run.json").read_text())
     (unfinished / "loraft_run.json").write_text(json.dumps({**record, "status": "running"}))
-    llama = trained_run(tmp_path_factory, "llama-default", tiny_llama_dir_of(tmp_path_factory),
+    llama = trained_run(tmp_path_factory, "llama-default", tiny_llama_dir,
                         ["adapter.target_modules=[q_proj]", "adapter.modules_to_save=null"])
     shutil.copytree(llama, adapters / "other-base")
     (adapters / "escape").symlink_to(runs[2].parent)
     engine, shared = load_runs(opened(runs[:1]), [runs[0].name], device="cpu", dtype="fp32", max_batch=8)
-    app = create_app(engine, ServeSettings(max_tokens_cap=64), live=LiveAdapters(engine, shared, adapters))
+    live_adapters = LiveAdapters(engine, shared, adapters)
+    app = create_app(engine, ServeSettings(max_tokens_cap=64), live=live_adapters)
+    app.state.live = live_adapters  # for the tests that change its limits
     yield engine, app, adapters
     engine.close()
-
-
-def tiny_llama_dir_of(tmp_path_factory):
-    path = tmp_path_factory.getbasetemp() / "tiny-llama0"
-    assert path.is_dir(), "the tiny llama fixture made it"
-    return path
 
 
 def call(app, *requests):
@@ -360,6 +356,8 @@ def test_an_unload_waits_for_the_requests_running_on_the_adapter(live, alone):
     ({"lora_name": "x" * 129, "lora_path": "bloom-mlp"}, 400, "lora_name must be at most 128 printable characters."),
     ({"lora_name": "x", "lora_path": "bloom-mlp", "extra": 1}, 400, "Unknown field 'extra'."),
     ({"lora_name": "x", "lora_path": 7}, 400, "lora_path must be a non-empty path string."),
+    ({"lora_name": "x", "lora_path": "bloom-mlp", "load_inplace": True}, 400,
+     "load_inplace is not supported: unload the adapter, then load it."),
 ])
 def test_bad_loads_are_a_4xx_in_one_sentence(live, body, status, message):
     engine, app, _ = live
@@ -388,6 +386,7 @@ def test_unfinished_and_foreign_runs_are_named_in_their_sentence(live):
     ({"lora_name": "bloom-default"}, 400, "'bloom-default' holds the shared base's adapter slot (the first run the "
                                           "server started with); it stays loaded."),
     ({}, 400, "lora_name must be a non-empty string."),
+    ({"lora_name": "nope", "lora_path": "x"}, 400, "Unknown field 'lora_path'."),
 ])
 def test_bad_unloads_are_a_4xx_in_one_sentence(live, body, status, message):
     response = call(live[1], ("POST", "/v1/unload_lora_adapter", body))[0]
@@ -557,3 +556,53 @@ def test_a_prompt_that_encodes_to_no_tokens_is_a_400(shared, runs, monkeypatch):
     monkeypatch.setattr(shared, "prompt_token_ids", lambda *args: [])
     response = call(app, ("POST", "/v1/completions", {"model": runs[0].name, "prompt": " ", "max_tokens": 2}))[0]
     assert response.status_code == 400 and response.json()["error"]["message"] == "The prompt encodes to no tokens."
+
+
+def test_loads_past_max_adapters_are_refused(live, monkeypatch):
+    engine, app, _ = live
+    monkeypatch.setattr(app.state.live, "max_adapters", 1)  # the first run holds the one place
+    response = call(app, ("POST", "/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "bloom-mlp"}))[0]
+    assert response.status_code == 400 and response.json()["error"]["message"] == (
+        "1 adapters are loaded (the server's --max-adapters); unload one first.")
+    assert engine.names == ["bloom-default", "tiny-bloom0"]
+
+
+@pytest.mark.parametrize("kwargs, sentence", [
+    ({"max_batch": 0}, "--max-batch must be > 0 (got 0)"),
+    ({"max_adapters": 0}, "--max-adapters must be > 0 (got 0)"),
+    ({"adapters_dir": "/nonexistent/adapters"}, "/nonexistent/adapters: --adapters-dir is not a directory"),
+    ({"base_only": True, "two": True}, "--base serves one run's base model alone: give one run and no --adapters-dir"),
+])
+def test_serve_refuses_bad_settings_before_loading(runs, kwargs, sentence):
+    from loraft.serve import serve
+
+    kwargs = dict(kwargs)
+    run_dirs = runs[:2] if kwargs.pop("two", False) else runs[:1]
+    with pytest.raises(RunError) as refused:
+        serve(run_dirs, **kwargs)
+    assert str(refused.value) == sentence
+
+
+def test_a_run_that_cannot_mix_refuses_an_adapters_dir(tmp_path_factory, tiny_bloom_dir, tmp_path):
+    from loraft.serve import serve
+
+    run = trained_run(tmp_path_factory, "bloom-prompt", tiny_bloom_dir,
+                      ["adapter.method=prompt_tuning", "adapter.num_virtual_tokens=4"])
+    with pytest.raises(RunError) as refused:
+        serve(run, adapters_dir=tmp_path)
+    assert str(refused.value) == (f"{run}: it is a prompt tuning adapter, which peft cannot mix in one batch, so no "
+                                  "other adapter can be loaded beside it: serve it without --adapters-dir")
+
+
+def test_a_bf16_model_mixes_adapters_too(runs):
+    """The branch a bf16 machine serves on (generation.dtype auto there): bf16 base weights, fp32 adapters, the
+    stacked path casting each row in; the mixed answers equal each run served alone in bf16."""
+    engine, _ = load_runs(opened(runs), [run.name for run in runs], device="cpu", dtype="bf16", max_batch=8)
+    assert next(engine.model.parameters()).dtype == torch.bfloat16
+    alone = {run.name: load_run(run, dtype="bf16") for run in runs}
+    requests = [(runs[index % 3].name, PROMPTS[index % 2], 5) for index in range(6)]  # equal lengths: no padding
+    responses = in_one_batch(engine, create_app(engine, ServeSettings(max_tokens_cap=16)), requests)
+    for (name, prompt, tokens), response in zip(requests, responses):
+        assert response.status_code == 200
+        assert response.json()["choices"][0]["message"]["content"] == alone_answer(alone, name, prompt, tokens).text
+    engine.close()
