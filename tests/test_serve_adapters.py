@@ -606,3 +606,19 @@ def test_a_bf16_model_mixes_adapters_too(runs):
         assert response.status_code == 200
         assert response.json()["choices"][0]["message"]["content"] == alone_answer(alone, name, prompt, tokens).text
     engine.close()
+
+
+def test_a_run_whose_vocabulary_differs_is_refused(runs, tmp_path):
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    other = tmp_path / "more-tokens"
+    shutil.copytree(runs[1], other)
+    tokenizer = AutoTokenizer.from_pretrained(other)
+    tokenizer.add_tokens(["<extra-token>"])
+    tokenizer.save_pretrained(other)
+    with pytest.raises(RunError) as refused:
+        load_runs(opened([runs[0], other]), [runs[0].name, "more-tokens"], device="cpu", dtype="fp32")
+    assert str(refused.value) == (f"{other}: its tokenizer's vocabulary differs from the base's ({len(tokenizer)} "
+                                  f"tokens, not {len(tokenizer) - 1}): serve it from a server of its own")
