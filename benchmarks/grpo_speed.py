@@ -2,7 +2,7 @@
 
     python benchmarks/grpo_speed.py                       # SmolLM2-135M-Instruct, 10 steps x 2 prompts x 8 answers
     python benchmarks/grpo_speed.py --steps 4 --quick     # a check that every variant runs (tiny lengths)
-    python benchmarks/grpo_speed.py --generation          # one generate call three ways (weights dtype, autocast)
+    python benchmarks/grpo_speed.py --generation          # one generate call four ways (weights, autocast, head)
 
 The model is the real one, SmolLM2-135M-Instruct (its Q4_1 GGUF, loraft.smollm2): loraft trains the .gguf file as a
 user does (the `gguf-lora` preset's LoRA: r 16, alpha 32 on every linear layer of a block), TRL its dequantized
@@ -20,6 +20,8 @@ exact-match reward against the record's `answer`, the same for every variant, an
   loraft    loraft.train.train() with train.objective=grpo and loraft's defaults (the plan's precision: frozen
             weights stored in bf16 where it picks bf16, generation under its autocast; no checkpointing).
   loraft-fp32  the same with train.precision=fp32: fp32 weights, generation and update without autocast.
+  loraft-head-each-token  loraft without loraft.weights.HeadCastOnce (not in the default --variants): generation's
+            tied fp32 head cast by autocast at every token, as before it; the A/B of that speed-up.
 
 Reported per variant: median seconds per optimizer step (the first, warm-up, left out), the generated completion
 tokens per step and per second (sampling decides the lengths, so the cost per generated token is the fair
@@ -145,6 +147,12 @@ def run_loraft(args, variant: str, clock: Clock) -> dict:
     from loraft.train import train
 
     overrides = ["train.precision=fp32"] if variant == "loraft-fp32" else []
+    if variant == "loraft-head-each-token":  # the A/B of HeadCastOnce: autocast casts the tied head at every token
+        import contextlib
+
+        from loraft.objectives import grpo
+
+        grpo.HeadCastOnce = lambda model: contextlib.nullcontext()
     run_dir = train(loraft_config(args, Path(args.run_root) / variant, overrides), callbacks=[clock.callback],
                     progress_bar=False)
     plan = json.loads((run_dir / "loraft_run.json").read_text())["plan"]
@@ -177,8 +185,11 @@ def summarize(result: dict) -> dict:
 
 def generation_costs(repeats: int = 3) -> list[dict]:
     """Median seconds of one sampled generate call of 16 rows x 32 new tokens (40-token prompts) on SmolLM2 with the
-    benchmark's LoRA, three ways: TRL's (fp32 weights, no autocast), fp32 weights under bf16 autocast, and loraft's
-    under a bf16 plan (frozen weights stored in bf16, bf16 autocast)."""
+    benchmark's LoRA, four ways: TRL's (fp32 weights, no autocast), fp32 weights under bf16 autocast, and loraft's
+    under a bf16 plan (frozen weights stored in bf16, bf16 autocast) with the tied fp32 head cast at every token (as
+    autocast does) and once a call (loraft.weights.HeadCastOnce)."""
+    import contextlib
+
     import torch
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
@@ -194,9 +205,14 @@ def generation_costs(repeats: int = 3) -> list[dict]:
     adapter: AdapterConfig = load_config(preset_path("gguf-lora"), ["adapter.dropout=0"]).adapter
     ids = torch.randint(100, 20000, (16, 40))
     rows = []
-    for name, cast, autocast in (("fp32 weights, no autocast (TRL)", False, False),
-                                 ("fp32 weights, bf16 autocast", False, True),
-                                 ("bf16 frozen weights, bf16 autocast (loraft, bf16 plan)", True, True)):
+    from loraft.weights import HeadCastOnce
+
+    for name, cast, autocast, head_once in (
+            ("fp32 weights, no autocast (TRL)", False, False, False),
+            ("fp32 weights, bf16 autocast", False, True, False),
+            ("bf16 frozen weights, bf16 autocast, the tied head cast at every token", True, True, False),
+            ("bf16 frozen weights, bf16 autocast, the tied head cast once a call (loraft, bf16 plan)", True, True,
+             True)):
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_pretrained(folder, variant="fp32", dtype=torch.float32)
         model = get_peft_model(model, build_peft_config(adapter))
@@ -205,10 +221,11 @@ def generation_costs(repeats: int = 3) -> list[dict]:
 
         def once():
             with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-                started = time.perf_counter()
-                model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=32,
-                               min_new_tokens=32, do_sample=True, pad_token_id=0)
-                return time.perf_counter() - started
+                started = time.perf_counter()  # HeadCastOnce's one cast counts
+                with HeadCastOnce(model) if head_once else contextlib.nullcontext():
+                    model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=32,
+                                   min_new_tokens=32, do_sample=True, pad_token_id=0)
+                    return time.perf_counter() - started
 
         once()
         rows.append({"way": name, "median_s": round(statistics.median(once() for _ in range(repeats)), 3)})
@@ -227,7 +244,7 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="8-token completions, 4 per prompt")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--json", help="the report (default: benchmarks/results/DATE-CLASS-grpo_speed.json)")
-    parser.add_argument("--generation", action="store_true", help="only the generate call, three ways")
+    parser.add_argument("--generation", action="store_true", help="only the generate call, four ways")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--run-root", help=argparse.SUPPRESS)
     parser.add_argument("--gguf", help=argparse.SUPPRESS)

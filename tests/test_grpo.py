@@ -428,3 +428,87 @@ def test_a_bf16_plan_generates_and_trains(tiny_llama_dir, tmp_path):
     assert [m["step"] for m in metrics if "loss" in m] == [1, 2]
     assert all(m["generation_seconds"] > 0 for m in metrics if "loss" in m)
     assert "precision           bf16" in (run / "train.log").read_text()
+
+
+@pytest.fixture(scope="module")
+def tied_llama_dir(tiny_llama_dir, tmp_path_factory) -> Path:
+    """The tiny Llama's shape with lm_head tied to the input embedding (SmolLM2's and Qwen2-0.5B's layout): the head
+    stays fp32 under a bf16 plan, as the looked-up embedding does (loraft.weights.cast_frozen_weights)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from conftest import save_random_model
+
+    config = AutoConfig.from_pretrained(tiny_llama_dir)
+    config.tie_word_embeddings = True
+    return save_random_model(tmp_path_factory.mktemp("tied-llama"), AutoTokenizer.from_pretrained(tiny_llama_dir),
+                             config)
+
+
+def test_a_tied_head_cast_once_computes_what_autocast_does(tied_llama_dir):
+    """HeadCastOnce gives the head's logits autocast gives, bit for bit, and leaves the head as it found it; it does
+    nothing without autocast, for a trainable head, or for a head already in the autocast dtype."""
+    from transformers import AutoModelForCausalLM
+
+    from loraft.weights import HeadCastOnce, cast_frozen_weights
+
+    model = AutoModelForCausalLM.from_pretrained(tied_llama_dir, dtype=torch.float32).eval()
+    cast_frozen_weights(model, torch.bfloat16)
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    head = model.get_output_embeddings()
+    assert head.weight is model.get_input_embeddings().weight and head.weight.dtype == torch.float32
+    ids = torch.tensor([[1, 5, 9, 33, 2, 7], [1, 8, 8, 40, 3, 9]])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = model(ids).logits
+        with HeadCastOnce(model) as cast:
+            assert "forward" in vars(head) and cast.head is head
+            once = model(ids).logits
+        assert "forward" not in vars(head)
+    assert plain.dtype == torch.bfloat16 and torch.equal(plain, once)
+    with torch.no_grad(), HeadCastOnce(model) as cast:  # no autocast: fp32 as it is
+        assert cast.head is None and "forward" not in vars(head)
+    head.weight.requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16), HeadCastOnce(model) as cast:  # a trainable head: autocast's
+        assert cast.head is None and "forward" not in vars(head)
+
+
+def _grpo_losses_and_adapter(model_dir: Path, tmp_path: Path, name: str, *overrides: str):
+    data = write_prompts(tmp_path / "p.jsonl")
+    run = tmp_path / name
+    with one_thread():
+        assert main(["train", str(grpo_yaml(model_dir, data, run, "[{type: number}]", steps=2)), *overrides]) == 0
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    completions = [json.loads(line) for line in (run / "completions.jsonl").read_text().splitlines()]
+    return ([m["loss"] for m in metrics if "loss" in m], [c["completion"] for c in completions],
+            load_file(run / "adapter_model.safetensors"))
+
+
+def test_each_generation_speed_up_keeps_the_loss_equal(tied_llama_dir, tmp_path, monkeypatch):
+    """The speed-ups of GRPO's generation change no loss: the head cast once per generate call (a bf16 plan, a
+    tied head) against autocast's cast at every token, and the KV cache against recomputing every position (fp32);
+    the same completions, losses and adapter, bit for bit."""
+    import contextlib
+
+    from loraft.objectives import grpo
+
+    logged = "grpo.completions_logged=8"
+    fast = _grpo_losses_and_adapter(tied_llama_dir, tmp_path, "cast-once", "train.precision=bf16", logged)
+    with monkeypatch.context() as patch:
+        patch.setattr(grpo, "HeadCastOnce", lambda model: contextlib.nullcontext())
+        slow = _grpo_losses_and_adapter(tied_llama_dir, tmp_path, "cast-each-token", "train.precision=bf16", logged)
+    assert fast[0] == slow[0] and fast[1] == slow[1] and len(fast[1]) == 16
+    assert sorted(fast[2]) == sorted(slow[2]) and all(torch.equal(fast[2][k], slow[2][k]) for k in fast[2])
+
+    cached = _grpo_losses_and_adapter(tied_llama_dir, tmp_path, "kv-cache", logged)
+    arguments = grpo.arguments
+
+    def without_cache(*args, **kwargs):
+        made = arguments(*args, **kwargs)
+        made.generation_kwargs = {"use_cache": False}
+        return made
+
+    with monkeypatch.context() as patch:
+        patch.setattr(grpo, "arguments", without_cache)
+        recomputed = _grpo_losses_and_adapter(tied_llama_dir, tmp_path, "no-cache", logged)
+    assert cached[0] == recomputed[0] and cached[1] == recomputed[1]
+    assert all(torch.equal(cached[2][k], recomputed[2][k]) for k in cached[2])

@@ -115,7 +115,7 @@ def _patched_measurement(monkeypatch, seconds):
     monkeypatch.setattr(tune, "_step_work", lambda model, lengths, budget, precision, device: _Tagged(model, budget))
     monkeypatch.setattr(tune, "_head_work", lambda hidden, vocab, precision, fused, device: _Tagged("head", fused))
     monkeypatch.setattr(tune, "_optimizer_work", lambda name, device: _Tagged("optimizer", name))
-    monkeypatch.setattr(tune, "_timed", lambda work, **kwargs: seconds(*work.tag))
+    monkeypatch.setattr(tune, "timed", lambda work, **kwargs: seconds(*work.tag))
 
 
 def test_when_every_speed_path_loses_the_reference_path_is_chosen(monkeypatch):

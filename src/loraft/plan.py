@@ -18,7 +18,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
-from loraft import gguf_base
+from loraft import gguf_base, rollout_cost
 from loraft.batching import micro_batch_budget, plan_micro_batches
 from loraft.config import RunConfig
 from loraft.errors import ConfigError
@@ -55,6 +55,7 @@ class Plan:
     retention: str = "off"  # the retention guard (loraft.retention_guard.describe)
     lora_dropout: str = "none"  # FAST_DROPOUT: loraft.fastpaths.dropout's masks; "torch's"; "none"
     rollout: str = ""  # GRPO: how completions are sampled (describe_rollout); "" for the other objectives
+    rollout_cost: Optional[dict] = None  # GRPO: a step's generation and update seconds (loraft.rollout_cost), or None
     reasons: dict = field(default_factory=dict)
     capabilities: dict = field(default_factory=dict)
     tuning: Optional[dict] = None  # the measurement the speed choices came from (loraft.tune), or None
@@ -96,6 +97,8 @@ class Plan:
         ]
         if self.rollout:
             rows.append(("rollout", self.rollout, "rollout"))
+            rows.append(("rollout cost", rollout_cost.describe(self.rollout_cost) if self.rollout_cost
+                         else "not measured", "rollout_cost"))
         lines = [f"  {name:19} {value}" + (f"  ({self.reasons[key]})" if self.reasons.get(key) else "")
                  for name, value, key in rows]
         if self.tuning:
@@ -128,11 +131,12 @@ def world_size_from_env() -> int:
 
 
 def make_plan(config: RunConfig, caps: Capabilities, model_config: Any, world_size: int = 1,
-              tuning: Optional[dict] = None) -> Plan:
+              tuning: Optional[dict] = None, rollout_cost: Optional[dict] = None) -> Plan:
     """Decide everything the run depends on (see the module docstring); a pure function of its arguments.
 
     Args:
         tuning: a measurement of the speed choices (loraft.tune.measure/cached), or None for the static defaults.
+        rollout_cost: GRPO's step timed on this machine (loraft.rollout_cost.measure/cached), or None.
     Raises:
         ConfigError: a setting this machine cannot run (fp16 without CUDA).
     """
@@ -249,6 +253,12 @@ def make_plan(config: RunConfig, caps: Capabilities, model_config: Any, world_si
     rollout = ""
     if train.objective == "grpo":
         rollout, reasons["rollout"] = describe_rollout(config, precision, world_size)
+        reasons["rollout_cost"] = (
+            "each part timed on one layer at the model's width and scaled to its depth and vocabulary "
+            "(loraft.rollout_cost); metrics.jsonl logs the measured generation_seconds beside step_time"
+            if rollout_cost else "autotune off, several processes, or not measured yet (`loraft plan --measure`)")
+    else:
+        rollout_cost = None
     generation_dtype, reasons["generation_dtype"] = choose_inference_dtype(config.generation.dtype, caps)
     retention, reasons["retention"] = describe_guard(config)
     return Plan(
@@ -256,8 +266,8 @@ def make_plan(config: RunConfig, caps: Capabilities, model_config: Any, world_si
         samples_per_batch=samples, accumulation=accumulation, sampler=sampler, fused_loss=fused,
         packing=packing, model_type=kind, speed_path=speed_path, attention=attention, attention_patch=patch,
         optimizer=optimizer, gradient_checkpointing=train.gradient_checkpointing, world_size=world_size,
-        generation_dtype=generation_dtype, retention=retention, lora_dropout=lora_dropout, rollout=rollout, reasons=reasons, capabilities=caps.to_dict(),
-        tuning=tuning,
+        generation_dtype=generation_dtype, retention=retention, lora_dropout=lora_dropout, rollout=rollout,
+        rollout_cost=rollout_cost, reasons=reasons, capabilities=caps.to_dict(), tuning=tuning,
     )
 
 
@@ -269,10 +279,8 @@ def describe_rollout(config: RunConfig, precision: str, world_size: int) -> tupl
     line = (f"{prompts} prompt(s) a step x {grpo.num_generations} completions of <= {grpo.max_completion_length} "
             f"tokens, T {grpo.temperature}, top_p {grpo.top_p}{f', top_k {grpo.top_k}' if grpo.top_k else ''}; "
             f"transformers generate (KV cache, {rows // world_size} rows a batch) on the policy in {precision}")
-    reason = (f"cost: generation is {grpo.max_completion_length} sequential decoding steps of {rows // world_size} "
-              f"rows (on a CPU each step reads every weight, so their count, not the FLOPs, sets the time); the update "
-              f"is a forward and backward over the same rows' prompt + completion tokens, about 3 forwards; "
-              f"metrics.jsonl logs the measured generation_seconds beside step_time")
+    reason = (f"generation is {grpo.max_completion_length} sequential decoding steps of {rows // world_size} rows; "
+              f"the update a forward and backward over the same rows' prompt + completion tokens")
     return line, reason
 
 
@@ -318,9 +326,13 @@ def read_model_config(config: RunConfig, offline_shape: bool = False):
 
 
 def plan_run(config: RunConfig, model_config: Any, world_size: Optional[int] = None, measure: bool = True,
-             log=None) -> Plan:
+             log=None, prompt_tokens: Optional[int] = None) -> Plan:
     """The run's plan on this machine: capabilities, then the cached speed measurement, or a new one when
-    `measure` and autotune allow it (one process only: ranks of a multi-process run read the cache)."""
+    `measure` and autotune allow it (one process only: ranks of a multi-process run read the cache).
+
+    Args:
+        prompt_tokens: GRPO: the prompts' mean length, once the data is read (`with_data`); None before.
+    """
     from loraft import tune
     from loraft.precision import machine_capabilities
 
@@ -335,7 +347,26 @@ def plan_run(config: RunConfig, model_config: Any, world_size: Optional[int] = N
         if tuning is None and measure and world_size == 1:
             tuning = tune.measure(config, precision, model_config, device=_torch_device(caps, config),
                                   **({"log": log} if log else {}))
-    return make_plan(config, caps, model_config, world_size, tuning)
+    cost = None
+    if config.train.objective == "grpo" and tune.autotune_enabled(config):
+        cost = rollout_cost.cached(config, precision, model_config, prompt_tokens)
+        if cost is None and measure and world_size == 1:
+            cost = rollout_cost.measure(config, precision, model_config, prompt_tokens,
+                                        device=_torch_device(caps, config), **({"log": log} if log else {}))
+    return make_plan(config, caps, model_config, world_size, tuning, cost)
+
+
+def with_data(plan: Plan, config: RunConfig, model_config: Any, report: dict, log=None) -> Plan:
+    """The plan once the data is read: GRPO's step timed at the prompts' mean length (the plan before it could only
+    assume one); any other plan as it is."""
+    if not plan.rollout:
+        return plan
+    kept = report.get("samples_kept") or 0
+    prompt_tokens = round((report.get("tokens") or {}).get("prompt", 0) / kept) if kept else None
+    planned = plan_run(config, model_config, plan.world_size, measure=True, log=log, prompt_tokens=prompt_tokens)
+    if planned.rollout_cost and log:
+        log(f"rollout cost: {rollout_cost.describe(planned.rollout_cost)}")
+    return planned
 
 
 def _torch_device(caps: Capabilities, config: RunConfig) -> str:

@@ -15,7 +15,7 @@ from typing import Optional
 from loraft.config import RunConfig, save_config
 from loraft.errors import ConfigError, LoraftError
 from loraft.files import staged_directory, write_json_atomically
-from loraft.plan import plan_run, read_model_config
+from loraft.plan import plan_run, read_model_config, with_data
 from loraft.liveness import RunLock, refuse_if_live
 from loraft.rundir import RunDir, checkpoint_step, local_time
 
@@ -190,6 +190,7 @@ def train(config: RunConfig, resume: bool = False, callbacks: Optional[list] = N
                     prepared = objective.prepare(config, tokenizer)
             if resume_from is not None:
                 run.check_resume_identity(config, prepared.report)
+            plan = with_data(plan, config, model_config, prepared.report, log=logger.info if is_main else None)
             if is_main:
                 save_config(config, run.config_file)
                 write_json_atomically(run.data_report_file, prepared.report)

@@ -116,7 +116,7 @@ def cached(config: RunConfig, precision: str, model_config: Any) -> Optional[dic
     return result if isinstance(result, dict) and result.get("key") == json.loads(json.dumps(key, default=str)) else None
 
 
-def _timed(work: Callable[[], None], repeats: int = 3, enough: float = 1.0) -> float:
+def timed(work: Callable[[], None], repeats: int = 3, enough: float = 1.0) -> float:
     """The best of up to `repeats` timings of `work`; one timing when it takes `enough` seconds or more (a long
     measurement averages out the noise a short one suffers, and the whole autotune has a budget)."""
     best = float("inf")
@@ -129,7 +129,7 @@ def _timed(work: Callable[[], None], repeats: int = 3, enough: float = 1.0) -> f
     return best
 
 
-def _layer_config(model_config: Any, vocab_size: int):
+def layer_config(model_config: Any, vocab_size: int):
     """The architecture with one layer (tied head: only the body runs) and the given vocabulary; special token ids
     the vocabulary cannot hold are dropped (set to None, or left out of a list such as several eos ids)."""
     from transformers import AutoConfig
@@ -167,7 +167,7 @@ def trains_input_embedding(config: RunConfig, model_config: Any) -> bool:
     if not saved:
         return False
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(_layer_config(model_config, 8))
+        model = AutoModelForCausalLM.from_config(layer_config(model_config, 8))
     embedding = model.get_input_embeddings()
     name = next((n for n, module in model.named_modules() if module is embedding), "")
     return any(name == wanted or name.endswith("." + wanted) for wanted in saved)
@@ -179,7 +179,7 @@ def _one_layer_model(model_config: Any, precision: str, patched: bool, device: t
     the layer and into the embedding as in training."""
     from transformers import AutoModelForCausalLM
 
-    config = _layer_config(model_config, vocab_size)
+    config = layer_config(model_config, vocab_size)
     if not patched:
         config._attn_implementation = "eager"
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -298,7 +298,7 @@ def measure(config: RunConfig, precision: str, model_config: Any, device: str = 
     for round_index in range(LAYOUT_ROUNDS):
         round_started = time.perf_counter()
         for candidate, work in works.items():
-            best_of[candidate] = min(best_of[candidate], _timed(work, repeats=1))
+            best_of[candidate] = min(best_of[candidate], timed(work, repeats=1))
         # another round only if it ends within the budget (leaving room for the loss and optimizer timings)
         if time.perf_counter() + (time.perf_counter() - round_started) - started > 0.85 * BUDGET_SECONDS:
             break
@@ -325,13 +325,13 @@ def measure(config: RunConfig, precision: str, model_config: Any, device: str = 
     head = {name: float("inf") for name in head_works}
     for _ in range(HEAD_ROUNDS):
         for name, work in head_works.items():
-            head[name] = min(head[name], _timed(work, repeats=1))
+            head[name] = min(head[name], timed(work, repeats=1))
     head = {name: round(seconds, 5) for name, seconds in head.items()}
     optimizer: dict[str, float] = {}
     for name in ("adamw_torch_fused", "adamw_torch"):
         work = _optimizer_work(name, target)
         work()
-        optimizer[name] = round(_timed(work), 5)
+        optimizer[name] = round(timed(work), 5)
 
     # per row the two cost about the same; the fused loss computes only the supervised rows (instruction data masks
     # its prompts), so it pays unless it is clearly slower per row

@@ -161,3 +161,40 @@ def detach_from_checkpoint(model: torch.nn.Module) -> int:
             tensor.data = tensor.data.clone()
             copied += 1
     return copied
+
+
+class HeadCastOnce:
+    """Within the block, an fp32 output head that stays fp32 because it is tied to the input embedding computes
+    from one copy of its weight in the autocast dtype, made on entry, instead of the copy autocast makes at every
+    call: a `generate` call runs the head once per new token (SmolLM2's 28M-parameter head: 22 ms a cast, about as
+    long as a decoding step's matmuls). Exactly autocast's values: the same cast of weight and input, the same
+    matmul. Nothing changes when autocast is off, the head is trainable, or it is already in that dtype.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        self.head = model.get_output_embeddings()
+
+    def __enter__(self) -> "HeadCastOnce":
+        head, device = self.head, None
+        weight = getattr(head, "weight", None)
+        if isinstance(head, torch.nn.Linear) and weight is not None:
+            device = weight.device.type
+        if device is None or not torch.is_autocast_enabled(device) or weight.requires_grad:
+            self.head = None
+            return self
+        dtype = torch.get_autocast_dtype(device)
+        if weight.dtype == dtype:
+            self.head = None
+            return self
+        cast_weight = weight.detach().to(dtype)
+        cast_bias = None if head.bias is None else head.bias.detach().to(dtype)
+
+        def forward(hidden: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.linear(hidden.to(dtype), cast_weight, cast_bias)
+
+        head.forward = forward  # an instance attribute: nn.Module.__call__ finds it before the class's
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.head is not None:
+            del self.head.forward

@@ -31,6 +31,7 @@ from loraft.errors import ConfigError
 from loraft.rewards import build_rewards
 from loraft.rundir import RunDir
 from loraft.trainer import RunGuarantees, build_training_arguments
+from loraft.weights import HeadCastOnce
 
 
 class LoraftGRPOTrainer(RunGuarantees, GRPOTrainer):
@@ -46,12 +47,13 @@ class LoraftGRPOTrainer(RunGuarantees, GRPOTrainer):
         generate = self.model.generate
 
         # Generation runs outside the step's autocast (Trainer enters it for the loss only); under a bf16 or fp16
-        # plan the frozen weights are stored in that dtype (cast_for_plan), so generation needs the same autocast
+        # plan the frozen weights are stored in that dtype (cast_for_plan), so generation needs the same autocast,
+        # with a tied fp32 head cast once per call rather than once per token (HeadCastOnce: the same values)
         @functools.wraps(generate)
         def timed_generate(*args, **kwargs):
             started = time.perf_counter()
             try:
-                with self.accelerator.autocast():
+                with self.accelerator.autocast(), HeadCastOnce(self.model):
                     return generate(*args, **kwargs)
             finally:
                 self.generation_seconds += time.perf_counter() - started
