@@ -243,6 +243,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="8-token completions, 4 per prompt")
     parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run every variant this many times, in rotated order; report each variant's median round")
     parser.add_argument("--json", help="the report (default: benchmarks/results/DATE-CLASS-grpo_speed.json)")
     parser.add_argument("--generation", action="store_true", help="only the generate call, four ways")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -264,14 +266,27 @@ def main(argv=None) -> int:
     root = Path(tempfile.mkdtemp(prefix="grpo-speed-"))
     records = make_prompts(args.steps * args.prompts, args.seed)
     (root / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-    results = {}
-    for variant in args.variants.split(","):
-        print(f"[bench] {variant} ...", file=sys.stderr, flush=True)
-        command = [sys.executable, __file__, "--worker", variant, "--run-root", str(root), "--gguf", args.gguf,
-                   "--steps", str(args.steps), "--prompts", str(args.prompts), "--generations", str(args.generations),
-                   "--completion-tokens", str(args.completion_tokens), "--lr", str(args.lr)]
-        subprocess.run(command, check=True)
-        results[variant] = summarize(json.loads((root / f"{variant}.json").read_text()))
+    results, variants = {}, args.variants.split(",")
+    rounds: dict[str, list[dict]] = {variant: [] for variant in variants}
+    for round_index in range(args.rounds):
+        order = variants[round_index % len(variants):] + variants[:round_index % len(variants)]  # rotated
+        for variant in order:
+            print(f"[bench] round {round_index + 1}/{args.rounds}: {variant} ...", file=sys.stderr, flush=True)
+            command = [sys.executable, __file__, "--worker", variant, "--run-root", str(root), "--gguf", args.gguf,
+                       "--steps", str(args.steps), "--prompts", str(args.prompts), "--generations",
+                       str(args.generations), "--completion-tokens", str(args.completion_tokens), "--lr", str(args.lr)]
+            subprocess.run(command, check=True)
+            rounds[variant].append(summarize(json.loads((root / f"{variant}.json").read_text())))
+    for variant, runs in rounds.items():
+        # the round whose median step is the median of the rounds' (one round: that round)
+        middle = sorted(runs, key=lambda run: run["median_step_s"])[(len(runs) - 1) // 2]
+        results[variant] = {**middle, "rounds_median_step_s": [run["median_step_s"] for run in runs],
+                            "rounds_peak_rss_gib": [run["peak_rss_gib"] for run in runs]}
+    for name, runs in rounds.items():  # each round's own ratio: the same round ran both, minutes apart
+        for reference in ("trl", "trl-nogc"):
+            if name != reference and rounds.get(reference):
+                results[name][f"rounds_{reference}_over_this"] = [
+                    ref["median_step_s"] / run["median_step_s"] for ref, run in zip(rounds[reference], runs)]
     for name, s in results.items():
         base = results.get("trl")
         if base and name != "trl":
@@ -282,7 +297,7 @@ def main(argv=None) -> int:
     machine = common.machine()
     report = {"benchmark": "grpo_speed", "date": datetime.date.today().isoformat(), "machine": machine,
               "steps": args.steps, "prompts": args.prompts, "generations": args.generations,
-              "completion_tokens": args.completion_tokens, "results": results}
+              "completion_tokens": args.completion_tokens, "rounds": args.rounds, "results": results}
     out = Path(args.json) if args.json else RESULTS / (f"{report['date']}-{machine['hardware_class']}-grpo_speed"
                                                       + ("-quick" if args.quick else "") + ".json")
     common.write_json(out, report)
