@@ -104,7 +104,7 @@ def peak_rss_mib() -> float:
 
 
 def load(runs: list[Path], **options):
-    from loraft.rundir import RunAccess, open_run
+    from loraft.run_access import RunAccess, open_run
     from loraft.serve.adapters import load_runs
 
     opened = [open_run(run, RunAccess()) for run in runs]

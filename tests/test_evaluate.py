@@ -5,17 +5,15 @@ import pytest
 import torch
 
 from loraft.cli import main
-from loraft.evaluate import (
+from loraft.evaluate import format_table, reference_loss, tokenize_references
+from loraft.text_metrics import (
     average_scores,
     bleu4,
     char_tokens,
-    format_table,
     longest_common_subsequence,
-    reference_loss,
     rouge_l,
     rouge_n,
     text_scores,
-    tokenize_references,
     word_tokens,
 )
 from conftest import write_alpaca

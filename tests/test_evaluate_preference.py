@@ -225,7 +225,7 @@ def test_unpaired_records_count_rewards_with_the_labels_sign(runs, tmp_path, tin
 
 def test_the_reference_adapter_shares_the_runs_base_weights(runs, tiny_bloom_dir):
     from loraft.evaluate_preference import load_preference_model
-    from loraft.rundir import open_run
+    from loraft.run_access import open_run
 
     model, _, _, reference, _ = load_preference_model(open_run(runs["dpo_on_start"]))
     assert reference.adapter == "reference" and set(model.peft_config) == {"default", "reference"}

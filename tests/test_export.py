@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from loraft.cli import main
 from loraft.export import merge_run, vllm_adapter_problems
 from loraft.model import load_run_model
-from loraft.rundir import open_run
+from loraft.run_access import open_run
 from loraft.templates import get_template
 from run_helpers import trained_run
 

@@ -197,7 +197,7 @@ def test_a_checkpoint_or_the_base_alone_can_be_loaded_for_chat(tiny_bloom_dir, t
     from loraft.cli import main
     from loraft.errors import RunError
     from loraft.generate import load_run
-    from loraft.rundir import RunAccess, open_run
+    from loraft.run_access import RunAccess, open_run
     from loraft.serve.start import served_model_id
 
     data = write_alpaca(tmp_path / "train.jsonl")

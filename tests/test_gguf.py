@@ -299,10 +299,3 @@ def test_no_converter_is_fetched_where_downloads_are_off(tmp_path, monkeypatch):
         f"no llama.cpp converter: pass --llama-cpp DIR (a llama.cpp checkout) or set $LLAMA_CPP_DIR, or run once with "
         f"network so loraft can fetch {llamacpp.PINNED_PACKAGE}=={llamacpp.PINNED_VERSION}'s copy into {target} "
         "($LORAFT_OFFLINE=1: this process does not download; loraft ui sets it unless started with --allow-hub)")
-
-
-def test_the_default_folders_sit_beside_the_run():
-    from loraft.export.gguf import default_out_dir
-
-    assert default_out_dir(Path("/w/run"), adapter_only=True) == Path("/w/run-gguf-adapter")
-    assert default_out_dir(Path("/w/run"), adapter_only=False) == Path("/w/run-gguf")

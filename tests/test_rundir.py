@@ -280,7 +280,8 @@ def test_staged_directory_replaces_whole_or_merges_and_leaves_the_target_on_erro
 def test_run_dir_lifecycle_one_check_one_error_type(tmp_path):
     from loraft.config import load_config
     from loraft.errors import RunError
-    from loraft.rundir import RunDir, open_run
+    from loraft.rundir import RunDir
+    from loraft.run_access import open_run
 
     run = RunDir(tmp_path / "run")
     config = load_config(None, [f"output_dir={run.path}"])
@@ -305,7 +306,8 @@ def test_run_dir_lifecycle_one_check_one_error_type(tmp_path):
 
 def test_allow_unfinished_without_a_complete_checkpoint_is_one_sentence(tmp_path):
     from loraft.errors import RunError
-    from loraft.rundir import RunAccess, RunDir, open_run
+    from loraft.rundir import RunDir
+    from loraft.run_access import RunAccess, open_run
 
     run = RunDir(tmp_path / "run")
     run.path.mkdir()

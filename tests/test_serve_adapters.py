@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from loraft.errors import RunError
 from loraft.generate import generate_answers, load_run
-from loraft.rundir import RunAccess, open_run
+from loraft.run_access import RunAccess, open_run
 from loraft.serve import ServeSettings, create_app
 from loraft.serve.adapters import load_runs
 from test_serve_fuzz import FUZZ, json_values, text

@@ -54,14 +54,14 @@ def load_preference_model(run, device: Optional[str] = None, access=None, with_r
     """The run's model, with its reference on the same base weights.
 
     Args:
-        run: a UsableRun (loraft.rundir.open_run).
+        run: a UsableRun (loraft.run_access.open_run).
         access: RunAccess; its trust_remote_code also applies to the adapter_from run.
         with_reference: False loads no reference adapter (an orpo or sft run scored without --base needs none).
     Returns:
         (peft_model in eval mode, tokenizer, template, Reference or None, run_info as loraft.generate.load_run's)
     """
     from loraft.generate import load_run
-    from loraft.rundir import RunAccess, open_run
+    from loraft.run_access import RunAccess, open_run
 
     adapter_from = run.config.model.adapter_from if with_reference else None
     source = None
@@ -189,7 +189,7 @@ def evaluate_preferences(run, data_path: str | Path, data_config, out_dir: Path,
     """Score a run on preference records and write `predictions.jsonl` and `metrics.json` into `out_dir`.
 
     Args:
-        run: a UsableRun (loraft.rundir.open_run).
+        run: a UsableRun (loraft.run_access.open_run).
         data_config: the run's data section with the held-out file's record format (a preference_* or unpaired_*).
         base: also score the run's starting point (the reference), by log-probability.
         retention: also measure what the run kept of its base (the adapters off) on the project's general prompts,

@@ -70,7 +70,7 @@ def cli_flag(field: str) -> str:
 def open_for_generation(run_dir: str | Path, overrides: Overrides = None, access=None):
     """(the opened run, its saved generation settings with CLI overrides on top): the run checked and its settings
     resolved before any model is loaded, the run opened once."""
-    from loraft.rundir import RunAccess, open_run
+    from loraft.run_access import RunAccess, open_run
 
     run = open_run(run_dir, access or RunAccess())
     return run, resolve_generation(run.config.generation, overrides, label=cli_flag)
@@ -241,7 +241,7 @@ def stream_answer(model, tokenizer, template: Template, messages: Sequence[dict]
 
 
 def load_run(run, device: Optional[str] = None, dtype: Optional[str] = None, access=None, base_only: bool = False):
-    """(model, tokenizer, template, run_info) for a run: a UsableRun its caller opened (loraft.rundir.open_run),
+    """(model, tokenizer, template, run_info) for a run: a UsableRun its caller opened (loraft.run_access.open_run),
     or a run directory, opened here (then `access` applies: unfinished runs, remote code).
 
     Args:
@@ -251,7 +251,7 @@ def load_run(run, device: Optional[str] = None, dtype: Optional[str] = None, acc
     """
     from loraft.model import load_run_model
     from loraft.precision import DTYPES, choose_inference_dtype, machine_capabilities
-    from loraft.rundir import RunAccess, UsableRun, open_run
+    from loraft.run_access import RunAccess, UsableRun, open_run
 
     if not isinstance(run, UsableRun):
         run = open_run(run, access or RunAccess())

@@ -330,7 +330,7 @@ def cast_for_plan(model, config: RunConfig, plan, info: dict) -> None:
 
 def load_run_model(run, dtype: Optional[torch.dtype] = None, device: Optional[str] = None, quantized: bool = True,
                    adapter: bool = True):
-    """Load base + adapter from a run directory that its caller opened and checked (`loraft.rundir.open_run`: a
+    """Load base + adapter from a run directory that its caller opened and checked (`loraft.run_access.open_run`: a
     UsableRun: finished, or allowed; trust_remote_code only as granted). What chat/generate/eval/merge/serve use.
     A QLoRA run's base loads quantized as it was trained, unless `quantized=False` (merge); `adapter=False` gives the
     base alone (what the run started from, beside the adapter in a UI), with the same tokenizer and template.

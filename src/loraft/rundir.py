@@ -1,15 +1,10 @@
-"""The run directory's contract: its paths, its record (begun and finished here), and the check before it is used.
+"""The run directory's contract: its paths and its record (begun and finished here).
 
 A finished run directory holds the adapter (adapter_config.json, adapter_model.safetensors: standard peft format),
 the tokenizer files with the training template as their chat_template (for apply_chat_template), and the files
 named below, each through a RunDir property; every other module names them through this one. Every file is written
-to a temporary name and renamed, every directory through a staged directory (both in loraft.files).
-
-A run directory is usable as it is when its `loraft_run.json` says `finished` (or it has none: an adapter directory
-made by hand) and it holds the adapter. Anything else is refused unless asked for: an unfinished or failed run's
-newest complete checkpoint with `--allow-unfinished`, and modelling code from the base model's folder
-(`trust_remote_code` in the run's config.yaml, which anyone who wrote the folder controls) only with
-`--trust-remote-code` on the command line.
+to a temporary name and renamed, every directory through a staged directory (both in loraft.files). The check
+before a run is used is loraft.run_access (`open_run`); whether its trainer lives, loraft.liveness.
 """
 
 from __future__ import annotations
@@ -21,14 +16,13 @@ import re
 import shutil
 import socket
 import time
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Optional, Union
 
 from loraft import gguf_base
-from loraft.config import RunConfig, load_config
-from loraft.errors import ModelError, RunError
+from loraft.config import RunConfig
+from loraft.errors import RunError
 from loraft.files import write_json_atomically, write_text_atomically
 
 logger = logging.getLogger("loraft")
@@ -57,30 +51,6 @@ RUN_RECORDS = (
     "chat_template.jinja", "vocab.json", "merges.txt", "tokenizer.model",
 )
 _NOT_PREPARED = object()  # a RunDir's prepared status before prepare() ran
-
-
-@dataclass(frozen=True)
-class RunAccess:
-    """What a consumer of a run directory may do beyond the safe default (both off)."""
-
-    allow_unfinished: bool = False  # use an unfinished or failed run's newest checkpoint
-    trust_remote_code: bool = False  # run modelling code shipped with the base model
-    checkpoint: Optional[str] = None  # use this checkpoint (a name under checkpoints/, e.g. checkpoint-200) instead
-
-
-@dataclass(frozen=True)
-class UsableRun:
-    """A run directory checked for use: its config (with trust_remote_code as granted), its record, and the
-    directory to load the adapter (and tokenizer) from: the run itself, or a checkpoint of an unfinished run."""
-
-    run_dir: Path
-    config: RunConfig
-    record: dict
-    adapter_dir: Path
-
-    @property
-    def status(self) -> Optional[str]:
-        return self.record.get("status")
 
 
 def read_record(run_dir: Union[str, Path]) -> dict:
@@ -126,53 +96,6 @@ def last_complete_checkpoint(checkpoint_dir: Path) -> Optional[Path]:
     return (complete_checkpoints(checkpoint_dir) or [None])[-1]
 
 
-def _named_checkpoint(run_dir: Path, name: str) -> Path:
-    """A complete checkpoint of the run by its name (`checkpoint-N`); a checkpoint can be used whatever the status."""
-    checkpoints = RunDir(run_dir).checkpoints
-    if not CHECKPOINT_NAME.fullmatch(name):
-        raise RunError(f"{run_dir}: {name!r} is not a checkpoint name ({CHECKPOINT_PREFIX}N)")
-    path = checkpoints / name
-    if not (path / TRAINER_STATE).is_file() or not (path / ADAPTER_CONFIG).is_file():
-        found = sorted((c.name for c in checkpoints.iterdir() if c.name.startswith(CHECKPOINT_PREFIX)),
-                       key=lambda n: checkpoint_step(n) if CHECKPOINT_NAME.fullmatch(n) else -1
-                       ) if checkpoints.is_dir() else []
-        raise RunError(f"{run_dir}: no complete checkpoint {name} (checkpoints: {', '.join(found) or 'none'})")
-    return path
-
-
-def open_run(run_dir: Union[str, Path], access: RunAccess = RunAccess()) -> UsableRun:
-    """Check a run directory before any model is loaded; one sentence (RunError) when it cannot be used."""
-    run = RunDir(run_dir)
-    run_dir, record = run.path, run.record()
-    if not run_dir.is_dir():
-        raise RunError(f"{run_dir}: run directory not found")
-    status = record.get("status")
-    if access.checkpoint is not None:
-        adapter_dir = _named_checkpoint(run_dir, access.checkpoint)
-    elif status in (None, "finished"):
-        if not (run_dir / ADAPTER_CONFIG).is_file():
-            raise RunError(f"{run_dir}: not a finished loraft run (no {ADAPTER_CONFIG})")
-        adapter_dir = run_dir
-    elif not access.allow_unfinished:
-        raise RunError(f"{run_dir}: the run is {status}, not finished; pass --allow-unfinished to use its newest "
-                       "checkpoint anyway")
-    else:
-        adapter_dir = run.last_checkpoint()
-        if adapter_dir is None or not (adapter_dir / ADAPTER_CONFIG).is_file():
-            raise RunError(f"{run_dir}: the run is {status} and has no complete checkpoint to use")
-    config = load_config(run.config_file)
-    try:  # a GGUF base must be the file the adapter was trained on
-        gguf_base.check_unchanged((record.get("identity") or {}).get("model.gguf"), f"run {run_dir}")
-    except ModelError as exc:
-        raise RunError(str(exc)) from None
-    if config.model.trust_remote_code and not access.trust_remote_code:
-        raise RunError(f"{run_dir}: its base model {config.model.name_or_path} runs its own modelling code "
-                       f"(trust_remote_code in {CONFIG_FILE}); pass --trust-remote-code if you trust it")
-    config = config.model_copy(update={"model": config.model.model_copy(
-        update={"trust_remote_code": access.trust_remote_code})})
-    return UsableRun(run_dir=run_dir, config=config, record=record, adapter_dir=adapter_dir)
-
-
 def read_metrics(path: Path) -> list[dict]:
     """The records of metrics.jsonl; a line cut off by a crash or a full disk is skipped."""
     records = []
@@ -204,6 +127,9 @@ def run_identity(config: RunConfig, report: dict) -> dict:
         "train.objective": config.train.objective,
         "preference": (config.preference.model_dump(exclude={"max_prompt_length", "max_completion_length"})
                        if config.train.objective != "sft" else None),  # the limits are in the data fingerprint
+        # GRPO: the rewards, the sampling and the loss (what completions.jsonl keeps does not change the training)
+        "grpo": (config.grpo.model_dump(exclude={"completions_logged"}) if config.train.objective == "grpo"
+                 else None),
         "model.adapter_from": adapter_source_identity(config.model.adapter_from),
         "model.gguf": gguf_base.identity(config.model.name_or_path),  # a GGUF base: its path, size and sha256
     }

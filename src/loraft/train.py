@@ -91,7 +91,7 @@ def _attach_file_log(path: Path) -> logging.Handler:
 def continue_from(config: RunConfig) -> RunConfig:
     """The config with `model.adapter_from` resolved: that finished run's adapter settings replace the adapter
     section (the run continues training that adapter). One sentence when it is no finished run of the same base."""
-    from loraft.rundir import open_run
+    from loraft.run_access import open_run
 
     if not config.model.adapter_from:
         return config
@@ -283,7 +283,8 @@ def preview_plan(config: RunConfig, measure: bool = False) -> dict:
     from loraft import tune
     from loraft.model import meta_counts
     from loraft.objective_table import objective
-    from loraft.plan import estimate_memory, world_size_from_env
+    from loraft.plan import world_size_from_env
+    from loraft.plan_memory import estimate_memory
 
     model_config, source = read_model_config(config, offline_shape=True)
     plan = plan_run(config, model_config, measure=measure)

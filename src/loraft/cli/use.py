@@ -11,7 +11,7 @@ from loraft.errors import LoraftError, require
 
 
 def _access(args):
-    from loraft.rundir import RunAccess
+    from loraft.run_access import RunAccess
 
     return RunAccess(allow_unfinished=args.allow_unfinished, trust_remote_code=args.trust_remote_code,
                      checkpoint=args.checkpoint)

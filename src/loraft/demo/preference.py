@@ -139,7 +139,7 @@ def _samples(heldout: Sequence[dict], before: dict, after: dict, count: int = 3)
 def finished_sft_run(run_dir: Path):
     """The SFT demo's run in `run_dir` (a loraft.rundir.UsableRun) if it finished, else None."""
     from loraft.errors import RunError
-    from loraft.rundir import open_run
+    from loraft.run_access import open_run
 
     try:
         run = open_run(run_dir)
@@ -154,7 +154,7 @@ def sft_run_for_stage(stage: str, workdir: Path, run_sft: Callable, timings: dic
                       home: Optional[Path], seed: int, rebuild_base: bool, log: Callable[[str], None]):
     """The finished SFT demo run in `workdir/run` a later stage (preference, rl) starts from: run first with `run_sft`
     (loraft.demo.run.run_demo) where there is none, its time in timings["sft_demo"]. Returns a UsableRun."""
-    from loraft.rundir import open_run
+    from loraft.run_access import open_run
 
     sft_dir = Path(workdir) / "run"
     sft = finished_sft_run(sft_dir)
@@ -202,7 +202,7 @@ def run_preference_demo(
     from loraft.errors import RunError
     from loraft.evaluate_preference import evaluate_preferences
     from loraft.generate import load_run
-    from loraft.rundir import open_run
+    from loraft.run_access import open_run
 
     workdir = Path(workdir)
     sft_dir, run_dir = workdir / "run", workdir / "preference-run"

@@ -139,7 +139,7 @@ def run_rl_demo(
     from loraft.config import load_config
     from loraft.errors import RunError
     from loraft.generate import load_run
-    from loraft.rundir import open_run
+    from loraft.run_access import open_run
 
     workdir = Path(workdir)
     sft_dir, run_dir = workdir / "run", workdir / "rl-run"

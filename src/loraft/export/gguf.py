@@ -151,7 +151,7 @@ def export_gguf(
     from loraft.export.merge import _check_out_dir, merge_run
     from loraft.export.ollama import modelfile
     from loraft.model import load_tokenizer
-    from loraft.rundir import RunAccess, open_run
+    from loraft.run_access import RunAccess, open_run
     from loraft.templates import get_template
 
     started = time.time()

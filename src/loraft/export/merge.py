@@ -94,7 +94,7 @@ def merge_run(
     from loraft.generate import stop_token_ids
     from loraft.model import load_run_model
     from loraft.templates import get_template
-    from loraft.rundir import RunAccess, open_run
+    from loraft.run_access import RunAccess, open_run
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     run = open_run(run_dir, access or RunAccess())

@@ -201,7 +201,7 @@ class LiveAdapters:
     # --- load and unload ------------------------------------------------------------------------------------
 
     async def load(self, name, path) -> Served:
-        from loraft.rundir import RunAccess, open_run
+        from loraft.run_access import RunAccess, open_run
 
         name = self.check_name(name, taken=False)
         run_dir = self.confine(path)

@@ -54,7 +54,7 @@ def serve(
         context_length: most prompt + answer tokens; None = the model's (max_position_embeddings, else the
             tokenizer's model_max_length, else 2048).
         dtype: weights dtype (auto, fp32, bf16, fp16); None = the first run's `generation.dtype`.
-        access: a loraft.rundir.RunAccess (unfinished runs, a checkpoint, remote code); None = the finished adapter.
+        access: a loraft.run_access.RunAccess (unfinished runs, a checkpoint, remote code); None = the finished adapter.
         base_only: serve one run's base model without the adapter, under the model id `RUN/base`.
         max_batch: most requests decoded together (1: one at a time).
         mix_adapters: whether one batch may hold several adapters (False: one adapter's requests at a time).
@@ -62,7 +62,7 @@ def serve(
         max_adapters: most adapters loaded at once through /v1/load_lora_adapter.
     """
     from loraft.generate import cli_flag, load_run, resolve_generation
-    from loraft.rundir import RunAccess, open_run
+    from loraft.run_access import RunAccess, open_run
     from loraft.serve.adapters import LiveAdapters, load_runs, mix_problem
 
     run_dirs = [Path(run_dir)] if isinstance(run_dir, (str, Path)) else [Path(p) for p in run_dir]

@@ -40,7 +40,8 @@ from loraft.ui.events import run_events
 from loraft.ui.requests import (RequestGate, UISettings, at_least, check_fields, error, lines_query, read_body,
                                  read_payload)
 from loraft.ui.work import Workers
-from loraft.ui.workspace import LIST_FIELDS, RequestError, Workspace, caches, complete_checkpoints, tail_lines
+from loraft.ui.console import tail_lines
+from loraft.ui.workspace import LIST_FIELDS, RequestError, Workspace, caches, complete_checkpoints
 
 logger = logging.getLogger("loraft")
 EVENT_FILE_TAG = re.compile(r"[0-9a-f]{1,16}")

@@ -235,7 +235,7 @@ _LOAD_LOCK = threading.Lock()
 def open_chat_run(workspace: Workspace, run_dir: Path, checkpoint: Optional[str]):
     """The run (or its checkpoint) opened for chat, with its base placed as the workspace places it: inside it, or a
     hub id if allowed."""
-    from loraft.rundir import RunAccess, open_run
+    from loraft.run_access import RunAccess, open_run
 
     run = open_run(run_dir, RunAccess(allow_unfinished=True, checkpoint=checkpoint))
     return dataclasses.replace(run, config=workspace.confine_config(run.config))

@@ -20,9 +20,11 @@ from typing import Optional
 
 from loraft.errors import RunError
 from loraft.files import write_json_atomically, write_text_atomically
-from loraft.rundir import EVAL_METRICS, RunDir, local_time, open_run
+from loraft.rundir import EVAL_METRICS, RunDir, local_time
+from loraft.run_access import open_run
 from loraft.ui.launch import _LAUNCH_LOCK, LORAFT_CLI, display_command, spawn_detached
-from loraft.ui.workspace import RequestError, Workspace, last_error_line, process_alive, tail_lines
+from loraft.ui.console import last_error_line, process_alive, tail_lines
+from loraft.ui.workspace import RequestError, Workspace
 
 JOB_KINDS = ("eval", "merge", "export")
 MERGE_DTYPES = ("bf16", "fp16", "fp32")  # `loraft merge --dtype` choices
