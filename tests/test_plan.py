@@ -112,7 +112,7 @@ class _Tagged:
 
 
 def _patched_measurement(monkeypatch, seconds):
-    monkeypatch.setattr(tune, "_one_layer_model", lambda config, precision, patched, device, vocab: "patch" if patched else "library")
+    monkeypatch.setattr(tune, "_one_layer_model", lambda config, precision, attention, device, vocab: attention)
     monkeypatch.setattr(tune, "_step_work", lambda model, lengths, budget, precision, device: _Tagged(model, budget))
     monkeypatch.setattr(tune, "_head_work", lambda hidden, vocab, precision, fused, device: _Tagged("head", fused))
     monkeypatch.setattr(tune, "_optimizer_work", lambda name, device: _Tagged("optimizer", name))
@@ -178,6 +178,36 @@ def test_the_static_default_stays_unless_clearly_beaten(monkeypatch, static_seco
     assert (result["choice"]["micro_batch_tokens"], result["choice"]["attention"]) == expected
 
 
+LLAMA = {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 4, "num_attention_heads": 4,
+         "num_key_value_heads": 2, "intermediate_size": 128, "vocab_size": 1000}
+
+
+@pytest.mark.parametrize("eager_seconds, attention, reason", [
+    (0.5, "eager", "measured faster than the library default on this machine (loraft.tune)"),
+    (1.5, None, "transformers' default for this family"),
+])
+def test_without_a_patch_the_librarys_default_is_measured_against_eager(monkeypatch, eager_seconds, attention,
+                                                                          reason):
+    """A family no patch replaces trains with the library's default attention (sdpa) unless eager measures clearly
+    faster (its backward at short lengths, on some CPUs); the plan then loads eager and says why."""
+    def seconds(what, option):
+        if what == "default":
+            return 1.0
+        if what == "library":
+            return eager_seconds
+        return 1.0
+
+    _patched_measurement(monkeypatch, seconds)
+    config = _config("model.name_or_path=some/llama")
+    result = tune.measure(config, "fp32", LLAMA, log=lambda line: None)
+    assert {key.split("/")[0] for key in result["layouts"]} == {"default", "library"}
+    plan = make_plan(config, EMULATED, LLAMA, tuning=result)
+    assert (plan.attention, plan.attention_patch, plan.reasons["attention"]) == (attention, False, reason)
+    chosen = make_plan(_config("model.name_or_path=some/llama", "model.attn_implementation=sdpa"), EMULATED, LLAMA,
+                       tuning=result)
+    assert chosen.attention == "sdpa"  # a setting the user chose is never overruled by a measurement
+
+
 def test_the_measurement_runs_on_a_tiny_model_and_is_cached(tiny_bloom_dir):
     from transformers import AutoConfig
 
@@ -189,6 +219,8 @@ def test_the_measurement_runs_on_a_tiny_model_and_is_cached(tiny_bloom_dir):
     assert result["choice"]["micro_batch_tokens"] in (0, 256, 512, 1024)
     assert tune.cached(config, "fp32", model_config) == result
     assert tune.cached(_config("data.max_length=48"), "fp32", model_config) is None  # another shape of step
+    llama = tune.measure(config, "fp32", LLAMA, log=lambda line: None)  # no patch: sdpa against eager
+    assert {key.split("/")[0] for key in llama["layouts"]} == {"default", "library"}
 
 
 def test_autotune_is_off_by_config_or_environment(monkeypatch):

@@ -169,9 +169,10 @@ def make_plan(config: RunConfig, caps: Capabilities, model_config: Any, world_si
     reasons["attention"] = ("set in the config (model.attn_implementation)" if model.attn_implementation
                             else "the family's speed path" if patch else "transformers' default for this family")
     choice = (tuning or {}).get("choice") or {}
-    if patch and choice.get("attention") == "eager":
+    if choice.get("attention") == "eager" and not model.attn_implementation:
+        reasons["attention"] = (f"measured faster than the {'patch' if patch else 'library default'} on this "
+                                "machine (loraft.tune)")
         attention, patch = "eager", False
-        reasons["attention"] = "measured faster than the patch on this machine (loraft.tune)"
 
     budget = micro_batch_budget(train.micro_batch_tokens, precision, config.data.max_length)
     if train.micro_batch_tokens != "auto":

@@ -6,11 +6,11 @@ before the first training of a shape on a machine, `measure` times, on one decod
 real width (random weights, the run's precision, frozen weights stored as training stores them), forward and
 backward of one optimizer step's samples (synthetic lengths as the sampler groups them: `step_lengths`) laid out as:
 
-- the reference recipe's path: one sample at a time, the library's attention, full logits;
+- the reference recipe's path: one sample at a time, eager attention (the library's for BLOOM), full logits;
 - sub-batches (loraft.batching.split_by_tokens) of a quarter, half and all of the static budget
   (loraft.batching.micro_batch_budget: sized so activation memory stays within the reference's, which no
-  candidate exceeds), with the family's attention patch where it has one, then the library's attention at the
-  best size;
+  candidate exceeds), with the family's own attention (its patch where it has one, else the library's default
+  where that is sdpa) and with eager attention;
 
 and, separately, lm_head + cross-entropy per row, full logits against loraft's fused loss (on a slice of the
 vocabulary: the cost is linear in it; the fused loss computes only supervised rows, taken as at most
@@ -40,7 +40,7 @@ from loraft.precision import DTYPES, machine_identity
 
 logger = logging.getLogger("loraft")
 
-TUNE_VERSION = 2
+TUNE_VERSION = 3  # 3: the library's default attention (sdpa) measured against eager where no patch replaces it
 BUDGET_SECONDS = 60.0
 VOCAB_SLICE = 32768  # lm_head columns timed; the cost scales linearly to the real vocabulary
 HEAD_ROWS = 128
@@ -173,14 +173,26 @@ def trains_input_embedding(config: RunConfig, model_config: Any) -> bool:
     return any(name == wanted or name.endswith("." + wanted) for wanted in saved)
 
 
-def _one_layer_model(model_config: Any, precision: str, patched: bool, device: torch.device, vocab_size: int = 512):
+def library_default_attention(model_config: Any) -> str:
+    """The attention transformers picks for this architecture when none is chosen ("sdpa" where the family
+    supports it, else "eager"), read from a one-layer copy on the meta device."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(layer_config(model_config, 8))
+    return str(getattr(model.config, "_attn_implementation", None) or "eager")
+
+
+def _one_layer_model(model_config: Any, precision: str, attention: str, device: torch.device, vocab_size: int = 512):
     """A one-layer copy of the architecture at its real width, frozen, weights stored as a training run stores
     them; the input embedding trains (at the real vocabulary where the run trains it), so backward runs through
-    the layer and into the embedding as in training."""
+    the layer and into the embedding as in training. `attention`: "patch" (the family's patch over the library's
+    default), "library" (transformers' eager attention) or "default" (the library's default, sdpa where supported)."""
     from transformers import AutoModelForCausalLM
 
     config = layer_config(model_config, vocab_size)
-    if not patched:
+    patched = attention == "patch"
+    if attention == "library":
         config._attn_implementation = "eager"
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     if patched:
@@ -277,8 +289,12 @@ def measure(config: RunConfig, precision: str, model_config: Any, device: str = 
 
     vocab = int(shape["vocab_size"] or VOCAB_SLICE)
     embedding_vocab = vocab if key["trains_embedding"] else 512
-    models = {"patch": _one_layer_model(model_config, precision, True, target, embedding_vocab) if has_patch else None,
-              "library": _one_layer_model(model_config, precision, False, target, embedding_vocab)}
+    # the family's own attention: its patch, else the library's default where that is not eager (sdpa: on some CPUs
+    # its backward at short lengths costs many times eager's); "library" is eager, the reference's attention
+    own = "patch" if has_patch else ("default" if config.model.attn_implementation is None
+                                     and library_default_attention(model_config) != "eager" else None)
+    models = {name: _one_layer_model(model_config, precision, name, target, embedding_vocab)
+              for name in ([own] if own else []) + ["library"]}
 
     # the reference's path first: the candidate to beat. Sub-batches only up to the static budget, whose
     # activations stay within the reference's memory; none smaller than one whole sample of max_length.
@@ -286,7 +302,7 @@ def measure(config: RunConfig, precision: str, model_config: Any, device: str = 
     sizes = sorted({size for size in (cap // 4, cap // 2, cap) if size >= config.data.max_length} | {cap})
     # a size that leaves every sample in a sub-batch of its own is the one-sample layout again: not timed twice
     sizes = [size for size in sizes if any(len(group) > 1 for group in split_by_tokens(lengths, size))]
-    candidates = [("library", 0)] + [(name, budget) for name in (["patch"] if has_patch else []) + ["library"]
+    candidates = [("library", 0)] + [(name, budget) for name in ([own] if own else []) + ["library"]
                                      for budget in [0] + sizes if (name, budget) != ("library", 0)]
     works = {candidate: _step_work(models[candidate[0]], lengths, candidate[1], precision, target)
              for candidate in candidates}
@@ -307,7 +323,7 @@ def measure(config: RunConfig, precision: str, model_config: Any, device: str = 
     # the static default (the family's attention, the static budget; a budget that leaves every sample alone
     # computes what the one-sample layout computes) is kept unless the measurement clearly says otherwise:
     # the reference's path when the default is clearly slower than it, another candidate when clearly faster
-    default_attention = "patch" if has_patch else "library"
+    default_attention = own or "library"
     static = (default_attention, cap)
     static_seconds = best_of.get(static, best_of[(default_attention, 0)])
     fastest = min(best_of, key=best_of.get)
@@ -349,8 +365,11 @@ def measure(config: RunConfig, precision: str, model_config: Any, device: str = 
     result = {
         "key": json.loads(json.dumps(key, default=str)), "seconds": round(time.perf_counter() - started, 1),
         "layouts": layouts, "head": head, "optimizer": optimizer,
-        "choice": {"micro_batch_tokens": best[2], "attention": "eager" if best[1] == "library" and has_patch
-                   else "patch" if has_patch else "library", "fused_loss": fused_loss, "optimizer": chosen_optimizer},
+        # "eager": chosen over the family's own attention (its patch or the library's sdpa); "library": the
+        # library's default as it is
+        "choice": {"micro_batch_tokens": best[2], "attention": "eager" if best[1] == "library" and own
+                   else "patch" if best[1] == "patch" else "library", "fused_loss": fused_loss,
+                   "optimizer": chosen_optimizer},
         "predicted_step": predicted,
     }
     log(f"autotune: {result['seconds']} s; sub-batches {best[2] or 'one sample at a time'}, attention "
