@@ -27,6 +27,9 @@ config), learning rate, schedule, batch, accumulation, max_length and seed, over
   trl-fastest  trl-nogc with padding_free=True: each micro-batch one row, no padding, the samples kept apart by their
                position_ids (so Llama-type models only, not BLOOM); TRL then wants max_length=None, which cuts nothing
                here. Packing is left out: it changes which samples share a step.
+  trl-nogc-eager, trl-fastest-eager  (not in the default --variants) those two with the model loaded with
+               attn_implementation="eager", the attention loraft's autotune picks where the CPU's sdpa backward is
+               slow: TRL given the same attention.
   loraft       loraft.train.train() with loraft's defaults (autotune, the length-grouped sampler: the same samples in
                another order) and the objective TRL trains: train.retention=off.
   loraft-guard all of loraft's defaults, the retention guard included (train.retention auto: on for a LoRA on an
@@ -62,9 +65,10 @@ from types import SimpleNamespace
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-VARIANTS = ["trl", "trl-nogc", "trl-fastest", "loraft", "loraft-guard", "loraft-fp32", "trl-fp32", "loraft-ordered"]
-DEFAULT_VARIANTS = VARIANTS[:-1]
-BASELINES = ("trl", "trl-nogc", "trl-fastest")
+VARIANTS = ["trl", "trl-nogc", "trl-fastest", "loraft", "loraft-guard", "loraft-fp32", "trl-fp32", "loraft-ordered",
+            "trl-nogc-eager", "trl-fastest-eager"]
+DEFAULT_VARIANTS = VARIANTS[:-3]
+BASELINES = ("trl", "trl-nogc", "trl-fastest", "trl-nogc-eager", "trl-fastest-eager")
 LORAFT_OVERRIDES = {"loraft": ["train.retention=off"], "loraft-guard": [],
                     "loraft-ordered": ["train.retention=off", "train.sampling=random"],
                     "loraft-fp32": ["train.precision=fp32", "train.sampling=random", "adapter.dropout=0",
@@ -201,7 +205,9 @@ def run_trl(args, variant: str, data, out_dir: Path, callbacks) -> dict:
         train_dataset = data.select_columns(["prompt", "completion"])
     else:
         train_dataset = data.select_columns(["input_ids", "completion_mask"])
-    fastest = variant == "trl-fastest"
+    fastest = variant.startswith("trl-fastest")
+    if variant.endswith("-eager"):  # the model loaded with transformers' eager attention, as loraft's autotune may
+        init["attn_implementation"] = "eager"
     train = config.train
     set_seed(train.seed)  # as loraft's train() does before loading: the same LoRA initialisation
     trainer = common.sft_trainer(

@@ -290,3 +290,31 @@ def test_the_shipped_demo_shape_is_the_shipped_demo_base():
     assert {key: shape[key] for key in keys} == {key: base[key] for key in keys}
     recipe = BaseRecipe()
     assert (shape["hidden_size"], shape["n_layer"], shape["n_head"]) == (recipe.hidden_size, recipe.n_layer, recipe.n_head)
+
+
+@pytest.mark.parametrize("objective", ["grpo", "dpo"])
+def test_for_trls_objectives_only_the_attention_is_measured(monkeypatch, objective):
+    """TRL's trainer runs its own batch and loss: the autotune times only the family's attention against eager, over
+    one batch as TRL forwards it, and the plan keeps the configured batch."""
+    extra = (["grpo.rewards=[{type: number, field: answer}]", "grpo.num_generations=2",
+              "grpo.max_completion_length=32"] if objective == "grpo" else [])
+    config = _config("model.name_or_path=some/llama", f"train.objective={objective}",
+                     "train.per_device_train_batch_size=2", "train.gradient_accumulation_steps=2", *extra)
+    lengths = tune.trl_batch_lengths(config)
+    assert lengths == ([256 // 4 + 32] * 2 if objective == "grpo" else tune.step_lengths(config)[:2] * 2)
+
+    def seconds(what, option):
+        assert option == sum(lengths)  # one padded batch
+        return {"default": 1.0, "library": 0.5}[what]
+
+    _patched_measurement(monkeypatch, seconds)
+    monkeypatch.setattr(tune, "measure", lambda *args, **kwargs: pytest.fail("SFT's layouts measured"))
+    monkeypatch.setenv("LORAFT_AUTOTUNE", "1")
+    from loraft.plan import plan_run
+
+    plan = plan_run(config, LLAMA, world_size=1, log=lambda line: None)
+    assert plan.tuning["choice"] == {"attention": "eager"} and set(plan.tuning["layouts"]) == {
+        f"default/{sum(lengths)}", f"library/{sum(lengths)}"}
+    assert (plan.attention, plan.attention_patch, plan.samples_per_batch, plan.accumulation) == ("eager", False, 2, 2)
+    assert "the attention over one of TRL's batches" in plan.describe()
+    assert tune.cached(config, plan.precision, LLAMA) == plan.tuning

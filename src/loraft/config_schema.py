@@ -207,8 +207,8 @@ class TrainConfig(_Section):
     autotune: bool = Field(
         True,
         description="Choose the sub-batch size, attention, fused loss and optimizer from a short measurement at the "
-        "model's real width on this machine (once, cached; the reference's own path is a candidate); false = the "
-        "static defaults. $LORAFT_AUTOTUNE=0 also turns it off.",
+        "model's real width on this machine (once, cached; the reference's own path is a candidate; for TRL's "
+        "objectives only the attention); false = the static defaults. $LORAFT_AUTOTUNE=0 also turns it off.",
     )
     nonfinite_patience: int = Field(
         0, ge=0,

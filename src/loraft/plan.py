@@ -101,10 +101,13 @@ class Plan:
                          else "not measured", "rollout_cost"))
         lines = [f"  {name:19} {value}" + (f"  ({self.reasons[key]})" if self.reasons.get(key) else "")
                  for name, value, key in rows]
-        if self.tuning:
-            predicted = self.tuning.get("predicted_step") or {}
+        if self.tuning and self.tuning.get("predicted_step"):
+            predicted = self.tuning["predicted_step"]
             lines.append(f"  {'measured':19} in {self.tuning.get('seconds')} s at the model's width: a step predicted "
                          f"{predicted.get('chosen')} s, the reference's path {predicted.get('recipe')} s")
+        elif self.tuning:
+            lines.append(f"  {'measured':19} in {self.tuning.get('seconds')} s at the model's width: the attention "
+                         f"over one of TRL's batches ({', '.join(f'{k} {v} s' for k, v in self.tuning['layouts'].items())})")
         return "plan:\n" + "\n".join(lines)
 
     @property
@@ -341,13 +344,14 @@ def plan_run(config: RunConfig, model_config: Any, world_size: Optional[int] = N
     caps = machine_capabilities(config.model.device)
     precision, _ = choose_precision(config.train.precision, caps)
     tuning = None
-    # the speed measurement chooses SFT's sub-batches and loss; a preference objective uses neither
-    if (tune.autotune_enabled(config) and config.train.micro_batch_tokens == "auto"
-            and objective(config.train.objective).loss == "loraft"):
+    # the speed measurement chooses SFT's sub-batches, loss, attention and optimizer; for an objective TRL's trainer
+    # runs (its batch, its loss) only the attention
+    trl = objective(config.train.objective).loss != "loraft"
+    if tune.autotune_enabled(config) and (trl or config.train.micro_batch_tokens == "auto"):
         tuning = tune.cached(config, precision, model_config)
         if tuning is None and measure and world_size == 1:
-            tuning = tune.measure(config, precision, model_config, device=_torch_device(caps, config),
-                                  **({"log": log} if log else {}))
+            tuning = (tune.measure_attention if trl else tune.measure)(
+                config, precision, model_config, device=_torch_device(caps, config), **({"log": log} if log else {}))
     cost = None
     if config.train.objective == "grpo" and tune.autotune_enabled(config):
         cost = rollout_cost.cached(config, precision, model_config, prompt_tokens)

@@ -292,11 +292,9 @@ def preview_plan(config: RunConfig, measure: bool = False) -> dict:
     if plan.tuning is not None:
         autotune = f"measured in {plan.tuning['seconds']} s (cached): " + ", ".join(
             f"{key} {value}" for key, value in plan.tuning["choice"].items())
-    elif objective(config.train.objective).loss != "loraft":
-        autotune = f"not used: train.objective={config.train.objective} (TRL's trainer runs the configured batch)"
     elif not tune.autotune_enabled(config):
         autotune = "off: the static defaults"
-    elif config.train.micro_batch_tokens != "auto":
+    elif config.train.micro_batch_tokens != "auto" and objective(config.train.objective).loss == "loraft":
         autotune = "off: train.micro_batch_tokens is set"
     elif world_size_from_env() > 1:
         autotune = "not measured under several processes: run `loraft plan --measure` once in one process"

@@ -93,10 +93,26 @@ def step_lengths(config: RunConfig) -> list[int]:
     return [max(2, round(top * (low + (high - low) * index / (count - 1)))) for index in range(count)]
 
 
+def trl_batch_lengths(config: RunConfig) -> list[int]:
+    """The lengths of one batch TRL's trainer forwards and backwards for a preference or GRPO objective: each
+    process's samples at the step's synthetic lengths (a chosen and a rejected sequence each for DPO and ORPO, a
+    completion and its KL partner for KTO); GRPO's completions at a quarter of data.max_length of prompt plus
+    grpo.max_completion_length."""
+    rows = config.train.per_device_train_batch_size
+    if config.train.objective == "grpo":
+        return [max(1, config.data.max_length // 4) + config.grpo.max_completion_length] * rows
+    return (step_lengths(config)[:rows]) * 2
+
+
 def tuning_key(config: RunConfig, precision: str, model_config: Any) -> dict:
     """What a measurement's answer depends on: the machine, the shape, the precision and the step's layout."""
+    from loraft.objective_table import objective
+
+    trl = objective(config.train.objective).loss != "loraft"
     return {"version": TUNE_VERSION, "machine": machine_identity(), "shape": shape_of(model_config),
-            "precision": precision, "max_length": config.data.max_length, "lengths": step_lengths(config),
+            "precision": precision, "max_length": config.data.max_length,
+            "lengths": trl_batch_lengths(config) if trl else step_lengths(config),
+            "what": "attention in TRL's batch" if trl else "SFT's step",
             "attn_implementation": config.model.attn_implementation, "quantization": config.model.quantization,
             "trains_embedding": trains_input_embedding(config, model_config)}
 
@@ -266,6 +282,60 @@ def _optimizer_work(name: str, device: torch.device) -> Callable[[], None]:
     return optimizer.step
 
 
+def _own_attention(config: RunConfig, model_config: Any, has_patch: bool) -> Optional[str]:
+    """The family's own attention, as a candidate label: its patch, else the library's default where that is not
+    eager (sdpa: on some CPUs its backward at short lengths costs many times eager's); None: eager is all there is."""
+    if has_patch:
+        return "patch"
+    if config.model.attn_implementation is None and library_default_attention(model_config) != "eager":
+        return "default"
+    return None
+
+
+def measure_attention(config: RunConfig, precision: str, model_config: Any, device: str = "cpu",
+                      log: Callable[[str], None] = logger.info) -> dict:
+    """For an objective TRL's trainer runs (its batch, its loss): only the attention, the family's own against
+    eager, over one batch as TRL forwards it (`trl_batch_lengths`), timed in turns; cached like `measure`.
+
+    Returns:
+        {"key", "seconds", "layouts": {label: s}, "choice": {"attention": "eager" | "patch" | "library"}}
+    """
+    key = tuning_key(config, precision, model_config)
+    shape = key["shape"]
+    target = torch.device(device)
+    lengths = key["lengths"]
+    own = _own_attention(config, model_config, patches_on_load(str(shape["model_type"]),
+                                                              config.model.attn_implementation))
+    started = time.perf_counter()
+    layouts: dict[str, float] = {}
+    choice = {"attention": "patch" if own == "patch" else "library"}
+    if own is not None:
+        log(f"autotune: measuring the attention at {shape['model_type']} width {shape['hidden_size']} ({precision}, "
+            f"once per machine and shape)")
+        whole = sum(lengths)  # one padded batch, as TRL collates it
+        works = {name: _step_work(_one_layer_model(model_config, precision, name, target, 512), lengths, whole,
+                                  precision, target) for name in (own, "library")}
+        for work in works.values():
+            work(first_only=True)
+        best = {name: float("inf") for name in works}
+        for _ in range(LAYOUT_ROUNDS):
+            for name, work in works.items():
+                best[name] = min(best[name], timed(work, repeats=1))
+        layouts = {f"{name}/{whole}": round(seconds, 4) for name, seconds in best.items()}
+        if best["library"] < best[own] * (1 - MARGIN):
+            choice = {"attention": "eager"}
+    result = {"key": json.loads(json.dumps(key, default=str)), "seconds": round(time.perf_counter() - started, 1),
+              "layouts": layouts, "choice": choice}
+    log(f"autotune: {result['seconds']} s; attention {choice['attention']}")
+    path = _cache_path(key)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomically(path, result)
+    except OSError:
+        pass
+    return result
+
+
 def _predict(measured: dict, layers: int, vocab_scale: float, step_rows: int) -> float:
     return layers * measured["layout"] + measured["head"] * vocab_scale * step_rows / HEAD_ROWS
 
@@ -289,10 +359,7 @@ def measure(config: RunConfig, precision: str, model_config: Any, device: str = 
 
     vocab = int(shape["vocab_size"] or VOCAB_SLICE)
     embedding_vocab = vocab if key["trains_embedding"] else 512
-    # the family's own attention: its patch, else the library's default where that is not eager (sdpa: on some CPUs
-    # its backward at short lengths costs many times eager's); "library" is eager, the reference's attention
-    own = "patch" if has_patch else ("default" if config.model.attn_implementation is None
-                                     and library_default_attention(model_config) != "eager" else None)
+    own = _own_attention(config, model_config, has_patch)  # "library" is eager, the reference's attention
     models = {name: _one_layer_model(model_config, precision, name, target, embedding_vocab)
               for name in ([own] if own else []) + ["library"]}
 
