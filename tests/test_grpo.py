@@ -530,3 +530,42 @@ def test_a_resume_that_changes_the_grpo_settings_is_refused(tiny_llama_dir, tmp_
     RunDir(tmp_path / "run").check_resume_identity(load_config(path, ["grpo.completions_logged=2"]), report)
     with pytest.raises(RunError, match=r"--resume refused: grpo.temperature changed \(1.0 -> 0.5\)"):
         RunDir(tmp_path / "run").check_resume_identity(load_config(path, ["grpo.temperature=0.5"]), report)
+
+
+def test_attention_for_switches_and_restores(tiny_llama_dir):
+    from transformers import AutoModelForCausalLM
+
+    from loraft.objectives.grpo import AttentionFor
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, attn_implementation="eager")
+    with AttentionFor(model, "sdpa"):
+        assert model.config._attn_implementation == "sdpa"
+    assert model.config._attn_implementation == "eager"
+    with AttentionFor(model, None):
+        assert model.config._attn_implementation == "eager"
+
+
+def test_where_the_autotune_picks_eager_generation_keeps_the_librarys_default(tiny_llama_dir, tmp_path, monkeypatch):
+    """The update trains with the attention the autotune measured faster (eager, say); generation, forward only and
+    one token a row, runs with the library's default (sdpa) and goes back to eager for the update."""
+    from loraft import tune
+    from loraft.objectives import grpo
+
+    monkeypatch.setenv("LORAFT_AUTOTUNE", "1")
+    monkeypatch.setattr(tune, "measure_attention", lambda *args, **kwargs: {
+        "key": {}, "seconds": 0.0, "layouts": {}, "choice": {"attention": "eager"}})
+    seen = []
+
+    class Recording(grpo.AttentionFor):
+        def __enter__(self):
+            entered = super().__enter__()
+            seen.append((self.previous, self.model.config._attn_implementation))
+            return entered
+
+    monkeypatch.setattr(grpo, "AttentionFor", Recording)
+    data = write_prompts(tmp_path / "p.jsonl")
+    run = tmp_path / "run"
+    assert main(["train", str(grpo_yaml(tiny_llama_dir, data, run, "[{type: number}]", steps=2)),
+                 "grpo.max_completion_length=7"]) == 0
+    assert "attention           eager  (measured faster than the library default" in (run / "train.log").read_text()
+    assert seen == [("eager", "sdpa")] * 2  # one generate call a step

@@ -3,7 +3,8 @@ GRPOTrainer; the records in loraft.prompts, the rewards in loraft.rewards).
 
 A step's samples are completions, as in TRL: train.per_device_train_batch_size x gradient_accumulation_steps x
 processes completions, grpo.num_generations per prompt, generated once at the start of each optimizer step with
-Hugging Face `generate` (KV cache, the whole step's prompts in one batch) on the policy itself. Without
+Hugging Face `generate` (KV cache, the whole step's prompts in one batch) on the policy itself, with the library's
+default attention where the autotune picked eager for the update. Without
 model.adapter_from TRL wraps the base with the run's LoRA; with grpo.beta > 0 its reference is the adapter switched
 off (no second copy of the base). The trainer carries loraft.trainer.RunGuarantees (atomic checkpoints, the
 non-finite stop), and a checkpoint holds the random state the next step samples with, so a resumed run samples
@@ -34,13 +35,36 @@ from loraft.trainer import RunGuarantees, build_training_arguments
 from loraft.weights import HeadCastOnce
 
 
+class AttentionFor:
+    """Within the block, the model computes attention with `implementation` (transformers' set_attn_implementation),
+    then goes back to what it had; None changes nothing."""
+
+    def __init__(self, model, implementation: Optional[str]):
+        self.model = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.implementation = implementation
+        self.previous: Optional[str] = None
+
+    def __enter__(self) -> "AttentionFor":
+        current = self.model.config._attn_implementation
+        if self.implementation and self.implementation != current:
+            self.previous = current
+            self.model.set_attn_implementation(self.implementation)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.previous is not None:
+            self.model.set_attn_implementation(self.previous)
+
+
 class LoraftGRPOTrainer(RunGuarantees, GRPOTrainer):
     """TRL's GRPOTrainer on prompts loraft tokenized, writing completions.jsonl."""
 
     def __init__(self, *args, prompt_ids: dict, completions_file: Optional[Path] = None, completions_logged: int = 0,
-                 **kwargs):
+                 generation_attention: Optional[str] = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.loraft_prompt_ids = prompt_ids
+        # the autotune chose eager for the update's backward; decoding one token a row keeps the library's default
+        self.generation_attention = generation_attention
         self.completions_file = completions_file
         self.completions_logged = completions_logged
         self.generation_seconds = 0.0  # since the last log: TRL generates through the policy's own generate
@@ -53,7 +77,8 @@ class LoraftGRPOTrainer(RunGuarantees, GRPOTrainer):
         def timed_generate(*args, **kwargs):
             started = time.perf_counter()
             try:
-                with self.accelerator.autocast(), HeadCastOnce(self.model):
+                with self.accelerator.autocast(), HeadCastOnce(self.model), \
+                        AttentionFor(self.model, self.generation_attention):
                     return generate(*args, **kwargs)
             finally:
                 self.generation_seconds += time.perf_counter() - started
@@ -128,6 +153,15 @@ def arguments(config: RunConfig, plan, run_dir: Path, has_eval: bool):
     )
 
 
+def generation_attention(config: RunConfig, plan, model) -> Optional[str]:
+    """The attention generation runs with: the library's default ("sdpa") where the autotune picked eager for the
+    update (it times forward and backward over TRL's batch; decoding is forward only, one token a row); None (the
+    model's own) otherwise, a user's model.attn_implementation included."""
+    if plan.attention != "eager" or config.model.attn_implementation or not getattr(model, "_supports_sdpa", False):
+        return None
+    return "sdpa"
+
+
 def build_trainer(config: RunConfig, plan, args, model, info: dict, tokenizer, prepared, callbacks: list):
     from loraft.model import cast_for_plan
 
@@ -139,7 +173,8 @@ def build_trainer(config: RunConfig, plan, args, model, info: dict, tokenizer, p
         eval_dataset=prepared.eval, processing_class=tokenizer, callbacks=callbacks,
         nonfinite_patience=config.train.nonfinite_patience,
         prompt_ids=prompts.prompt_lookup(prepared.train, prepared.eval),
-        completions_file=RunDir(config.output_dir).completions_file, completions_logged=config.grpo.completions_logged, **kwargs)
+        completions_file=RunDir(config.output_dir).completions_file, completions_logged=config.grpo.completions_logged,
+        generation_attention=generation_attention(config, plan, model), **kwargs)
     if "peft_config" in kwargs:  # TRL wrapped the base: the frozen weights are cast now, as load_model does
         cast_for_plan(trainer.model, config, plan, info)
     return trainer
