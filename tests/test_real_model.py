@@ -115,7 +115,7 @@ def test_plain_peft_puts_the_adapter_on_the_file_and_computes_what_loraft_does(r
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from loraft.model import load_run_model
-    from loraft.rundir import open_run
+    from loraft.run_access import open_run
 
     base = AutoModelForCausalLM.from_pretrained(str(smollm2.parent), gguf_file=smollm2.name, dtype=torch.float32)
     plain = PeftModel.from_pretrained(base, str(run)).eval()
@@ -168,7 +168,7 @@ def test_merge_writes_an_ordinary_model_with_no_quantizer_state(run, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from loraft.model import load_run_model
-    from loraft.rundir import open_run
+    from loraft.run_access import open_run
 
     assert main(["merge", str(run), "--out", str(tmp_path / "merged")]) == 0
     config = json.loads((tmp_path / "merged" / "config.json").read_text())
