@@ -112,7 +112,7 @@ class _Tagged:
 
 
 def _patched_measurement(monkeypatch, seconds):
-    monkeypatch.setattr(tune, "_one_layer_model", lambda config, precision, attention, device, vocab: attention)
+    monkeypatch.setattr(tune, "one_layer_model", lambda config, precision, attention, device, vocab: attention)
     monkeypatch.setattr(tune, "_step_work", lambda model, lengths, budget, precision, device: _Tagged(model, budget))
     monkeypatch.setattr(tune, "_head_work", lambda hidden, vocab, precision, fused, device: _Tagged("head", fused))
     monkeypatch.setattr(tune, "_optimizer_work", lambda name, device: _Tagged("optimizer", name))

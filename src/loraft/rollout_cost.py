@@ -31,7 +31,8 @@ import torch
 from loraft.config import RunConfig
 from loraft.files import cache_dir, write_json_atomically
 from loraft.precision import DTYPES, machine_identity
-from loraft.tune import VOCAB_SLICE, layer_config, timed, shape_of
+from loraft.one_layer import layer_config, timed
+from loraft.tune import VOCAB_SLICE, shape_of
 
 logger = logging.getLogger("loraft")
 

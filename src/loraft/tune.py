@@ -22,7 +22,6 @@ BUDGET_SECONDS. `train.autotune: false` or $LORAFT_AUTOTUNE=0 skips it (the stat
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import logging
@@ -34,8 +33,9 @@ import torch
 
 from loraft.batching import micro_batch_budget, split_by_tokens
 from loraft.config import RunConfig
-from loraft.fastpaths import apply_patch, patches_on_load
+from loraft.fastpaths import patches_on_load
 from loraft.files import cache_dir, write_json_atomically
+from loraft.one_layer import layer_config, library_default_attention, one_layer_model, timed
 from loraft.precision import DTYPES, machine_identity
 
 logger = logging.getLogger("loraft")
@@ -132,48 +132,6 @@ def cached(config: RunConfig, precision: str, model_config: Any) -> Optional[dic
     return result if isinstance(result, dict) and result.get("key") == json.loads(json.dumps(key, default=str)) else None
 
 
-def timed(work: Callable[[], None], repeats: int = 3, enough: float = 1.0) -> float:
-    """The best of up to `repeats` timings of `work`; one timing when it takes `enough` seconds or more (a long
-    measurement averages out the noise a short one suffers, and the whole autotune has a budget)."""
-    best = float("inf")
-    for _ in range(repeats):
-        started = time.perf_counter()
-        work()
-        best = min(best, time.perf_counter() - started)
-        if best >= enough:
-            break
-    return best
-
-
-def layer_config(model_config: Any, vocab_size: int):
-    """The architecture with one layer (tied head: only the body runs) and the given vocabulary; special token ids
-    the vocabulary cannot hold are dropped (set to None, or left out of a list such as several eos ids)."""
-    from transformers import AutoConfig
-
-    config = copy.deepcopy(model_config) if not isinstance(model_config, dict) else AutoConfig.for_model(**model_config)
-    # the decoder reads its shape from the text config where the model nests one (the config itself otherwise)
-    for part in {id(part): part for part in (config, config.get_text_config(decoder=True))}.values():
-        part.num_hidden_layers = 1
-        part.vocab_size = vocab_size
-        part.tie_word_embeddings = True
-        # a pad id past the reduced vocabulary (Phi-3's 32000, fine-tunes with pad = eos) fails nn.Embedding's
-        # padding_idx check at construction; the measurement feeds only ids below the vocabulary, so none is needed
-        for name, value in list(vars(part).items()):
-            if name.endswith(("_token_id", "_token_ids")):
-                setattr(part, name, _ids_within(value, vocab_size))
-    return config
-
-
-def _ids_within(value: Any, vocab_size: int) -> Any:
-    """A token id (or list of them) with the ids outside [0, vocab_size) left out: None when none is left."""
-    if isinstance(value, bool) or not isinstance(value, (int, list, tuple)):
-        return value
-    if isinstance(value, int):
-        return value if 0 <= value < vocab_size else None
-    kept = [one for one in value if isinstance(one, int) and 0 <= one < vocab_size]
-    return kept or None
-
-
 def trains_input_embedding(config: RunConfig, model_config: Any) -> bool:
     """Whether the adapter trains a copy of the input embedding (modules_to_save), as the recipe does: then every
     forward/backward also fills its dense gradient at the real vocabulary, a cost per sub-batch."""
@@ -187,39 +145,6 @@ def trains_input_embedding(config: RunConfig, model_config: Any) -> bool:
     embedding = model.get_input_embeddings()
     name = next((n for n, module in model.named_modules() if module is embedding), "")
     return any(name == wanted or name.endswith("." + wanted) for wanted in saved)
-
-
-def library_default_attention(model_config: Any) -> str:
-    """The attention transformers picks for this architecture when none is chosen ("sdpa" where the family
-    supports it, else "eager"), read from a one-layer copy on the meta device."""
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(layer_config(model_config, 8))
-    return str(getattr(model.config, "_attn_implementation", None) or "eager")
-
-
-def _one_layer_model(model_config: Any, precision: str, attention: str, device: torch.device, vocab_size: int = 512):
-    """A one-layer copy of the architecture at its real width, frozen, weights stored as a training run stores
-    them; the input embedding trains (at the real vocabulary where the run trains it), so backward runs through
-    the layer and into the embedding as in training. `attention`: "patch" (the family's patch over the library's
-    default), "library" (transformers' eager attention) or "default" (the library's default, sdpa where supported)."""
-    from transformers import AutoModelForCausalLM
-
-    config = layer_config(model_config, vocab_size)
-    patched = attention == "patch"
-    if attention == "library":
-        config._attn_implementation = "eager"
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    if patched:
-        apply_patch(model)
-    for parameter in model.parameters():
-        parameter.requires_grad_(False)
-        if precision in ("bf16", "fp16") and parameter.dim() == 2:
-            parameter.data = parameter.data.to(DTYPES[precision])
-    model.get_input_embeddings().weight.data = model.get_input_embeddings().weight.data.float()
-    model.get_input_embeddings().weight.requires_grad_(True)
-    return model.to(device).train()
 
 
 def _step_work(model, lengths: list[int], budget: int, precision: str, device: torch.device) -> Callable[[], None]:
@@ -313,7 +238,7 @@ def measure_attention(config: RunConfig, precision: str, model_config: Any, devi
         log(f"autotune: measuring the attention at {shape['model_type']} width {shape['hidden_size']} ({precision}, "
             f"once per machine and shape)")
         whole = sum(lengths)  # one padded batch, as TRL collates it
-        works = {name: _step_work(_one_layer_model(model_config, precision, name, target, 512), lengths, whole,
+        works = {name: _step_work(one_layer_model(model_config, precision, name, target, 512), lengths, whole,
                                   precision, target) for name in (own, "library")}
         for work in works.values():
             work(first_only=True)
@@ -360,7 +285,7 @@ def measure(config: RunConfig, precision: str, model_config: Any, device: str = 
     vocab = int(shape["vocab_size"] or VOCAB_SLICE)
     embedding_vocab = vocab if key["trains_embedding"] else 512
     own = _own_attention(config, model_config, has_patch)  # "library" is eager, the reference's attention
-    models = {name: _one_layer_model(model_config, precision, name, target, embedding_vocab)
+    models = {name: one_layer_model(model_config, precision, name, target, embedding_vocab)
               for name in ([own] if own else []) + ["library"]}
 
     # the reference's path first: the candidate to beat. Sub-batches only up to the static budget, whose
