@@ -104,3 +104,5 @@ def test_a_grpo_run_estimates_with_its_prompts_mean_length(tiny_llama_dir, tmp_p
     assert estimate["prompt_source"] == "the data's mean"
     assert estimate["prompt_tokens"] == round(report["tokens"]["prompt"] / report["samples_kept"])
     assert f"rollout cost: {rollout_cost.describe(estimate)}" in (run / "train.log").read_text()
+    # timed once, at the data's length: not first at an assumed one the data then replaces
+    assert len(list((tmp_path / "home" / "tuning").glob("rollout-*.json"))) == 1

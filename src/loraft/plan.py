@@ -105,9 +105,10 @@ class Plan:
             predicted = self.tuning["predicted_step"]
             lines.append(f"  {'measured':19} in {self.tuning.get('seconds')} s at the model's width: a step predicted "
                          f"{predicted.get('chosen')} s, the reference's path {predicted.get('recipe')} s")
-        elif self.tuning:
+        elif self.tuning and self.tuning.get("layouts"):
+            timings = ", ".join(f"{name} {seconds} s" for name, seconds in self.tuning["layouts"].items())
             lines.append(f"  {'measured':19} in {self.tuning.get('seconds')} s at the model's width: the attention "
-                         f"over one of TRL's batches ({', '.join(f'{k} {v} s' for k, v in self.tuning['layouts'].items())})")
+                         f"over one of TRL's batches ({timings})")
         return "plan:\n" + "\n".join(lines)
 
     @property
@@ -330,12 +331,14 @@ def read_model_config(config: RunConfig, offline_shape: bool = False):
 
 
 def plan_run(config: RunConfig, model_config: Any, world_size: Optional[int] = None, measure: bool = True,
-             log=None, prompt_tokens: Optional[int] = None) -> Plan:
+             log=None, prompt_tokens: Optional[int] = None, data_follows: bool = False) -> Plan:
     """The run's plan on this machine: capabilities, then the cached speed measurement, or a new one when
     `measure` and autotune allow it (one process only: ranks of a multi-process run read the cache).
 
     Args:
         prompt_tokens: GRPO: the prompts' mean length, once the data is read (`with_data`); None before.
+        data_follows: the data is read next and `with_data` plans again: GRPO's step is not timed at an assumed
+            prompt length now (only a cached estimate is read).
     """
     from loraft import tune
     from loraft.precision import machine_capabilities
@@ -355,7 +358,7 @@ def plan_run(config: RunConfig, model_config: Any, world_size: Optional[int] = N
     cost = None
     if config.train.objective == "grpo" and tune.autotune_enabled(config):
         cost = rollout_cost.cached(config, precision, model_config, prompt_tokens)
-        if cost is None and measure and world_size == 1:
+        if cost is None and measure and world_size == 1 and not data_follows:
             cost = rollout_cost.measure(config, precision, model_config, prompt_tokens,
                                         device=_torch_device(caps, config), **({"log": log} if log else {}))
     return make_plan(config, caps, model_config, world_size, tuning, cost)

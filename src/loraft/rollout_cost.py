@@ -21,7 +21,6 @@ is cached per machine and shape under $LORAFT_HOME/tuning; `train.autotune: fals
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from typing import Any, Callable, Optional
@@ -29,10 +28,9 @@ from typing import Any, Callable, Optional
 import torch
 
 from loraft.config import RunConfig
-from loraft.files import cache_dir, write_json_atomically
 from loraft.precision import DTYPES, machine_identity
 from loraft.one_layer import layer_config, timed
-from loraft.tune import VOCAB_SLICE, shape_of
+from loraft.tune import VOCAB_SLICE, read_measurement, shape_of, store_measurement
 
 logger = logging.getLogger("loraft")
 
@@ -62,19 +60,9 @@ def _key(config: RunConfig, precision: str, model_config: Any, prompt_tokens: Op
             "attn_implementation": config.model.attn_implementation}
 
 
-def _cache_path(key: dict):
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    return cache_dir("tuning") / f"rollout-{digest}.json"
-
-
 def cached(config: RunConfig, precision: str, model_config: Any, prompt_tokens: Optional[int] = None) -> Optional[dict]:
     """The cached estimate for this machine, shape, settings and prompt length, or None."""
-    key = json.loads(json.dumps(_key(config, precision, model_config, prompt_tokens), default=str))
-    try:
-        result = json.loads(_cache_path(key).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return result if isinstance(result, dict) and result.get("key") == key else None
+    return read_measurement("rollout", _key(config, precision, model_config, prompt_tokens))
 
 
 def _one_layer_policy(config: RunConfig, model_config: Any, precision: str, device: torch.device):
@@ -190,12 +178,7 @@ def measure(config: RunConfig, precision: str, model_config: Any, prompt_tokens:
               "parts": {name: round(value, 4) for name, value in parts.items() if value}}
     log(f"rollout cost: measured in {result['seconds']} s at {shape['model_type']} width {hidden_size} ({precision}, "
         f"once per machine and shape)")
-    try:
-        path = _cache_path(result["key"])
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomically(path, result)
-    except OSError:
-        pass  # a read-only cache only costs measuring again next time
+    store_measurement("rollout", result)
     return result
 
 

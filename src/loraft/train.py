@@ -167,7 +167,7 @@ def train(config: RunConfig, resume: bool = False, callbacks: Optional[list] = N
     template = get_template(config.data.template, tokenizer)
     # every machine- and model-dependent decision, once (a first run of a shape here measures the speed choices)
     model_config, _ = read_model_config(config)
-    plan = plan_run(config, model_config)
+    plan = plan_run(config, model_config, data_follows=True)  # GRPO's step is timed once the data is read
     # The arguments also set up the distributed state, so build them before touching the data.
     has_eval = bool(config.data.eval_path) or config.data.eval_fraction > 0
     args = objective.arguments(config, plan, run_dir, has_eval)

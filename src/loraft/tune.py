@@ -35,6 +35,7 @@ from loraft.batching import micro_batch_budget, split_by_tokens
 from loraft.config import RunConfig
 from loraft.fastpaths import patches_on_load
 from loraft.files import cache_dir, write_json_atomically
+from loraft.objective_table import objective
 from loraft.one_layer import layer_config, library_default_attention, one_layer_model, timed
 from loraft.precision import DTYPES, machine_identity
 
@@ -95,19 +96,17 @@ def step_lengths(config: RunConfig) -> list[int]:
 
 def trl_batch_lengths(config: RunConfig) -> list[int]:
     """The lengths of one batch TRL's trainer forwards and backwards for a preference or GRPO objective: each
-    process's samples at the step's synthetic lengths (a chosen and a rejected sequence each for DPO and ORPO, a
-    completion and its KL partner for KTO); GRPO's completions at a quarter of data.max_length of prompt plus
-    grpo.max_completion_length."""
+    process's samples at the step's synthetic lengths, the objective's pairs_per_sample sequences each (a chosen and
+    a rejected one for DPO and ORPO, a completion and its KL partner for KTO); GRPO's completions at a quarter of
+    data.max_length of prompt plus grpo.max_completion_length."""
     rows = config.train.per_device_train_batch_size
     if config.train.objective == "grpo":
         return [max(1, config.data.max_length // 4) + config.grpo.max_completion_length] * rows
-    return (step_lengths(config)[:rows]) * 2
+    return step_lengths(config)[:rows] * objective(config.train.objective).pairs_per_sample
 
 
 def tuning_key(config: RunConfig, precision: str, model_config: Any) -> dict:
     """What a measurement's answer depends on: the machine, the shape, the precision and the step's layout."""
-    from loraft.objective_table import objective
-
     trl = objective(config.train.objective).loss != "loraft"
     return {"version": TUNE_VERSION, "machine": machine_identity(), "shape": shape_of(model_config),
             "precision": precision, "max_length": config.data.max_length,
@@ -117,19 +116,35 @@ def tuning_key(config: RunConfig, precision: str, model_config: Any) -> dict:
             "trains_embedding": trains_input_embedding(config, model_config)}
 
 
-def _cache_path(key: dict):
+def measurement_path(kind: str, key: dict):
+    """Where a measurement of `kind` ("tune", "rollout") for `key` is cached: $LORAFT_HOME/tuning."""
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    return cache_dir("tuning") / f"tune-{digest}.json"
+    return cache_dir("tuning") / f"{kind}-{digest}.json"
+
+
+def read_measurement(kind: str, key: dict) -> Optional[dict]:
+    """The cached measurement of `kind` whose key is `key`, or None."""
+    key = json.loads(json.dumps(key, default=str))
+    try:
+        result = json.loads(measurement_path(kind, key).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return result if isinstance(result, dict) and result.get("key") == key else None
+
+
+def store_measurement(kind: str, result: dict) -> None:
+    """Cache a measurement under its key; a read-only cache only costs measuring again next time."""
+    try:
+        path = measurement_path(kind, result["key"])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomically(path, result)
+    except OSError:
+        pass
 
 
 def cached(config: RunConfig, precision: str, model_config: Any) -> Optional[dict]:
     """The cached measurement for this machine and shape, or None."""
-    key = tuning_key(config, precision, model_config)
-    try:
-        result = json.loads(_cache_path(key).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return result if isinstance(result, dict) and result.get("key") == json.loads(json.dumps(key, default=str)) else None
+    return read_measurement("tune", tuning_key(config, precision, model_config))
 
 
 def trains_input_embedding(config: RunConfig, model_config: Any) -> bool:
@@ -252,12 +267,7 @@ def measure_attention(config: RunConfig, precision: str, model_config: Any, devi
     result = {"key": json.loads(json.dumps(key, default=str)), "seconds": round(time.perf_counter() - started, 1),
               "layouts": layouts, "choice": choice}
     log(f"autotune: {result['seconds']} s; attention {choice['attention']}")
-    path = _cache_path(key)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomically(path, result)
-    except OSError:
-        pass
+    store_measurement("tune", result)
     return result
 
 
@@ -367,10 +377,5 @@ def measure(config: RunConfig, precision: str, model_config: Any, device: str = 
     log(f"autotune: {result['seconds']} s; sub-batches {best[2] or 'one sample at a time'}, attention "
         f"{result['choice']['attention']}, fused loss {'yes' if fused_loss else 'no'}, {chosen_optimizer}; "
         f"predicted step {predicted['chosen']} s vs the recipe's {predicted['recipe']} s")
-    path = _cache_path(key)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomically(path, result)
-    except OSError:
-        pass  # a read-only cache only costs measuring again next time
+    store_measurement("tune", result)
     return result
