@@ -3,6 +3,8 @@
     python benchmarks/grpo_speed.py                       # SmolLM2-135M-Instruct, 10 steps x 2 prompts x 8 answers
     python benchmarks/grpo_speed.py --steps 4 --quick     # a check that every variant runs (tiny lengths)
     python benchmarks/grpo_speed.py --generation          # one generate call four ways (weights, autocast, head)
+    python benchmarks/grpo_speed.py --estimate 44         # the plan's rollout cost (loraft.rollout_cost) at 44-token
+                                                          # prompts, four times (the benchmark's prompts average 44)
 
 The model is the real one, SmolLM2-135M-Instruct (its Q4_1 GGUF, loraft.smollm2): loraft trains the .gguf file as a
 user does (the `gguf-lora` preset's LoRA: r 16, alpha 32 on every linear layer of a block), TRL its dequantized
@@ -233,6 +235,23 @@ def generation_costs(repeats: int = 3) -> list[dict]:
     return rows
 
 
+def rollout_estimates(args, repeats: int = 4) -> None:
+    """loraft.rollout_cost's estimate for the loraft variant's step (bf16 where the plan picks it), measured afresh
+    `repeats` times: its spread against the benchmark's measured generation_seconds and step_time."""
+    import tempfile
+
+    from loraft import rollout_cost
+    from loraft.plan import plan_run, read_model_config
+
+    args.gguf, args.run_root = str(gguf_path()), tempfile.mkdtemp(prefix="grpo-estimate-")
+    config = loraft_config(args, Path(args.run_root) / "run")
+    model_config = read_model_config(config)[0]
+    precision = plan_run(config, model_config, measure=False).precision
+    for _ in range(repeats):
+        result = rollout_cost.measure(config, precision, model_config, args.estimate, log=lambda line: None)
+        print(json.dumps({key: result[key] for key in ("seconds", "generation_s", "update_s", "parts")}), flush=True)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=10)
@@ -247,6 +266,8 @@ def main(argv=None) -> int:
                         help="run every variant this many times, in rotated order; report each variant's median round")
     parser.add_argument("--json", help="the report (default: benchmarks/results/DATE-CLASS-grpo_speed.json)")
     parser.add_argument("--generation", action="store_true", help="only the generate call, four ways")
+    parser.add_argument("--estimate", type=int, metavar="PROMPT_TOKENS",
+                        help="only the plan's rollout cost for the benchmark's loraft run, measured four times")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--run-root", help=argparse.SUPPRESS)
     parser.add_argument("--gguf", help=argparse.SUPPRESS)
@@ -258,6 +279,9 @@ def main(argv=None) -> int:
         return 0
     if args.generation:
         generation_costs()
+        return 0
+    if args.estimate:
+        rollout_estimates(args)
         return 0
 
     import tempfile
