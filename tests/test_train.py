@@ -247,11 +247,17 @@ def test_llama_style_model_trains_and_reloads(tiny_llama_dir, disk_data, tmp_pat
 
 
 def _run(model_dir, data_dir, out_dir, *overrides):
-    """Train 4 steps of 8 samples each; returns the logged losses."""
+    """Train 4 steps of 8 samples each, the retention guard off; returns the logged losses.
+
+    The guard is off because it makes the comparison ill-conditioned, not because it breaks parity: its KL starts at
+    0, so its first gradients are rounding noise, which differs between eager and SDPA and from one CPU to another,
+    and Adam scales even noise to steps of the learning rate's size. With it on, the losses parted by 2.4e-5 at the
+    third step on a Zen 4 (AVX512-BF16) and stayed within 1e-5 on an AMX Xeon; with it off, within 1e-5 on both.
+    The guard's own effect on training is tested in test_retention_guard.py."""
     config = load_config(None, [
         f"model.name_or_path={model_dir}", f"data.path={data_dir}", f"output_dir={out_dir}",
         "train.max_steps=4", "train.logging_steps=1", "train.learning_rate=0.01", "train.save_steps=1000",
-        "train.per_device_train_batch_size=1", "train.gradient_accumulation_steps=8", "train.retention_every=1",
+        "train.per_device_train_batch_size=1", "train.gradient_accumulation_steps=8", "train.retention=off",
         *overrides,
     ])
     train(config)
