@@ -25,7 +25,7 @@ import torch
 from conftest import TEST_CACHE as CACHE, locked_test_cache
 from loraft import gguf_base
 from loraft.cli import main
-from loraft.errors import RunError
+from loraft.errors import ModelError, RunError
 
 WORDS = ["apple", "river", "stone", "cloud", "tiger", "lemon", "piano", "ocean", "candle", "forest", "garden",
          "rocket", "silver", "window", "pencil", "butter", "dragon", "planet", "jungle", "marble"]
@@ -280,7 +280,6 @@ def test_a_changed_or_missing_file_is_refused_by_name(run, smollm2, tmp_path, ca
                                 "(sha256 b179c9523d0e..., now "), error
         # a resume asks the same question before anything else
         from loraft.config import load_config
-        from loraft.errors import ModelError
         from loraft.rundir import RunDir
 
         with pytest.raises(ModelError, match=f"^{re.escape(str(smollm2))}: the GGUF file changed since run "):
@@ -324,3 +323,30 @@ def test_an_architecture_transformers_cannot_load_is_one_sentence(tmp_path):
     message = str(refused.value)
     assert message.startswith(f"{path}: transformers cannot load the 'rwkv6' architecture from GGUF (it loads ")
     assert "llama" in message and "qwen2" in message
+
+
+def test_the_header_reader_reads_what_gguf_reads_and_refuses_a_cut_file(smollm2, tmp_path):
+    """gguf_base.header_fields (architecture and file type without parsing the tokenizer's arrays) gives every scalar
+    and string key-value of the real file as gguf's own GGUFReader decodes it; a file cut inside its header, or not a
+    GGUF file, is one sentence."""
+    from gguf import GGUFReader, GGUFValueType
+
+    fields = GGUFReader(str(smollm2)).fields
+    expected = {}
+    for key, field in fields.items():
+        if key.startswith("GGUF.") or field.types[0] == GGUFValueType.ARRAY:
+            continue
+        value = field.parts[field.data[0]]
+        expected[key] = bytes(value).decode("utf-8") if field.types[0] == GGUFValueType.STRING else value[0].item()
+    assert len(expected) > 25 and "tokenizer.chat_template" in expected
+    assert gguf_base.header_fields(smollm2, set(expected)) == pytest.approx(expected)
+    assert gguf_base.file_type(smollm2) == "q4_1" and gguf_base.architecture(smollm2) == "llama"
+    cut = tmp_path / "cut.gguf"
+    with open(smollm2, "rb") as handle:
+        cut.write_bytes(handle.read(65536))  # inside the tokenizer's arrays, before its chat template
+    with pytest.raises(ValueError, match="the header is cut short"):
+        gguf_base.header_fields(cut, {"tokenizer.chat_template"})
+    other = tmp_path / "other.gguf"
+    other.write_bytes(b"PK\x03\x04" + bytes(60))
+    with pytest.raises(ModelError, match=f"^{re.escape(str(other))}: not a GGUF file transformers can read \\(no GGUF "):
+        gguf_base.architecture(other)

@@ -98,15 +98,76 @@ def check_unchanged(recorded: Optional[dict], what: str) -> None:
                          "the old file: put it back, or train again")
 
 
+# GGUF metadata value types (the format's spec): the byte size of each fixed-size one, and the struct code
+_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_STRING, _ARRAY = 8, 9
+
+
+def header_fields(path: Path, keys: set[str]) -> dict:
+    """The scalar or string metadata values of `keys` in the GGUF file's header, read up to the last of them.
+
+    gguf's GGUFReader parses every field, the tokenizer's arrays of tens of thousands of strings included: 3.2 s for
+    SmolLM2's file on a 2-core Zen 4, where this takes 0.06 s for all its scalar keys. It reads the key-value section
+    in order and stops once it has `keys`, stepping over arrays without decoding them. Missing keys are absent.
+    Raises ValueError for a file that is not little-endian GGUF version 2 or 3, or is cut short."""
+    import struct
+
+    found: dict = {}
+    with open(path, "rb") as handle:
+
+        def read(size: int) -> bytes:
+            data = handle.read(size)
+            if len(data) != size:
+                raise ValueError("the header is cut short")
+            return data
+
+        def number(code: str):
+            return struct.unpack("<" + code, read(struct.calcsize(code)))[0]
+
+        def string() -> bytes:
+            return read(number("Q"))
+
+        def skip(kind: int) -> None:
+            if kind == _STRING:
+                handle.seek(number("Q"), os.SEEK_CUR)
+            elif kind == _ARRAY:
+                item, count = number("I"), number("Q")
+                if item in _SCALARS:
+                    handle.seek(count * struct.calcsize(_SCALARS[item]), os.SEEK_CUR)
+                else:
+                    for _ in range(count):
+                        skip(item)
+            elif kind in _SCALARS:
+                handle.seek(struct.calcsize(_SCALARS[kind]), os.SEEK_CUR)
+            else:
+                raise ValueError(f"unknown metadata value type {kind}")
+
+        if read(4) != MAGIC:
+            raise ValueError("no GGUF magic")
+        version = number("I")
+        if version not in (2, 3):
+            raise ValueError(f"GGUF version {version} (loraft reads 2 and 3)")
+        number("Q")  # tensor count
+        for _ in range(number("Q")):
+            key, kind = string().decode("utf-8"), number("I")
+            if key in keys and kind == _STRING:
+                found[key] = string().decode("utf-8")
+            elif key in keys and kind in _SCALARS:
+                found[key] = number(_SCALARS[kind])
+            else:
+                skip(kind)
+            if len(found) == len(keys):
+                break
+    return found
+
+
 def architecture(path: Path) -> str:
     """The file's `general.architecture`, refused in one sentence when transformers cannot load it from GGUF."""
-    from gguf import GGUFReader
     from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
 
     try:
-        field = GGUFReader(str(path)).fields["general.architecture"]
-        name = bytes(field.parts[field.data[0]]).decode("utf-8")
-    except (KeyError, ValueError, OSError) as exc:
+        name = header_fields(path, {"general.architecture"})["general.architecture"]
+    except (KeyError, ValueError, OSError, UnicodeDecodeError) as exc:
         raise ModelError(f"{path}: not a GGUF file transformers can read ({exc})") from None
     supported = sorted(arch for arch in GGUF_SUPPORTED_ARCHITECTURES if arch not in ("general", "tokenizer"))
     if name not in GGUF_SUPPORTED_ARCHITECTURES:
@@ -117,13 +178,13 @@ def architecture(path: Path) -> str:
 
 def file_type(path: Path) -> str:
     """The file's weight type as llama.cpp names its outtypes (`general.file_type`): q4_1, q8_0, f16, q4_k_m..."""
-    from gguf import GGUFReader, LlamaFileType
+    from gguf import LlamaFileType
 
-    field = GGUFReader(str(path)).fields.get("general.file_type")
-    if field is None:
+    value = header_fields(path, {"general.file_type"}).get("general.file_type")
+    if value is None:
         return "unknown"
     try:
-        name = LlamaFileType(int(field.parts[field.data[0]][0])).name
+        name = LlamaFileType(int(value)).name
     except ValueError:
         return "unknown"
     return name.removeprefix("MOSTLY_").removeprefix("ALL_").lower()
