@@ -230,6 +230,12 @@ def test_the_real_model_demo_runs_both_runs_and_puts_the_adapter_on_the_original
     guarded = json.loads((root / "run" / "loraft_run.json").read_text())
     unguarded = json.loads((root / "run-unguarded" / "loraft_run.json").read_text())
     assert guarded["plan"]["retention"].startswith("KL to the base") and unguarded["plan"]["retention"] == "off"
+    from loraft.config import load_config
+    from loraft.demo.real import LEARNING_RATE
+
+    # the two runs differ by the guard alone: the demo's learning rate in both
+    assert {load_config(root / run / "config.yaml").train.learning_rate
+            for run in ("run", "run-unguarded")} == {LEARNING_RATE}
     metrics = [json.loads(line) for line in (root / "run" / "metrics.jsonl").read_text().splitlines()]
     assert any("retention_kl" in m for m in metrics)
     llama = demo["results"]["llama_cpp"]
