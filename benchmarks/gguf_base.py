@@ -1,6 +1,10 @@
 """A GGUF file as the base model (issue 25), measured in one run on SmolLM2-135M-Instruct (Q4_1, 98 MB):
 
     python benchmarks/gguf_base.py [--docs docs/benchmarks.md] [--json benchmarks/results/NAME.json]
+    python benchmarks/gguf_base.py --header [--json ...]   # only 0. below
+
+0. Reading the file's header (loraft.gguf_base.header_fields: every scalar and string key, as architecture() and
+   file_type() read one) against gguf's GGUFReader, which decodes the tokenizer's arrays too; --repeats each, in turn.
 
 1. Dequantizing: what the first use of a GGUF file costs (loraft.gguf_base.hf_folder: config + tokenizer, then the
    weights dequantized and saved under a fresh $LORAFT_HOME, then the folder loaded), what every later command
@@ -100,6 +104,28 @@ def load_worker(kind: str, gguf: Path, dtype_name: str) -> dict:
 
 
 # ------------------------------------------------------------------------------------ measuring a process
+
+
+def header_timings(gguf: Path, repeats: int) -> dict:
+    """Seconds to read the file's metadata: gguf's GGUFReader against loraft.gguf_base.header_fields, in turn."""
+    from gguf import GGUFReader, GGUFValueType
+
+    from loraft.gguf_base import header_fields
+
+    fields = GGUFReader(str(gguf)).fields
+    keys = {key for key, field in fields.items()
+            if not key.startswith("GGUF.") and field.types[0] != GGUFValueType.ARRAY}
+    reader, header = [], []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        GGUFReader(str(gguf))
+        reader.append(round(time.perf_counter() - started, 4))
+        started = time.perf_counter()
+        header_fields(gguf, keys)
+        header.append(round(time.perf_counter() - started, 4))
+    return {"benchmark": "gguf header", "date": datetime.datetime.now().isoformat(timespec="seconds"),
+            "machine": common.machine(), "file": str(gguf), "keys": len(keys), "gguf_reader_s": reader,
+            "header_fields_s": header}
 
 
 def busy_cores(seconds: float = 2.0) -> float:
@@ -479,12 +505,21 @@ def main(argv=None) -> int:
     parser.add_argument("--docs", type=Path, help="write the section into this markdown file (docs/benchmarks.md)")
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--report", type=Path, metavar="JSON", help="print (and --docs) a saved run's section again")
+    parser.add_argument("--header", action="store_true", help="only time reading the file's header (0. above)")
     parser.add_argument("--worker", choices=["first", "cached", "transformers"], help=argparse.SUPPRESS)
     parser.add_argument("--dtype", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         common.write_json(args.out, load_worker(args.worker, args.gguf, args.dtype))
+        return 0
+    if args.header:
+        from loraft.smollm2 import smollm2_gguf
+
+        result = header_timings((args.gguf or smollm2_gguf()).resolve(), args.repeats)
+        print(json.dumps(result, indent=1))
+        if args.json:
+            common.write_json(args.json, result)
         return 0
     if args.report:
         section = markdown(json.loads(args.report.read_text(encoding="utf-8")))

@@ -17,13 +17,15 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import shutil
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
 
 
 def main() -> None:
@@ -54,10 +56,16 @@ def main() -> None:
 
     class Count(TrainerCallback):
         def on_train_begin(self, args, state, control, model=None, **kwargs):
+            def enter(module, inputs):
+                stack.append(type(module).__name__)
+
+            def leave(module, inputs, output):
+                stack.pop()
+
             for module in model.modules():
-                if not list(module.children()) or type(module).__name__ == "Linear":
-                    module.register_forward_pre_hook(lambda m, a: stack.append(type(m).__name__) and None)
-                    module.register_forward_hook(lambda m, a, o: stack.pop() and None)
+                if not list(module.children()) or type(module).__name__ == "Linear":  # peft's LoRA layer too
+                    module.register_forward_pre_hook(enter)
+                    module.register_forward_hook(leave)
             self.hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor)
             self.hooks.__enter__()
 
@@ -74,6 +82,7 @@ def main() -> None:
         f"train.per_device_train_batch_size={args.samples // 2}", "train.gradient_accumulation_steps=2",
         *args.overrides])
     train(config, callbacks=[Count()], progress_bar=False)
+    shutil.rmtree(root, ignore_errors=True)
     rows = [{"module": module, "dtype": dtype, "mib": round(size / 2**20, 1)}
             for (module, dtype), size in saved.most_common()]
     total = sum(saved.values()) / 2**30
@@ -81,8 +90,8 @@ def main() -> None:
         print(f"{row['module']:28} {row['dtype']:10} {row['mib']:9.1f} MiB")
     print(f"total {total:.2f} GiB kept for the backward over the step ({args.samples} samples)")
     if args.json:
-        Path(args.json).write_text(json.dumps({"overrides": args.overrides, "samples": args.samples, "rows": rows,
-                                               "total_gib": round(total, 3)}, indent=1) + "\n")
+        common.write_json(Path(args.json), {"machine": common.machine(), "overrides": args.overrides,
+                                            "samples": args.samples, "rows": rows, "total_gib": round(total, 3)})
 
 
 if __name__ == "__main__":
