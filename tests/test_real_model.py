@@ -64,6 +64,10 @@ def smollm2(tmp_path_factory) -> Path:
     return folder / cached.name
 
 
+DEMO_TOKENS = 8  # new tokens of the demo's answers in its test (its shape, not its numbers)
+DEMO_LEARNING_RATE = 1e-2  # the demo's test: 2 steps that move the adapter well past llama.cpp's tolerance
+
+
 def _records(words) -> list[dict]:
     return [{"instruction": f"Write the word in brackets, in capitals: {word}", "input": "", "output": f"[{word.upper()}]"}
             for word in words]
@@ -126,8 +130,11 @@ def test_plain_peft_puts_the_adapter_on_the_file_and_computes_what_loraft_does(r
         assert torch.allclose(plain(ids).logits, ours(ids).logits, atol=1e-5)
 
 
-def test_chat_answers_and_eval_shows_what_the_run_learned(run, data, capsys):
+def test_chat_answers_and_eval_shows_what_the_run_learned(run, data, capsys, monkeypatch):
+    from loraft import retention
     from loraft.generate import chat
+
+    monkeypatch.setattr(retention, "RETENTION_TOKENS", 16)  # the general answers' first words hold what is checked
 
     out = io.StringIO()
     chat(run, stdin=io.StringIO("Write the word in brackets, in capitals: marble\n/exit\n"), stdout=out)
@@ -200,13 +207,21 @@ def test_plan_reads_the_files_header(smollm2, data, tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def demo(smollm2, tmp_path_factory) -> dict:
-    """`loraft demo --model FILE` at 2 steps, 8 held-out records and 4 general prompts: its results, lines and folder."""
-    from loraft.demo.real import run_real_demo
+    """`loraft demo --model FILE` at 2 steps, 8 held-out records and 4 general prompts: its results, lines and folder.
+    Its answers are cut to DEMO_TOKENS new tokens and it trains at DEMO_LEARNING_RATE, so that 2 steps move the
+    adapter well past llama.cpp's tolerance (the adapter-only export's negative control needs that); the numbers
+    the README states come from the full demo."""
+    from loraft import retention
+    from loraft.demo import real
 
     lines: list[str] = []
     workdir = tmp_path_factory.mktemp("real-demo")
-    results = run_real_demo(model=str(smollm2), workdir=workdir, steps=2, retention_prompts=4, heldout_records=8,
-                            log=lines.append)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(real, "TASK_TOKENS", DEMO_TOKENS)
+        patch.setattr(retention, "RETENTION_TOKENS", DEMO_TOKENS)
+        patch.setattr(real, "LEARNING_RATE", DEMO_LEARNING_RATE)
+        results = real.run_real_demo(model=str(smollm2), workdir=workdir, steps=2, retention_prompts=4,
+                                     heldout_records=8, log=lines.append)
     return {"results": results, "lines": lines, "root": workdir / "real", "workdir": workdir}
 
 
@@ -231,11 +246,10 @@ def test_the_real_model_demo_runs_both_runs_and_puts_the_adapter_on_the_original
     unguarded = json.loads((root / "run-unguarded" / "loraft_run.json").read_text())
     assert guarded["plan"]["retention"].startswith("KL to the base") and unguarded["plan"]["retention"] == "off"
     from loraft.config import load_config
-    from loraft.demo.real import LEARNING_RATE
 
-    # the two runs differ by the guard alone: the demo's learning rate in both
+    # the two runs differ by the guard alone: the demo's learning rate in both (LEARNING_RATE, set for this test)
     assert {load_config(root / run / "config.yaml").train.learning_rate
-            for run in ("run", "run-unguarded")} == {LEARNING_RATE}
+            for run in ("run", "run-unguarded")} == {DEMO_LEARNING_RATE}
     metrics = [json.loads(line) for line in (root / "run" / "metrics.jsonl").read_text().splitlines()]
     assert any("retention_kl" in m for m in metrics)
     llama = demo["results"]["llama_cpp"]
@@ -247,9 +261,11 @@ def test_the_real_model_demo_runs_both_runs_and_puts_the_adapter_on_the_original
                       log=lambda line: None)
 
 
-def test_the_adapter_goes_back_onto_the_original_quantized_file(run, smollm2, capsys):
-    assert main(["export", str(run), "--format", "gguf", "--adapter-only"]) == 0
-    out = run.parent / "run-gguf-adapter"
+def test_the_adapter_goes_back_onto_the_original_quantized_file(demo, smollm2):
+    """The demo's last step is `loraft export RUN --format gguf --adapter-only` (loraft.export.gguf.export_gguf, as
+    the command calls it; tests/test_gguf.py runs the command itself on a tiny model): a LoRA GGUF for the original
+    Q4_1 file, verified in llama.cpp, the file alone the negative control, and a Modelfile for Ollama."""
+    out = demo["root"] / "gguf"
     report = json.loads((out / "export_report.json").read_text())
     assert report["base"]["path"] == str(smollm2) and report["base"]["file_type"] == "q4_1"
     assert sorted(path.name for path in out.iterdir()) == ["Modelfile", "adapter-f32.gguf", "export.log",
@@ -264,7 +280,7 @@ def test_the_adapter_goes_back_onto_the_original_quantized_file(run, smollm2, ca
     # its chat template is ChatML with a default system prompt: Ollama gets the TEMPLATE and SYSTEM that render it
     assert "\nTEMPLATE " in modelfile and "You are a helpful AI assistant named SmolLM" in modelfile, modelfile
     assert not any("TEMPLATE left out" in note for note in report["notes"]), report["notes"]
-    assert f"llama-cli -m {smollm2} --lora {out / 'adapter-f32.gguf'}" in capsys.readouterr().err
+    assert f"llama-cli -m {smollm2} --lora {out / 'adapter-f32.gguf'}" in "\n".join(demo["lines"])
 
 
 def test_a_changed_or_missing_file_is_refused_by_name(run, smollm2, tmp_path, capsys):
