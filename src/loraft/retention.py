@@ -55,38 +55,70 @@ def base_answers(model, tokenizer, template, prompts: Sequence[dict], settings, 
     return rows
 
 
+def _takes_logits_to_keep(model) -> bool:
+    """Whether the model's forward computes the logits of chosen positions only (transformers' `logits_to_keep`)."""
+    import inspect
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(inner.forward).parameters
+
+
 @torch.inference_mode()
-def kl_per_token(model, tokenizer, template, prompts: Sequence[dict], answers: Sequence[dict],
-                 batch_size: int) -> float:
-    """Mean KL(base || run) per answer token, teacher-forced on the base's answers (the run = the adapter on)."""
+def kl_per_token(model, tokenizer, template, prompts: Sequence[dict], answers: Sequence[dict], batch_size: int,
+                 adapters: Optional[Sequence[str]] = None):
+    """Mean KL(base || run) per answer token, teacher-forced on the base's answers (the run = the adapter on).
+
+    Rows of similar length share a batch, and the logits are computed at the positions that predict an answer
+    token only (`logits_to_keep`): the prompts' positions need the layers, not the vocabulary. With `adapters`
+    (names of adapters the PeftModel holds) each is measured against the same base forward and a dict
+    {adapter: KL} is returned; the active adapter is restored.
+    """
     device = next(model.parameters()).device
     rows = []
     for prompt, answer in zip(prompts, answers):
         prefix = encode_prompt(tokenizer, template, [{"role": "user", "content": prompt["prompt"]}])
         if answer["ids"]:
             rows.append((prefix + answer["ids"], len(prefix)))
-    total, count = 0.0, 0
-    for start in range(0, len(rows), batch_size):
-        batch = rows[start:start + batch_size]
-        width = max(len(ids) for ids, _ in batch)
-        input_ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        scored = torch.zeros((len(batch), width), dtype=torch.bool)  # positions whose next token is an answer token
-        for row, (ids, prompt_length) in enumerate(batch):
-            input_ids[row, :len(ids)] = torch.tensor(ids)
-            mask[row, :len(ids)] = 1
-            scored[row, prompt_length - 1:len(ids) - 1] = True
-        inputs = {"input_ids": input_ids.to(device), "attention_mask": mask.to(device)}
-        run = torch.log_softmax(model(**inputs).logits.float(), dim=-1)[scored.to(device)]
-        with model.disable_adapter():
-            base = torch.log_softmax(model(**inputs).logits.float(), dim=-1)[scored.to(device)]
-        total += float((base.exp() * (base - run)).sum())
-        count += int(scored.sum())
-    return total / count if count else 0.0
+    rows.sort(key=lambda row: -len(row[0]))  # similar lengths together: little padding
+    names = list(adapters) if adapters is not None else [None]
+    active = model.active_adapter if adapters is not None else None
+    keep_positions = _takes_logits_to_keep(model)
+    totals, count = {name: 0.0 for name in names}, 0
+    try:
+        for start in range(0, len(rows), batch_size):
+            batch = rows[start:start + batch_size]
+            width = max(len(ids) for ids, _ in batch)
+            input_ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            scored = torch.zeros((len(batch), width), dtype=torch.bool)  # positions whose next token is an answer's
+            for row, (ids, prompt_length) in enumerate(batch):
+                input_ids[row, :len(ids)] = torch.tensor(ids)
+                mask[row, :len(ids)] = 1
+                scored[row, prompt_length - 1:len(ids) - 1] = True
+            first = min(prompt_length for _, prompt_length in batch) - 1  # no position before it is scored
+            kwargs = {"logits_to_keep": torch.arange(first, width, device=device)} if keep_positions else {}
+            scored = (scored[:, first:] if keep_positions else scored).to(device)
+            inputs = {"input_ids": input_ids.to(device), "attention_mask": mask.to(device), **kwargs}
+
+            def log_probs() -> torch.Tensor:
+                return torch.log_softmax(model(**inputs).logits[scored].float(), dim=-1)
+
+            with model.disable_adapter():
+                base = log_probs()
+            for name in names:
+                if name is not None:
+                    model.set_adapter(name)
+                totals[name] += float((base.exp() * (base - log_probs())).sum())
+            count += int(scored.sum())
+    finally:
+        if active is not None:
+            model.set_adapter(active)
+    means = {name: total / count if count else 0.0 for name, total in totals.items()}
+    return means if adapters is not None else means[None]
 
 
 def measure_retention(model, tokenizer, template, config, settings, dtype: str, batch_size: int = 8,
-                      limit: Optional[int] = None) -> dict:
+                      limit: Optional[int] = None, adapters: Optional[Sequence[str]] = None) -> dict:
     """General accuracy of the base and of the run, and the KL per token from base to run, on the project's
     general prompts (the first `limit` of them).
 
@@ -94,6 +126,8 @@ def measure_retention(model, tokenizer, template, config, settings, dtype: str, 
         model: the run's PeftModel (the base is the adapter switched off).
         config: the run's config (its base model names the cache entry).
         settings: generation settings (greedy; max_new_tokens is RETENTION_TOKENS unless given).
+        adapters: several adapters of `model` measured against one base (its answers and its KL forward shared):
+            the result is then {adapter: result}. None: the active adapter.
     Returns:
         {"prompts", "checkable", "base_accuracy", "accuracy", "kept" (accuracy / base_accuracy), "kl_per_token",
          "by_language": {lang: {"checkable", "base_accuracy", "accuracy"}}, "samples": [...]} (accuracies in %).
@@ -102,31 +136,46 @@ def measure_retention(model, tokenizer, template, config, settings, dtype: str, 
     cache = _cache_file(config, template, prompts, settings.max_new_tokens, dtype)
     base = base_answers(model, tokenizer, template, prompts, settings, batch_size, cache)
     conversations = [[{"role": "user", "content": p["prompt"]}] for p in prompts]
-    run = generate_answers(model, tokenizer, template, conversations, settings, batch_size, progress=True)
+    names = list(adapters) if adapters is not None else [None]
+    active = model.active_adapter if adapters is not None else None
+    runs = {}
+    try:
+        for name in names:
+            if name is not None:
+                model.set_adapter(name)
+            runs[name] = generate_answers(model, tokenizer, template, conversations, settings, batch_size,
+                                          progress=True)
+    finally:
+        if active is not None:
+            model.set_adapter(active)
+    kl = kl_per_token(model, tokenizer, template, prompts, base, batch_size, adapters)
     checkable = [i for i, p in enumerate(prompts) if p["answers"]]
 
     def accuracy(indexes: list[int], texts: Sequence[str]) -> float:
         right = sum(is_correct(texts[i], prompts[i]["answers"]) for i in indexes)
         return round(100.0 * right / len(indexes), 2) if indexes else 0.0
 
-    base_texts, run_texts = [b["text"] for b in base], [a.text for a in run]
-    by_language = {}
-    for lang in sorted({p["lang"] for p in prompts}):
-        indexes = [i for i in checkable if prompts[i]["lang"] == lang]
-        by_language[lang] = {"checkable": len(indexes), "base_accuracy": accuracy(indexes, base_texts),
-                             "accuracy": accuracy(indexes, run_texts)}
-    base_accuracy, run_accuracy = accuracy(checkable, base_texts), accuracy(checkable, run_texts)
-    result = {
-        "prompts": len(prompts), "checkable": len(checkable), "base_accuracy": base_accuracy,
-        "accuracy": run_accuracy, "kept": round(run_accuracy / base_accuracy, 3) if base_accuracy else None,
-        "kl_per_token": round(kl_per_token(model, tokenizer, template, prompts, base, batch_size), 5),
-        "by_language": by_language, "max_new_tokens": settings.max_new_tokens,
-        "samples": [{"id": prompts[i]["id"], "prompt": prompts[i]["prompt"], "answers": prompts[i]["answers"],
-                     "base": base_texts[i], "run": run_texts[i]} for i in checkable[:8]],
-    }
-    logger.info("retention: general accuracy %.2f%% -> %.2f%%, KL per token %.4f", base_accuracy, run_accuracy,
-                result["kl_per_token"])
-    return result
+    base_texts = [b["text"] for b in base]
+    results = {}
+    for name in names:
+        run_texts = [a.text for a in runs[name]]
+        by_language = {}
+        for lang in sorted({p["lang"] for p in prompts}):
+            indexes = [i for i in checkable if prompts[i]["lang"] == lang]
+            by_language[lang] = {"checkable": len(indexes), "base_accuracy": accuracy(indexes, base_texts),
+                                 "accuracy": accuracy(indexes, run_texts)}
+        base_accuracy, run_accuracy = accuracy(checkable, base_texts), accuracy(checkable, run_texts)
+        results[name] = {
+            "prompts": len(prompts), "checkable": len(checkable), "base_accuracy": base_accuracy,
+            "accuracy": run_accuracy, "kept": round(run_accuracy / base_accuracy, 3) if base_accuracy else None,
+            "kl_per_token": round(kl[name] if adapters is not None else kl, 5),
+            "by_language": by_language, "max_new_tokens": settings.max_new_tokens,
+            "samples": [{"id": prompts[i]["id"], "prompt": prompts[i]["prompt"], "answers": prompts[i]["answers"],
+                         "base": base_texts[i], "run": run_texts[i]} for i in checkable[:8]],
+        }
+        logger.info("retention%s: general accuracy %.2f%% -> %.2f%%, KL per token %.4f",
+                    f" ({name})" if name else "", base_accuracy, run_accuracy, results[name]["kl_per_token"])
+    return results if adapters is not None else results[None]
 
 
 def retention_of_run(model, tokenizer, template, info: dict, batch_size: int, limit: Optional[int]) -> dict:

@@ -139,10 +139,12 @@ def run_real_demo(model: Optional[str] = None, workdir: str | Path = "loraft-dem
     retention: dict = {}
     with model_.disable_adapter():
         results["base"] = {"task": task_exact_match(model_, tokenizer, template, heldout, info["config"].generation)}
-    for key, adapter in (("guarded", "default"), ("unguarded", "unguarded")):
+    adapters = {"guarded": "default", "unguarded": "unguarded"}
+    measured = measure_retention(model_, tokenizer, template, info["config"], general_settings, info["dtype"],
+                                 batch_size=16, limit=retention_prompts, adapters=list(adapters.values()))
+    for key, adapter in adapters.items():  # one base forward for both runs' KL
         model_.set_adapter(adapter)
-        retention[key] = measure_retention(model_, tokenizer, template, info["config"], general_settings,
-                                           info["dtype"], batch_size=16, limit=retention_prompts)
+        retention[key] = measured[adapter]
         results[key] = {"task": task_exact_match(model_, tokenizer, template, heldout, info["config"].generation),
                         "general_accuracy": retention[key]["accuracy"], "kept": retention[key]["kept"],
                         "kl_per_token": retention[key]["kl_per_token"]}
