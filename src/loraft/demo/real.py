@@ -27,7 +27,9 @@ STEPS = 60  # optimizer steps of 16 samples: one epoch over the 960 training rec
 # records and all 373 general prompts, a Zen 4: task 75.3% against 74.2% unguarded, 92% of the base's general
 # accuracy kept against 12%; docs/benchmarks.md, "Retention").
 LEARNING_RATE = 1e-3
-RETENTION_PROMPTS = 120  # the first 120 general prompts (both languages, every kind): the demo's time limit
+# the first 96 general prompts (76 checkable; both languages, every kind): six generate calls of 16 per model, for the
+# demo's time limit (120 took it to 10 min 14 s on a Zen 4, 2026-12-06)
+RETENTION_PROMPTS = 96
 TASK_TOKENS = 16  # new tokens for a task answer: the longest output ("[SQUIRREL]", a date) fits
 
 
