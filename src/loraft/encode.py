@@ -69,3 +69,19 @@ def encode_rendered(rendered: Sequence[Sequence[Segment]],
 def encode_segments(tokenizer, segments: Sequence[Segment]) -> tuple[list[int], list[int]]:
     """One conversation's segments as (input_ids, labels): what generation encodes a prompt with."""
     return encode_rendered([segments], BatchEncoder(tokenizer))[0]
+
+
+def right_pad_scored(rows: Sequence[tuple[Sequence[int], int]], pad_id: int):
+    """Rows of (token ids, first scored position), right-padded into one batch: (input_ids, attention_mask, scored),
+    where `scored` marks the positions first .. len-2 of each row (those whose next token is scored)."""
+    import torch
+
+    width = max(len(ids) for ids, _ in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    scored = torch.zeros((len(rows), width), dtype=torch.bool)
+    for row, (ids, first) in enumerate(rows):
+        input_ids[row, :len(ids)] = torch.tensor(list(ids))
+        mask[row, :len(ids)] = 1
+        scored[row, first:len(ids) - 1] = True
+    return input_ids, mask, scored

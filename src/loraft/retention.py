@@ -21,6 +21,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from loraft.encode import right_pad_scored
 from loraft.files import cache_dir, model_fingerprint, write_text_atomically
 from loraft.generate import encode_prompt, generate_answers
 from loraft.retention_check import is_correct, load_prompts
@@ -78,7 +79,7 @@ def kl_per_token(model, tokenizer, template, prompts: Sequence[dict], answers: S
     for prompt, answer in zip(prompts, answers):
         prefix = encode_prompt(tokenizer, template, [{"role": "user", "content": prompt["prompt"]}])
         if answer["ids"]:
-            rows.append((prefix + answer["ids"], len(prefix)))
+            rows.append((prefix + answer["ids"], len(prefix) - 1))  # the prompt's last position predicts the answer
     rows.sort(key=lambda row: -len(row[0]))  # similar lengths together: little padding
     names = list(adapters) if adapters is not None else [None]
     active = model.active_adapter if adapters is not None else None
@@ -87,16 +88,10 @@ def kl_per_token(model, tokenizer, template, prompts: Sequence[dict], answers: S
     try:
         for start in range(0, len(rows), batch_size):
             batch = rows[start:start + batch_size]
-            width = max(len(ids) for ids, _ in batch)
-            input_ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            scored = torch.zeros((len(batch), width), dtype=torch.bool)  # positions whose next token is an answer's
-            for row, (ids, prompt_length) in enumerate(batch):
-                input_ids[row, :len(ids)] = torch.tensor(ids)
-                mask[row, :len(ids)] = 1
-                scored[row, prompt_length - 1:len(ids) - 1] = True
-            first = min(prompt_length for _, prompt_length in batch) - 1  # no position before it is scored
-            kwargs = {"logits_to_keep": torch.arange(first, width, device=device)} if keep_positions else {}
+            input_ids, mask, scored = right_pad_scored(batch, tokenizer.pad_token_id)
+            first = min(first for _, first in batch)  # no position before it is scored
+            kept = torch.arange(first, input_ids.shape[1], device=device)
+            kwargs = {"logits_to_keep": kept} if keep_positions else {}
             scored = (scored[:, first:] if keep_positions else scored).to(device)
             inputs = {"input_ids": input_ids.to(device), "attention_mask": mask.to(device), **kwargs}
 

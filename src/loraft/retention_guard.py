@@ -117,15 +117,9 @@ class RetentionGuard:
         return self._pad(self._chosen(step), device)
 
     def _pad(self, indexes: Sequence[int], device) -> dict:
-        chosen = [self.rows[i] for i in indexes]
-        width = max(len(ids) for ids, _ in chosen)
-        input_ids = torch.full((len(chosen), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(chosen), width), dtype=torch.long)
-        scored = torch.zeros((len(chosen), width), dtype=torch.bool)
-        for row, (ids, first) in enumerate(chosen):
-            input_ids[row, :len(ids)] = torch.tensor(ids)
-            mask[row, :len(ids)] = 1
-            scored[row, first:len(ids) - 1] = True
+        from loraft.encode import right_pad_scored
+
+        input_ids, mask, scored = right_pad_scored([self.rows[i] for i in indexes], self.pad_id)
         return {"input_ids": input_ids.to(device), "attention_mask": mask.to(device), "scored": scored.to(device),
                 "rows": list(indexes)}
 
