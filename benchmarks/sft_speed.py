@@ -38,6 +38,9 @@ config), learning rate, schedule, batch, accumulation, max_length and seed, over
   loraft-fp32  train.precision=fp32, train.sampling=random (TRL's order), adapter dropout 0, no guard, on exactly the
   trl-fp32     ids and labels TRL trains on; trl-fp32 is trl in fp32 with dropout 0. Their losses must match.
   loraft-ordered  (only when named) loraft with train.sampling=random: its sampler's share of the speed.
+  loraft-sub256, loraft-gc  (only when named) loraft held to less memory: sub-batches of at most 256 tokens
+               (train.micro_batch_tokens=256) instead of the autotune's, or activations recomputed in the backward
+               (train.gradient_checkpointing=true), as TRL's documented default does; both train.retention=off.
 
 Reported per variant: median seconds per optimizer step and tokens/s (non-padding tokens), both without the first
 step (warm-up); the training's time; the whole process's time (interpreter start to the end of training, less this
@@ -66,14 +69,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 VARIANTS = ["trl", "trl-nogc", "trl-fastest", "loraft", "loraft-guard", "loraft-fp32", "trl-fp32", "loraft-ordered",
-            "trl-nogc-eager", "trl-fastest-eager"]
-DEFAULT_VARIANTS = VARIANTS[:-3]
+            "trl-nogc-eager", "trl-fastest-eager", "loraft-sub256", "loraft-gc"]
+DEFAULT_VARIANTS = VARIANTS[:7]
 BASELINES = ("trl", "trl-nogc", "trl-fastest", "trl-nogc-eager", "trl-fastest-eager")
 LORAFT_OVERRIDES = {"loraft": ["train.retention=off"], "loraft-guard": [],
                     "loraft-ordered": ["train.retention=off", "train.sampling=random"],
                     "loraft-fp32": ["train.precision=fp32", "train.sampling=random", "adapter.dropout=0",
                                     "train.retention=off"],
-                    "trl-fp32": ["train.precision=fp32", "adapter.dropout=0"]}
+                    "trl-fp32": ["train.precision=fp32", "adapter.dropout=0"],
+                    # loraft held to less memory (named only): smaller sub-batches, or TRL's recomputation
+                    "loraft-sub256": ["train.retention=off", "train.micro_batch_tokens=256"],
+                    "loraft-gc": ["train.retention=off", "train.gradient_checkpointing=true"]}
 # loraft's once-only costs (per machine and shape; per base and template), as it logs them when not read from its cache
 ONCE = {"autotune_s": r"autotune: ([0-9.]+) s;",
         "guard_targets_s": r"retention guard: the base's next-token targets on \d+ general conversations in ([0-9.]+)"}
@@ -351,7 +357,7 @@ def format_report(report: dict) -> str:
               ("| loraft variant | TRL variant | speed | process | process, caches warm | train | RSS "
                "| max \\|Δloss\\| |"),
               "|---|---|---:|---:|---:|---:|---:|---:|"]
-    pairs = [(name, b) for name in ("loraft", "loraft-guard") for b in BASELINES]
+    pairs = [(name, b) for name in ("loraft", "loraft-guard", "loraft-sub256", "loraft-gc") for b in BASELINES]
     for name, base in pairs + [("loraft-ordered", "trl"), ("loraft-fp32", "trl-fp32")]:
         c = results.get(name, {}).get(f"vs_{base}")
         if c:
