@@ -22,6 +22,9 @@ exact-match reward against the record's `answer`, the same for every variant, an
   loraft    loraft.train.train() with train.objective=grpo and loraft's defaults (the plan's precision: frozen
             weights stored in bf16 where it picks bf16, generation under its autocast; no checkpointing).
   loraft-fp32  the same with train.precision=fp32: fp32 weights, generation and update without autocast.
+  loraft-accum2  (not in the default --variants) loraft with the step's completions updated in two micro-batches
+            (per_device_train_batch_size halved, gradient_accumulation_steps=2; TRL's steps_per_generation follows, so
+            one generate call of all of them still): less held for the backward, TRL's settings unchanged.
   loraft-head-each-token  loraft without loraft.weights.HeadCastOnce (not in the default --variants): generation's
             tied fp32 head cast by autocast at every token, as before it; the A/B of that speed-up.
 
@@ -149,6 +152,9 @@ def run_loraft(args, variant: str, clock: Clock) -> dict:
     from loraft.train import train
 
     overrides = ["train.precision=fp32"] if variant == "loraft-fp32" else []
+    if variant == "loraft-accum2":  # the step's completions in two update micro-batches: less held for the backward
+        overrides = [f"train.per_device_train_batch_size={args.prompts * args.generations // 2}",
+                     "train.gradient_accumulation_steps=2"]
     if variant == "loraft-head-each-token":  # the A/B of HeadCastOnce: autocast casts the tied head at every token
         import contextlib
 
