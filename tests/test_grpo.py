@@ -569,3 +569,33 @@ def test_where_the_autotune_picks_eager_generation_keeps_the_librarys_default(ti
                  "grpo.max_completion_length=7"]) == 0
     assert "attention           eager  (measured faster than the library default" in (run / "train.log").read_text()
     assert seen == [("eager", "sdpa")] * 2  # one generate call a step
+
+
+def test_the_update_in_micro_batches_trains_what_one_batch_does(tiny_llama_dir, tmp_path, in_tests_dir):
+    """A step's completions updated in micro-batches (train.per_device_train_batch_size x
+    gradient_accumulation_steps, the same product) is the same step: one generate call of all of them (TRL's
+    steps_per_generation follows the accumulation), the same completions, and the same losses and adapter up to
+    fp32 summation order (a step moves the weights by up to the learning rate, 0.3; the two differ by 2.4e-4). It is the setting that holds GRPO's peak memory below TRL's documented default
+    (docs/benchmarks.md, GRPO)."""
+    data = write_prompts(tmp_path / "p.jsonl")
+
+    def trained(name: str, per_device: int, accumulation: int):
+        run = tmp_path / name
+        config = grpo_yaml(tiny_llama_dir, data, run, "[{type: function, function: 'test_grpo:digit_share'}]", steps=2)
+        with one_thread():
+            assert main(["train", str(config), "train.learning_rate=0.3", "adapter.modules_to_save=[lm_head]",
+                         "grpo.completions_logged=8", f"train.per_device_train_batch_size={per_device}",
+                         f"train.gradient_accumulation_steps={accumulation}"]) == 0
+        metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        completions = [json.loads(line) for line in (run / "completions.jsonl").read_text().splitlines()]
+        return ([m["loss"] for m in metrics if "loss" in m], [c["completion"] for c in completions],
+                load_file(run / "adapter_model.safetensors"))
+
+    whole, split = trained("whole", 8, 1), trained("split", 2, 4)
+    assert whole[1] == split[1] and len(whole[1]) == 16  # the same completions, 8 a step
+    assert any(loss != 0 for loss in whole[0]), whole[0]  # the rewards differed within groups: a real update
+    assert whole[0] == pytest.approx(split[0], rel=1e-4, abs=1e-6), (whole[0], split[0])
+    assert sorted(whole[2]) == sorted(split[2])
+    assert any(float(value.abs().max()) > 0 for key, value in whole[2].items() if "lora_B" in key)  # it moved
+    for key in whole[2]:  # Adam at lr 0.3 turns summation-order noise in near-zero gradients into up to ~2e-4
+        assert torch.allclose(whole[2][key], split[2][key], rtol=0, atol=1e-3), key
