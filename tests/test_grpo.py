@@ -472,11 +472,12 @@ def test_a_tied_head_cast_once_computes_what_autocast_does(tied_llama_dir):
         assert cast.head is None and "forward" not in vars(head)
 
 
-def _grpo_losses_and_adapter(model_dir: Path, tmp_path: Path, name: str, *overrides: str):
+def _grpo_losses_and_adapter(model_dir: Path, tmp_path: Path, name: str, *overrides: str,
+                             rewards: str = "[{type: number}]"):
     data = write_prompts(tmp_path / "p.jsonl")
     run = tmp_path / name
     with one_thread():
-        assert main(["train", str(grpo_yaml(model_dir, data, run, "[{type: number}]", steps=2)), *overrides]) == 0
+        assert main(["train", str(grpo_yaml(model_dir, data, run, rewards, steps=2)), *overrides]) == 0
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     completions = [json.loads(line) for line in (run / "completions.jsonl").read_text().splitlines()]
     return ([m["loss"] for m in metrics if "loss" in m], [c["completion"] for c in completions],
@@ -575,21 +576,14 @@ def test_the_update_in_micro_batches_trains_what_one_batch_does(tiny_llama_dir, 
     """A step's completions updated in micro-batches (train.per_device_train_batch_size x
     gradient_accumulation_steps, the same product) is the same step: one generate call of all of them (TRL's
     steps_per_generation follows the accumulation), the same completions, and the same losses and adapter up to
-    fp32 summation order (a step moves the weights by up to the learning rate, 0.3; the two differ by 2.4e-4). It is the setting that holds GRPO's peak memory below TRL's documented default
-    (docs/benchmarks.md, GRPO)."""
-    data = write_prompts(tmp_path / "p.jsonl")
-
+    fp32 summation order (a step moves the weights by up to the learning rate, 0.3; the two differ by 2.4e-4). It is
+    the setting that holds GRPO's peak memory below TRL's documented default (docs/benchmarks.md, GRPO)."""
     def trained(name: str, per_device: int, accumulation: int):
-        run = tmp_path / name
-        config = grpo_yaml(tiny_llama_dir, data, run, "[{type: function, function: 'test_grpo:digit_share'}]", steps=2)
-        with one_thread():
-            assert main(["train", str(config), "train.learning_rate=0.3", "adapter.modules_to_save=[lm_head]",
-                         "grpo.completions_logged=8", f"train.per_device_train_batch_size={per_device}",
-                         f"train.gradient_accumulation_steps={accumulation}"]) == 0
-        metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-        completions = [json.loads(line) for line in (run / "completions.jsonl").read_text().splitlines()]
-        return ([m["loss"] for m in metrics if "loss" in m], [c["completion"] for c in completions],
-                load_file(run / "adapter_model.safetensors"))
+        return _grpo_losses_and_adapter(
+            tiny_llama_dir, tmp_path, name, "train.learning_rate=0.3", "adapter.modules_to_save=[lm_head]",
+            "grpo.completions_logged=8", f"train.per_device_train_batch_size={per_device}",
+            f"train.gradient_accumulation_steps={accumulation}",
+            rewards="[{type: function, function: 'test_grpo:digit_share'}]")
 
     whole, split = trained("whole", 8, 1), trained("split", 2, 4)
     assert whole[1] == split[1] and len(whole[1]) == 16  # the same completions, 8 a step

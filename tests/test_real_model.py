@@ -6,8 +6,8 @@ go on from it: the identity and adapter_config name the file, plain peft loads t
 computes what loraft does, chat and eval answer, the merged q8_0 export verifies in llama.cpp, and a changed or missing
 file is refused by name. The real-model demo (`loraft demo --model FILE`) runs here too, at 2 steps, on the same file
 and its dequantized weights; its adapter-only export is the one tested (the adapter on the original Q4_1 file in
-llama.cpp, the file alone far off). The commands that need only the file's header or tokenizer (plan, inspect, data preview/check) and the refusal of an
-architecture transformers cannot load are tested too.
+llama.cpp, the file alone far off). The commands that need only the file's header or tokenizer (plan, inspect,
+data preview/check) and the refusal of an architecture transformers cannot load are tested too.
 """
 
 from __future__ import annotations

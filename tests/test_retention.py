@@ -89,7 +89,7 @@ def test_the_kl_is_the_definitions_and_several_adapters_share_one_base_forward(b
     assert expected > 1e-4
     assert retention.kl_per_token(model, tokenizer, template, prompts, answers, 5) == pytest.approx(expected, rel=1e-4)
     with monkeypatch.context() as patch:
-        patch.setattr(retention, "_takes_logits_to_keep", lambda model: False)
+        patch.setattr(retention, "takes_logits_to_keep", lambda model: False)
         assert retention.kl_per_token(model, tokenizer, template, prompts, answers, 5) == pytest.approx(expected,
                                                                                                         rel=1e-4)
     model.load_adapter(str(bloom_run), adapter_name="identity")

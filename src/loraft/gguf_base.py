@@ -108,8 +108,8 @@ def header_fields(path: Path, keys: set[str]) -> dict:
 
     gguf's GGUFReader parses every field, the tokenizer's arrays of tens of thousands of strings included: 2.1-2.3 s
     for SmolLM2's file on a 2-core Zen 4, where this takes 0.04 s for all its scalar keys (benchmarks/gguf_base.py
-    --header; docs/benchmarks.md). It reads the key-value section
-    in order and stops once it has `keys`, stepping over arrays without decoding them. Missing keys are absent.
+    --header; docs/benchmarks.md). It reads the key-value section in order and stops once it has `keys`, stepping
+    over arrays without decoding them. Missing keys are absent.
     Raises ValueError for a file that is not little-endian GGUF version 2 or 3, or is cut short."""
     import struct
 

@@ -266,6 +266,15 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
+def takes_logits_to_keep(model: torch.nn.Module) -> bool:
+    """Whether the model's forward computes the logits of chosen positions only (transformers' `logits_to_keep`);
+    a PeftModel is asked about its base model."""
+    import inspect
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(inner.forward).parameters
+
+
 def meta_counts(model_config, adapter: AdapterConfig, trust_remote_code: bool = False) -> dict:
     """Parameter counts of the model with `adapter` attached, built from its config on the meta device (no
     weights read, no memory): {"trainable_params", "total_params", "embedding_params", "info"}."""

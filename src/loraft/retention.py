@@ -24,6 +24,7 @@ import torch
 from loraft.encode import right_pad_scored
 from loraft.files import cache_dir, model_fingerprint, write_text_atomically
 from loraft.generate import encode_prompt, generate_answers
+from loraft.model import takes_logits_to_keep
 from loraft.retention_check import is_correct, load_prompts
 
 logger = logging.getLogger("loraft")
@@ -56,14 +57,6 @@ def base_answers(model, tokenizer, template, prompts: Sequence[dict], settings, 
     return rows
 
 
-def _takes_logits_to_keep(model) -> bool:
-    """Whether the model's forward computes the logits of chosen positions only (transformers' `logits_to_keep`)."""
-    import inspect
-
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "logits_to_keep" in inspect.signature(inner.forward).parameters
-
-
 @torch.inference_mode()
 def kl_per_token(model, tokenizer, template, prompts: Sequence[dict], answers: Sequence[dict], batch_size: int,
                  adapters: Optional[Sequence[str]] = None):
@@ -83,7 +76,7 @@ def kl_per_token(model, tokenizer, template, prompts: Sequence[dict], answers: S
     rows.sort(key=lambda row: -len(row[0]))  # similar lengths together: little padding
     names = list(adapters) if adapters is not None else [None]
     active = model.active_adapter if adapters is not None else None
-    keep_positions = _takes_logits_to_keep(model)
+    keep_positions = takes_logits_to_keep(model)
     totals, count = {name: 0.0 for name in names}, 0
     try:
         for start in range(0, len(rows), batch_size):

@@ -4,8 +4,8 @@ the retention guard and without it, side by side.
 The model is a GGUF file, the kind Ollama and LM Studio keep (`--real`: SmolLM2-135M-Instruct, fetched once by
 loraft.smollm2). The task (loraft.demo.format_task) is one the model does not have: dates as day/month/year and words
 as [WORD]. Two runs train on it with the gguf-lora preset's settings at the demo's learning rate (LEARNING_RATE), the
-same steps and samples: one with loraft's
-default retention guard (loraft.retention_guard), one with `train.retention=off`. The demo prints held-out exact
+same steps and samples: one with loraft's default retention guard (loraft.retention_guard), one with
+`train.retention=off`. The demo prints held-out exact
 match on the task, general accuracy and the KL from the base on the project's general prompts (loraft.retention),
 sample answers, and the guarded run's LoRA GGUF answering on the original file in llama.cpp.
 """
@@ -121,8 +121,8 @@ def run_real_demo(model: Optional[str] = None, workdir: str | Path = "loraft-dem
     for number, (key, extra) in enumerate((("guarded", []), ("unguarded", ["train.retention=off"])), start=3):
         config = load_config(preset_path("gguf-lora"), [
             f"model.name_or_path={gguf}", f"data.path={data / 'train.jsonl'}", f"output_dir={runs[key]}",
-            "overwrite=true", f"train.max_steps={steps}", f"train.learning_rate={LEARNING_RATE}", "train.save_steps=1000",
-            "train.logging_steps=5", *extra])
+            "overwrite=true", f"train.max_steps={steps}", f"train.learning_rate={LEARNING_RATE}",
+            "train.save_steps=1000", "train.logging_steps=5", *extra])
         label = "with the retention guard (loraft's default)" if key == "guarded" else "train.retention=off"
         log(f"[{number}/6] LoRA fine-tune {label}: r={config.adapter.r} on every linear layer, {steps} steps x 16 "
             f"samples at learning rate {LEARNING_RATE:g} (the plan: train.log)")

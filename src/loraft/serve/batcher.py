@@ -16,7 +16,6 @@ own random generator, so a seeded request gives the same answer whatever else sh
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
 import threading
 from collections import deque
@@ -216,8 +215,9 @@ class Batcher:
 
     def _forward(self, input_ids, mask, positions, cache, adapters: list[str]):
         if self._logits_to_keep is None:
-            model = self.model.get_base_model() if self.peft else self.model
-            self._logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+            from loraft.model import takes_logits_to_keep
+
+            self._logits_to_keep = takes_logits_to_keep(self.model)
         kwargs = {"logits_to_keep": 1} if self._logits_to_keep else {}
         mixed = self.peft and any(adapter != self.model.active_adapter for adapter in adapters)
         with self.mixed.rows(adapters) if mixed else contextlib.nullcontext():  # the active adapter alone: as peft
