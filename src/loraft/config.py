@@ -162,6 +162,10 @@ def _type_name(annotation: Any) -> str:
         return "/".join(str(a) for a in args)
     if origin is Union or origin is UnionType:
         options = [a for a in args if a is not type(None)]
+        # typing caches equal unions, so Union[str, list[str]] may come back as another module's Union[list[str], str]:
+        # classes, then literals, then lists, each by name, whatever order the annotation arrived in
+        rank = {Literal: 1, list: 2}
+        options.sort(key=lambda a: (rank.get(get_origin(a), 0), _type_name(a)))
         name = " or ".join(_type_name(a) for a in options)
         return name + "?" if len(options) < len(args) else name
     if origin is list:
