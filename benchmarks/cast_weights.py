@@ -28,29 +28,24 @@ def cast_before(model: torch.nn.Module, dtype: torch.dtype) -> int:
     import ctypes
     import mmap
 
-    input_weight = getattr(model.get_input_embeddings(), "weight", None)
-    cast = 0
-    for module in model.modules():
-        if not isinstance(module, torch.nn.Linear):
+    from loraft.weights import frozen_linear_weights
+
+    chosen = frozen_linear_weights(model, dtype)
+    for parameter in chosen:
+        original = parameter.data.untyped_storage()
+        parameter.data = parameter.data.to(dtype)
+        start, size = original.data_ptr(), original.nbytes()
+        if any(t.untyped_storage().data_ptr() == start for t in list(model.parameters()) + list(model.buffers())):
             continue
-        for parameter in (module.weight, module.bias):
-            if parameter is None or parameter.requires_grad or parameter is input_weight or parameter.dtype == dtype:
-                continue
-            original = parameter.data.untyped_storage()
-            parameter.data = parameter.data.to(dtype)
-            cast += 1
-            start, size = original.data_ptr(), original.nbytes()
-            if any(t.untyped_storage().data_ptr() == start for t in list(model.parameters()) + list(model.buffers())):
-                continue
-            with open("/proc/self/maps", encoding="utf-8") as maps:
-                mapped = any(fields[5].endswith(".safetensors") and int(low, 16) <= start
-                             and start + size <= int(high, 16)
-                             for fields in (line.split() for line in maps) if len(fields) >= 6
-                             for low, high in [fields[0].split("-")])
-            first, last = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE, (start + size) // mmap.PAGESIZE * mmap.PAGESIZE
-            if mapped and last > first:
-                ctypes.CDLL(None).madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), 4)
-    return cast
+        with open("/proc/self/maps", encoding="utf-8") as maps:
+            mapped = any(fields[5].endswith(".safetensors") and int(low, 16) <= start
+                         and start + size <= int(high, 16)
+                         for fields in (line.split() for line in maps) if len(fields) >= 6
+                         for low, high in [fields[0].split("-")])
+        first, last = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE, (start + size) // mmap.PAGESIZE * mmap.PAGESIZE
+        if mapped and last > first:
+            ctypes.CDLL(None).madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), 4)
+    return len(chosen)
 
 
 def main() -> None:

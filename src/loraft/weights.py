@@ -83,18 +83,21 @@ def cast_frozen_weights(model: torch.nn.Module, dtype: torch.dtype) -> int:
     in bf16 computes the same values without that copy and halves their memory. Trainable parameters (LoRA,
     modules_to_save), norms and an input embedding that is still looked up (tied to lm_head) stay fp32.
     """
-    embeddings = model.get_input_embeddings()
-    input_weight = getattr(embeddings, "weight", None)
-    releaser, cast = _PageReleaser(model), 0
-    for module in model.modules():
-        if not isinstance(module, torch.nn.Linear):
-            continue
-        for parameter in (module.weight, module.bias):
-            if parameter is None or parameter.requires_grad or parameter is input_weight or parameter.dtype == dtype:
-                continue
-            releaser.cast(parameter, dtype)
-            cast += 1
-    return cast
+    releaser, chosen = _PageReleaser(model), frozen_linear_weights(model, dtype)
+    for parameter in chosen:
+        releaser.cast(parameter, dtype)
+    return len(chosen)
+
+
+def frozen_linear_weights(model: torch.nn.Module, dtype: torch.dtype) -> list:
+    """What cast_frozen_weights casts: the frozen weights and biases of every linear layer not yet in `dtype`, less
+    an input embedding that is still looked up (tied to lm_head)."""
+    input_weight = getattr(model.get_input_embeddings(), "weight", None)
+    chosen = {id(parameter): parameter for module in model.modules() if isinstance(module, torch.nn.Linear)
+              for parameter in (module.weight, module.bias)
+              if parameter is not None and not parameter.requires_grad and parameter is not input_weight
+              and parameter.dtype != dtype}  # a weight two layers share, once
+    return list(chosen.values())
 
 
 class _PageReleaser:
