@@ -108,7 +108,10 @@ class LlamaCpp:
         params.n_parallel = 1
         params.warmup = False
         params.use_jinja = True
-        threads = threads or max(1, min(os.cpu_count() or 1, 8))
+        if not threads:  # torch's share in this process (OMP_NUM_THREADS, else the cores): llama.cpp's threads spin
+            import torch  # while they wait, so more threads than the process's share stall on a busy machine
+
+            threads = max(1, min(torch.get_num_threads(), 8))
         params.cpuparams.n_threads = threads
         params.cpuparams_batch.n_threads = threads
         if lora_path is not None:
