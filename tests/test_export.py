@@ -184,3 +184,17 @@ def test_modules_to_save_adapter_is_flagged_for_merge(bloom_run):
         "adapter_model.safetensors holds non-LoRA tensors: base_model.model.transformer.word_embeddings.weight",
     ]
     assert "r is 8; start vLLM with --max-lora-rank 8 or more" in vllm_adapter_problems(bloom_run, max_lora_rank=4)
+
+
+def test_the_reference_answers_a_prompt_asked_again_without_another_forward(bloom_merged):
+    """An adapter-only export's negative control asks the merged model for the same prompts again: the reference
+    keeps each answer, so its forward runs once a prompt, and a prompt asked again gets the same numbers."""
+    from loraft.export.verify import Reference
+
+    reference = Reference.load(bloom_merged)
+    forwards = []
+    reference.model.register_forward_hook(lambda module, args, output: forwards.append(args))
+    first = reference.top_logprobs([5, 6, 7])
+    assert reference.top_logprobs([5, 6, 7]) == first and len(forwards) == 1
+    assert reference.top_logprobs([5, 6, 8]) != first and len(forwards) == 2
+    assert reference.top_logprobs([5, 6, 7], k=2) == first[:2] and len(forwards) == 3

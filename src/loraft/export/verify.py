@@ -20,7 +20,7 @@ import math
 import os
 import sys
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -168,6 +168,8 @@ class Reference:
 
     model: object
     tokenizer: object
+    # top_logprobs by (ids, k): an adapter-only export's negative control asks again for the same prompts
+    answered: dict = field(default_factory=dict, repr=False)
 
     @classmethod
     def load(cls, model_dir: Path) -> "Reference":
@@ -180,10 +182,13 @@ class Reference:
     def top_logprobs(self, ids: Sequence[int], k: int = TOP_K) -> list[tuple[int, float]]:
         import torch
 
-        with torch.inference_mode():
-            logits = self.model(input_ids=torch.tensor([list(ids)])).logits[0, -1].float()
-        values, indices = torch.log_softmax(logits, dim=-1).topk(k)
-        return list(zip(indices.tolist(), values.tolist()))
+        key = (tuple(ids), k)
+        if key not in self.answered:
+            with torch.inference_mode():
+                logits = self.model(input_ids=torch.tensor([list(ids)])).logits[0, -1].float()
+            values, indices = torch.log_softmax(logits, dim=-1).topk(k)
+            self.answered[key] = list(zip(indices.tolist(), values.tolist()))
+        return self.answered[key]
 
     def chat_ids(self, messages: Sequence[dict]) -> list[int]:
         encoded = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True,
