@@ -2,11 +2,14 @@
 
     python benchmarks/gguf_base.py [--docs docs/benchmarks.md] [--json benchmarks/results/NAME.json]
     python benchmarks/gguf_base.py --header [--json ...]   # only 0. below
+    python benchmarks/gguf_base.py --dequantize [--json ...]   # only the load hf_folder dequantizes with (1. below)
 
 0. Reading the file's header (loraft.gguf_base.header_fields: every scalar and string key, as architecture() and
    file_type() read one) against gguf's GGUFReader, which decodes the tokenizer's arrays too; --repeats each, in turn.
 
-1. Dequantizing: what the first use of a GGUF file costs (loraft.gguf_base.hf_folder: config + tokenizer, then the
+1. Dequantizing: with --dequantize alone, transformers' from_pretrained(dir, gguf_file=..., dtype=fp32) as
+   loraft.gguf_base.hf_folder calls it (given the config it has just saved) against the same call without it (the
+   file's metadata parsed again), in turn, --repeats each, in this process. Otherwise: what the first use of a GGUF file costs (loraft.gguf_base.hf_folder: config + tokenizer, then the
    weights dequantized and saved under a fresh $LORAFT_HOME, then the folder loaded), what every later command
    costs (the cached folder), and plain transformers' `from_pretrained(dir, gguf_file=...)`, which dequantizes at
    every load; fp32 and bf16, each measurement in its own process (its peak RSS is its own), medians of --repeats.
@@ -104,6 +107,27 @@ def load_worker(kind: str, gguf: Path, dtype_name: str) -> dict:
 
 
 # ------------------------------------------------------------------------------------ measuring a process
+
+
+def config_reuse_timings(gguf: Path, repeats: int) -> dict:
+    """Seconds of the dequantizing load with the config passed (as hf_folder does) and without it, in turn."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from loraft.gguf_base import hf_folder
+
+    folder = hf_folder(str(gguf))  # its config and tokenizer only, as hf_folder has them when it dequantizes
+    seconds: dict[str, list[float]] = {"config_passed": [], "file_parsed_again": []}
+    for _ in range(repeats):
+        for name in seconds:
+            extra = {"config": AutoConfig.from_pretrained(str(folder))} if name == "config_passed" else {}
+            started = time.perf_counter()
+            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32,
+                                                         **extra)
+            seconds[name].append(round(time.perf_counter() - started, 3))
+            del model
+    return {"benchmark": "gguf dequantizing load", "date": datetime.datetime.now().isoformat(timespec="seconds"),
+            "machine": common.machine(), "file": str(gguf), "threads": torch.get_num_threads(), "seconds": seconds}
 
 
 def header_timings(gguf: Path, repeats: int) -> dict:
@@ -506,6 +530,8 @@ def main(argv=None) -> int:
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--report", type=Path, metavar="JSON", help="print (and --docs) a saved run's section again")
     parser.add_argument("--header", action="store_true", help="only time reading the file's header (0. above)")
+    parser.add_argument("--dequantize", action="store_true",
+                        help="only time the dequantizing load with and without the saved config (1. above)")
     parser.add_argument("--worker", choices=["first", "cached", "transformers"], help=argparse.SUPPRESS)
     parser.add_argument("--dtype", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
@@ -513,10 +539,11 @@ def main(argv=None) -> int:
     if args.worker:
         common.write_json(args.out, load_worker(args.worker, args.gguf, args.dtype))
         return 0
-    if args.header:
+    if args.header or args.dequantize:
         from loraft.smollm2 import smollm2_gguf
 
-        result = header_timings((args.gguf or smollm2_gguf()).resolve(), args.repeats)
+        timings = header_timings if args.header else config_reuse_timings
+        result = timings((args.gguf or smollm2_gguf()).resolve(), args.repeats)
         print(json.dumps(result, indent=1))
         if args.json:
             common.write_json(args.json, result)

@@ -2,9 +2,9 @@
 
     python benchmarks/suite_cpu.py [--json PATH] [-- PYTEST ARGS...]
 
-Each process the suite starts (the pytest workers, and every process they start, started by those, and so on) is
-sorted into a kind by its command line: the workers themselves (the in-process tests), `loraft train` processes,
-the UI's servers and its worker processes, other loraft commands, llama.cpp's converters, Chromium, and the rest.
+The pytest process and every process below it (the pytest workers, what they start, and so on) is sorted into a
+kind by its command line: the workers themselves (the in-process tests), `loraft train` processes, the UI's servers
+and its worker processes, other loraft commands, llama.cpp's converters, Chromium, pytest itself, and the rest.
 A process is the suite's when its parent was (or when its command line or working directory is under pytest's
 temporary root: a run the UI started outlives the UI, and its parent is then init). Its CPU seconds (user + system)
 are the last reading before it ended, so a process that lives less than 0.25 s is missed and one read just before
@@ -18,6 +18,7 @@ the machine took meanwhile.
 from __future__ import annotations
 
 import argparse
+import getpass
 import os
 import re
 import subprocess
@@ -72,7 +73,7 @@ def census(command: list[str], temporary_root: str) -> dict:
     output: list[str] = []
     reader = threading.Thread(target=lambda: output.extend(suite.stdout), daemon=True)
     reader.start()
-    ours, seen = {suite.pid}, {}  # pid -> (start tick); (pid, start tick) -> [command, cpu, kind]
+    ours, seen = {suite.pid}, {}  # the suite's pids; (pid, start tick) -> [command, cpu, kind]
     while suite.poll() is None:
         for pid in os.listdir("/proc"):
             if not pid.isdigit():
@@ -86,7 +87,8 @@ def census(command: list[str], temporary_root: str) -> dict:
                     working = os.readlink(f"/proc/{pid}/cwd")
                     if not command_line:  # a kernel thread, or a process between fork and exec: looked at again
                         continue
-                    if parent not in ours and temporary_root not in command_line + " " + working:
+                    if (int(pid) != suite.pid and parent not in ours
+                            and temporary_root not in command_line + " " + working):
                         continue
                     ours.add(int(pid))
                     seen[key] = [command_line, cpu, kind_of(command_line)]
@@ -105,8 +107,6 @@ def main() -> None:
     parser.add_argument("--json", help="write the report here")
     parser.add_argument("pytest_args", nargs="*", help="after --: more pytest arguments (a file, -k ...)")
     args = parser.parse_args()
-    import getpass
-
     temporary_root = str(Path(tempfile.gettempdir()) / f"pytest-of-{getpass.getuser()}")  # pytest's own root
     measured = census([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", *args.pytest_args],
                       temporary_root)

@@ -229,7 +229,8 @@ def hf_folder(name_or_path: str, weights: Optional[str] = None, log=None) -> Pat
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[weights]
         started = time.time()
         log(f"GGUF base {path.name}: dequantizing its weights to {weights} (once, into {folder})")
-        # the config saved above, not another parse of the metadata (SmolLM2 on a Zen 4: 9.3 s instead of 13.4 s)
+        # the config saved above, not another parse of the metadata (SmolLM2 on a Zen 4: 9.3 s instead of 12.4 s;
+        # benchmarks/gguf_base.py --dequantize)
         model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype,
                                                      config=AutoConfig.from_pretrained(str(folder)))
         # transformers marks a model loaded from GGUF as quantized and will not save it; its tensors are plain

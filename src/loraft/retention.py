@@ -13,6 +13,7 @@ once and cached under `$LORAFT_HOME/retention/`.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -57,6 +58,20 @@ def base_answers(model, tokenizer, template, prompts: Sequence[dict], settings, 
     return rows
 
 
+@contextlib.contextmanager
+def _each_adapter(model, adapters: Optional[Sequence[str]]):
+    """The names to measure: `adapters` (the caller activates each in turn; the adapter active before is restored
+    at the end), or [None] for the active adapter alone."""
+    if adapters is None:
+        yield [None]
+        return
+    active = model.active_adapter
+    try:
+        yield list(adapters)
+    finally:
+        model.set_adapter(active)
+
+
 @torch.inference_mode()
 def kl_per_token(model, tokenizer, template, prompts: Sequence[dict], answers: Sequence[dict], batch_size: int,
                  adapters: Optional[Sequence[str]] = None):
@@ -74,11 +89,9 @@ def kl_per_token(model, tokenizer, template, prompts: Sequence[dict], answers: S
         if answer["ids"]:
             rows.append((prefix + answer["ids"], len(prefix) - 1))  # the prompt's last position predicts the answer
     rows.sort(key=lambda row: -len(row[0]))  # similar lengths together: little padding
-    names = list(adapters) if adapters is not None else [None]
-    active = model.active_adapter if adapters is not None else None
     keep_positions = takes_logits_to_keep(model)
-    totals, count = {name: 0.0 for name in names}, 0
-    try:
+    with _each_adapter(model, adapters) as names:
+        totals, count = {name: 0.0 for name in names}, 0
         for start in range(0, len(rows), batch_size):
             batch = rows[start:start + batch_size]
             input_ids, mask, scored = right_pad_scored(batch, tokenizer.pad_token_id)
@@ -98,9 +111,6 @@ def kl_per_token(model, tokenizer, template, prompts: Sequence[dict], answers: S
                     model.set_adapter(name)
                 totals[name] += float((base.exp() * (base - log_probs())).sum())
             count += int(scored.sum())
-    finally:
-        if active is not None:
-            model.set_adapter(active)
     means = {name: total / count if count else 0.0 for name, total in totals.items()}
     return means if adapters is not None else means[None]
 
@@ -124,18 +134,13 @@ def measure_retention(model, tokenizer, template, config, settings, dtype: str, 
     cache = _cache_file(config, template, prompts, settings.max_new_tokens, dtype)
     base = base_answers(model, tokenizer, template, prompts, settings, batch_size, cache)
     conversations = [[{"role": "user", "content": p["prompt"]}] for p in prompts]
-    names = list(adapters) if adapters is not None else [None]
-    active = model.active_adapter if adapters is not None else None
     runs = {}
-    try:
+    with _each_adapter(model, adapters) as names:
         for name in names:
             if name is not None:
                 model.set_adapter(name)
             runs[name] = generate_answers(model, tokenizer, template, conversations, settings, batch_size,
                                           progress=True)
-    finally:
-        if active is not None:
-            model.set_adapter(active)
     kl = kl_per_token(model, tokenizer, template, prompts, base, batch_size, adapters)
     checkable = [i for i, p in enumerate(prompts) if p["answers"]]
 

@@ -28,6 +28,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from loraft.encode import BatchEncoder, encode_rendered, right_pad_scored
+
 logger = logging.getLogger("loraft")
 GUARD_MAX_TOKENS = 192  # a guard text longer than this (rendered) is cut: its reply is short
 TOP_K = 64  # the base's most likely next tokens kept per position (the rest is one bucket)
@@ -38,7 +40,6 @@ MAX_EVERY = 4  # ... but a guarded step at least every MAX_EVERY steps: a sparse
 def encode_guard_texts(tokenizer, template, max_length: int) -> list[tuple[list[int], int]]:
     """The guard's conversations in the run's template: [(input_ids, first_scored)], where positions
     first_scored .. len-2 predict the reply's tokens (the reply's end token included)."""
-    from loraft.encode import BatchEncoder, encode_rendered
     from loraft.retention_check import load_guard_texts
 
     rendered = [template.render([{"role": "user", "content": text["prompt"]},
@@ -117,8 +118,6 @@ class RetentionGuard:
         return self._pad(self._chosen(step), device)
 
     def _pad(self, indexes: Sequence[int], device) -> dict:
-        from loraft.encode import right_pad_scored
-
         input_ids, mask, scored = right_pad_scored([self.rows[i] for i in indexes], self.pad_id)
         return {"input_ids": input_ids.to(device), "attention_mask": mask.to(device), "scored": scored.to(device),
                 "rows": list(indexes)}

@@ -109,7 +109,7 @@ class LlamaCpp:
         params.warmup = False
         params.use_jinja = True
         if not threads:  # torch's share in this process (OMP_NUM_THREADS, else the cores): llama.cpp's threads spin
-            import torch  # while they wait, so more threads than the process's share stall on a busy machine
+            import torch  # while they wait, so more stall on a busy machine (benchmarks/llama_threads.py)
 
             threads = max(1, min(torch.get_num_threads(), 8))
         params.cpuparams.n_threads = threads
